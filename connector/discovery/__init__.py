@@ -1,0 +1,330 @@
+"""Discovery: find every guest's AMQP channels without per-guest configuration.
+
+``Discovery`` turns three kinds of news into ``channel_appeared`` / ``channel_gone`` calls
+on the daemon's sink:
+
+- **kvm**: the kernel's ``misc/kvm`` uevent for every VM created or destroyed, with the
+  creating pid; the pid is resolved through libvirt's status XML or qemu's command line
+  (``resolve``), and libvirt's file is looked for again for a few seconds if it is late.
+- **watch**: inotify on the channel-socket globs (TCG guests send no KVM uevent; sockets
+  may appear after the VM) and on libvirt's status directory.
+- **start-up scan**: running qemu processes, status files and existing sockets, so that a
+  restarted connector picks up running guests.
+
+Each qemu pid found is also watched with a pidfd, so its channels go when it exits even
+without a KVM ``destroy`` (TCG guests). Everything runs on the daemon's event loop through
+``add_reader`` and ``call_later``; nothing here sleeps or blocks beyond reading /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from connector.discovery.kvm import KvmEvent, KvmMonitor
+from connector.discovery.libvirt import guest_from_channel_path
+from connector.discovery.resolve import (
+    Resolution,
+    find_status,
+    is_qemu,
+    qemu_pids,
+    read_status,
+    resolve_pid,
+    specs_from_libvirt,
+)
+from connector.discovery.settings import DiscoverySettings
+from connector.discovery.watch import Changes, GlobWatch, is_regular_file, is_socket
+from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
+
+__all__ = ["Discovery", "DiscoverySettings", "DiscoverySink"]
+
+
+class DiscoverySink(Protocol):
+    """Implemented by the daemon: what discovery reports."""
+
+    def channel_appeared(self, spec: ChannelSpec) -> None: ...
+
+    def channel_gone(self, path: str, reason: str) -> None: ...
+
+
+@dataclass
+class _Process:
+    """A qemu process discovery knows of, and what it has reported for it."""
+
+    pid: int
+    paths: set[str] = field(default_factory=set)
+    pidfd: int | None = None
+    retry: asyncio.TimerHandle | None = None
+    from_libvirt: bool = False
+    deadline: float = 0.0  # monotonic end of the libvirt retry window
+
+
+class Discovery:
+    """Finds channels by itself and tells the sink; one instance per daemon."""
+
+    def __init__(
+        self,
+        settings: DiscoverySettings,
+        sink: DiscoverySink,
+        loop: asyncio.AbstractEventLoop,
+        log: logging.Logger,
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._loop = loop
+        self._log = log
+        self._processes: dict[int, _Process] = {}
+        # Every path reported as appeared, with the pid it belongs to (None: socket only).
+        self._owners: dict[str, int | None] = {}
+        self._kvm: KvmMonitor | None = None
+        self._sockets: GlobWatch | None = None
+        self._status: GlobWatch | None = None
+        self._counters: Counter[str] = Counter()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the live sources, then scan what runs already, then listen.
+
+        The sources open before the scan so that nothing created during the scan is missed;
+        what both see is reported once, because reports are keyed by path.
+        """
+        sources = self.settings.sources
+        if "kvm" in sources:
+            try:
+                self._kvm = KvmMonitor(self.settings.udev_source)
+            except OSError as exc:
+                self._counters["errors"] += 1
+                self._log.error("discovery: cannot listen for KVM uevents: %s", exc)
+        if "watch" in sources:
+            self._sockets = self._open_watch(list(self.settings.watch_globs), is_socket)
+            if self.settings.watch_libvirt_status:
+                pattern = os.path.join(self.settings.libvirt_status_dir, "*.xml")
+                self._status = self._open_watch([pattern], is_regular_file)
+        if sources:
+            self._scan_processes("scan")
+        if self._status is not None:
+            self._guarded(self._status_changed, self._status.start())
+            self._loop.add_reader(self._status.fileno(), self._guarded, self._on_status)
+        if self._sockets is not None:
+            self._guarded(self._sockets_changed, self._sockets.start())
+            self._loop.add_reader(self._sockets.fileno(), self._guarded, self._on_sockets)
+        if self._kvm is not None:
+            self._loop.add_reader(self._kvm.fileno(), self._guarded, self._on_kvm)
+        self._log.info(
+            "discovery: started (%s); %d channels found",
+            ",".join(sorted(sources)) or "no sources",
+            len(self._owners),
+        )
+
+    def stop(self) -> None:
+        """Stop listening. Channels already reported stay with the daemon."""
+        for source in (self._kvm, self._sockets, self._status):
+            if source is not None:
+                self._loop.remove_reader(source.fileno())
+                source.close()
+        self._kvm = self._sockets = self._status = None
+        for process in self._processes.values():
+            self._forget_process(process)
+        self._processes.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: events per source, channels found and gone, errors."""
+        stats = dict(self._counters)
+        stats["channels"] = len(self._owners)
+        stats["processes"] = len(self._processes)
+        return stats
+
+    def _open_watch(
+        self, patterns: list[str], accept: Callable[[os.stat_result], bool]
+    ) -> GlobWatch | None:
+        try:
+            return GlobWatch(patterns, accept)
+        except (OSError, ValueError) as exc:
+            self._counters["errors"] += 1
+            self._log.error("discovery: cannot watch %s: %s", ", ".join(patterns), exc)
+            return None
+
+    def _guarded(self, handler: Callable[..., None], *args: object) -> None:
+        """Run a handler so that one bad event cannot take a reader off the loop."""
+        try:
+            handler(*args)
+        except Exception:
+            self._counters["errors"] += 1
+            self._log.exception("discovery: %s failed", getattr(handler, "__name__", handler))
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _appear(self, spec: ChannelSpec, process: _Process | None) -> None:
+        if spec.path in self._owners:
+            if process is not None and self._owners[spec.path] is None:
+                self._owners[spec.path] = process.pid  # the socket's qemu is known now
+                process.paths.add(spec.path)
+            return
+        self._owners[spec.path] = process.pid if process is not None else None
+        if process is not None:
+            process.paths.add(spec.path)
+        self._counters["channels_found"] += 1
+        identity = spec.identity
+        self._log.info(
+            "discovery: guest %s port %s: %s %s (found by %s, pid %s)",
+            identity.name,
+            identity.port,
+            spec.kind.value,
+            spec.path,
+            identity.found_by,
+            identity.pid,
+        )
+        self._sink.channel_appeared(spec)
+
+    def _gone(self, path: str, reason: str) -> None:
+        if path not in self._owners:
+            return
+        pid = self._owners.pop(path)
+        if pid is not None and pid in self._processes:
+            self._processes[pid].paths.discard(path)
+        self._counters["channels_gone"] += 1
+        self._log.info("discovery: channel %s gone: %s", path, reason)
+        self._sink.channel_gone(path, reason)
+
+    # -- processes -----------------------------------------------------------------------
+
+    def _scan_processes(self, trigger: str) -> None:
+        """Take up every running qemu not known yet."""
+        for pid in qemu_pids(self.settings):
+            if pid not in self._processes:
+                self._take_process(pid, trigger)
+
+    def _take_process(self, pid: int, trigger: str) -> None:
+        if not is_qemu(pid, self.settings):
+            self._counters["untrusted_pids"] += 1
+            self._log.info("discovery: pid %d (%s): not qemu, or gone; ignored", pid, trigger)
+            return
+        process = _Process(pid=pid)
+        self._processes[pid] = process
+        self._counters[f"processes_{trigger}"] += 1
+        try:
+            process.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._drop_process(pid, "qemu exited")
+            return
+        except OSError as exc:  # kernels before 5.3: rely on KVM destroy and the watch
+            self._log.debug("discovery: no pidfd for %d: %s", pid, exc)
+        else:
+            self._loop.add_reader(process.pidfd, self._guarded, self._on_exit, pid)
+        resolution, from_libvirt = resolve_pid(pid, self.settings)
+        process.from_libvirt = from_libvirt
+        self._report(process, resolution)
+        if not from_libvirt and os.path.isdir(self.settings.libvirt_status_dir):
+            process.deadline = time.monotonic() + self.settings.libvirt_retry_seconds
+            self._schedule_retry(process)
+
+    def _report(self, process: _Process, resolution: Resolution) -> None:
+        for problem in resolution.problems:
+            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
+        for spec in resolution.specs:
+            self._appear(spec, process)
+
+    def _schedule_retry(self, process: _Process) -> None:
+        if time.monotonic() >= process.deadline:
+            return
+        process.retry = self._loop.call_later(
+            self.settings.libvirt_retry_interval, self._guarded, self._retry_libvirt, process.pid
+        )
+
+    def _retry_libvirt(self, pid: int) -> None:
+        """libvirt writes its status file after qemu has started: look for it again."""
+        process = self._processes.get(pid)
+        if process is None or process.from_libvirt:
+            return
+        process.retry = None
+        self._counters["libvirt_retries"] += 1
+        domain = find_status(pid, None, self.settings)
+        if domain is None:
+            self._schedule_retry(process)
+            return
+        self._apply_libvirt(process, specs_from_libvirt(domain, self.settings))
+
+    def _apply_libvirt(self, process: _Process, resolution: Resolution) -> None:
+        process.from_libvirt = True
+        if process.retry is not None:
+            process.retry.cancel()
+            process.retry = None
+        self._report(process, resolution)
+
+    def _drop_process(self, pid: int, reason: str) -> None:
+        process = self._processes.pop(pid, None)
+        if process is None:
+            return
+        self._forget_process(process)
+        for path in sorted(process.paths):
+            self._gone(path, reason)
+
+    def _forget_process(self, process: _Process) -> None:
+        if process.retry is not None:
+            process.retry.cancel()
+            process.retry = None
+        if process.pidfd is not None:
+            self._loop.remove_reader(process.pidfd)
+            os.close(process.pidfd)
+            process.pidfd = None
+
+    def _on_exit(self, pid: int) -> None:
+        self._counters["process_exits"] += 1
+        self._drop_process(pid, "qemu exited")
+
+    # -- sources -------------------------------------------------------------------------
+
+    def _on_kvm(self) -> None:
+        assert self._kvm is not None
+        for event in self._kvm.read():
+            self._kvm_event(event)
+
+    def _kvm_event(self, event: KvmEvent) -> None:
+        self._counters[f"kvm_{event.kind}"] += 1
+        if event.kind == "destroy":
+            self._drop_process(event.pid, "VM destroyed")
+        elif event.pid not in self._processes:
+            self._take_process(event.pid, "kvm")
+
+    def _on_sockets(self) -> None:
+        assert self._sockets is not None
+        self._counters["watch_events"] += 1
+        self._sockets_changed(self._sockets.read())
+
+    def _sockets_changed(self, changes: Changes) -> None:
+        for path in changes.gone:
+            self._gone(path, "socket removed")
+        appeared = [p for p in changes.appeared if p not in self._owners]
+        if not appeared:
+            return
+        # A new socket usually belongs to a qemu that has just started: take that qemu up
+        # first, so the channel is reported with its full identity (pid, uuid).
+        self._scan_processes("watch")
+        for path in appeared:
+            if path not in self._owners:
+                name, port = guest_from_channel_path(path, self.settings.port_patterns)
+                identity = GuestIdentity(name=name, port=port, found_by="watch")
+                self._appear(ChannelSpec(ChannelKind.UNIX, path, identity), None)
+
+    def _on_status(self) -> None:
+        assert self._status is not None
+        self._counters["libvirt_status_events"] += 1
+        self._status_changed(self._status.read())
+
+    def _status_changed(self, changes: Changes) -> None:
+        for path in [*changes.appeared, *changes.touched]:
+            domain = read_status(path)
+            if domain is None or domain.pid is None:
+                continue
+            process = self._processes.get(domain.pid)
+            if process is None:
+                self._take_process(domain.pid, "libvirt")
+            elif not process.from_libvirt:
+                self._apply_libvirt(process, specs_from_libvirt(domain, self.settings))

@@ -1,0 +1,207 @@
+"""From a qemu process to its AMQP channels: which sources say what, and whom to trust.
+
+Sources, most exact first: libvirt's status XML for that pid (libvirt asked qemu over QMP),
+then qemu's own command line, with pty paths read from qemu's ``/dev/ptmx`` descriptors and
+libvirt's passed-in sockets from qemu's socket descriptors. A pid is trusted only when its
+executable is qemu: any process that may open /dev/kvm can create a VM, and a stranger's
+socket must never be routed under a guest's name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from connector.discovery.fdinfo import pty_indices, unix_socket_path
+from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
+from connector.discovery.qemu import QemuCommandLine, parse_cmdline, split_cmdline
+from connector.discovery.settings import DiscoverySettings
+from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
+
+# A status file is a few tens of KiB; anything far larger is not libvirt's.
+MAX_STATUS_XML_BYTES = 4 * 1024 * 1024
+_DELETED = " (deleted)"  # readlink suffix when qemu's binary was upgraded under it
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A process's channels, plus why some matching ports could not be resolved."""
+
+    specs: tuple[ChannelSpec, ...]
+    problems: tuple[str, ...] = ()
+
+
+def exe_name(pid: int, proc_root: str) -> str | None:
+    """Basename of the process's executable, or ``None`` if it is gone or unreadable."""
+    try:
+        target = os.readlink(f"{proc_root}/{pid}/exe")
+    except OSError:
+        return None
+    target = target.removesuffix(_DELETED)
+    return os.path.basename(target)
+
+
+def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
+    """Whether ``pid``'s executable matches one of ``settings.qemu_executables``."""
+    name = exe_name(pid, settings.proc_root)
+    return name is not None and any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in settings.qemu_executables
+    )
+
+
+def qemu_pids(settings: DiscoverySettings) -> list[int]:
+    """Every running process whose executable is qemu, for the start-up scan."""
+    try:
+        names = os.listdir(settings.proc_root)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and is_qemu(int(n), settings))
+
+
+def port_wanted(port: str | None, settings: DiscoverySettings) -> bool:
+    return port is not None and any(
+        fnmatch.fnmatchcase(port, pattern) for pattern in settings.port_patterns
+    )
+
+
+def read_cmdline(pid: int, proc_root: str) -> QemuCommandLine | None:
+    try:
+        with open(f"{proc_root}/{pid}/cmdline", "rb") as f:
+            return parse_cmdline(split_cmdline(f.read()))
+    except OSError:
+        return None
+
+
+def read_status(path: str) -> LibvirtDomain | None:
+    """One status file, or ``None`` if it is missing, too big, or half-written."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATUS_XML_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_STATUS_XML_BYTES:
+        return None
+    try:
+        return parse_status_xml(data)
+    except StatusXmlError:
+        return None
+
+
+def _status_candidates(name: str | None, settings: DiscoverySettings) -> Iterator[str]:
+    directory = settings.libvirt_status_dir
+    if name:
+        yield os.path.join(directory, f"{name}.xml")
+        return
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return
+    for entry in names:
+        if entry.endswith(".xml"):
+            yield os.path.join(directory, entry)
+
+
+def find_status(pid: int, name: str | None, settings: DiscoverySettings) -> LibvirtDomain | None:
+    """libvirt's status for the domain whose qemu is ``pid``: ``NAME.xml`` when the command
+    line names the guest, otherwise whichever file's ``<domstatus pid>`` matches."""
+    for path in _status_candidates(name, settings):
+        domain = read_status(path)
+        if domain is not None and domain.pid == pid:
+            return domain
+    return None
+
+
+def specs_from_libvirt(domain: LibvirtDomain, settings: DiscoverySettings) -> Resolution:
+    """The matching virtio channels of a libvirt domain."""
+    specs: list[ChannelSpec] = []
+    problems: list[str] = []
+    for channel in domain.channels:
+        if channel.target_type != "virtio" or not port_wanted(channel.target_name, settings):
+            continue
+        port = channel.target_name or ""
+        if not channel.path:
+            problems.append(f"port {port}: no source path recorded")
+            continue
+        if channel.type == "unix":
+            # mode='bind': qemu listens; mode='connect': qemu connects to us.
+            kind = ChannelKind.UNIX_LISTEN if channel.mode == "connect" else ChannelKind.UNIX
+        elif channel.type == "pty":
+            kind = ChannelKind.PTY
+        else:
+            problems.append(f"port {port}: channel type {channel.type!r} is not unix or pty")
+            continue
+        identity = GuestIdentity(
+            name=domain.name, port=port, uuid=domain.uuid, pid=domain.pid, found_by="libvirt"
+        )
+        specs.append(ChannelSpec(kind=kind, path=channel.path, identity=identity))
+    return Resolution(tuple(specs), tuple(problems))
+
+
+def specs_from_cmdline(
+    pid: int, cmdline: QemuCommandLine, settings: DiscoverySettings
+) -> Resolution:
+    """The matching ports of a qemu command line, with paths found through /proc.
+
+    A ``-chardev pty`` has no path on the command line. qemu creates chardevs in
+    command-line order and each pty opens one ``/dev/ptmx``, so the n-th pty chardev is
+    matched to the n-th ptmx descriptor, and only when the counts agree (``-serial pty``
+    and friends open ptys that have no ``-chardev``, which would shift the order).
+    """
+    specs: list[ChannelSpec] = []
+    problems: list[str] = []
+    pty_ids = [c.id for c in cmdline.chardevs if c.backend == "pty"]
+    ptys: list[int] | None = None
+    for port in cmdline.ports:
+        if not port_wanted(port.name, settings):
+            continue
+        chardev = cmdline.chardev(port.chardev)
+        if chardev is None:
+            problems.append(f"port {port.name}: chardev {port.chardev!r} is not defined")
+            continue
+        if chardev.backend == "socket":
+            path = chardev.path
+            if path is None and chardev.fd is not None:
+                path = unix_socket_path(pid, chardev.fd, settings.proc_root)
+            if path is None:
+                problems.append(f"port {port.name}: socket chardev without a unix path")
+                continue
+            kind = ChannelKind.UNIX if chardev.server else ChannelKind.UNIX_LISTEN
+        elif chardev.backend == "pty":
+            if ptys is None:
+                ptys = pty_indices(pid, settings.proc_root)
+            if len(ptys) != len(pty_ids):
+                problems.append(
+                    f"port {port.name}: {len(ptys)} open ptys for {len(pty_ids)} pty chardevs"
+                )
+                continue
+            path = f"/dev/pts/{ptys[pty_ids.index(chardev.id)]}"
+            kind = ChannelKind.PTY
+        else:
+            problems.append(f"port {port.name}: chardev backend {chardev.backend!r} unsupported")
+            continue
+        identity = GuestIdentity(
+            name=cmdline.name or f"qemu-{pid}",
+            port=port.name,
+            uuid=cmdline.uuid,
+            pid=pid,
+            found_by="cmdline",
+        )
+        specs.append(ChannelSpec(kind=kind, path=path, identity=identity))
+    return Resolution(tuple(specs), tuple(problems))
+
+
+def resolve_pid(pid: int, settings: DiscoverySettings) -> tuple[Resolution, bool]:
+    """A trusted qemu pid's channels, and whether they came from libvirt's status file.
+
+    The caller checks ``is_qemu`` first. When libvirt has not written its status file yet,
+    the command line answers now and the caller may look for the file again later.
+    """
+    cmdline = read_cmdline(pid, settings.proc_root)
+    domain = find_status(pid, cmdline.name if cmdline else None, settings)
+    if domain is not None:
+        return specs_from_libvirt(domain, settings), True
+    if cmdline is None:
+        return Resolution((), ("command line unreadable (process gone?)",)), False
+    return specs_from_cmdline(pid, cmdline, settings), False

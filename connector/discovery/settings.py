@@ -1,0 +1,108 @@
+"""What discovery looks for and where: the ``[discovery]`` table, checked once at start-up.
+
+Every field has a default that fits a stock libvirt host, so an operator who writes no
+``[discovery]`` table gets every guest with an ``org.qpid.amqp.*`` port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from connector.errors import ConfigError
+
+SOURCES = frozenset({"kvm", "watch"})
+
+DEFAULT_PORT_PATTERNS = ("org.qpid.amqp.*",)
+DEFAULT_QEMU_EXECUTABLES = ("qemu-system-*", "qemu-kvm")
+# libvirt's auto-generated channel sockets: the current per-domain directory and the
+# older flat ``NAME.PORT`` form.
+DEFAULT_WATCH_GLOBS = (
+    "/var/lib/libvirt/qemu/channel/target/*/org.qpid.amqp.*",
+    "/var/lib/libvirt/qemu/channel/target/*.org.qpid.amqp.*",
+)
+DEFAULT_LIBVIRT_STATUS_DIR = "/run/libvirt/qemu"
+# libvirtd writes the status XML after qemu's QMP handshake, which takes well under a
+# second on an idle host and a few seconds on a busy one.
+DEFAULT_LIBVIRT_RETRY_SECONDS = 5.0
+# How often to look again for the status XML within that window.
+DEFAULT_LIBVIRT_RETRY_INTERVAL = 0.2
+DEFAULT_PROC_ROOT = "/proc"
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """Which sources run and what counts as a guest's AMQP channel."""
+
+    sources: frozenset[str] = SOURCES
+    watch_globs: tuple[str, ...] = DEFAULT_WATCH_GLOBS
+    port_patterns: tuple[str, ...] = DEFAULT_PORT_PATTERNS
+    qemu_executables: tuple[str, ...] = DEFAULT_QEMU_EXECUTABLES
+    libvirt_status_dir: str = DEFAULT_LIBVIRT_STATUS_DIR
+    libvirt_retry_seconds: float = DEFAULT_LIBVIRT_RETRY_SECONDS
+    libvirt_retry_interval: float = DEFAULT_LIBVIRT_RETRY_INTERVAL
+    proc_root: str = DEFAULT_PROC_ROOT
+    # Also watch ``libvirt_status_dir`` for status files, so libvirt guests without KVM
+    # (TCG) are found the moment libvirtd records them.
+    watch_libvirt_status: bool = True
+    # ``None`` picks ``udev`` when systemd-udevd runs and ``kernel`` otherwise.
+    udev_source: str | None = None
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> DiscoverySettings:
+        """Build settings from the TOML ``[discovery]`` table; a bad key names itself."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            where = f"discovery.{key}"
+            if key not in known:
+                raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known))})")
+            values[key] = _convert(where, key, value)
+        return cls(**values)
+
+    def with_sources(self, sources: str) -> DiscoverySettings:
+        """The ``--discovery kvm,watch`` flag: replace the set of sources."""
+        return dataclasses.replace(self, sources=_sources("--discovery", sources.split(",")))
+
+
+def _convert(where: str, key: str, value: Any) -> Any:
+    """Check one value's type and turn lists into tuples so the settings stay frozen."""
+    if key == "sources":
+        return _sources(where, _strings(where, value))
+    if key in ("watch_globs", "port_patterns", "qemu_executables"):
+        items = _strings(where, value)
+        if key == "watch_globs":
+            for glob in items:
+                if not glob.startswith("/"):
+                    raise ConfigError(where, f"{glob!r} is not an absolute path pattern")
+        return tuple(items)
+    if key in ("libvirt_retry_seconds", "libvirt_retry_interval"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(where, "must be a number of seconds, 0 or more")
+        return float(value)
+    if key == "watch_libvirt_status":
+        if not isinstance(value, bool):
+            raise ConfigError(where, "must be true or false")
+        return value
+    if key == "udev_source":
+        if value not in ("udev", "kernel"):
+            raise ConfigError(where, "must be 'udev' or 'kernel'")
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(where, "must be an absolute path")
+    return value
+
+
+def _strings(where: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(where, "must be a list of non-empty strings")
+    return list(value)
+
+
+def _sources(where: str, names: list[str]) -> frozenset[str]:
+    cleaned = {n.strip() for n in names if n.strip()}
+    unknown = cleaned - SOURCES
+    if unknown:
+        raise ConfigError(where, f"unknown source {sorted(unknown)[0]!r} (known: kvm, watch)")
+    return frozenset(cleaned)
