@@ -1,0 +1,155 @@
+"""The daemon's control socket: answers `qpid-virtio-status` from the daemon's snapshot.
+
+An asyncio unix stream server on the daemon's own loop. Each client sends newline-delimited
+JSON requests and gets one JSON line back per request. Nothing a client sends can raise out
+of here: a malformed request gets an error reply, and a broken client is dropped, because
+the daemon routing a hundred guests must not die for an inspection tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+
+from connector.control.protocol import MAX_REQUEST_BYTES, StateSource, answer, error_reply
+from connector.errors import ConfigError
+
+log = logging.getLogger("connector.control")
+
+# A client that has not sent a full request line in this long is dropped, so that a stuck
+# `socat` left open in a terminal does not hold a server task forever.
+REQUEST_IDLE_TIMEOUT = 300.0
+
+
+class ControlServer:
+    """Serves the control protocol on a unix socket at ``path``.
+
+    ``mode`` and ``group`` decide who may run `qpid-virtio-status`: 0600 keeps it to the
+    daemon's user; 0660 with a group lets that group's members in.
+    """
+
+    def __init__(
+        self, path: str, source: StateSource, mode: int = 0o600, group: str | None = None
+    ) -> None:
+        self.path = path
+        self.source = source
+        self.mode = mode
+        self.group = group
+        self._server: asyncio.base_events.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind the socket (replacing a stale one), set its mode and group, and listen.
+
+        Raises ConfigError naming the path or group when that is the operator's mistake.
+        """
+        gid = self._group_id()
+        self._remove_stale_socket()
+        # Bind under a umask that already excludes everyone else, so the socket is never
+        # reachable with looser permissions than asked, even for the instant before chmod.
+        old_umask = os.umask(0o777 & ~self.mode)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, path=self.path, limit=MAX_REQUEST_BYTES
+            )
+        except OSError as exc:
+            raise ConfigError(
+                self.path, f"cannot listen on control socket: {exc.strerror}"
+            ) from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, self.mode)
+        if gid is not None:
+            os.chown(self.path, -1, gid)
+        log.info("control socket listening on %s (mode %04o)", self.path, self.mode)
+
+    def close(self) -> None:
+        """Stop listening, drop connected clients, and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in self._clients:
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+
+    def _group_id(self) -> int | None:
+        if self.group is None:
+            return None
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ConfigError("control.group", f"no such group {self.group!r}") from None
+
+    def _remove_stale_socket(self) -> None:
+        """Unlink a socket left by a daemon that died; refuse to take over a live one."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(self.path, "control socket path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise ConfigError(self.path, "another connector is already serving this control socket")
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            await self._conversation(reader, writer)
+        except (TimeoutError, ConnectionError):
+            pass  # the client went away or fell silent; nothing to tell anyone
+        except Exception:
+            log.exception("control client failed")
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_IDLE_TIMEOUT)
+            except ValueError:  # the line exceeded MAX_REQUEST_BYTES
+                await self._send(writer, error_reply("request too long"))
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            await self._send(writer, self.reply_to(line))
+
+    def reply_to(self, line: bytes) -> dict[str, object]:
+        """The reply to one raw request line; never raises."""
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return error_reply(f"malformed request: {exc}")
+        try:
+            return answer(request, self.source.snapshot())
+        except Exception as exc:
+            log.exception("control request %r failed", request)
+            return error_reply(f"internal error: {exc}")
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, reply: dict[str, object]) -> None:
+        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        await writer.drain()
