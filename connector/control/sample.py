@@ -1,13 +1,24 @@
-"""A consistent sample snapshot: for tests, the docs' examples and trying the status tool.
+"""A sample connector for tests, the docs' examples and trying the status tool.
 
-Its counters add up from its links the way the daemon's must, so a test that checks a
-rendered sum checks something true.
+``sample_snapshot()`` is a consistent snapshot: its counters add up from its links the way
+the daemon's must, so a test that checks a rendered sum checks something true.
+``ServedState`` runs the real ControlServer (and optionally the MetricsServer) on a loop of
+its own in a thread, for a caller that is itself blocking (a CLI test, a demo).
+``python -m connector.control.sample SOCKET [HOST:PORT]`` serves the sample until ^C.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
+import sys
+import threading
 import time
+from concurrent.futures import Future
+from typing import Any
 
+from connector.control.metrics import MetricsServer, parse_listen_address
 from connector.control.protocol import (
     PROTOCOL_VERSION,
     ChannelEntry,
@@ -16,6 +27,7 @@ from connector.control.protocol import (
     Link,
     Snapshot,
 )
+from connector.control.server import ControlServer
 
 
 def sample_channel(
@@ -146,3 +158,69 @@ def sample_snapshot(now: float | None = None) -> Snapshot:
         ],
         "discovery": {"appeared": 4, "gone": 1},
     }
+
+
+class ServedState:
+    """A StateSource whose snapshot a test may replace, served on a thread's own loop.
+
+    Use as a context manager: on entry the control socket (and the metrics port, when
+    ``metrics`` is given) is listening; on exit both are closed and the thread joined.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        snapshot: Snapshot | dict[str, Any],
+        mode: int = 0o600,
+        group: str | None = None,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
+        self.state: Snapshot | dict[str, Any] = snapshot
+        self.control = ControlServer(path, self, mode, group)
+        self.metrics = MetricsServer(*metrics, self) if metrics else None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def snapshot(self) -> Snapshot | dict[str, Any]:
+        """A copy, so a reply being encoded never sees a test's later change."""
+        return copy.deepcopy(self.state)
+
+    def __enter__(self) -> ServedState:
+        self._thread.start()
+        started: Future[None] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        try:
+            started.result()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        await self.control.start()
+        if self.metrics is not None:
+            await self.metrics.start()
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self.control.close()
+            if self.metrics is not None:
+                self.metrics.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def main(argv: list[str]) -> None:
+    """Serve the sample snapshot on a control socket (and metrics) until interrupted."""
+    metrics = parse_listen_address(argv[1]) if len(argv) > 1 else None
+    with ServedState(argv[0], sample_snapshot(), metrics=metrics) as served:
+        where = f" and http://{argv[1]}/metrics" if served.metrics else ""
+        print(f"serving a sample connector state on {argv[0]}{where}; ^C to stop")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

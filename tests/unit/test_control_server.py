@@ -1,0 +1,133 @@
+"""The control server on a real unix socket: replies, bad input, permissions, stale files."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.control.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION
+from connector.control.sample import ServedState, sample_snapshot
+from connector.control.server import ControlServer
+from connector.errors import ConfigError
+
+
+class Conversation:
+    """A raw client: send lines, read reply lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def ask(self, raw: bytes) -> dict[str, Any]:
+        self.sock.sendall(raw)
+        return json.loads(self.file.readline())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "control.sock"
+
+
+def test_requests_and_bad_requests_on_one_connection(sock_path: Path) -> None:
+    with ServedState(str(sock_path), sample_snapshot()):
+        conv = Conversation(sock_path)
+        try:
+            bad = conv.ask(b"{not json\n")
+            assert bad["ok"] is False and "malformed request" in bad["error"]
+            assert bad["version"] == PROTOCOL_VERSION
+            # blank lines are ignored; the connection still serves the next request
+            reply = conv.ask(b'\n{"command": "channels"}\n')
+            assert reply["ok"] is True and len(reply["channels"]) == 4
+            guest = conv.ask(b'{"command": "guest", "name": "web1"}\n')
+            assert guest["guest"]["uuid"] == "5b2f0a8e-3c1d-4f7a-9e61-0c2b8d4e7f10"
+            unknown = conv.ask(b'{"command": "shutdown"}\n')
+            assert "unknown command 'shutdown'" in unknown["error"]
+        finally:
+            conv.close()
+
+
+def test_an_oversized_request_gets_an_error_and_the_server_lives_on(sock_path: Path) -> None:
+    with ServedState(str(sock_path), sample_snapshot()):
+        conv = Conversation(sock_path)
+        try:
+            reply = conv.ask(b"x" * (MAX_REQUEST_BYTES + 10) + b"\n")
+            assert reply == {"ok": False, "version": PROTOCOL_VERSION, "error": "request too long"}
+        finally:
+            conv.close()
+        conv = Conversation(sock_path)
+        try:
+            assert conv.ask(b'{"command": "links"}\n')["ok"] is True
+        finally:
+            conv.close()
+
+
+def test_a_failing_snapshot_is_an_error_reply(sock_path: Path) -> None:
+    with ServedState(str(sock_path), {"channels": "not a list of channels"}) as served:
+        conv = Conversation(sock_path)
+        try:
+            reply = conv.ask(b'{"command": "channels"}\n')
+            assert reply["ok"] is False and reply["error"].startswith("internal error")
+            served.state = sample_snapshot()
+            assert conv.ask(b'{"command": "channels"}\n')["ok"] is True
+        finally:
+            conv.close()
+
+
+def test_mode_and_group_are_set_and_close_removes_the_socket(sock_path: Path) -> None:
+    group = grp.getgrgid(os.getgid() if os.getgid() != 0 else 1)  # root: use gid 1 (daemon)
+    with ServedState(str(sock_path), sample_snapshot(), mode=0o660, group=group.gr_name):
+        st = os.stat(sock_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == group.gr_gid
+    assert not sock_path.exists()
+
+
+def test_default_mode_is_owner_only(sock_path: Path) -> None:
+    with ServedState(str(sock_path), sample_snapshot()):
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+
+
+def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock_path))
+    stale.close()  # the file stays, nobody listens: what a killed daemon leaves
+    with ServedState(str(sock_path), sample_snapshot()):
+        conv = Conversation(sock_path)
+        try:
+            assert conv.ask(b'{"command": "channels"}\n')["ok"] is True
+        finally:
+            conv.close()
+
+
+def test_a_live_socket_or_a_regular_file_is_not_taken_over(sock_path: Path) -> None:
+    with ServedState(str(sock_path), sample_snapshot()):
+        with pytest.raises(ConfigError, match="already serving"):
+            asyncio.run(ControlServer(str(sock_path), None).start())  # type: ignore[arg-type]
+        assert sock_path.exists()
+    sock_path.write_text("precious")
+    with pytest.raises(ConfigError, match="not a socket"):
+        asyncio.run(ControlServer(str(sock_path), None).start())  # type: ignore[arg-type]
+    assert sock_path.read_text() == "precious"
+
+
+def test_an_unknown_group_is_a_config_error(sock_path: Path) -> None:
+    server = ControlServer(str(sock_path), None, group="no-such-group-qvc")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no such group 'no-such-group-qvc'") as info:
+        asyncio.run(server.start())
+    assert info.value.where == "control.group"
+    assert not sock_path.exists()
