@@ -1,0 +1,177 @@
+"""qemu command lines, in every spelling discovery must read: keyval, old booleans, JSON."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from connector.discovery.qemu import (
+    Chardev,
+    SerialPort,
+    parse_chardev,
+    parse_cmdline,
+    parse_device,
+    parse_keyval,
+    split_cmdline,
+)
+
+# What current libvirt (JSON -device, fd-passed sockets) starts qemu with, abridged.
+LIBVIRT_ARGV = [
+    "/usr/bin/qemu-system-x86_64",
+    "-name",
+    "guest=web1,debug-threads=on",
+    "-S",
+    "-object",
+    '{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/libvirt/qemu/domain-3-web1/master-key.aes"}',
+    "-machine",
+    "pc-q35-7.2,usb=off,dump-guest-core=off",
+    "-accel",
+    "kvm",
+    "-uuid",
+    "6A0E3C8E-1A53-4C4B-9B8C-3D1B5B4E2F10",
+    "-no-user-config",
+    "-nodefaults",
+    "-chardev",
+    "pty,id=charserial0",
+    "-device",
+    '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}',
+    "-chardev",
+    "socket,id=charchannel0,fd=33,server=on,wait=off",
+    "-device",
+    '{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"charchannel0","id":"channel0","name":"org.qpid.amqp.0"}',
+    "-chardev",
+    "pty,id=charchannel1",
+    "-device",
+    '{"driver":"virtserialport","bus":"virtio-serial0.0","nr":2,"chardev":"charchannel1","id":"channel1","name":"org.qpid.amqp.1"}',
+    "-chardev",
+    "spicevmc,id=charchannel2,name=vdagent",
+    "-device",
+    '{"driver":"virtserialport","bus":"virtio-serial0.0","nr":3,"chardev":"charchannel2","id":"channel2","name":"com.redhat.spice.0"}',
+    "-msg",
+    "timestamp=on",
+]
+
+
+def test_libvirt_command_line() -> None:
+    cmd = parse_cmdline(LIBVIRT_ARGV)
+    assert cmd.name == "web1"
+    assert cmd.uuid == "6a0e3c8e-1a53-4c4b-9b8c-3d1b5b4e2f10"
+    assert cmd.chardevs == (
+        Chardev("charserial0", "pty"),
+        Chardev("charchannel0", "socket", fd=33, server=True),
+        Chardev("charchannel1", "pty"),
+        Chardev("charchannel2", "spicevmc"),
+    )
+    assert cmd.ports == (
+        SerialPort("org.qpid.amqp.0", "charchannel0"),
+        SerialPort("org.qpid.amqp.1", "charchannel1"),
+        SerialPort("com.redhat.spice.0", "charchannel2"),
+    )
+    assert cmd.chardev("charchannel1") == Chardev("charchannel1", "pty")
+    assert cmd.chardev("nope") is None
+
+
+def test_hand_written_command_line_with_old_spellings() -> None:
+    argv = [
+        "qemu-system-x86_64",
+        "-S",
+        "--name",
+        "vm2",
+        "-chardev",
+        "socket,id=a,path=/run/q/a.sock,server,nowait",
+        "-chardev",
+        "socket,id=b,path=/run/q/b.sock,reconnect=1",
+        "-chardev",
+        "socket,path=/run/q/c.sock,id=c,server=off",
+        "-device",
+        "virtio-serial-pci",
+        "-device",
+        "virtserialport,chardev=a,name=org.qpid.amqp.0",
+        "--device",
+        "virtserialport,name=org.qpid.amqp.1,chardev=b",
+        "-device",
+        "virtconsole,chardev=c,name=org.qpid.amqp.2",
+    ]
+    cmd = parse_cmdline(argv)
+    assert cmd.name == "vm2"
+    assert cmd.uuid is None
+    assert [(c.id, c.path, c.server) for c in cmd.chardevs] == [
+        ("a", "/run/q/a.sock", True),
+        ("b", "/run/q/b.sock", False),
+        ("c", "/run/q/c.sock", False),
+    ]
+    assert [p.name for p in cmd.ports] == ["org.qpid.amqp.0", "org.qpid.amqp.1", "org.qpid.amqp.2"]
+
+
+def test_name_forms() -> None:
+    assert parse_cmdline(["q", "-name", "plain"]).name == "plain"
+    assert parse_cmdline(["q", "-name", "plain,process=qemu:plain"]).name == "plain"
+    assert parse_cmdline(["q", "-name", "guest=a,,b,debug-threads=on"]).name == "a,b"
+    assert parse_cmdline(["q", "-name"]).name is None
+
+
+def test_keyval_escapes_and_booleans() -> None:
+    assert parse_keyval("socket,id=x,path=/a,,b,server,nowait", "backend") == {
+        "backend": "socket",
+        "id": "x",
+        "path": "/a,b",
+        "server": "on",
+        "wait": "off",
+    }
+    expected = Chardev("x", "socket", "/p", None, True)
+    assert parse_chardev("socket,id=x,path=/p,server=yes") == expected
+    assert parse_chardev("socket,path=/p") is None  # no id: nothing can refer to it
+
+
+def test_json_chardev_qmp_shape() -> None:
+    arg = json.dumps(
+        {
+            "id": "charchannel0",
+            "backend": {
+                "type": "socket",
+                "data": {
+                    "addr": {"type": "unix", "data": {"path": "/var/lib/x/org.qpid.amqp.0"}},
+                    "server": True,
+                    "wait": False,
+                },
+            },
+        }
+    )
+    assert parse_chardev(arg) == Chardev(
+        "charchannel0", "socket", path="/var/lib/x/org.qpid.amqp.0", server=True
+    )
+    fd_addr = {"addr": {"type": "fd", "data": {"str": "29"}}}
+    fd_arg = json.dumps({"id": "c", "backend": {"type": "socket", "data": fd_addr}})
+    assert parse_chardev(fd_arg) == Chardev("c", "socket", fd=29, server=False)
+    assert parse_chardev('{"id":"p","backend":{"type":"pty","data":{}}}') == Chardev("p", "pty")
+    assert parse_chardev('{"id":"f","backend":"socket","path":"/s","server":true}') == Chardev(
+        "f", "socket", path="/s", server=True
+    )
+    assert parse_chardev("{not json") is None
+
+
+def test_devices_that_are_not_named_ports() -> None:
+    assert parse_device("virtio-serial-pci,id=vs0") is None
+    assert parse_device('{"driver":"isa-serial","chardev":"c"}') is None
+    assert parse_device("virtserialport,chardev=c") is None  # unnamed port
+    assert parse_device("virtserialport,name=x") is None  # no chardev
+    assert parse_device("[1,2]") is None
+
+
+def test_split_cmdline() -> None:
+    assert split_cmdline(b"qemu\0-name\0vm\0") == ["qemu", "-name", "vm"]
+    assert split_cmdline(b"") == []
+
+
+_IDS = st.text(st.characters(blacklist_characters=",=\0", blacklist_categories=("Cs",)), min_size=1)
+_PATHS = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1)
+
+
+@given(path=_PATHS, cid=_IDS)
+def test_keyval_path_round_trip(path: str, cid: str) -> None:
+    """Any path, written the way qemu wants it (commas doubled), reads back unchanged."""
+    arg = f"socket,id={cid},path={path.replace(',', ',,')},server=on"
+    chardev = parse_chardev(arg)
+    assert chardev == Chardev(cid, "socket", path=path, server=True)

@@ -1,0 +1,233 @@
+"""From a pid to channel specs, against a fake /proc and a fake libvirt status directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from connector.discovery.fdinfo import pty_indices, unix_socket_path
+from connector.discovery.qemu import parse_cmdline
+from connector.discovery.resolve import (
+    exe_name,
+    find_status,
+    is_qemu,
+    qemu_pids,
+    resolve_pid,
+    specs_from_cmdline,
+)
+from connector.discovery.settings import DiscoverySettings
+from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
+
+NET_UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+
+
+class FakeProc:
+    """Just enough of /proc/PID for discovery: exe, cmdline, fd, fdinfo, net/unix."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def process(self, pid: int, exe: str, argv: list[str]) -> Path:
+        base = self.root / str(pid)
+        (base / "fd").mkdir(parents=True)
+        (base / "fdinfo").mkdir()
+        (base / "net").mkdir()
+        os.symlink(exe, base / "exe")
+        (base / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+        (base / "net" / "unix").write_text(NET_UNIX_HEADER)
+        return base
+
+    def ptmx(self, pid: int, fd: int, index: int) -> None:
+        base = self.root / str(pid)
+        os.symlink("/dev/ptmx", base / "fd" / str(fd))
+        (base / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t0100002\ntty-index:\t{index}\n")
+
+    def socket(self, pid: int, fd: int, inode: int, path: str) -> None:
+        base = self.root / str(pid)
+        os.symlink(f"socket:[{inode}]", base / "fd" / str(fd))
+        with (base / "net" / "unix").open("a") as f:
+            f.write(f"0000000000000000: 00000002 00000000 00010000 0001 01 {inode} {path}\n")
+
+    def other_fd(self, pid: int, fd: int, target: str) -> None:
+        os.symlink(target, self.root / str(pid) / "fd" / str(fd))
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> FakeProc:
+    (tmp_path / "proc").mkdir()
+    return FakeProc(tmp_path / "proc")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, proc: FakeProc) -> DiscoverySettings:
+    (tmp_path / "status").mkdir()
+    return DiscoverySettings(proc_root=str(proc.root), libvirt_status_dir=str(tmp_path / "status"))
+
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def test_exe_check(proc: FakeProc, settings: DiscoverySettings) -> None:
+    proc.process(10, QEMU, ["qemu"])
+    proc.process(11, "/usr/libexec/qemu-kvm (deleted)", ["qemu-kvm"])  # upgraded under it
+    proc.process(12, "/usr/bin/python3.11", ["qemu-system-x86_64"])  # a stranger posing
+    proc.process(13, "/usr/bin/qemu-img", ["qemu-img"])
+    assert exe_name(11, settings.proc_root) == "qemu-kvm"
+    assert exe_name(99, settings.proc_root) is None
+    assert [is_qemu(p, settings) for p in (10, 11, 12, 13, 99)] == [True, True, False, False, False]
+    assert qemu_pids(settings) == [10, 11]
+
+
+def test_pty_indices_and_socket_paths(proc: FakeProc) -> None:
+    proc.process(20, QEMU, ["qemu"])
+    proc.other_fd(20, 3, "/dev/null")
+    proc.ptmx(20, 9, 4)
+    proc.ptmx(20, 12, 2)
+    proc.socket(20, 7, 5551, "/run/a.sock")
+    proc.other_fd(20, 8, "socket:[777]")  # an unbound socket: no row with a path
+    root = str(proc.root)
+    assert pty_indices(20, root) == [4, 2]
+    assert unix_socket_path(20, 7, root) == "/run/a.sock"
+    assert unix_socket_path(20, 8, root) is None
+    assert unix_socket_path(20, 3, root) is None
+    assert pty_indices(99, root) == []
+
+
+ARGV = [
+    "/usr/bin/qemu-system-x86_64",
+    "-name",
+    "guest=vm1,debug-threads=on",
+    "-uuid",
+    "0b5e1ab4-94a7-4f5e-8a89-2bd2d6a0c0aa",
+    "-chardev",
+    "pty,id=charserial0",
+    "-chardev",
+    "socket,id=c0,path=/run/vm1/amqp0.sock,server=on,wait=off",
+    "-chardev",
+    "socket,id=c1,path=/run/qpid/vm1.sock,server=off,reconnect=1",
+    "-chardev",
+    "pty,id=c2",
+    "-chardev",
+    "socket,id=c3,fd=31,server=on,wait=off",
+    "-chardev",
+    "socket,id=c4,fd=32,server=on,wait=off",
+    "-device",
+    "virtserialport,chardev=c0,name=org.qpid.amqp.0",
+    "-device",
+    "virtserialport,chardev=c1,name=org.qpid.amqp.1",
+    "-device",
+    '{"driver":"virtserialport","chardev":"c2","name":"org.qpid.amqp.2"}',
+    "-device",
+    "virtserialport,chardev=c3,name=org.qpid.amqp.3",
+    "-device",
+    "virtserialport,chardev=c4,name=org.qemu.guest_agent.0",
+    "-device",
+    "virtserialport,chardev=missing,name=org.qpid.amqp.9",
+]
+
+
+def _ident(port: str) -> GuestIdentity:
+    return GuestIdentity(
+        "vm1", port, uuid="0b5e1ab4-94a7-4f5e-8a89-2bd2d6a0c0aa", pid=30, found_by="cmdline"
+    )
+
+
+def test_specs_from_cmdline(proc: FakeProc, settings: DiscoverySettings) -> None:
+    proc.process(30, QEMU, ARGV)
+    proc.ptmx(30, 8, 6)  # charserial0
+    proc.ptmx(30, 10, 7)  # c2
+    proc.socket(30, 31, 901, "/var/lib/libvirt/qemu/channel/target/domain-1-vm1/org.qpid.amqp.3")
+    resolution, from_libvirt = resolve_pid(30, settings)
+    assert not from_libvirt
+    assert resolution.specs == (
+        ChannelSpec(ChannelKind.UNIX, "/run/vm1/amqp0.sock", _ident("org.qpid.amqp.0")),
+        ChannelSpec(ChannelKind.UNIX_LISTEN, "/run/qpid/vm1.sock", _ident("org.qpid.amqp.1")),
+        ChannelSpec(ChannelKind.PTY, "/dev/pts/7", _ident("org.qpid.amqp.2")),
+        ChannelSpec(
+            ChannelKind.UNIX,
+            "/var/lib/libvirt/qemu/channel/target/domain-1-vm1/org.qpid.amqp.3",
+            _ident("org.qpid.amqp.3"),
+        ),
+    )
+    assert resolution.problems == ("port org.qpid.amqp.9: chardev 'missing' is not defined",)
+
+
+def test_pty_count_mismatch_is_refused(proc: FakeProc, settings: DiscoverySettings) -> None:
+    """An extra pty (``-serial pty`` has no -chardev) would shift the order: refuse."""
+    argv = ["qemu", "-serial", "pty", "-chardev", "pty,id=c", "-device",
+            "virtserialport,chardev=c,name=org.qpid.amqp.0"]  # fmt: skip
+    proc.process(31, QEMU, argv)
+    proc.ptmx(31, 8, 1)
+    proc.ptmx(31, 9, 2)
+    resolution = specs_from_cmdline(31, parse_cmdline(argv), settings)
+    assert resolution.specs == ()
+    assert "2 open ptys for 1 pty chardevs" in resolution.problems[0]
+
+
+def test_unnamed_guest_and_unsupported_backend(proc: FakeProc, settings: DiscoverySettings) -> None:
+    argv = ["qemu", "-chardev", "socket,id=t,host=127.0.0.1,port=4000,server=on",
+            "-chardev", "file,id=f,path=/tmp/x",
+            "-device", "virtserialport,chardev=t,name=org.qpid.amqp.0",
+            "-device", "virtserialport,chardev=f,name=org.qpid.amqp.1"]  # fmt: skip
+    proc.process(32, QEMU, argv)
+    resolution = specs_from_cmdline(32, parse_cmdline(argv), settings)
+    assert resolution.specs == ()
+    assert len(resolution.problems) == 2
+
+
+STATUS = """<domstatus state='running' reason='booted' pid='{pid}'>
+  <domain type='kvm' id='1'>
+    <name>{name}</name>
+    <uuid>aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee</uuid>
+    <devices>
+      <channel type='pty'>
+        <source path='/dev/pts/11'/>
+        <target type='virtio' name='org.qpid.amqp.0'/>
+      </channel>
+      <channel type='unix'>
+        <source mode='connect' path='/run/qpid-virtio/{name}.sock'/>
+        <target type='virtio' name='org.qpid.amqp.1'/>
+      </channel>
+      <channel type='file'>
+        <source path='/tmp/log'/>
+        <target type='virtio' name='org.qpid.amqp.2'/>
+      </channel>
+    </devices>
+  </domain>
+</domstatus>
+"""
+
+
+def test_libvirt_status_wins_over_cmdline(proc: FakeProc, settings: DiscoverySettings) -> None:
+    proc.process(30, QEMU, ARGV)
+    status = Path(settings.libvirt_status_dir)
+    (status / "vm1.xml").write_text(STATUS.format(pid=30, name="vm1"))
+    resolution, from_libvirt = resolve_pid(30, settings)
+    assert from_libvirt
+    ident = GuestIdentity(
+        "vm1", "org.qpid.amqp.0", uuid="aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", pid=30,
+        found_by="libvirt",
+    )  # fmt: skip
+    assert resolution.specs == (
+        ChannelSpec(ChannelKind.PTY, "/dev/pts/11", ident),
+        ChannelSpec(
+            ChannelKind.UNIX_LISTEN,
+            "/run/qpid-virtio/vm1.sock",
+            GuestIdentity("vm1", "org.qpid.amqp.1", uuid=ident.uuid, pid=30, found_by="libvirt"),
+        ),
+    )
+    assert resolution.problems == ("port org.qpid.amqp.2: channel type 'file' is not unix or pty",)
+
+
+def test_find_status(settings: DiscoverySettings) -> None:
+    status = Path(settings.libvirt_status_dir)
+    (status / "a.xml").write_text(STATUS.format(pid=40, name="a"))
+    (status / "b.xml").write_text(STATUS.format(pid=41, name="b"))
+    (status / "broken.xml").write_text("<domstatus pid='41'><dom")
+    (status / "notes.txt").write_text("")
+    assert find_status(41, None, settings).name == "b"  # found by pid alone
+    assert find_status(41, "b", settings).name == "b"  # straight to NAME.xml
+    assert find_status(41, "a", settings) is None  # a.xml belongs to another qemu: stale
+    assert find_status(42, None, settings) is None
