@@ -1,0 +1,492 @@
+"""Run a proton connection over any file descriptor, for a standard ``MessagingHandler``.
+
+proton's ``Container`` only knows TCP URLs. Inside a guest the AMQP peer is a virtio-serial
+port, so this module drives proton's engine (``Connection``, ``Transport``, ``Collector``)
+itself with ``select`` over a raw fd, and dispatches the collector's events to the
+application's handler exactly as the container would. It stands in for the container in
+the places a handler touches it (``event.container``): ``connect``, ``create_sender``,
+``create_receiver``, ``schedule``, ``declare_transaction``, ``stop``, ``container_id``.
+
+A guest application changes one line::
+
+    Container(Handler()).run()           # before: TCP to a URL
+    Driver(Handler(), "org.qpid.amqp.0").run()   # after: the virtio-serial port
+
+The same driver is the host-side tests' simulated guest, over a pty master or a socket.
+
+Connection life: the fd is opened (``opener``), stale bytes drained, then the transport
+is bound. End of stream, ``POLLHUP``/``POLLERR`` or an idle-timeout expiry ends the
+transport; with ``reconnect`` the driver reopens the port after a backoff and rebinds the
+same ``Connection`` (proton re-sends its open, sessions and links), as the container does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from proton import Collector, Connection, Endpoint, Event, Transport, Url
+from proton.reactor import Container
+
+from . import port as _port
+
+log = logging.getLogger(__name__)
+
+# AMQP idle timeout we advertise (seconds). The peer must send something at least this
+# often; a pty host side that vanished is only noticed this way (the guest sees no HUP).
+DEFAULT_IDLE_TIMEOUT = 16.0
+# Backoff between reconnect attempts (seconds): fast first retry, capped so a host that is
+# gone for long does not spin the guest's CPU.
+RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
+# Largest single read from the fd; proton's input buffer grows to take it, and big reads
+# cost far less CPU per byte than proton's initial 8 KiB capacity.
+READ_SIZE = 256 * 1024
+# How long the opener waits for the host side to be present before trying again.
+HOST_WAIT = 1.0
+
+Opener = Callable[[], int]
+
+
+class Task:
+    """A scheduled call of ``handler.on_timer_task``; like ``proton.reactor.Task``."""
+
+    _counter = itertools.count()
+
+    def __init__(self, deadline: float, handler: Any) -> None:
+        self.deadline = deadline
+        self.handler = handler
+        self.cancelled = False
+        self._order = next(self._counter)
+
+    def __lt__(self, other: Task) -> bool:
+        return (self.deadline, self._order) < (other.deadline, other._order)
+
+    def cancel(self) -> None:
+        """Stop the task from firing; safe to call after it fired."""
+        self.cancelled = True
+
+
+class DriverEvent:
+    """An event the driver makes itself (start, timer, disconnected), shaped like proton's.
+
+    Handlers read ``event.container``/``event.connection``/``event.transport`` from it, and
+    ``dispatch`` walks ``handler.handlers`` as ``proton.Event.dispatch`` does.
+    """
+
+    def __init__(self, method: str, driver: Driver, **attrs: Any) -> None:
+        self.method = method
+        self.container = driver
+        self.reactor = driver
+        self.connection = driver.connection
+        self.transport = driver.transport
+        self.link = None
+        self.session = None
+        self.delivery = None
+        self.__dict__.update(attrs)
+
+    def dispatch(self, handler: Any) -> None:
+        """Call ``handler.<method>`` (or its ``on_unhandled``), then its child handlers."""
+        method = getattr(handler, self.method, None)
+        if method is not None:
+            method(self)
+        elif hasattr(handler, "on_unhandled"):
+            handler.on_unhandled(self.method, self)
+        for child in getattr(handler, "handlers", ()):
+            self.dispatch(child)
+
+
+def port_opener(name: str, **roots: str) -> Opener:
+    """An opener for a virtio-serial port: find, open, wait for the host, drain stale bytes."""
+
+    def open_it() -> int:
+        fd = _port.open_port(name, **roots)
+        try:
+            deadline = time.monotonic() + HOST_WAIT
+            while not _port.host_connected(fd):
+                if time.monotonic() >= deadline:
+                    raise ConnectionRefusedError(f"host side of {name} is not connected")
+                select.select([], [], [], 0.05)
+            discarded = _port.drain(fd)
+            if discarded:
+                log.info("discarded %d stale bytes from %s", discarded, name)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    return open_it
+
+
+class Driver:
+    """One AMQP connection over a file descriptor, driven with ``select``.
+
+    ``target`` is a port name or path (``str``, reopened on reconnect), an fd (``int``,
+    used once and never closed by the driver unless ``close_fd``), or an opener callable
+    returning a fresh fd (drained already). ``handler`` receives every proton event;
+    ``on_start`` comes first, with ``event.container`` being this driver.
+
+    ``server=True`` runs the passive side (a server transport; the handler opens the
+    connection and links in answer to the peer's): tests use it to play the broker.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        target: str | int | Opener,
+        *,
+        container_id: str | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        reconnect: bool | None = None,
+        hostname: str | None = None,
+        properties: dict[Any, Any] | None = None,
+        sasl_mechanisms: str | None = None,
+        max_frame_size: int | None = None,
+        close_fd: bool = False,
+        server: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.container_id = container_id or str(uuid.uuid4())
+        self.idle_timeout = idle_timeout
+        self.hostname = hostname
+        self.properties = properties
+        self.sasl_mechanisms = sasl_mechanisms
+        self.max_frame_size = max_frame_size
+        self.server = server
+        if isinstance(target, int):
+            fd = target
+            self._opener: Opener = lambda: fd
+            self._close_fd = close_fd
+            self.reconnect = bool(reconnect)
+        else:
+            self._opener = port_opener(target) if isinstance(target, str) else target
+            self._close_fd = True
+            self.reconnect = True if reconnect is None else reconnect
+        self.collector = Collector()
+        self.connection: Connection | None = None
+        self.transport: Transport | None = None
+        self.fd: int | None = None
+        self._timers: list[Task] = []
+        self._stopped = False
+        self._started = False
+        self._backoff = 0
+        self._eof = False
+
+    # ---- the container-like surface handlers use ---------------------------------------
+
+    def connect(
+        self, url: str | Url | None = None, handler: Any = None, **_ignored: Any
+    ) -> Connection:
+        """Open the one AMQP connection over the fd. ``url`` is accepted and ignored, so a
+        handler written for ``Container.connect(url)`` runs unchanged."""
+        if self.connection is None:
+            conn = Connection()
+            conn.container = self.container_id
+            if self.hostname:
+                conn.hostname = self.hostname
+            if self.properties:
+                conn.properties = self.properties
+            if handler is not None:
+                conn.handler = handler
+            conn.collect(self.collector)
+            if not self.server:
+                conn.open()  # a server opens in answer to the peer's open
+            self.connection = conn
+            self._bind()
+        return self.connection
+
+    def create_sender(
+        self,
+        context: Connection | str | Url | None = None,
+        target: str | None = None,
+        source: str | None = None,
+        name: str | None = None,
+        handler: Any = None,
+        tags: Callable[[], Any] | None = None,
+        options: Any = None,
+    ) -> Any:
+        """As ``Container.create_sender``; a URL's path (or a bare address) is the target."""
+        conn, address = self._context(context)
+        snd = conn.session().sender(name or f"{self.container_id}-{address or 'anon'}-{_uid()}")
+        snd.session.open()
+        target = target or address
+        if source:
+            snd.source.address = source
+        if target:
+            snd.target.address = target
+        if handler is not None:
+            snd.handler = handler
+        if tags:
+            snd.tag_generator = tags
+        _apply_options(options, snd)
+        snd.open()
+        return snd
+
+    def create_receiver(
+        self,
+        context: Connection | str | Url | None = None,
+        source: str | None = None,
+        target: str | None = None,
+        name: str | None = None,
+        dynamic: bool = False,
+        handler: Any = None,
+        options: Any = None,
+    ) -> Any:
+        """As ``Container.create_receiver``; a URL's path (or a bare address) is the source."""
+        conn, address = self._context(context)
+        rcv = conn.session().receiver(name or f"{self.container_id}-{address or 'dyn'}-{_uid()}")
+        rcv.session.open()
+        source = source or address
+        if source:
+            rcv.source.address = source
+        if dynamic:
+            rcv.source.dynamic = True
+        if target:
+            rcv.target.address = target
+        if handler is not None:
+            rcv.handler = handler
+        _apply_options(options, rcv)
+        rcv.open()
+        return rcv
+
+    def declare_transaction(
+        self, context: Connection, handler: Any = None, settle_before_discharge: bool = False
+    ) -> Any:
+        """As ``Container.declare_transaction``: proton's code only needs ``create_sender``."""
+        return Container.declare_transaction(self, context, handler, settle_before_discharge)  # type: ignore[arg-type]
+
+    def schedule(self, delay: float, handler: Any = None) -> Task:
+        """Call ``handler.on_timer_task(event)`` after ``delay`` seconds (default: our handler)."""
+        task = Task(time.monotonic() + delay, handler if handler is not None else self.handler)
+        heapq.heappush(self._timers, task)
+        return task
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after closing the fd; pending work is abandoned."""
+        self._stopped = True
+
+    # ---- running -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Dispatch ``on_start`` and process events until stopped or nothing is left to do."""
+        self.start()
+        while self.process(None):
+            pass
+        self.close_fd()
+
+    def start(self) -> None:
+        """Dispatch the start event once (``on_reactor_init``, which calls ``on_start``)."""
+        if not self._started:
+            self._started = True
+            event = DriverEvent("on_reactor_init", self)
+            if hasattr(self.handler, "on_reactor_init"):
+                event.dispatch(self.handler)
+            else:
+                DriverEvent("on_start", self).dispatch(self.handler)
+            self._dispatch_collected()
+
+    def process(self, timeout: float | None) -> bool:
+        """One round: fire due timers, wait for the fd at most ``timeout`` s, move bytes,
+        dispatch events. Returns False once there is nothing left to wait for."""
+        self.start()
+        now = time.monotonic()
+        self._fire_timers(now)
+        if self._stopped:
+            return False
+        waits = [] if timeout is None else [timeout]
+        if self._timers:
+            waits.append(max(0.0, self._timers[0].deadline - now))
+        rlist: list[int] = []
+        wlist: list[int] = []
+        t = self.transport
+        if t is not None and self.fd is not None:
+            deadline = t.tick(now)
+            self._dispatch_collected()
+            if deadline:
+                waits.append(max(0.0, deadline - now))
+            if t.capacity() > 0 and not self._eof:
+                rlist.append(self.fd)
+            pending = t.pending()
+            if pending > 0:
+                wlist.append(self.fd)
+            elif pending < 0 and (self._eof or t.condition is not None):
+                # Output is finished and the peer is gone or the transport failed (for
+                # example an idle timeout): nothing more can arrive that matters.
+                t.close_tail()
+            if t.closed:
+                self._transport_done()
+                return self._has_work()
+        if not rlist and not wlist and not waits and not self._has_work():
+            return False
+        wait = min(waits) if waits else None
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], wait)
+        except InterruptedError:
+            return True
+        if readable:
+            self._read()
+        if writable:
+            self._write()
+        self._dispatch_collected()
+        return True
+
+    def close_fd(self) -> None:
+        """Close the current fd if the driver owns it."""
+        if self.fd is not None and self._close_fd:
+            os.close(self.fd)
+        self.fd = None
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return not self._stopped and (self.transport is not None or bool(self._timers))
+
+    def _context(self, context: Connection | str | Url | None) -> tuple[Connection, str | None]:
+        """The connection and default address named by a create_* call's first argument."""
+        if isinstance(context, Connection):
+            return context, None
+        address = None
+        if isinstance(context, Url):
+            address = context.path
+        elif isinstance(context, str):
+            address = Url(context).path if "://" in context else context
+        return self.connect(), address or None
+
+    def _bind(self) -> None:
+        """Open the fd and bind a fresh transport to the connection."""
+        assert self.connection is not None
+        try:
+            self.fd = self._opener()
+        except OSError as e:
+            log.info("cannot open the channel: %s", e)
+            if not self.reconnect:
+                raise
+            self._schedule_reconnect()
+            return
+        self._eof = False
+        t = Transport(Transport.SERVER if self.server else Transport.CLIENT)
+        t._reactor = self  # so that proton's ``event.container`` is this driver
+        if self.idle_timeout:
+            t.idle_timeout = self.idle_timeout
+        if self.max_frame_size:
+            t.max_frame_size = self.max_frame_size
+        if self.sasl_mechanisms:
+            t.sasl().allowed_mechs(self.sasl_mechanisms)
+        t.bind(self.connection)
+        self.transport = t
+
+    def _read(self) -> None:
+        assert self.transport is not None and self.fd is not None
+        t = self.transport
+        try:
+            data = _port.read_some(self.fd, min(READ_SIZE, max(t.capacity(), 1)))
+        except OSError as e:
+            log.info("read failed: %s", e)
+            data = b""
+        if data is None:
+            return
+        if not data:
+            self._eof = True
+            t.close_tail()
+            return
+        while data:
+            n = t.capacity()
+            if n <= 0:
+                break
+            t.push(data[:n])
+            data = data[n:]
+
+    def _write(self) -> None:
+        assert self.transport is not None and self.fd is not None
+        t = self.transport
+        pending = t.pending()
+        if pending <= 0:
+            return
+        try:
+            n = os.write(self.fd, t.peek(min(pending, READ_SIZE)))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.info("write failed: %s", e)
+            t.close_head()
+            t.close_tail()
+            return
+        t.pop(n)
+
+    def _dispatch_collected(self) -> None:
+        """Hand every event the engine produced to its handler (link's, or the driver's)."""
+        while True:
+            event = self.collector.peek()
+            if event is None:
+                return
+            if event.type == Event.CONNECTION_REMOTE_OPEN:
+                self._backoff = 0  # a working connection resets the reconnect backoff
+            event.dispatch(event.handler or self.handler)
+            self.collector.pop()
+
+    def _transport_done(self) -> None:
+        """The transport ended: tell the handler, unbind, and reconnect if we should."""
+        t = self.transport
+        assert t is not None
+        self.transport = None
+        conn = self.connection
+        if conn is not None:
+            t.unbind()
+        self.close_fd()
+        self._dispatch_collected()
+        DriverEvent("on_disconnected", self, transport=t).dispatch(self.handler)
+        if (
+            self.reconnect
+            and not self._stopped
+            and conn is not None
+            and conn.state & Endpoint.LOCAL_ACTIVE
+        ):
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        delay = RECONNECT_DELAYS[min(self._backoff, len(RECONNECT_DELAYS) - 1)]
+        self._backoff += 1
+        self.schedule(delay, _Reconnect(self))
+
+    def _fire_timers(self, now: float) -> None:
+        while self._timers and self._timers[0].deadline <= now:
+            task = heapq.heappop(self._timers)
+            if not task.cancelled:
+                DriverEvent("on_timer_task", self, task=task).dispatch(task.handler)
+        self._dispatch_collected()
+
+
+class _Reconnect:
+    """Timer handler that rebinds the driver's connection to a freshly opened fd."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    def on_timer_task(self, _event: DriverEvent) -> None:
+        if not self.driver._stopped and self.driver.transport is None:
+            self.driver._bind()
+
+
+_uids = itertools.count(1)
+
+
+def _uid() -> int:
+    return next(_uids)
+
+
+def _apply_options(options: Any, link: Any) -> None:
+    """Apply ``proton.reactor`` link options, as the container does."""
+    if not options:
+        return
+    for option in options if isinstance(options, list) else [options]:
+        if option.test(link):
+            option.apply(link)
+
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "Driver", "DriverEvent", "Task", "port_opener"]
