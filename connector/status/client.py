@@ -55,7 +55,7 @@ def permission_hint(path: str) -> str:
     try:
         st = os.stat(path)
     except OSError:
-        return "check the permissions of its directory"
+        return _blocking_directory(path)
     owner = _name(pwd.getpwuid, st.st_uid)
     group = _name(grp.getgrgid, st.st_gid)
     mode = stat.S_IMODE(st.st_mode)
@@ -68,6 +68,16 @@ def permission_hint(path: str) -> str:
         f"it is owned by {owner}:{group} with mode {mode:04o}: run as {owner}, or start the "
         "connector with a control socket group and mode 0660 and join that group"
     )
+
+
+def _blocking_directory(path: str) -> str:
+    """Name the first directory on the way to ``path`` that this user may not search."""
+    parts = os.path.abspath(path).split(os.sep)[1:-1]
+    for depth in range(len(parts)):
+        folder = os.sep + os.sep.join(parts[: depth + 1])
+        if not os.access(folder, os.X_OK):
+            return f"you may not search its directory {folder}: ask for access to it"
+    return "check the permissions of its directory"
 
 
 def _name(lookup: Any, ident: int) -> str:

@@ -91,7 +91,8 @@ def table(
     def line(cells: Sequence[str], r: int | None) -> str:
         out = []
         for c, (col, cell, width) in enumerate(zip(columns, cells, widths, strict=True)):
-            padded = cell.rjust(width) if col.numeric else cell.ljust(width)
+            last = c == len(columns) - 1
+            padded = cell.rjust(width) if col.numeric else cell if last else cell.ljust(width)
             code = _BOLD if r is None else cell_colours.get((r, c))
             out.append(paint(padded, code, colour))
         return "  ".join(out).rstrip()
