@@ -30,7 +30,7 @@ SETTLE_MODES = ("at-most-once", "at-least-once")
 # Outcomes a receiver may give; "none" leaves the delivery unsettled (for redelivery tests).
 OUTCOMES = ("accepted", "rejected", "released", "modified", "none")
 
-_STATE_NAMES = {
+STATE_NAMES = {
     Delivery.ACCEPTED: "accepted",
     Delivery.REJECTED: "rejected",
     Delivery.RELEASED: "released",
@@ -114,7 +114,7 @@ def _outcome(dlv: Delivery, presettled: bool) -> Outcome:
     remote = dlv.remote
     cond = remote.condition
     return Outcome(
-        _STATE_NAMES.get(dlv.remote_state, "settled"),
+        STATE_NAMES.get(dlv.remote_state, "settled"),
         cond.name if cond else None,
         cond.description if cond else None,
         remote.failed if dlv.remote_state == Delivery.MODIFIED else None,

@@ -176,7 +176,7 @@ class Driver:
         self._stopped = False
         self._started = False
         self._backoff = 0
-        self._eof = False
+        self.eof = False  # the current fd reached end of stream: the other side is gone
 
     # ---- the container-like surface handlers use ---------------------------------------
 
@@ -310,12 +310,12 @@ class Driver:
             self._dispatch_collected()
             if deadline:
                 waits.append(max(0.0, deadline - now))
-            if t.capacity() > 0 and not self._eof:
+            if t.capacity() > 0 and not self.eof:
                 rlist.append(self.fd)
             pending = t.pending()
             if pending > 0:
                 wlist.append(self.fd)
-            elif pending < 0 and (self._eof or t.condition is not None):
+            elif pending < 0 and (self.eof or t.condition is not None):
                 # Output is finished and the peer is gone or the transport failed (for
                 # example an idle timeout): nothing more can arrive that matters.
                 t.close_tail()
@@ -369,7 +369,7 @@ class Driver:
                 raise
             self._schedule_reconnect()
             return
-        self._eof = False
+        self.eof = False
         t = Transport(Transport.SERVER if self.server else Transport.CLIENT)
         t._reactor = self  # so that proton's ``event.container`` is this driver
         if self.idle_timeout:
@@ -392,7 +392,7 @@ class Driver:
         if data is None:
             return
         if not data:
-            self._eof = True
+            self.eof = True
             t.close_tail()
             return
         while data:

@@ -19,6 +19,8 @@ from typing import Any
 
 from proton import Condition, Delivery, Endpoint, Handler, Message
 
+from .client import STATE_NAMES
+
 # Credit the peer grants each incoming link, topped up as messages arrive: enough to keep
 # a sender streaming without letting a runaway sender queue unbounded memory.
 LINK_CREDIT = 200
@@ -119,7 +121,7 @@ class MemoryBroker(Handler):
                     link.flow(LINK_CREDIT - link.credit)
         elif dlv.updated:
             state = dlv.remote_state
-            self.outcomes.append(str(state))
+            self.outcomes.append(STATE_NAMES.get(state, str(state)))
             if state in (Delivery.RELEASED, Delivery.MODIFIED):
                 self.queue(link.source.address).appendleft(dlv.message_copy)
                 self._pump(link.source.address)
