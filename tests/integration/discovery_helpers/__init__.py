@@ -1,0 +1,199 @@
+"""Shared pieces of the discovery integration tests: a recording sink, the fake qemu, and
+libvirt status files written the way libvirtd writes them.
+
+Other suites may run real qemu processes on the same machine at the same time, and
+discovery rightly reports those too: tests look only at the paths and pids they made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from connector.identity import ChannelSpec
+
+FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
+# Long enough for a loaded 2-core CI machine; every wait ends as soon as its condition holds.
+WAIT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sink call: ``appeared`` (with its spec) or ``gone`` (with its reason)."""
+
+    what: str
+    path: str
+    spec: ChannelSpec | None
+    reason: str | None
+    at: float  # time.monotonic()
+
+
+class RecordingSink:
+    """A ``DiscoverySink`` that remembers every call and wakes waiters on each."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._changed = asyncio.Event()
+
+    def channel_appeared(self, spec: ChannelSpec) -> None:
+        self.records.append(Record("appeared", spec.path, spec, None, time.monotonic()))
+        self._changed.set()
+
+    def channel_gone(self, path: str, reason: str) -> None:
+        self.records.append(Record("gone", path, None, reason, time.monotonic()))
+        self._changed.set()
+
+    def live(self, under: str | None = None) -> dict[str, ChannelSpec]:
+        """Channels reported and not gone since, optionally only those under a path."""
+        current: dict[str, ChannelSpec] = {}
+        for record in self.records:
+            if record.spec is not None:
+                current[record.path] = record.spec
+            else:
+                current.pop(record.path, None)
+        return {p: s for p, s in current.items() if under is None or p.startswith(under)}
+
+    def of_pid(self, pid: int) -> dict[str, ChannelSpec]:
+        """Live channels that belong to qemu process ``pid``."""
+        return {p: s for p, s in self.live().items() if s.identity.pid == pid}
+
+    def gone(self, path: str) -> list[str]:
+        """The reasons given each time ``path`` went."""
+        return [r.reason or "" for r in self.records if r.path == path and r.spec is None]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
+        """Wait until ``condition()`` holds, re-checking after every sink call."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"condition not met in {timeout}s; records: {self.records}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+
+
+async def poll_until(condition: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
+    """For conditions no callback announces (counters): look again every few ms."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+def python_named_qemu(directory: Path) -> Path:
+    """A copy of the Python binary named ``qemu-system-x86_64``.
+
+    ``/proc/PID/exe`` resolves symlinks, so a symlink would still read ``python3.11`` and
+    fail discovery's executable check; a copy (or a hard link) keeps the name.
+    """
+    target = directory / "qemu-system-x86_64"
+    if not target.exists():
+        shutil.copy2(os.path.realpath(sys.executable), target)
+    return target
+
+
+class FakeQemuProcess:
+    """A running ``fake_qemu.py``: its pid, its commands, and its VM creation stamps."""
+
+    def __init__(self, executable: Path | str, args: list[str]) -> None:
+        env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
+        self.proc = subprocess.Popen(
+            [str(executable), str(FAKE_QEMU), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.pid = self.proc.pid
+
+    def created_at(self) -> float:
+        """The monotonic time just before the next ``KVM_CREATE_VM`` (blocks for its line)."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            words = line.split()
+            if words and words[0] == "created":
+                return float(words[1])
+        raise AssertionError("fake qemu exited before creating a VM")
+
+    def command(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def status_xml(
+    name: str, uuid: str, pid: int, channels: list[tuple[str, str, str, str | None]]
+) -> str:
+    """A status file as libvirtd writes it; channels are (type, port, path, unix mode)."""
+    devices = []
+    for index, (kind, port, path, mode) in enumerate(channels):
+        source = f"<source mode='{mode}' path='{path}'/>" if mode else f"<source path='{path}'/>"
+        tty = f" tty='{path}'" if kind == "pty" else ""
+        devices.append(
+            f"""      <channel type='{kind}'{tty}>
+        {source}
+        <target type='virtio' name='{port}' state='disconnected'/>
+        <alias name='channel{index}'/>
+        <address type='virtio-serial' controller='0' bus='0' port='{index + 1}'/>
+      </channel>"""
+        )
+    channel_xml = "\n".join(devices)
+    return f"""<domstatus state='running' reason='booted' pid='{pid}'>
+  <taint flag='high-privileges'/>
+  <monitor path='/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock' type='unix'/>
+  <vcpus>
+    <vcpu id='0' pid='{pid + 1}'/>
+  </vcpus>
+  <qemuCaps>
+    <flag name='kvm'/>
+  </qemuCaps>
+  <devices>
+    <device alias='virtio-serial0'/>
+  </devices>
+  <libDir path='/var/lib/libvirt/qemu/domain-1-{name}'/>
+  <channelTargetDir path='/var/lib/libvirt/qemu/channel/target/domain-1-{name}'/>
+  <domain type='kvm' id='1'>
+    <name>{name}</name>
+    <uuid>{uuid}</uuid>
+    <memory unit='KiB'>131072</memory>
+    <os>
+      <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    </os>
+    <devices>
+      <emulator>/usr/bin/qemu-system-x86_64</emulator>
+      <controller type='virtio-serial' index='0'>
+        <alias name='virtio-serial0'/>
+      </controller>
+{channel_xml}
+    </devices>
+  </domain>
+</domstatus>
+"""
+
+
+def write_status(directory: Path, name: str, text: str) -> Path:
+    """Write the file as libvirtd does: a temporary file renamed over the real one."""
+    path = directory / f"{name}.xml"
+    tmp = directory / f"{name}.xml.new"
+    tmp.write_text(text)
+    os.rename(tmp, path)
+    return path

@@ -1,0 +1,148 @@
+"""A stand-in for qemu that discovery cannot tell from the real thing, minus the guest.
+
+Run as ``fake_qemu.py -name guest=vm1 -uuid U -chardev ... -device virtserialport,...``
+(qemu's own option spellings, so ``/proc/PID/cmdline`` reads like qemu's). Like qemu it
+first creates its chardevs, in command-line order: a listening unix socket for
+``socket,path=P,server=on``, a unix socket that connects out every ``reconnect`` seconds
+for ``server=off``, and a ``/dev/ptmx`` master for ``pty``. Then it issues the real
+``KVM_CREATE_VM`` ioctl, so the kernel sends the ``misc/kvm`` ``EVENT=create`` uevent.
+
+Whatever arrives on a chardev is echoed back prefixed with the port name (``PORT:``), so a
+test can prove which endpoint belongs to which port. Commands on stdin, one a line:
+``destroy`` (close the VM: ``EVENT=destroy``), ``create`` (a new VM), ``exit``. Each
+``create`` prints ``created MONOTONIC`` (the clock just before the ioctl) on stdout.
+
+Standard library only: this file must run under a copy of the Python binary named
+``qemu-system-x86_64``, without the project's environment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+
+KVM_CREATE_VM = 0xAE01
+_READ = 65536
+# A pty master reads EIO while no one holds the slave; qemu polls it again later too.
+PTY_RETRY_SECONDS = 0.1
+
+
+def keyval(text: str, implied: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, item in enumerate(text.replace(",,", "\0").split(",")):
+        key, sep, value = item.replace("\0", ",").partition("=")
+        if sep:
+            out[key] = value
+        elif i == 0:
+            out[implied] = key
+        else:
+            out[key] = "on"
+    return out
+
+
+class FakeQemu:
+    def __init__(self, argv: list[str]) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        self.vm: int | None = None
+        self.chardevs: list[dict[str, str]] = []
+        self.port_of: dict[str, str] = {}  # chardev id -> port name
+        # Only -chardev and -device matter here; other options may or may not take a value.
+        for option, value in zip(argv, [*argv[1:], ""], strict=True):
+            if option == "-chardev":
+                self.chardevs.append(keyval(value, "backend"))
+            elif option == "-device":
+                dev = json.loads(value) if value.startswith("{") else keyval(value, "driver")
+                if dev.get("driver") == "virtserialport":
+                    self.port_of[dev["chardev"]] = dev.get("name", "")
+        self.outgoing: list[tuple[str, str, float]] = []  # (id, path, reconnect)
+        self.idle_ptys: list[tuple[str, int, float]] = []  # (id, master, idle since)
+        for chardev in self.chardevs:
+            self.open_chardev(chardev)
+
+    def open_chardev(self, chardev: dict[str, str]) -> None:
+        cid = chardev["id"]
+        if chardev["backend"] == "pty":
+            master, slave = os.openpty()
+            os.close(slave)  # qemu keeps only the master
+            self.idle_ptys.append((cid, master, 0.0))
+        elif chardev["backend"] == "socket" and chardev.get("server", "off") == "on":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(chardev["path"])
+            listener.listen(1)
+            self.sel.register(listener, selectors.EVENT_READ, ("listener", cid, listener))
+        elif chardev["backend"] == "socket":
+            reconnect = float(chardev.get("reconnect", "1"))
+            self.outgoing.append((cid, chardev["path"], reconnect))
+
+    def create(self) -> None:
+        stamp = time.monotonic()
+        self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+        print(f"created {stamp:.6f}", flush=True)
+
+    def destroy(self) -> None:
+        if self.vm is not None:
+            os.close(self.vm)
+            self.vm = None
+        print("destroyed", flush=True)
+
+    def try_connect(self) -> None:
+        for cid, path, _ in list(self.outgoing):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                continue
+            self.outgoing = [o for o in self.outgoing if o[0] != cid]
+            self.sel.register(sock, selectors.EVENT_READ, ("stream", cid, sock))
+
+    def run(self) -> None:
+        self.sel.register(sys.stdin, selectors.EVENT_READ, ("stdin", "", None))
+        self.create()
+        while True:
+            self.try_connect()
+            now, still_idle = time.monotonic(), []
+            for cid, master, since in self.idle_ptys:
+                if now - since >= PTY_RETRY_SECONDS:
+                    self.sel.register(master, selectors.EVENT_READ, ("stream", cid, master))
+                else:
+                    still_idle.append((cid, master, since))
+            self.idle_ptys = still_idle
+            timeouts = [o[2] for o in self.outgoing]
+            for key, _ in self.sel.select(min([*timeouts, PTY_RETRY_SECONDS])):
+                kind, cid, obj = key.data
+                if kind == "stdin":
+                    command = sys.stdin.readline().strip()
+                    if command in ("exit", ""):
+                        return
+                    getattr(self, command)()
+                elif kind == "listener":
+                    conn, _ = obj.accept()
+                    self.sel.register(conn, selectors.EVENT_READ, ("stream", cid, conn))
+                else:
+                    self.echo(cid, obj)
+
+    def echo(self, cid: str, obj: socket.socket | int) -> None:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        try:
+            data = os.read(fd, _READ)
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(obj)
+            if isinstance(obj, socket.socket):
+                obj.close()
+            else:
+                self.idle_ptys.append((cid, obj, time.monotonic()))
+            return
+        os.write(fd, self.port_of.get(cid, cid).encode() + b":" + data)
+
+
+if __name__ == "__main__":
+    FakeQemu(sys.argv[1:]).run()
