@@ -63,12 +63,13 @@ class BrokerAdapter(Protocol):
 
 
 def decode_strings(value: Any) -> Any:
-    """Binary and symbol values as str, recursively: QMF sends most strings as binary."""
-    if isinstance(value, bytes):
+    """Binary and symbol values as str, recursively: QMF sends most strings as binary,
+    which proton 0.40 hands over as memoryview (older releases: bytes)."""
+    if isinstance(value, bytes | bytearray | memoryview):
         try:
-            return value.decode("utf-8")
+            return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            return value.hex()
+            return bytes(value).hex()
     if isinstance(value, symbol):
         return str(value)
     if isinstance(value, Mapping):
@@ -109,6 +110,7 @@ class Conversation:
         self, address: str, request: Message, more: Callable[[Message], bool] = lambda _: False
     ) -> list[Message]:
         """Send ``request`` to ``address`` and collect replies while ``more(reply)`` says so."""
+        request.address = address
         request.reply_to = self.reply_to
         try:
             sender = self._conn.create_sender(address)
