@@ -12,16 +12,28 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from connector.identity import ChannelSpec
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 # Long enough for a loaded 2-core CI machine; every wait ends as soon as its condition holds.
 WAIT_SECONDS = 10.0
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: a unix socket path must fit in 108 bytes,
+    and pytest's ``tmp_path`` plus libvirt's directory layout does not."""
+    path = Path(tempfile.mkdtemp(prefix="qvd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
