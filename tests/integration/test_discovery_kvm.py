@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import statistics
 import sys
-import tty
 import uuid
 from pathlib import Path
 
@@ -22,6 +20,9 @@ import pytest
 from discovery_helpers import (
     FakeQemuProcess,
     RecordingSink,
+    ask_listen,
+    ask_pty,
+    ask_unix,
     poll_until,
     python_named_qemu,
 )
@@ -66,37 +67,6 @@ def _qemu_args(tmp_path: Path, guest_uuid: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _ask_unix(path: str, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(path)
-        sock.sendall(payload)
-        return sock.recv(4096)
-
-
-def _ask_pty(path: str, payload: bytes) -> bytes:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    try:
-        tty.setraw(fd)  # no echo, no line buffering: the bytes as they are
-        os.write(fd, payload)
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
-
-
-def _ask_listen(path: str, payload: bytes) -> bytes:
-    """Be the listener qemu's ``server=off`` chardev connects to, as the daemon would."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-        listener.settimeout(5)
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(5)
-            conn.sendall(payload)
-            return conn.recv(4096)
-
-
 async def _started(settings: DiscoverySettings) -> tuple[Discovery, RecordingSink]:
     sink = RecordingSink()
     discovery = Discovery(settings, sink, asyncio.get_running_loop(), LOG)
@@ -126,9 +96,9 @@ def test_finds_routes_and_drops_channels_of_a_qemu_like_process(tmp_path: Path) 
 
             # Each endpoint really is that port's: it answers with the port's name.
             answers = await asyncio.gather(
-                asyncio.to_thread(_ask_unix, specs["org.qpid.amqp.0"].path, b"a"),
-                asyncio.to_thread(_ask_pty, specs["org.qpid.amqp.1"].path, b"b"),
-                asyncio.to_thread(_ask_listen, specs["org.qpid.amqp.2"].path, b"c"),
+                asyncio.to_thread(ask_unix, specs["org.qpid.amqp.0"].path, b"a"),
+                asyncio.to_thread(ask_pty, specs["org.qpid.amqp.1"].path, b"b"),
+                asyncio.to_thread(ask_listen, specs["org.qpid.amqp.2"].path, b"c"),
             )
             assert answers == [b"org.qpid.amqp.0:a", b"org.qpid.amqp.1:b", b"org.qpid.amqp.2:c"]
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,7 @@ class FakeQemuProcess:
             env=env,
         )
         self.pid = self.proc.pid
+        self.ptys: dict[str, str] = {}  # chardev id -> /dev/pts/N, as the helper reports
 
     def created_at(self) -> float:
         """The monotonic time just before the next ``KVM_CREATE_VM`` (blocks for its line)."""
@@ -136,6 +139,8 @@ class FakeQemuProcess:
             words = line.split()
             if words and words[0] == "created":
                 return float(words[1])
+            if words and words[0] == "pty":
+                self.ptys[words[1]] = words[2]
         raise AssertionError("fake qemu exited before creating a VM")
 
     def command(self, command: str) -> None:
@@ -150,6 +155,39 @@ class FakeQemuProcess:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def ask_unix(path: str, payload: bytes) -> bytes:
+    """Connect to a ``server=on`` chardev, send, and return the fake qemu's answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(payload)
+        return sock.recv(4096)
+
+
+def ask_pty(path: str, payload: bytes) -> bytes:
+    """Open a pty chardev's ``/dev/pts/N``, send, and return the answer."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd)  # no echo, no line buffering: the bytes as they are
+        os.write(fd, payload)
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def ask_listen(path: str, payload: bytes) -> bytes:
+    """Be the listener qemu's ``server=off`` chardev connects to, as the daemon would."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(5)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.sendall(payload)
+            return conn.recv(4096)
 
 
 def status_xml(

@@ -10,7 +10,8 @@ for ``server=off``, and a ``/dev/ptmx`` master for ``pty``. Then it issues the r
 Whatever arrives on a chardev is echoed back prefixed with the port name (``PORT:``), so a
 test can prove which endpoint belongs to which port. Commands on stdin, one a line:
 ``destroy`` (close the VM: ``EVENT=destroy``), ``create`` (a new VM), ``exit``. Each
-``create`` prints ``created MONOTONIC`` (the clock just before the ioctl) on stdout.
+``create`` prints ``created MONOTONIC`` (the clock just before the ioctl) on stdout, and
+each pty chardev ``pty ID /dev/pts/N`` when it is opened.
 
 Standard library only: this file must run under a copy of the Python binary named
 ``qemu-system-x86_64``, without the project's environment.
@@ -69,8 +70,11 @@ class FakeQemu:
         cid = chardev["id"]
         if chardev["backend"] == "pty":
             master, slave = os.openpty()
+            print(f"pty {cid} {os.ttyname(slave)}", flush=True)  # qemu says as much on stderr
             os.close(slave)  # qemu keeps only the master
             self.idle_ptys.append((cid, master, 0.0))
+        elif "fd" in chardev:
+            pass  # a socket libvirt would have passed in: nothing of ours to open
         elif chardev["backend"] == "socket" and chardev.get("server", "off") == "on":
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(chardev["path"])
