@@ -1,4 +1,4 @@
-"""qpid-virtio-connector: route guests' AMQP 1.0 connections from virtio-serial channels to a broker.
+"""qpid-virtio-connector: route guests' AMQP 1.0 connections from virtio-serial ports to a broker.
 
 The folders read like the architecture: ``discovery`` finds channels, ``channels`` turns a
 qemu chardev endpoint into a byte stream, ``routing`` pairs a guest's proton connection with

@@ -1,0 +1,619 @@
+"""One channel's life: its endpoint, the guest connections on it, and their upstreams.
+
+State machine (``ChannelState``):
+
+    waiting ──header──▶ connected ──connection ends──▶ waiting
+       │                    │
+       └── endpoint lost ───┴──▶ waiting (unix, unix-listen: reconnect / await qemu)
+                                 gone    (pty EOF/EIO/HUP, VM destroyed, channel removed)
+                                 error   (the endpoint cannot be opened: permissions...)
+
+This is where file descriptors meet the sans-IO core. The channel reads the guest side and
+the upstream socket, pushes bytes into the router's engines, and writes out what they
+produce, on the one asyncio loop; it never blocks and never starts a thread.
+
+Facts from a real qemu that shape it: the host sees nothing when the guest closes its port,
+and qemu hands bytes written meanwhile to the next opener. So after a guest connection ends
+the channel writes nothing until a new protocol header arrives, and everything before that
+header is discarded and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable
+from .channels.framing import SASL_HEADER, HeaderFound, HeaderScanner
+from .channels.pty import PtyEndpoint
+from .channels.unix import UnixEndpoint
+from .channels.unix_listen import UnixListenEndpoint
+from .identity import ChannelKind, ChannelSpec
+from .limits import GuestLimits
+from .logs import guest_logger
+from .routing.engine import IO_CHUNK, Engine
+from .routing.router import AttachCheck, Counters, Router, RouterState
+from .upstream import CLOSE_TIMEOUT_S, CONNECT_TIMEOUT_S, BrokerPool, BrokerURL, open_socket
+
+# Reconnect backoff for a missing or refusing endpoint: quick at first (qemu is starting),
+# then no faster than every few seconds so a host with many stopped VMs stays quiet.
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+# An endpoint that fails for a reason an operator must fix (permissions) is retried slowly.
+ERROR_RETRY_S = 30.0
+# Errors kept per channel for `qpid-virtio-status guest NAME`.
+RECENT_ERRORS = 20
+# Stop reading one side while the other side has this much waiting to be written, and
+# resume below the low mark: memory per channel stays bounded whatever the peers do.
+BACKLOG_HIGH = 4 * 1024 * 1024
+BACKLOG_LOW = 1 * 1024 * 1024
+
+
+class ChannelState(enum.Enum):
+    """What an operator sees in the state column."""
+
+    WAITING = "waiting"
+    CONNECTED = "connected"
+    ERROR = "error"
+    GONE = "gone"
+
+
+def make_endpoint(spec: ChannelSpec) -> Endpoint:
+    """The endpoint class for a channel kind."""
+    return {
+        ChannelKind.UNIX: UnixEndpoint,
+        ChannelKind.UNIX_LISTEN: UnixListenEndpoint,
+        ChannelKind.PTY: PtyEndpoint,
+    }[spec.kind](spec.path)
+
+
+class _Upstream:
+    """The socket under one router's upstream engine, and its timers."""
+
+    __slots__ = ("closing_timer", "connect_timer", "connected", "paused", "sock", "url", "writing")
+
+    def __init__(self, sock: socket.socket, url: BrokerURL) -> None:
+        self.sock = sock
+        self.url = url
+        self.connected = False
+        self.writing = False
+        self.paused = False
+        self.connect_timer: asyncio.TimerHandle | None = None
+        self.closing_timer: asyncio.TimerHandle | None = None
+
+
+class Channel:
+    """Serve one virtio-serial channel for as long as it exists."""
+
+    def __init__(
+        self,
+        spec: ChannelSpec,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        brokers: BrokerPool,
+        limits: GuestLimits,
+        check_attach: Callable[[ChannelSpec], AttachCheck] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.state = ChannelState.WAITING
+        self.since = time.time()
+        self.counters = Counters()
+        self.last_error: str | None = None
+        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ERRORS)
+        self.errors_by_condition: collections.Counter[str] = collections.Counter()
+        self.idle = asyncio.Event()  # set while no guest connection or upstream is live
+        self.idle.set()
+        self.log = guest_logger(spec.identity.name, spec.identity.port)
+        self._loop = loop
+        self._brokers = brokers
+        self._limits = limits
+        self._check_attach = check_attach(spec) if check_attach else None
+        self._endpoint = make_endpoint(spec)
+        self._scanner = HeaderScanner()
+        self._sock: socket.socket | None = None
+        self._fd: int | None = None
+        self._listening = False
+        self._writing = False
+        self._paused = False
+        self._router: Router | None = None
+        self._up: _Upstream | None = None
+        self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
+        self._retry: asyncio.TimerHandle | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self._backoff = BACKOFF_FIRST_S
+        self._closed = False
+
+    # -- life ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Reach for the endpoint; retries by itself until it appears."""
+        self._open_endpoint()
+
+    def close(self, reason: str, *, gone: bool = True) -> None:
+        """End the channel now: guest told ``connection:forced``, upstream closed.
+
+        Upstreams that are still closing finish on their own (bounded by CLOSE_TIMEOUT_S);
+        ``idle`` is set when they have.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._router is not None:
+            self._router.shutdown(reason)
+            self._pump()
+        self._release_fd()
+        self._endpoint.close()
+        self.log.info("channel %s closed: %s", self.spec.path, reason)
+        self._set_state(ChannelState.GONE if gone else ChannelState.WAITING, None)
+        self._update_idle()
+
+    # -- endpoint ------------------------------------------------------------------------
+
+    def _open_endpoint(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        try:
+            result = self._endpoint.connect()
+        except EndpointUnavailable as err:
+            self._note_wait(f"{self.spec.path}: {err}")
+            self._schedule_retry(self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            return
+        except EndpointGone as err:
+            self._error(f"{self.spec.path}: {err}", state=ChannelState.GONE)
+            return
+        except OSError as err:
+            self._error(f"{self.spec.path}: {err.strerror or err}", state=ChannelState.ERROR)
+            self._schedule_retry(ERROR_RETRY_S)
+            return
+        if result is None:
+            if not self._listening:
+                self._loop.add_reader(self._endpoint.listen_fd(), self._on_listen_readable)
+                self._listening = True
+            self._set_state(ChannelState.WAITING, None)
+            return
+        self._attach_fd(result)
+
+    def _schedule_retry(self, delay: float) -> None:
+        if not self._closed:
+            self._retry = self._loop.call_later(delay, self._open_endpoint)
+
+    def _on_listen_readable(self) -> None:
+        if self._fd is not None:
+            if self._endpoint.reject_extra():  # type: ignore[attr-defined]
+                self.log.warning("refused a second peer on %s: one at a time", self.spec.path)
+            return
+        self._open_endpoint()
+
+    def _attach_fd(self, conn: socket.socket | int) -> None:
+        if isinstance(conn, socket.socket):
+            self._sock = conn
+            self._fd = conn.fileno()
+        else:
+            self._fd = conn
+        self._backoff = BACKOFF_FIRST_S
+        self._loop.add_reader(self._fd, self._on_guest_readable)
+        self._set_state(ChannelState.WAITING, None)
+        self.last_error = None
+        self.log.info("channel %s open (%s)", self.spec.path, self.spec.kind.value)
+
+    def _release_fd(self) -> None:
+        if self._fd is None:
+            return
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self._fd)
+        self._sock = None
+        self._fd = None
+        self._paused = False
+
+    def _peer_lost(self, why: str) -> None:
+        """The far end of the channel went away (qemu exited or disconnected)."""
+        self.log.info("channel %s: peer lost (%s)", self.spec.path, why)
+        if self._router is not None:
+            self._router.guest_gone(why)
+            self._end_connection()
+        self._release_fd()
+        if self._endpoint.peer_lost_means_gone():
+            self._error(f"{self.spec.path}: {why}", state=ChannelState.GONE)
+            self._closed = True
+            self._endpoint.close()
+        elif not self._closed:
+            self._set_state(ChannelState.WAITING, None)
+            if not self._listening:
+                self._schedule_retry(BACKOFF_FIRST_S)
+        self._update_idle()
+
+    # -- guest side I/O --------------------------------------------------------------------
+
+    def _on_guest_readable(self) -> None:
+        try:
+            data = self._sock.recv(IO_CHUNK) if self._sock else os.read(self._fd, IO_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as err:  # EIO on a pty whose master closed
+            self._peer_lost(err.strerror or str(err))
+            return
+        if not data:
+            self._peer_lost("EOF")
+            return
+        self._guest_bytes(data)
+
+    def _guest_bytes(self, data: bytes) -> None:
+        router = self._router
+        if router is None:
+            found = self._scanner.feed(data)
+            self._note_wrong_protocols()
+            self.counters.discarded_bytes = self._scanner.discarded
+            if found is None:
+                return
+            self._start_connection(found)
+        else:
+            router.guest.push(data)
+            if router.guest.condition() is not None and self._resync(data):
+                return
+        self._pump()
+
+    def _resync(self, data: bytes) -> bool:
+        """The guest's connection failed on this read; if the read holds a new protocol
+        header (the guest restarted its client mid-connection, which the host cannot see),
+        end the old connection and start the new one from that header."""
+        found = HeaderScanner().feed(data)
+        if found is None:
+            return False
+        self._pump()  # let the old connection's error reach the upstream
+        self._end_connection()
+        self.log.info("new protocol header inside the old connection's stream; restarting")
+        self._start_connection(found)
+        self._pump()
+        return True
+
+    def _start_connection(self, found: HeaderFound) -> None:
+        if found.discarded:
+            self.log.info("discarded %d bytes before the protocol header", found.discarded)
+        engine = Engine(server=True)
+        engine.configure_sasl("ANONYMOUS EXTERNAL")
+        lim = self._limits
+        engine.set_limits(
+            max_frame=lim.max_frame_size,
+            channel_max=lim.max_sessions - 1,
+            idle_timeout_ms=int(lim.idle_timeout_s * 1000),
+        )
+        ident = self.spec.identity
+        self._router = Router(
+            engine,
+            make_upstream=self._make_upstream,
+            identity_properties=ident.open_properties(self.spec.path),
+            log=self.log,
+            counters=self.counters,
+            **({"check_attach": self._check_attach} if self._check_attach else {}),
+        )
+        engine.push(found.header)
+        if found.header == SASL_HEADER:
+            # EXTERNAL: the identity is the channel's, whatever the guest claims.
+            engine.set_external_identity(f"guest:{ident.name}")
+        engine.push(found.rest)
+        self._set_state(ChannelState.CONNECTED, None)
+        self.idle.clear()
+
+    def _write_guest(self) -> None:
+        router = self._router
+        if router is None or self._fd is None:
+            return
+        eng = router.guest
+        while True:
+            out = eng.peek_output()
+            if not out:
+                break
+            try:
+                n = self._sock.send(out) if self._sock else os.write(self._fd, out)
+            except BlockingIOError:
+                n = 0
+            except OSError as err:
+                self._peer_lost(err.strerror or str(err))
+                return
+            if n:
+                eng.pop_output(n)
+            if n < len(out):
+                if not self._writing:
+                    self._loop.add_writer(self._fd, self._on_guest_writable)
+                    self._writing = True
+                return
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _on_guest_writable(self) -> None:
+        self._pump()
+
+    # -- upstream I/O --------------------------------------------------------------------
+
+    def _make_upstream(self) -> Engine:
+        """Called by the router when the guest's open arrives."""
+        return self._brokers.make_engine(self._brokers.current)
+
+    def _connect_upstream(self, router: Router) -> None:
+        url = self._brokers.current
+        try:
+            sock = open_socket(url)
+        except OSError as err:
+            self._brokers.failed(url)
+            router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
+            return
+        up = _Upstream(sock, url)
+        self._up = up
+        self._loop.add_writer(sock.fileno(), self._on_upstream_connected, router, up)
+        up.writing = True
+        up.connect_timer = self._loop.call_later(
+            CONNECT_TIMEOUT_S, self._upstream_timeout, router, up
+        )
+
+    def _on_upstream_connected(self, router: Router, up: _Upstream) -> None:
+        self._loop.remove_writer(up.sock.fileno())
+        up.writing = False
+        err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._upstream_broken(router, up, f"cannot connect to {up.url}: {os.strerror(err)}")
+            return
+        up.connected = True
+        self._loop.add_reader(up.sock.fileno(), self._on_upstream_readable, router, up)
+        self._pump_router(router, up)
+
+    def _upstream_timeout(self, router: Router, up: _Upstream) -> None:
+        up.connect_timer = None
+        if router.state is RouterState.OPENING:
+            self._upstream_broken(router, up, f"no answer from {up.url} in {CONNECT_TIMEOUT_S}s")
+
+    def _on_upstream_readable(self, router: Router, up: _Upstream) -> None:
+        try:
+            data = up.sock.recv(IO_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
+            return
+        if not data:
+            router.upstream.close_input()
+        else:
+            router.upstream.push(data)
+        self._pump_router(router, up)
+
+    def _upstream_broken(self, router: Router, up: _Upstream, reason: str) -> None:
+        if router.state is RouterState.OPENING:
+            self._brokers.failed(up.url)
+        router.upstream_failed(reason)
+        self._drop_upstream(router, up)
+        self._pump_router(router, None)
+
+    def _write_upstream(self, router: Router, up: _Upstream) -> None:
+        if not up.connected:
+            return
+        eng = router.upstream
+        fd = up.sock.fileno()
+        while True:
+            out = eng.peek_output()
+            if not out:
+                break
+            try:
+                n = up.sock.send(out)
+            except BlockingIOError:
+                n = 0
+            except OSError as err:
+                self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
+                return
+            if n:
+                eng.pop_output(n)
+            if n < len(out):
+                if not up.writing:
+                    self._loop.add_writer(fd, self._pump_router, router, up)
+                    up.writing = True
+                return
+        if up.writing:
+            self._loop.remove_writer(fd)
+            up.writing = False
+
+    def _drop_upstream(self, router: Router, up: _Upstream) -> None:
+        """Close the upstream socket (after the close exchange, a failure, or a timeout)."""
+        for timer in (up.connect_timer, up.closing_timer):
+            if timer is not None:
+                timer.cancel()
+        fd = up.sock.fileno()
+        if fd >= 0:
+            if up.connected:
+                self._loop.remove_reader(fd)
+            if up.writing:
+                self._loop.remove_writer(fd)
+            up.sock.close()
+        up.writing = False
+        if self._up is up:
+            self._up = None
+        if self._lingering.pop(router, None) is not None:
+            router.guest.free()
+            if router.upstream is not None:
+                router.upstream.free()
+        self._update_idle()
+
+    # -- the pump: after any I/O -----------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Process the current connection's events and write both sides."""
+        router = self._router
+        if router is not None:
+            self._pump_router(router, self._up)
+
+    def _pump_router(self, router: Router, up: _Upstream | None) -> None:
+        router.process()
+        live = router is self._router
+        if router.upstream is not None and up is None and not router.upstream_dead and live:
+            self._connect_upstream(router)
+            up = self._up
+            router.process()
+        if up is not None and router.upstream_dead:
+            self._drop_upstream(router, up)
+            up = None
+        if live:
+            self._write_guest()
+        if up is not None:
+            self._write_upstream(router, up)
+            if router.upstream_closed() and router.upstream.output_pending() <= 0:
+                self._drop_upstream(router, up)
+                up = None
+            elif up.paused != (self._backlog(router.guest) > BACKLOG_HIGH) and live:
+                self._apply_backpressure(router, up)
+        if live:
+            self._flow_control(router)
+            if router.guest_finished():
+                self._end_connection()
+            else:
+                self._schedule_tick()
+
+    def _backlog(self, engine: Engine | None) -> int:
+        return engine.output_pending() if engine is not None else 0
+
+    def _flow_control(self, router: Router) -> None:
+        """Stop reading the guest while the broker side has too much waiting to go out."""
+        if self._fd is None:
+            return
+        backlog = self._backlog(router.upstream)
+        if not self._paused and backlog > BACKLOG_HIGH:
+            self._loop.remove_reader(self._fd)
+            self._paused = True
+        elif self._paused and backlog < BACKLOG_LOW:
+            self._loop.add_reader(self._fd, self._on_guest_readable)
+            self._paused = False
+
+    def _apply_backpressure(self, router: Router, up: _Upstream) -> None:
+        """Stop reading the broker while the guest side has too much waiting to go out."""
+        fd = up.sock.fileno()
+        backlog = self._backlog(router.guest)
+        if not up.paused and backlog > BACKLOG_HIGH:
+            self._loop.remove_reader(fd)
+            up.paused = True
+        elif up.paused and backlog < BACKLOG_LOW:
+            self._loop.add_reader(fd, self._on_upstream_readable, router, up)
+            up.paused = False
+
+    def _end_connection(self) -> None:
+        """The guest connection is over; the channel waits for the next header.
+
+        An upstream whose close exchange is still running lingers (bounded by
+        CLOSE_TIMEOUT_S) while the channel already serves the next guest connection.
+        """
+        router = self._router
+        self._router = None
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if router is None:
+            return
+        if router.error:
+            self._record_error(f"{router.error[0]}: {router.error[1]}", router.error[0])
+        self.log.info("guest connection ended")
+        up = self._up
+        self._up = None
+        if up is not None and not router.upstream_dead:
+            router.close_upstream()
+            router.process()
+            self._write_upstream(router, up)
+            self._lingering[router] = up
+            up.closing_timer = self._loop.call_later(
+                CLOSE_TIMEOUT_S, self._drop_upstream, router, up
+            )
+        else:
+            if up is not None:
+                self._drop_upstream(router, up)
+            router.guest.free()
+            if router.upstream is not None:
+                router.upstream.free()
+        if self.state is ChannelState.CONNECTED:
+            self._set_state(ChannelState.WAITING, None)
+        self._update_idle()
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        if self._tick is not None or self._router is None:
+            return
+        now_ms = int(time.monotonic() * 1000)
+        deadlines = [self._router.guest.tick(now_ms)]
+        if self._router.upstream is not None:
+            deadlines.append(self._router.upstream.tick(now_ms))
+        nearest = min((d for d in deadlines if d > 0), default=0)
+        if nearest:
+            self._tick = self._loop.call_later(max(0, nearest - now_ms) / 1000, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._pump()  # _pump ticks the engines again and re-arms the timer
+
+    # -- state and errors ------------------------------------------------------------------
+
+    def _set_state(self, state: ChannelState, error: str | None) -> None:
+        if state is not self.state:
+            self.state = state
+            self.since = time.time()
+        if error:
+            self._record_error(error)
+
+    def _note_wait(self, why: str) -> None:
+        if self.last_error != why:
+            self.log.info("waiting for %s", why)
+        self.last_error = why
+
+    def _error(self, message: str, *, state: ChannelState) -> None:
+        self.log.warning("%s", message)
+        self._set_state(state, message)
+
+    def _record_error(self, message: str, condition: str = "connector:channel") -> None:
+        self.last_error = message
+        self.errors.append({"time": time.time(), "condition": condition, "description": message})
+        self.errors_by_condition[condition] += 1
+
+    def _note_wrong_protocols(self) -> None:
+        for what in self._scanner.wrong:
+            self.log.warning("guest sent %s; discarded", what)
+            self._record_error(f"wrong protocol: {what}", "connector:wrong-protocol")
+        self._scanner.wrong.clear()
+
+    def _update_idle(self) -> None:
+        if self._router is None and not self._lingering and self._up is None:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def router(self) -> Router | None:
+        """The live guest connection's router, if a guest is connected."""
+        return self._router
+
+    @property
+    def upstream_url(self) -> str | None:
+        """The broker this channel's guest connection goes to, while it has one."""
+        return str(self._up.url) if self._up is not None else None
+
+    @property
+    def upstream_local_address(self) -> str | None:
+        """Our end of the upstream socket (host:port), which the broker lists as the peer."""
+        if self._up is None or not self._up.connected:
+            return None
+        try:
+            host, port = self._up.sock.getsockname()[:2]
+        except OSError:
+            return None
+        return f"{host}:{port}"

@@ -1,0 +1,51 @@
+"""What every channel kind offers the loop: a way to get a connected, non-blocking fd.
+
+An endpoint does not read or write; the channel does. It only knows how to reach the
+other end of the virtio-serial port, and what a failure to do so means.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+
+
+class EndpointGone(Exception):
+    """The endpoint can never come back (the VM is gone); the channel ends."""
+
+
+class EndpointUnavailable(Exception):
+    """The endpoint is not reachable now (socket missing, refused); try again later."""
+
+
+class Endpoint(abc.ABC):
+    """One kind of host-side chardev endpoint."""
+
+    # Socket endpoints use send/recv; a pty uses read/write.
+    is_socket = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @abc.abstractmethod
+    def connect(self) -> socket.socket | int | None:
+        """Return a connected non-blocking socket or fd, None if a peer is awaited
+        (:meth:`listen_fd` becomes readable), or raise EndpointUnavailable / EndpointGone."""
+
+    def listen_fd(self) -> int | None:
+        """An fd to watch for an incoming peer (unix-listen only)."""
+        return None
+
+    def peer_lost_means_gone(self) -> bool:
+        """Whether EOF from the peer means the VM is gone rather than 'reconnect'."""
+        return False
+
+    def close(self) -> None:
+        """Release anything held for the endpoint itself (a listening socket)."""
+        return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """A short operator-facing reason for an OSError on a channel path."""
+    return f"{os.strerror(err.errno) if err.errno else err}"

@@ -1,0 +1,253 @@
+"""Configuration: a TOML file and command-line flags, merged into one frozen ``Config``.
+
+Every user mistake becomes a :class:`~connector.errors.ConfigError` naming the key, flag or
+path, which the daemon prints as one line. Scalar flags override the file; ``--broker``
+replaces the file's URL list; ``--channel`` entries are added to the file's channels.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .discovery.settings import DiscoverySettings
+from .errors import ConfigError
+from .identity import DEFAULT_PORT, ChannelKind, ChannelSpec, GuestIdentity
+from .limits import GuestLimits
+from .policy import Policy
+from .upstream import BrokerURL, TLSSettings, UpstreamSettings
+
+DEFAULT_CONTROL_SOCKET = "/run/qpid-virtio-connector/control.sock"
+DEFAULT_BROKER = "amqp://127.0.0.1:5672"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_TOP_KEYS = {"broker", "channel", "control", "metrics", "log", "limits", "discovery", "policy"}
+_BROKER_KEYS = {"urls", "user", "password", "password_file", "sasl_mechanisms", "hostname", "tls"}
+_TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify_hostname"}
+_CHANNEL_KEYS = {"kind", "path", "guest", "port", "uuid"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs, checked."""
+
+    upstream: UpstreamSettings
+    channels: tuple[ChannelSpec, ...] = ()
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_mode: int = 0o600
+    control_group: str | None = None
+    metrics: str | None = None  # host:port for the Prometheus endpoint, off when None
+    log_level: str = "info"
+    limits: GuestLimits = field(default_factory=GuestLimits)
+    policy: Policy = field(default_factory=Policy)
+    discovery: DiscoverySettings | None = None  # None: discovery off
+    file: str | None = None  # the TOML file, re-read on SIGHUP
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read and parse a TOML file; refuse one that lets others read a password."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(path, "no such file") from err
+    except PermissionError as err:
+        raise ConfigError(path, "permission denied") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, f"not valid TOML: {err}") from err
+    broker = data.get("broker")
+    if isinstance(broker, dict) and "password" in broker and st.st_mode & stat.S_IROTH:
+        raise ConfigError(path, "holds broker.password but is readable by others; chmod o-r it")
+    return data
+
+
+def parse_channel(text: str, where: str = "--channel") -> ChannelSpec:
+    """``KIND:PATH[,guest=NAME][,port=PORT][,uuid=UUID]`` -> ChannelSpec."""
+    kind_text, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ConfigError(where, f"{text!r}: expected KIND:PATH[,guest=NAME][,port=PORT]")
+    path, *opts = rest.split(",")
+    table: dict[str, str] = {"kind": kind_text, "path": path}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or key not in {"guest", "port", "uuid"}:
+            raise ConfigError(where, f"{text!r}: unknown option {opt!r} (guest, port, uuid)")
+        table[key] = value
+    return channel_from_table(table, where)
+
+
+def channel_from_table(table: dict[str, Any], where: str) -> ChannelSpec:
+    """A ``[[channel]]`` table (or a parsed --channel) -> ChannelSpec, with its path checked."""
+    for key in table:
+        if key not in _CHANNEL_KEYS:
+            raise ConfigError(f"{where}.{key}", "unknown key")
+    try:
+        kind = ChannelKind(table.get("kind"))
+    except ValueError as err:
+        kinds = ", ".join(k.value for k in ChannelKind)
+        raise ConfigError(
+            f"{where}.kind", f"{table.get('kind')!r}: must be one of {kinds}"
+        ) from err
+    path = table.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{where}.path", f"{path!r}: must be an absolute path")
+    _check_channel_path(kind, path)
+    guest = table.get("guest") or default_guest_name(path)
+    identity = GuestIdentity(
+        name=str(guest),
+        port=str(table.get("port") or DEFAULT_PORT),
+        uuid=table.get("uuid"),
+        found_by="config",
+    )
+    return ChannelSpec(kind, path, identity)
+
+
+def default_guest_name(path: str) -> str:
+    """A guest name when none is given: the socket or pty file name, without '.sock'."""
+    name = Path(path).name
+    return name.removesuffix(".sock") or path
+
+
+def _check_channel_path(kind: ChannelKind, path: str) -> None:
+    """Catch paths that can never work at start-up, with the reason in one line."""
+    parent = os.path.dirname(path) or "/"
+    if kind is ChannelKind.PTY:
+        if not os.path.exists(path):
+            raise ConfigError(path, "no such pty")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(path, "pty not readable and writable by this user")
+    elif not os.path.isdir(parent):
+        raise ConfigError(path, f"directory {parent} does not exist")
+    elif kind is ChannelKind.UNIX_LISTEN and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(path, f"cannot create a socket in {parent}")
+
+
+def _read_password_file(path: str, where: str) -> str:
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as err:
+        raise ConfigError(where, f"{path}: {err.strerror}") from err
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigError(where, f"{path} is readable by others; chmod o-r it")
+    return secret
+
+
+def _broker_from_table(table: dict[str, Any]) -> UpstreamSettings:
+    for key in table:
+        if key not in _BROKER_KEYS:
+            raise ConfigError(f"broker.{key}", "unknown key")
+    urls = table.get("urls", [DEFAULT_BROKER])
+    if isinstance(urls, str):
+        urls = [u for u in urls.split(",") if u]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError("broker.urls", "must be a non-empty list of URLs")
+    password = table.get("password")
+    if "password_file" in table:
+        password = _read_password_file(table["password_file"], "broker.password_file")
+    tls_table = table.get("tls", {})
+    for key in tls_table:
+        if key not in _TLS_KEYS:
+            raise ConfigError(f"broker.tls.{key}", "unknown key")
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in tls_table and not os.access(tls_table[key], os.R_OK):
+            raise ConfigError(f"broker.tls.{key}", f"{tls_table[key]}: not readable")
+    return UpstreamSettings(
+        urls=tuple(BrokerURL.parse(str(u)) for u in urls),
+        user=table.get("user"),
+        password=password,
+        sasl_mechanisms=table.get("sasl_mechanisms"),
+        tls=TLSSettings(**tls_table),
+        hostname=table.get("hostname"),
+    )
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 8)
+    except ValueError as err:
+        raise ConfigError("control.mode", f'{value!r}: an octal mode such as "0660"') from err
+
+
+def build(data: dict[str, Any], file: str | None = None) -> Config:
+    """A Config from a parsed TOML document."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(key, "unknown section")
+    control = data.get("control", {})
+    for key in control:
+        if key not in {"socket", "mode", "group"}:
+            raise ConfigError(f"control.{key}", "unknown key")
+    metrics = data.get("metrics", {})
+    log = data.get("log", {})
+    level = str(log.get("level", "info")).lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"{level!r}: one of {', '.join(LOG_LEVELS)}")
+    channels = tuple(
+        channel_from_table(t, f"channel[{i}]") for i, t in enumerate(data.get("channel", []))
+    )
+    discovery = None
+    if "discovery" in data:
+        discovery = DiscoverySettings.from_table(data["discovery"])
+    return Config(
+        upstream=_broker_from_table(data.get("broker", {})),
+        channels=channels,
+        control_socket=control.get("socket", DEFAULT_CONTROL_SOCKET),
+        control_mode=_mode(control.get("mode", 0o600)),
+        control_group=control.get("group"),
+        metrics=metrics.get("listen"),
+        log_level=level,
+        limits=GuestLimits.from_table(data.get("limits", {})),
+        policy=Policy.from_table(data.get("policy", {})),
+        discovery=discovery,
+        file=file,
+    )
+
+
+def with_flags(config: Config, flags: dict[str, Any]) -> Config:
+    """Apply command-line flags (None = not given) over a Config."""
+    changes: dict[str, Any] = {}
+    up = config.upstream
+    if flags.get("broker"):
+        urls = [u for item in flags["broker"] for u in item.split(",") if u]
+        up = replace(up, urls=tuple(BrokerURL.parse(u, "--broker") for u in urls))
+    if flags.get("broker_user"):
+        up = replace(up, user=flags["broker_user"])
+    if flags.get("broker_password_file"):
+        secret = _read_password_file(flags["broker_password_file"], "--broker-password-file")
+        up = replace(up, password=secret)
+    changes["upstream"] = up
+    if flags.get("channel"):
+        changes["channels"] = config.channels + tuple(parse_channel(c) for c in flags["channel"])
+    if flags.get("control_socket"):
+        changes["control_socket"] = flags["control_socket"]
+    if flags.get("metrics"):
+        changes["metrics"] = flags["metrics"]
+    if flags.get("log_level"):
+        changes["log_level"] = flags["log_level"]
+    discovery = config.discovery
+    if flags.get("discovery") or flags.get("watch"):
+        discovery = discovery or DiscoverySettings()
+        if flags.get("discovery"):
+            discovery = discovery.with_sources(flags["discovery"])
+        if flags.get("watch"):
+            discovery = replace(discovery, watch_globs=tuple(flags["watch"]))
+    elif discovery is None and not (config.channels or flags.get("channel")):
+        discovery = DiscoverySettings()  # no channels named: find them
+    changes["discovery"] = discovery
+    return replace(config, **changes)
+
+
+def load(flags: dict[str, Any]) -> Config:
+    """The configuration from ``--config FILE`` (if given) and the other flags."""
+    file = flags.get("config")
+    data = load_file(file) if file else {}
+    return with_flags(build(data, file), flags)

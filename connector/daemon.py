@@ -1,0 +1,207 @@
+"""The daemon: one asyncio loop that owns every channel, the control socket and discovery.
+
+It is the only place that starts and stops things: channels from the configuration and
+from discovery, the control and metrics servers, and the signal handlers (SIGTERM: close
+every guest connection and upstream cleanly, then exit 0; SIGHUP: re-read the channel list
+and apply the difference without touching unchanged channels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from . import config as config_mod
+from . import state
+from .channel import Channel, ChannelState
+from .config import Config
+from .control.metrics import MetricsServer, parse_listen_address
+from .control.server import ControlServer
+from .discovery import Discovery
+from .errors import ConfigError
+from .identity import ChannelSpec
+from .notify import notify
+from .routing.route import AttachRequest
+from .upstream import BrokerPool
+
+log = logging.getLogger("connector")
+
+# How long SIGTERM waits for guests and broker to finish their close exchanges.
+SHUTDOWN_GRACE_S = 5.0
+# How long a gone channel stays listed, so an operator sees that a guest went away.
+GONE_RETENTION_S = 600.0
+
+
+class Daemon:
+    """Serve every channel until told to stop."""
+
+    def __init__(self, config: Config, flags: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self._flags = flags or {}
+        self.channels: dict[str, Channel] = {}
+        self._static: dict[str, ChannelSpec] = {}
+        self._discovered: dict[str, ChannelSpec] = {}
+        self._brokers = BrokerPool(config.upstream)
+        self._started = time.time()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._control: ControlServer | None = None
+        self._metrics: MetricsServer | None = None
+        self._discovery: Discovery | None = None
+        self._prune: asyncio.TimerHandle | None = None
+
+    # -- StateSource ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state the control socket and the metrics endpoint serve."""
+        return state.snapshot(
+            self.channels.values(),
+            started=self._started,
+            upstream_urls=[str(u) for u in self.config.upstream.urls],
+            discovery=self._discovery.stats() if self._discovery else {},
+        )
+
+    # -- DiscoverySink -------------------------------------------------------------------
+
+    def channel_appeared(self, spec: ChannelSpec) -> None:
+        """Discovery found a channel; serve it unless the configuration names that path."""
+        if spec.path in self._static:
+            return
+        self._discovered[spec.path] = spec
+        ch = self.channels.get(spec.path)
+        gone = ch is not None and ch.state is ChannelState.GONE
+        self._apply(frozenset({spec.path}) if gone else frozenset())
+
+    def channel_gone(self, path: str, reason: str) -> None:
+        """Discovery says the VM behind ``path`` is gone."""
+        if self._discovered.pop(path, None) is None:
+            return
+        ch = self.channels.get(path)
+        if ch is not None and ch.state is not ChannelState.GONE:
+            ch.close(reason, gone=True)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._control = ControlServer(
+            cfg.control_socket, self, mode=cfg.control_mode, group=cfg.control_group
+        )
+        await self._control.start()
+        if cfg.metrics:
+            host, port = parse_listen_address(cfg.metrics)
+            self._metrics = MetricsServer(host, port, self)
+            await self._metrics.start()
+        self._static = {spec.path: spec for spec in cfg.channels}
+        self._apply()
+        if cfg.discovery is not None:
+            self._discovery = Discovery(cfg.discovery, self, self._loop, log)
+            self._discovery.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._prune = self._loop.call_later(GONE_RETENTION_S, self._prune_gone)
+        log.info(
+            "serving %d channel(s); broker %s; control socket %s%s",
+            len(self.channels),
+            ", ".join(str(u) for u in cfg.upstream.urls),
+            cfg.control_socket,
+            "; discovery " + ",".join(sorted(cfg.discovery.sources)) if cfg.discovery else "",
+        )
+        notify(READY=1, STATUS=f"serving {len(self.channels)} channel(s)")
+        await self._stop.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        """Close every guest connection (``connection:forced``) and upstream, then stop."""
+        notify(STOPPING=1)
+        log.info("shutting down: closing %d channel(s)", len(self.channels))
+        if self._discovery is not None:
+            self._discovery.stop()
+        for ch in self.channels.values():
+            ch.close("connector shutting down", gone=False)
+        waits = [ch.idle.wait() for ch in self.channels.values()]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), SHUTDOWN_GRACE_S)
+            except TimeoutError:
+                log.warning("some upstreams did not finish closing in %ss", SHUTDOWN_GRACE_S)
+        if self._control is not None:
+            self._control.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._prune is not None:
+            self._prune.cancel()
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (as SIGTERM does)."""
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configured channels; keep unchanged ones connected."""
+        try:
+            fresh = config_mod.load(self._flags)
+        except ConfigError as err:
+            log.error("reload failed, keeping the old configuration: %s", err)
+            return
+        self._static = {spec.path: spec for spec in fresh.channels}
+        self._apply()
+        log.info("reloaded: %d configured channel(s)", len(self._static))
+        notify(STATUS=f"serving {len(self.channels)} channel(s)")
+
+    def _apply(self, restart: frozenset[str] = frozenset()) -> None:
+        """Make the running channels match the wanted ones (configured + discovered).
+
+        A channel whose spec is unchanged keeps running untouched; a removed one is closed
+        and stays listed as gone until pruned; ``restart`` names gone channels to serve anew
+        (a VM that came back on the same path).
+        """
+        wanted = {**self._discovered, **self._static}
+        for path, ch in list(self.channels.items()):
+            spec = wanted.get(path)
+            if spec == ch.spec and path not in restart:
+                continue
+            if spec is None and ch.state is ChannelState.GONE:
+                continue
+            ch.close("channel removed" if spec is None else "channel changed", gone=True)
+            if spec is not None:
+                del self.channels[path]
+        for path, spec in wanted.items():
+            if path not in self.channels:
+                self._start_channel(spec)
+
+    def _start_channel(self, spec: ChannelSpec) -> None:
+        policy = self.config.policy
+
+        def checker(spec: ChannelSpec) -> Any:
+            guest = spec.identity.name
+
+            def check(req: AttachRequest) -> tuple[str, str] | None:
+                return policy.check(guest, req)
+
+            return check
+
+        ch = Channel(
+            spec,
+            loop=self._loop,
+            brokers=self._brokers,
+            limits=self.config.limits,
+            check_attach=checker,
+        )
+        self.channels[spec.path] = ch
+        ch.start()
+
+    def _prune_gone(self) -> None:
+        """Forget channels that have been gone for a while (their VM is long destroyed)."""
+        now = time.time()
+        for path, ch in list(self.channels.items()):
+            stale = ch.state is ChannelState.GONE and now - ch.since > GONE_RETENTION_S
+            if stale and path not in self._static and path not in self._discovered:
+                del self.channels[path]
+        self._prune = self._loop.call_later(GONE_RETENTION_S, self._prune_gone)

@@ -1,0 +1,132 @@
+"""The per-message path: a transfer in, the same transfer out, its disposition back.
+
+This is the only code that runs once per message, so it is written for speed:
+- proton's low-level C functions (``lib.pn_*``), not its Python classes, which cost about
+  7x more here (docs/performance.md);
+- message bytes are copied from the incoming delivery to the outgoing one through one
+  reused buffer, never decoded; a large message streams through in buffer-sized pieces;
+- the outgoing delivery reuses the incoming delivery's tag (a pn_bytes_t passed straight
+  back to proton), so no tag is built or decoded in Python;
+- the only bookkeeping is one dict entry per unsettled delivery on each side
+  (``Route.inflight``), removed when the delivery settles.
+Nothing here logs above debug.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cproton_ffi import ffi, lib
+
+from .engine import copy_condition, copy_data
+from .route import Route
+
+# The copy buffer for message bytes. Large enough that a 1 KiB message takes one call each
+# way; a multi-megabyte message streams through it a chunk at a time.
+COPY_CHUNK = 64 * 1024
+
+_copy = bytearray(COPY_CHUNK)
+_copy_ptr = ffi.from_buffer(_copy)
+
+_ACCEPTED = lib.PN_ACCEPTED
+_EOS = lib.PN_EOS
+
+
+def on_delivery(route: Route, dlv: Any) -> tuple[int, int]:
+    """Handle a PN_DELIVERY event for ``dlv`` on ``route``'s link.
+
+    Returns (deliveries completed, bytes forwarded) for the caller's counters.
+    """
+    twin = route.inflight.get(dlv)
+    if route.receiving and lib.pn_link_current(route.link) == dlv:
+        return _forward(route, dlv, twin)
+    if twin is not None:
+        mirror_disposition(route, dlv, twin)
+    return 0, 0
+
+
+def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
+    """Copy a transfer's bytes to the peer link; advance both when the message is complete."""
+    peer = route.peer
+    link = route.link
+    out_link = peer.link
+    if twin is None:
+        # First frame: open the twin delivery with the same tag on the peer link.
+        twin = lib.pn_delivery(out_link, lib.pn_delivery_tag(dlv))
+        route.inflight[dlv] = twin
+        peer.inflight[twin] = dlv
+        if lib.pn_delivery_remote_state(dlv):
+            # A state on the transfer itself (transactional-state): carry it across.
+            copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
+            lib.pn_delivery_update(twin, lib.pn_delivery_remote_state(dlv))
+    moved = 0
+    while True:
+        n = lib.pn_link_recv(link, _copy_ptr, COPY_CHUNK)
+        if n <= 0:
+            break
+        lib.pn_link_send(out_link, _copy_ptr, n)
+        moved += n
+    if lib.pn_delivery_aborted(dlv):
+        lib.pn_delivery_abort(twin)
+        _forget(route, dlv, twin)
+        lib.pn_delivery_settle(dlv)
+        return 0, moved
+    if lib.pn_delivery_partial(dlv):
+        return 0, moved
+    # Complete: both links advance together, which keeps their credit in step.
+    lib.pn_link_advance(link)
+    lib.pn_link_advance(out_link)
+    route.deliveries += 1
+    route.bytes += moved
+    if lib.pn_delivery_settled(dlv):
+        # Pre-settled by the sender (at-most-once): settle the twin as we send it.
+        _forget(route, dlv, twin)
+        lib.pn_delivery_settle(twin)
+        lib.pn_delivery_settle(dlv)
+    return 1, moved
+
+
+def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
+    """The peer of ``dlv`` sent a disposition: say the same on ``twin``; settle if it did."""
+    state = lib.pn_delivery_remote_state(dlv)
+    if state and state != lib.pn_delivery_local_state(twin):
+        # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare).
+        if state != _ACCEPTED:  # accepted has no fields; everything else carries some
+            copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
+        lib.pn_delivery_update(twin, state)
+    if lib.pn_delivery_settled(dlv):
+        # Settled on the far side: only now settle here, so nothing is acknowledged early.
+        _forget(route, dlv, twin)
+        lib.pn_delivery_settle(twin)
+        lib.pn_delivery_settle(dlv)
+
+
+def copy_state(src: Any, dst: Any) -> None:
+    """Copy a disposition's fields (rejected's error, modified's flags and annotations,
+    received's section, and the raw fields of any other outcome such as declared or
+    transactional-state)."""
+    lib.pn_disposition_set_section_number(dst, lib.pn_disposition_get_section_number(src))
+    lib.pn_disposition_set_section_offset(dst, lib.pn_disposition_get_section_offset(src))
+    lib.pn_disposition_set_failed(dst, lib.pn_disposition_is_failed(src))
+    lib.pn_disposition_set_undeliverable(dst, lib.pn_disposition_is_undeliverable(src))
+    copy_data(lib.pn_disposition_annotations(dst), lib.pn_disposition_annotations(src))
+    copy_data(lib.pn_disposition_data(dst), lib.pn_disposition_data(src))
+    copy_condition(lib.pn_disposition_condition(dst), lib.pn_disposition_condition(src))
+
+
+def _forget(route: Route, dlv: Any, twin: Any) -> None:
+    route.inflight.pop(dlv, None)
+    route.peer.inflight.pop(twin, None)
+
+
+def forget_route(route: Route) -> None:
+    """A link pair is going away: drop its in-flight map on both sides.
+
+    The deliveries stay unsettled on the wire, so the broker redelivers what the guest had
+    not settled, and the guest resends what the broker had not settled.
+    """
+    peer = route.peer
+    if peer is not None:
+        for twin in route.inflight.values():
+            peer.inflight.pop(twin, None)
+    route.inflight.clear()

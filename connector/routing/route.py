@@ -1,0 +1,56 @@
+"""A route: one guest link paired with one upstream link, and the deliveries in flight.
+
+Both links of a pair point at the same kind of object from their own side, so that the
+per-message code can go from an event's link to the far link with one dict lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from cproton_ffi import ffi, lib
+
+
+class AttachRequest(NamedTuple):
+    """What a guest asks for when it attaches a link, as the policy needs it."""
+
+    address: str | None  # the target when the guest sends, the source when it receives
+    sending: bool  # the guest sends on this link
+    dynamic: bool
+    coordinator: bool  # a transaction coordinator target
+
+
+class Route:
+    """One side of a routed link pair.
+
+    ``inflight`` maps a delivery on this link to its twin on the peer link, for every
+    delivery that is not yet settled on both sides. It is the only per-message state.
+    """
+
+    __slots__ = (
+        "address",
+        "bytes",
+        "deliveries",
+        "from_guest",
+        "inflight",
+        "link",
+        "name",
+        "peer",
+        "receiving",
+    )
+
+    def __init__(self, link: Any, *, from_guest: bool) -> None:
+        self.link = link
+        self.from_guest = from_guest  # True when this link is on the guest-side connection
+        self.receiving = bool(lib.pn_link_is_receiver(link))
+        self.name = ffi.string(lib.pn_link_name(link)).decode(errors="replace")
+        self.peer: Route | None = None
+        self.inflight: dict[Any, Any] = {}
+        self.deliveries = 0  # completed transfers received on this link
+        self.bytes = 0  # message bytes received on this link
+        self.address: str | None = None  # the node: target of 'in' links, source of 'out'
+
+    @property
+    def direction(self) -> str:
+        """``in`` for messages travelling guest -> broker, ``out`` for broker -> guest."""
+        return "in" if self.receiving == self.from_guest else "out"

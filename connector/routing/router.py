@@ -1,0 +1,552 @@
+"""Pair a guest's AMQP connection with its own upstream connection, endpoint for endpoint.
+
+The router reads both engines' collectors and answers every event on one side with the
+matching action on the other:
+
+    guest open     -> upstream open (guest container-id, host-asserted identity)
+    broker open    -> guest open (broker's capabilities and properties)
+    begin / end    -> begin / end, one session for one session, with error conditions
+    attach         -> attach with every field proton decodes (terminus.py); the guest's
+                      link is answered only when the broker has answered
+    flow           -> credit and drain mirrored (credit.py)
+    transfer       -> transfer, bytes untouched (deliveries.py)
+    disposition    -> disposition, settled here only when settled there (deliveries.py)
+    detach / close -> detach / close with error conditions
+
+It is sans-IO: it never reads or writes a file descriptor. Whoever owns the sockets pushes
+bytes into the engines, calls :meth:`Router.process`, and writes out what the engines have.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cproton_ffi import ffi, lib
+from proton import Data, symbol
+
+from . import credit
+from .deliveries import forget_route, on_delivery
+from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
+from .route import AttachRequest, Route
+from .terminus import copy_attach
+
+FORCED = "amqp:connection:forced"
+UNAUTHORIZED = "amqp:unauthorized-access"
+
+# Open-frame property keys the connector asserts; a guest may not supply its own.
+IDENTITY_PREFIX = "qpid-virtio."
+
+_DELIVERY = lib.PN_DELIVERY
+_LINK_FLOW = lib.PN_LINK_FLOW
+_LOCAL_UNINIT = lib.PN_LOCAL_UNINIT
+_LOCAL_ACTIVE = lib.PN_LOCAL_ACTIVE
+_LOCAL_CLOSED = lib.PN_LOCAL_CLOSED
+_REMOTE_CLOSED = lib.PN_REMOTE_CLOSED
+
+
+class RouterState(enum.Enum):
+    """Where the guest's connection is in its life."""
+
+    OPENING = "opening"  # guest open received, waiting for the broker's open
+    OPEN = "open"
+    CLOSING = "closing"  # close sent or received on either side
+    CLOSED = "closed"  # both sides finished
+
+
+@dataclass
+class Counters:
+    """What has crossed a channel, summed over its whole life like an interface's counters."""
+
+    deliveries_in: int = 0  # guest -> broker
+    deliveries_out: int = 0  # broker -> guest
+    bytes_in: int = 0
+    bytes_out: int = 0
+    discarded_bytes: int = 0  # bytes before a protocol header, thrown away
+    guest_connections: int = 0
+    upstream_failures: int = 0
+
+
+AttachCheck = Callable[[AttachRequest], tuple[str, str] | None]
+"""Policy hook: given what a guest link asks for, return (condition, description) to
+refuse it, or None to route it."""
+
+
+def _allow_all(_req: AttachRequest) -> tuple[str, str] | None:
+    return None
+
+
+class Router:
+    """One guest connection routed to one upstream connection."""
+
+    def __init__(
+        self,
+        guest: Engine,
+        *,
+        make_upstream: Callable[[], Engine],
+        identity_properties: dict[str, str],
+        log: logging.Logger | logging.LoggerAdapter,
+        counters: Counters,
+        check_attach: AttachCheck = _allow_all,
+    ) -> None:
+        self.guest = guest
+        self.upstream: Engine | None = None
+        self.state = RouterState.OPENING
+        self.error: tuple[str, str] | None = None  # why the connection ended, if not cleanly
+        self.routes: dict[Any, Route] = {}  # link pointer (either side) -> its route
+        self._sessions: dict[Any, Any] = {}  # session pointer -> its twin, both directions
+        self._make_upstream = make_upstream
+        self._identity = identity_properties
+        self._log = log
+        self._counters = counters
+        self._check_attach = check_attach
+        self._upstream_dead = False
+        self._awaiting_detach: set[Any] = set()  # links we closed whose peer has not yet
+
+    # -- driving -------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Handle every pending event on both sides, until neither has any."""
+        busy = True
+        while busy:
+            busy = self._drain(self.guest.collector, from_guest=True)
+            if self.upstream is not None:
+                busy = self._drain(self.upstream.collector, from_guest=False) or busy
+
+    def _drain(self, collector: Any, *, from_guest: bool) -> bool:
+        """Dispatch one collector's events. The first two branches are the per-message path."""
+        routes = self.routes
+        counters = self._counters
+        seen = False
+        while True:
+            ev = lib.pn_collector_peek(collector)
+            if ev == ffi.NULL:
+                return seen
+            seen = True
+            etype = lib.pn_event_type(ev)
+            if etype == _DELIVERY:
+                dlv = lib.pn_event_delivery(ev)
+                route = routes.get(lib.pn_delivery_link(dlv))
+                if route is not None and route.peer is not None:
+                    done, moved = on_delivery(route, dlv)
+                    if moved:
+                        if from_guest:
+                            counters.deliveries_in += done
+                            counters.bytes_in += moved
+                        else:
+                            counters.deliveries_out += done
+                            counters.bytes_out += moved
+            elif etype == _LINK_FLOW:
+                route = routes.get(lib.pn_event_link(ev))
+                if route is not None:
+                    if route.receiving:
+                        credit.finish_drain(route)
+                    else:
+                        credit.sync_credit(route)
+            else:
+                self._on_endpoint_event(etype, ev, from_guest)
+            lib.pn_collector_pop(collector)
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _on_endpoint_event(self, etype: int, ev: Any, from_guest: bool) -> None:
+        handler = _HANDLERS.get(etype)
+        if handler is not None:
+            handler(self, ev, from_guest)
+
+    def _on_connection_remote_open(self, ev: Any, from_guest: bool) -> None:
+        if from_guest:
+            self._open_upstream()
+        else:
+            self._answer_guest_open()
+
+    def _open_upstream(self) -> None:
+        g = self.guest.connection
+        self._counters.guest_connections += 1
+        up_engine = self._make_upstream()
+        self.upstream = up_engine
+        up = up_engine.connection
+        container = lib.pn_connection_remote_container(g)
+        if container != ffi.NULL:
+            # The guest's own container-id, so broker state keyed on it (durable
+            # subscriptions, for one) survives the guest's reconnects.
+            lib.pn_connection_set_container(up, container)
+        copy_data(
+            lib.pn_connection_offered_capabilities(up),
+            lib.pn_connection_remote_offered_capabilities(g),
+        )
+        copy_data(
+            lib.pn_connection_desired_capabilities(up),
+            lib.pn_connection_remote_desired_capabilities(g),
+        )
+        props = {
+            k: v
+            for k, v in _read_map(lib.pn_connection_remote_properties(g)).items()
+            if not str(k).startswith(IDENTITY_PREFIX)
+        }
+        props.update({symbol(k): v for k, v in self._identity.items()})
+        _write_map(lib.pn_connection_properties(up), props)
+        lib.pn_connection_open(up)
+        self._log.info(
+            "guest opened a connection (container-id %s); opening upstream",
+            ffi.string(container).decode(errors="replace") if container != ffi.NULL else "-",
+        )
+
+    def _answer_guest_open(self) -> None:
+        g = self.guest.connection
+        up = self.upstream.connection
+        if lib.pn_connection_state(g) & _LOCAL_UNINIT:
+            container = lib.pn_connection_remote_container(up)
+            if container != ffi.NULL:
+                lib.pn_connection_set_container(g, container)
+            # Clients decide what to use (ANONYMOUS-RELAY, say) from the broker's offer.
+            copy_data(
+                lib.pn_connection_offered_capabilities(g),
+                lib.pn_connection_remote_offered_capabilities(up),
+            )
+            copy_data(
+                lib.pn_connection_desired_capabilities(g),
+                lib.pn_connection_remote_desired_capabilities(up),
+            )
+            copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
+            lib.pn_connection_open(g)
+        if self.state is RouterState.OPENING:
+            self.state = RouterState.OPEN
+            self._log.info("upstream open; guest connection routed")
+
+    def _on_connection_remote_close(self, ev: Any, from_guest: bool) -> None:
+        g = self.guest.connection
+        if from_guest:
+            if self.upstream is not None and not self._upstream_dead:
+                up = self.upstream.connection
+                copy_condition(
+                    lib.pn_connection_condition(up), lib.pn_connection_remote_condition(g)
+                )
+                _close_connection(up)
+            _close_connection(g)
+            cond = read_condition(lib.pn_connection_remote_condition(g))
+            self._log.info("guest closed its connection%s", _fmt_cond(cond))
+        else:
+            up = self.upstream.connection
+            cond = read_condition(lib.pn_connection_remote_condition(up))
+            answered = bool(lib.pn_connection_state(up) & _LOCAL_CLOSED)  # we closed first
+            if lib.pn_connection_state(g) & _LOCAL_UNINIT:
+                lib.pn_connection_open(g)
+            copy_condition(lib.pn_connection_condition(g), lib.pn_connection_remote_condition(up))
+            _close_connection(g)
+            _close_connection(up)
+            if cond:
+                self.error = cond
+            if not answered or cond:
+                self._log.info("broker closed the upstream connection%s", _fmt_cond(cond))
+        self.state = RouterState.CLOSING
+
+    def _on_transport_error(self, ev: Any, from_guest: bool) -> None:
+        if from_guest:
+            cond = self.guest.condition() or ("amqp:internal-error", "guest transport failed")
+            self.error = cond
+            self._log.warning("guest protocol error: %s: %s", *cond)
+            if self.upstream is not None and not self._upstream_dead:
+                _close_connection(self.upstream.connection)
+            self.state = RouterState.CLOSING
+        else:
+            cond = self.upstream.condition()
+            self.upstream_failed(f"{cond[0]}: {cond[1]}" if cond else "upstream transport failed")
+
+    def _on_transport_closed(self, ev: Any, from_guest: bool) -> None:
+        if not from_guest and not self._upstream_dead:
+            state = lib.pn_connection_state(self.upstream.connection)
+            if not (state & _REMOTE_CLOSED):
+                self.upstream_failed("the broker dropped the connection")
+
+    def upstream_failed(self, reason: str) -> None:
+        """The broker refused us or the upstream broke: end the guest's connection.
+
+        ``amqp:connection:forced`` tells the guest's client to reconnect. Its unsettled
+        deliveries stay unsettled, so nothing is acknowledged that the broker did not take.
+        """
+        if self._upstream_dead:
+            return
+        self._upstream_dead = True
+        self._counters.upstream_failures += 1
+        self.error = (FORCED, reason)
+        self._log.warning("upstream failed: %s; closing the guest's connection", reason)
+        g = self.guest.connection
+        state = lib.pn_connection_state(g)
+        if state & _LOCAL_CLOSED:
+            return
+        if state & _LOCAL_UNINIT:
+            lib.pn_connection_open(g)  # a close must follow an open
+        set_condition(lib.pn_connection_condition(g), FORCED, reason)
+        lib.pn_connection_close(g)
+        self.state = RouterState.CLOSING
+
+    def shutdown(self, reason: str) -> None:
+        """End both connections on our initiative (the connector stops, the channel is
+        removed): the guest gets ``amqp:connection:forced`` so its client reconnects."""
+        g = self.guest.connection
+        state = lib.pn_connection_state(g)
+        if not state & _LOCAL_CLOSED:
+            if state & _LOCAL_UNINIT:
+                lib.pn_connection_open(g)
+            set_condition(lib.pn_connection_condition(g), FORCED, reason)
+            lib.pn_connection_close(g)
+        if self.upstream is not None and not self._upstream_dead:
+            _close_connection(self.upstream.connection)
+        self.state = RouterState.CLOSING
+
+    def guest_gone(self, reason: str) -> None:
+        """The channel went away under the guest: end the upstream connection.
+
+        The guest's unsettled deliveries towards us stay unsettled at the broker, which
+        therefore redelivers them.
+        """
+        self._log.info("guest gone (%s); closing upstream", reason)
+        self.close_upstream()
+
+    def close_upstream(self) -> None:
+        """Start (or continue) the upstream close exchange."""
+        if self.upstream is not None and not self._upstream_dead:
+            _close_connection(self.upstream.connection)
+        self.state = RouterState.CLOSING
+
+    @property
+    def upstream_dead(self) -> bool:
+        """The upstream socket failed or was dropped; nothing more goes to it."""
+        return self._upstream_dead
+
+    def upstream_closed(self) -> bool:
+        """The upstream close exchange is complete (or it failed): drop its socket."""
+        if self.upstream is None or self._upstream_dead:
+            return True
+        state = lib.pn_connection_state(self.upstream.connection)
+        return bool(state & _LOCAL_CLOSED) and bool(state & _REMOTE_CLOSED)
+
+    def guest_finished(self) -> bool:
+        """The guest connection has ended and everything for it has been written."""
+        g = self.guest.connection
+        state = lib.pn_connection_state(g)
+        ended = (bool(state & _LOCAL_CLOSED) and bool(state & _REMOTE_CLOSED)) or (
+            self.guest.condition() is not None
+        )
+        return ended and self.guest.output_pending() <= 0
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _on_session_remote_open(self, ev: Any, from_guest: bool) -> None:
+        ssn = lib.pn_event_session(ev)
+        if from_guest:
+            if self.upstream is None or self._upstream_dead:
+                return
+            up = lib.pn_session(self.upstream.connection)
+            self._sessions[ssn] = up
+            self._sessions[up] = ssn
+            lib.pn_session_open(up)
+        else:
+            twin = self._sessions.get(ssn)
+            if twin is not None and lib.pn_session_state(twin) & _LOCAL_UNINIT:
+                lib.pn_session_open(twin)
+
+    def _on_session_remote_close(self, ev: Any, from_guest: bool) -> None:
+        ssn = lib.pn_event_session(ev)
+        twin = self._sessions.pop(ssn, None)
+        if twin is not None:
+            self._sessions.pop(twin, None)
+            if not from_guest and lib.pn_session_state(twin) & _LOCAL_UNINIT:
+                lib.pn_session_open(twin)  # an end must follow a begin
+            copy_condition(lib.pn_session_condition(twin), lib.pn_session_remote_condition(ssn))
+            if not lib.pn_session_state(twin) & _LOCAL_CLOSED:
+                lib.pn_session_close(twin)
+        cond = read_condition(lib.pn_session_remote_condition(ssn))
+        if cond:
+            who = "guest" if from_guest else "broker"
+            self._log.info("%s ended a session%s", who, _fmt_cond(cond))
+        for link, route in list(self.routes.items()):
+            if lib.pn_link_session(link) in (ssn, twin):
+                self._drop_route(route)
+        if lib.pn_session_state(ssn) & _LOCAL_UNINIT:
+            lib.pn_session_open(ssn)
+        if not lib.pn_session_state(ssn) & _LOCAL_CLOSED:
+            lib.pn_session_close(ssn)
+        lib.pn_session_free(ssn)
+        if twin is not None and lib.pn_session_state(twin) & _REMOTE_CLOSED:
+            lib.pn_session_free(twin)
+
+    # -- links ---------------------------------------------------------------------------
+
+    def _on_link_remote_open(self, ev: Any, from_guest: bool) -> None:
+        link = lib.pn_event_link(ev)
+        if from_guest:
+            self._attach_upstream(link)
+        else:
+            self._answer_guest_attach(link)
+
+    def _attach_upstream(self, glink: Any) -> None:
+        up_ssn = self._sessions.get(lib.pn_link_session(glink))
+        if up_ssn is None:
+            return  # the session is ending; its end will detach this link
+        refusal = self._check_attach(_attach_request(glink))
+        if refusal is not None:
+            self._refuse(glink, refusal)
+            return
+        name = lib.pn_link_name(glink)
+        if lib.pn_link_is_receiver(glink):
+            ulink = lib.pn_sender(up_ssn, name)
+        else:
+            ulink = lib.pn_receiver(up_ssn, name)
+        copy_attach(ulink, glink)
+        groute = Route(glink, from_guest=True)
+        uroute = Route(ulink, from_guest=False)
+        groute.peer, uroute.peer = uroute, groute
+        groute.address = uroute.address = _guest_address(glink)
+        self.routes[glink] = groute
+        self.routes[ulink] = uroute
+        lib.pn_link_open(ulink)
+        self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
+
+    def _refuse(self, glink: Any, refusal: tuple[str, str]) -> None:
+        """Answer an attach with a null terminus, then detach it with the reason."""
+        condition, description = refusal
+        lib.pn_link_open(glink)
+        set_condition(lib.pn_link_condition(glink), condition, description)
+        lib.pn_link_close(glink)
+        self._log.warning(
+            "refused attach of %s to %s: %s",
+            ffi.string(lib.pn_link_name(glink)).decode(errors="replace"),
+            _guest_address(glink),
+            description,
+        )
+
+    def _answer_guest_attach(self, ulink: Any) -> None:
+        uroute = self.routes.get(ulink)
+        if uroute is None or uroute.peer is None:
+            return
+        glink = uroute.peer.link
+        copy_attach(glink, ulink)
+        if lib.pn_link_is_sender(glink) and lib.pn_terminus_is_dynamic(
+            lib.pn_link_remote_source(glink)
+        ):
+            addr = lib.pn_terminus_get_address(lib.pn_link_remote_source(ulink))
+            if addr != ffi.NULL:
+                uroute.address = uroute.peer.address = ffi.string(addr).decode(errors="replace")
+        lib.pn_link_open(glink)
+        sender = uroute if not uroute.receiving else uroute.peer
+        credit.sync_credit(sender)
+
+    def _on_link_remote_close(self, ev: Any, from_guest: bool) -> None:
+        link = lib.pn_event_link(ev)
+        if link in self._awaiting_detach:
+            # We already closed this one on behalf of its twin; this is the answer.
+            self._awaiting_detach.discard(link)
+            lib.pn_link_free(link)
+            return
+        route = self.routes.get(link)
+        detach_only = lib.pn_event_type(ev) == lib.PN_LINK_REMOTE_DETACH
+        end = lib.pn_link_detach if detach_only else lib.pn_link_close
+        if route is not None and route.peer is not None:
+            twin = route.peer.link
+            tstate = lib.pn_link_state(twin)
+            if not from_guest and tstate & _LOCAL_UNINIT:
+                lib.pn_link_open(twin)  # refused: the guest gets an attach, then the detach
+            copy_condition(lib.pn_link_condition(twin), lib.pn_link_remote_condition(link))
+            if not tstate & _LOCAL_CLOSED:
+                end(twin)
+            cond = read_condition(lib.pn_link_remote_condition(link))
+            if cond:
+                who = "guest" if from_guest else "broker"
+                self._log.info("%s detached link %s%s", who, route.name, _fmt_cond(cond))
+        if lib.pn_link_state(link) & _LOCAL_UNINIT:
+            lib.pn_link_open(link)
+        if not lib.pn_link_state(link) & _LOCAL_CLOSED:
+            end(link)
+        if route is not None:
+            self._drop_route(route)
+
+    def _drop_route(self, route: Route) -> None:
+        """Forget a link pair; free each link once both its ends are closed."""
+        forget_route(route)
+        for r in (route, route.peer):
+            if r is None:
+                continue
+            self.routes.pop(r.link, None)
+            state = lib.pn_link_state(r.link)
+            if state & _LOCAL_CLOSED and state & _REMOTE_CLOSED:
+                lib.pn_link_free(r.link)
+            else:
+                # Still waiting for the far end's detach; free it when that arrives.
+                self._awaiting_detach.add(r.link)
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def session_count(self) -> int:
+        """Sessions the guest has open through us."""
+        return sum(
+            1 for ssn in self._sessions if lib.pn_session_connection(ssn) == self.guest.connection
+        )
+
+    def guest_routes(self) -> list[Route]:
+        """The guest-side half of every routed link pair."""
+        return [r for r in self.routes.values() if r.from_guest and r.peer is not None]
+
+
+def _close_connection(conn: Any) -> None:
+    if not lib.pn_connection_state(conn) & _LOCAL_CLOSED:
+        lib.pn_connection_close(conn)
+
+
+def _attach_request(glink: Any) -> AttachRequest:
+    """What a guest link asks for: its target when the guest sends, its source otherwise."""
+    sending = bool(lib.pn_link_is_receiver(glink))
+    term = lib.pn_link_remote_target(glink) if sending else lib.pn_link_remote_source(glink)
+    addr = lib.pn_terminus_get_address(term)
+    return AttachRequest(
+        address=ffi.string(addr).decode(errors="replace") if addr != ffi.NULL else None,
+        sending=sending,
+        dynamic=bool(lib.pn_terminus_is_dynamic(term)),
+        coordinator=lib.pn_terminus_get_type(term) == lib.PN_COORDINATOR,
+    )
+
+
+def _guest_address(glink: Any) -> str | None:
+    """The address to show for a guest link in logs and status."""
+    req = _attach_request(glink)
+    if req.coordinator:
+        return "(coordinator)"
+    if req.dynamic:
+        return "(dynamic)"
+    return req.address
+
+
+def _read_map(data_ptr: Any) -> dict:
+    data = Data(data_ptr)
+    data.rewind()
+    if not data.next():
+        return {}
+    value = data.get_object()
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _write_map(data_ptr: Any, value: dict) -> None:
+    data = Data(data_ptr)
+    data.clear()
+    data.put_object(value)
+
+
+def _fmt_cond(cond: tuple[str, str] | None) -> str:
+    return f": {cond[0]}: {cond[1]}" if cond else ""
+
+
+_HANDLERS: dict[int, Callable[[Router, Any, bool], None]] = {
+    lib.PN_CONNECTION_REMOTE_OPEN: Router._on_connection_remote_open,
+    lib.PN_CONNECTION_REMOTE_CLOSE: Router._on_connection_remote_close,
+    lib.PN_SESSION_REMOTE_OPEN: Router._on_session_remote_open,
+    lib.PN_SESSION_REMOTE_CLOSE: Router._on_session_remote_close,
+    lib.PN_LINK_REMOTE_OPEN: Router._on_link_remote_open,
+    lib.PN_LINK_REMOTE_CLOSE: Router._on_link_remote_close,
+    lib.PN_LINK_REMOTE_DETACH: Router._on_link_remote_close,
+    lib.PN_TRANSPORT_ERROR: Router._on_transport_error,
+    lib.PN_TRANSPORT_CLOSED: Router._on_transport_closed,
+}

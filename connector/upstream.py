@@ -1,0 +1,176 @@
+"""The broker side: URLs with failover, SASL and TLS settings, and the socket to the broker.
+
+Each guest connection gets its own upstream connection (so each guest is its own peer on
+the broker). This module builds the proton client engine for it and opens the TCP socket
+without blocking; the channel drives both.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from cproton_ffi import ffi, lib
+
+from .errors import ConfigError
+from .routing.engine import Engine
+
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+
+# How long we give the broker to answer our close before dropping the socket. RabbitMQ
+# keeps the TCP connection open after the AMQP close exchange, and a broker that has
+# gone silent must not hold a channel hostage.
+CLOSE_TIMEOUT_S = 5.0
+
+# How long a TCP connect plus AMQP open may take before the guest is told to retry.
+CONNECT_TIMEOUT_S = 10.0
+
+# Our idle timeout towards the broker: proton sends heartbeats at half the broker's, and
+# declares the broker dead after this much silence.
+UPSTREAM_IDLE_TIMEOUT_MS = 60_000
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    """One broker address: ``amqp[s]://[user[:password]@]host[:port]``."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, text: str, where: str = "broker.urls") -> BrokerURL:
+        """Parse and check a URL; ConfigError names ``where`` when it is wrong."""
+        if "://" not in text:
+            text = "amqp://" + text
+        parts = urlsplit(text)
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ConfigError(where, f"{text!r}: scheme must be amqp or amqps")
+        if not parts.hostname:
+            raise ConfigError(where, f"{text!r}: no host")
+        try:
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
+        except ValueError as err:
+            raise ConfigError(where, f"{text!r}: bad port") from err
+        if parts.path not in ("", "/"):
+            raise ConfigError(where, f"{text!r}: a broker URL has no path")
+        return cls(
+            parts.scheme,
+            parts.hostname,
+            port,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        """The URL without credentials, for logs and status output."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """amqps options: whom to trust, and our certificate if the broker asks for one."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How to reach the broker."""
+
+    urls: tuple[BrokerURL, ...]
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sasl_mechanisms: str | None = None  # None: PLAIN with a password, else ANONYMOUS
+    tls: TLSSettings = TLSSettings()
+    hostname: str | None = None  # the open frame's hostname (a virtual host); default: URL's
+
+
+class BrokerPool:
+    """The failover list, shared by every channel.
+
+    All guests use the current URL; when a connection to it fails, the next guest
+    connection tries the next one. A broker outage is the same for every guest, so the
+    position is shared rather than per channel.
+    """
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self._index = 0
+
+    @property
+    def current(self) -> BrokerURL:
+        """The URL the next upstream connection goes to."""
+        return self.settings.urls[self._index]
+
+    def failed(self, url: BrokerURL) -> None:
+        """A connection to ``url`` failed: move on, unless another channel already did."""
+        if url == self.current and len(self.settings.urls) > 1:
+            self._index = (self._index + 1) % len(self.settings.urls)
+
+    def make_engine(self, url: BrokerURL) -> Engine:
+        """A proton client engine configured for ``url``: SASL, TLS, hostname, heartbeats."""
+        s = self.settings
+        engine = Engine(server=False)
+        user = url.user or s.user
+        password = url.password or s.password
+        mechs = s.sasl_mechanisms or ("PLAIN" if password else "ANONYMOUS")
+        engine.configure_sasl(mechs, allow_insecure=url.scheme == "amqp")
+        conn = engine.connection
+        if user:
+            lib.pn_connection_set_user(conn, user.encode())
+        if password:
+            lib.pn_connection_set_password(conn, password.encode())
+        lib.pn_connection_set_hostname(conn, (s.hostname or url.host).encode())
+        lib.pn_transport_set_idle_timeout(engine.transport, UPSTREAM_IDLE_TIMEOUT_MS)
+        if url.scheme == "amqps":
+            _configure_tls(engine, s.tls, url.host)
+        return engine
+
+
+def _configure_tls(engine: Engine, tls: TLSSettings, host: str) -> None:
+    domain = lib.pn_ssl_domain(lib.PN_SSL_MODE_CLIENT)
+    if tls.ca_file:
+        lib.pn_ssl_domain_set_trusted_ca_db(domain, tls.ca_file.encode())
+    if tls.cert_file:
+        key = (tls.key_file or tls.cert_file).encode()
+        lib.pn_ssl_domain_set_credentials(domain, tls.cert_file.encode(), key, ffi.NULL)
+    mode = lib.PN_SSL_VERIFY_PEER_NAME if tls.verify_hostname else lib.PN_SSL_VERIFY_PEER
+    if tls.ca_file:
+        lib.pn_ssl_domain_set_peer_authentication(domain, mode, tls.ca_file.encode())
+    ssl = lib.pn_ssl(engine.transport)
+    lib.pn_ssl_init(ssl, domain, ffi.NULL)
+    lib.pn_ssl_set_peer_hostname(ssl, host.encode())
+    lib.pn_ssl_domain_free(domain)
+
+
+def open_socket(url: BrokerURL) -> socket.socket:
+    """Start a non-blocking TCP connect; the socket becomes writable when it completes.
+
+    Name resolution is synchronous: broker URLs are normally loopback or an address.
+    """
+    infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype | socket.SOCK_CLOEXEC, proto)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = sock.connect_ex(addr)
+    if err not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(err, f"connect to {url}: {errno.errorcode.get(err, err)}")
+    return sock
+
+
+def connect_error(sock: socket.socket) -> str | None:
+    """After the socket turned writable: None if connected, else why not."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return os.strerror(err) if err else None
