@@ -32,9 +32,18 @@ class Conversation:
         self.sock.sendall(raw)
         return json.loads(self.file.readline())
 
-    def close(self) -> None:
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.file.close()
         self.sock.close()
+
+
+def answered(path: Path, command: str) -> bool:
+    """Whether a fresh connection gets an ok reply to one command."""
+    with Conversation(path) as conv:
+        return bool(conv.ask(json.dumps({"command": command}).encode() + b"\n")["ok"])
 
 
 @pytest.fixture
@@ -43,48 +52,34 @@ def sock_path(tmp_path: Path) -> Path:
 
 
 def test_requests_and_bad_requests_on_one_connection(sock_path: Path) -> None:
-    with ServedState(str(sock_path), sample_snapshot()):
-        conv = Conversation(sock_path)
-        try:
-            bad = conv.ask(b"{not json\n")
-            assert bad["ok"] is False and "malformed request" in bad["error"]
-            assert bad["version"] == PROTOCOL_VERSION
-            # blank lines are ignored; the connection still serves the next request
-            reply = conv.ask(b'\n{"command": "channels"}\n')
-            assert reply["ok"] is True and len(reply["channels"]) == 4
-            guest = conv.ask(b'{"command": "guest", "name": "web1"}\n')
-            assert guest["guest"]["uuid"] == "5b2f0a8e-3c1d-4f7a-9e61-0c2b8d4e7f10"
-            unknown = conv.ask(b'{"command": "shutdown"}\n')
-            assert "unknown command 'shutdown'" in unknown["error"]
-        finally:
-            conv.close()
+    with ServedState(str(sock_path), sample_snapshot()), Conversation(sock_path) as conv:
+        bad = conv.ask(b"{not json\n")
+        assert bad["ok"] is False and "malformed request" in bad["error"]
+        assert bad["version"] == PROTOCOL_VERSION
+        # blank lines are ignored; the connection still serves the next request
+        reply = conv.ask(b'\n{"command": "channels"}\n')
+        assert reply["ok"] is True and len(reply["channels"]) == 4
+        guest = conv.ask(b'{"command": "guest", "name": "web1"}\n')
+        assert guest["guest"]["uuid"] == "5b2f0a8e-3c1d-4f7a-9e61-0c2b8d4e7f10"
+        unknown = conv.ask(b'{"command": "shutdown"}\n')
+        assert "unknown command 'shutdown'" in unknown["error"]
 
 
 def test_an_oversized_request_gets_an_error_and_the_server_lives_on(sock_path: Path) -> None:
     with ServedState(str(sock_path), sample_snapshot()):
-        conv = Conversation(sock_path)
-        try:
+        with Conversation(sock_path) as conv:
             reply = conv.ask(b"x" * (MAX_REQUEST_BYTES + 10) + b"\n")
             assert reply == {"ok": False, "version": PROTOCOL_VERSION, "error": "request too long"}
-        finally:
-            conv.close()
-        conv = Conversation(sock_path)
-        try:
-            assert conv.ask(b'{"command": "links"}\n')["ok"] is True
-        finally:
-            conv.close()
+        assert answered(sock_path, "links")
 
 
 def test_a_failing_snapshot_is_an_error_reply(sock_path: Path) -> None:
-    with ServedState(str(sock_path), {"channels": "not a list of channels"}) as served:
-        conv = Conversation(sock_path)
-        try:
-            reply = conv.ask(b'{"command": "channels"}\n')
-            assert reply["ok"] is False and reply["error"].startswith("internal error")
-            served.state = sample_snapshot()
-            assert conv.ask(b'{"command": "channels"}\n')["ok"] is True
-        finally:
-            conv.close()
+    broken = {"channels": "not a list of channels"}
+    with ServedState(str(sock_path), broken) as served, Conversation(sock_path) as conv:
+        reply = conv.ask(b'{"command": "channels"}\n')
+        assert reply["ok"] is False and reply["error"].startswith("internal error")
+        served.state = sample_snapshot()
+        assert conv.ask(b'{"command": "channels"}\n')["ok"] is True
 
 
 def test_mode_and_group_are_set_and_close_removes_the_socket(sock_path: Path) -> None:
@@ -107,11 +102,7 @@ def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
     stale.bind(str(sock_path))
     stale.close()  # the file stays, nobody listens: what a killed daemon leaves
     with ServedState(str(sock_path), sample_snapshot()):
-        conv = Conversation(sock_path)
-        try:
-            assert conv.ask(b'{"command": "channels"}\n')["ok"] is True
-        finally:
-            conv.close()
+        assert answered(sock_path, "channels")
 
 
 def test_a_live_socket_or_a_regular_file_is_not_taken_over(sock_path: Path) -> None:
