@@ -66,6 +66,7 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
             break
         lib.pn_link_send(out_link, _copy_ptr, n)
         moved += n
+    route.bytes += moved
     if lib.pn_delivery_aborted(dlv):
         lib.pn_delivery_abort(twin)
         _forget(route, dlv, twin)
@@ -77,7 +78,6 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     lib.pn_link_advance(link)
     lib.pn_link_advance(out_link)
     route.deliveries += 1
-    route.bytes += moved
     if lib.pn_delivery_settled(dlv):
         # Pre-settled by the sender (at-most-once): settle the twin as we send it.
         _forget(route, dlv, twin)

@@ -132,7 +132,7 @@ class Router:
                 route = routes.get(lib.pn_delivery_link(dlv))
                 if route is not None and route.peer is not None:
                     done, moved = on_delivery(route, dlv)
-                    if moved:
+                    if moved or done:
                         if from_guest:
                             counters.deliveries_in += done
                             counters.bytes_in += moved

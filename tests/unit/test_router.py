@@ -1,0 +1,411 @@
+"""The routing core without sockets: a guest, the router and a scripted broker in memory.
+
+These cover fields and orders no real broker in the suite produces; the integration tests
+cover the same paths against Artemis and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+from proton import Condition, Data, Delivery, Endpoint, Link, Message, Terminus, symbol
+
+from connector.routing.router import FORCED, RouterState
+from tests.support.routing import IDENTITY, Harness
+
+
+def _value(data: Data):
+    data.rewind()
+    data.next()
+    return data.get_object()
+
+
+def _opened(h: Harness):
+    conn = h.open_guest("app-1")
+    ssn = conn.session()
+    ssn.open()
+    h.pump()
+    return conn, ssn
+
+
+def _broker_link(h: Harness, name: str) -> Link:
+    for ev in h.broker.events:
+        if ev.type.name == "PN_LINK_REMOTE_OPEN" and ev.link.name == name:
+            return ev.link
+    raise AssertionError(f"broker never saw link {name}")
+
+
+def test_open_carries_container_identity_and_broker_capabilities() -> None:
+    h = Harness()
+    h.guest.connection.properties = {
+        symbol("app"): "agent",
+        symbol("qpid-virtio.guest"): "i-am-someone-else",
+    }
+    conn = h.open_guest("app-1")
+    bconn = h.broker.connection
+    assert bconn.remote_container == "app-1"
+    props = {str(k): v for k, v in bconn.remote_properties.items()}
+    assert props["app"] == "agent"
+    # The guest's claim is replaced by what the host asserts.
+    for key, value in IDENTITY.items():
+        assert props[key] == value
+    # The guest's open is answered only now, with what the broker offered.
+    assert conn.state & Endpoint.REMOTE_ACTIVE
+    assert "ANONYMOUS-RELAY" in [str(c) for c in conn.remote_offered_capabilities]
+    assert conn.remote_properties == {symbol("product"): "scripted-broker"}
+    assert h.router.state is RouterState.OPEN
+
+
+def test_guest_open_waits_for_the_broker() -> None:
+    h = Harness(broker_answers_open=False)
+    conn = h.open_guest()
+    assert not conn.state & Endpoint.REMOTE_ACTIVE
+    h.broker.connection.open()
+    h.pump()
+    assert conn.state & Endpoint.REMOTE_ACTIVE
+
+
+def test_broker_refusing_the_open_closes_the_guest_with_its_condition() -> None:
+    h = Harness(broker_answers_open=False)
+    conn = h.open_guest()
+    h.broker.connection.condition = Condition("amqp:unauthorized-access", "no")
+    h.broker.connection.open()
+    h.broker.connection.close()
+    h.pump()
+    assert conn.state & Endpoint.REMOTE_CLOSED
+    assert conn.remote_condition.name == "amqp:unauthorized-access"
+
+
+def test_upstream_failure_forces_the_guest_to_reconnect() -> None:
+    h = Harness(broker_answers_open=False)
+    conn = h.open_guest()
+    h.router.upstream_failed("cannot connect to amqp://127.0.0.1:1: Connection refused")
+    h.pump()
+    assert conn.state & Endpoint.REMOTE_CLOSED
+    assert conn.remote_condition.name == FORCED
+    assert "Connection refused" in conn.remote_condition.description
+    assert h.counters.upstream_failures == 1
+
+
+def test_attach_fields_cross_unchanged() -> None:
+    h = Harness()
+    _, ssn = _opened(h)
+    rcv = ssn.receiver("sub-1")
+    src = rcv.source
+    src.address = "orders"
+    src.durability = Terminus.DELIVERIES
+    src.expiry_policy = Terminus.EXPIRE_NEVER
+    src.timeout = 42
+    src.distribution_mode = Terminus.DIST_MODE_COPY
+    src.capabilities.put_array(False, Data.SYMBOL)
+    src.capabilities.enter()
+    src.capabilities.put_symbol("topic")
+    src.capabilities.exit()
+    src.filter.put_map()
+    src.filter.enter()
+    src.filter.put_symbol("selector")
+    src.filter.put_string("colour = 'red'")
+    src.filter.exit()
+    rcv.snd_settle_mode = Link.SND_UNSETTLED
+    rcv.rcv_settle_mode = Link.RCV_SECOND
+    rcv.properties = {symbol("shared"): True}
+    rcv.open()
+    h.pump()
+    blink = _broker_link(h, "sub-1")
+    bsrc = blink.remote_source
+    assert bsrc.address == "orders"
+    assert bsrc.durability == Terminus.DELIVERIES
+    assert bsrc.expiry_policy == Terminus.EXPIRE_NEVER
+    assert bsrc.timeout == 42
+    assert bsrc.distribution_mode == Terminus.DIST_MODE_COPY
+    assert [str(c) for c in _value(bsrc.capabilities)] == ["topic"]
+    assert _value(bsrc.filter) == {symbol("selector"): "colour = 'red'"}
+    assert blink.remote_rcv_settle_mode == Link.RCV_SECOND
+    assert blink.remote_properties == {symbol("shared"): True}
+    assert rcv.state & Endpoint.REMOTE_ACTIVE
+    assert rcv.remote_source.address == "orders"
+
+
+def test_dynamic_node_address_assigned_by_the_broker_reaches_the_guest() -> None:
+    h = Harness()
+
+    def broker(ev) -> None:
+        if ev.type.name == "PN_LINK_REMOTE_OPEN" and ev.link.remote_source.dynamic:
+            ev.link.source.copy(ev.link.remote_source)
+            ev.link.source.address = "tmp.queue.1"
+            ev.link.target.copy(ev.link.remote_target)
+            ev.link.open()
+        else:
+            h.broker_hook = None
+            h._broker_default(ev)
+            h.broker_hook = broker
+
+    _, ssn = _opened(h)
+    h.broker_hook = broker
+    rcv = ssn.receiver("reply")
+    rcv.source.dynamic = True
+    rcv.open()
+    h.pump()
+    assert rcv.remote_source.address == "tmp.queue.1"
+    assert rcv.remote_source.dynamic
+
+
+def test_refused_attach_error_reaches_the_guest() -> None:
+    h = Harness()
+
+    def broker(ev) -> None:
+        if ev.type.name == "PN_LINK_REMOTE_OPEN":
+            ev.link.open()
+            ev.link.condition = Condition("amqp:not-found", "no queue 'nope'")
+            ev.link.close()
+
+    _, ssn = _opened(h)
+    h.broker_hook = broker
+    snd = ssn.sender("s")
+    snd.target.address = "nope"
+    snd.open()
+    h.pump()
+    assert snd.state & Endpoint.REMOTE_CLOSED
+    assert snd.remote_condition.name == "amqp:not-found"
+    assert snd.remote_condition.description == "no queue 'nope'"
+    assert h.router.routes == {}
+
+
+def test_session_ended_by_the_broker_ends_the_guest_session() -> None:
+    """RabbitMQ refuses an attach by ending the whole session."""
+    h = Harness()
+
+    def broker(ev) -> None:
+        if ev.type.name == "PN_LINK_REMOTE_OPEN":
+            ev.session.condition = Condition("amqp:not-found", "no exchange")
+            ev.session.close()
+
+    _, ssn = _opened(h)
+    h.broker_hook = broker
+    snd = ssn.sender("s")
+    snd.target.address = "/exchange/none/x"
+    snd.open()
+    h.pump()
+    assert ssn.state & Endpoint.REMOTE_CLOSED
+    assert ssn.remote_condition.name == "amqp:not-found"
+    assert h.router.routes == {}
+
+
+def _sender_pair(h: Harness, address: str = "q"):
+    _, ssn = _opened(h)
+    snd = ssn.sender("s1")
+    snd.target.address = address
+    snd.open()
+    h.pump()
+    return snd, _broker_link(h, "s1")
+
+
+def test_guest_never_gets_more_credit_than_the_broker_gave() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    assert snd.credit == 0
+    brcv.flow(3)
+    h.pump()
+    assert snd.credit == 3
+    for i in range(3):
+        snd.delivery(f"t{i}")
+        snd.send(Message(body=i).encode())
+        snd.advance()
+    h.pump()
+    assert snd.credit == 0
+    brcv.flow(2)
+    h.pump()
+    assert snd.credit == 2
+
+
+def _receive_all(link: Link) -> list:
+    got = []
+    while link.current is not None and not link.current.partial:
+        dlv = link.current
+        got.append((dlv, link.recv(dlv.pending)))
+        link.advance()
+    return got
+
+
+def test_outcomes_cross_with_their_fields_and_settle_only_when_the_far_side_does() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(5)
+    h.pump()
+    dlvs = []
+    for i in range(5):
+        dlv = snd.delivery(f"t{i}")
+        snd.send(Message(body=i).encode())
+        snd.advance()
+        dlvs.append(dlv)
+    h.pump()
+    received = _receive_all(brcv)
+    assert [Message().decode(b) or None for _, b in received]  # decodes: bytes untouched
+    assert len(received) == 5
+    b = [d for d, _ in received]
+    b[0].update(Delivery.ACCEPTED)
+    b[1].local.condition = Condition("amqp:invalid-field", "bad colour")
+    b[1].update(Delivery.REJECTED)
+    b[2].update(Delivery.RELEASED)
+    b[3].local.failed = True
+    b[3].local.undeliverable = True
+    b[3].local.annotations = {symbol("x-why"): "busy"}
+    b[3].update(Delivery.MODIFIED)
+    b[4].local.section_number = 1
+    b[4].local.section_offset = 7
+    b[4].update(Delivery.RECEIVED)
+    h.pump()
+    assert [d.remote_state for d in dlvs] == [
+        Delivery.ACCEPTED,
+        Delivery.REJECTED,
+        Delivery.RELEASED,
+        Delivery.MODIFIED,
+        Delivery.RECEIVED,
+    ]
+    assert dlvs[1].remote.condition.description == "bad colour"
+    assert dlvs[3].remote.failed and dlvs[3].remote.undeliverable
+    assert dlvs[3].remote.annotations == {symbol("x-why"): "busy"}
+    assert (dlvs[4].remote.section_number, dlvs[4].remote.section_offset) == (1, 7)
+    # Not settled by the broker: the guest's deliveries are not settled either.
+    assert not any(d.settled for d in dlvs)
+    b[0].settle()
+    h.pump()
+    assert dlvs[0].settled and not dlvs[2].settled
+
+
+def test_deliveries_are_counted_and_bytes_stream_through_unchanged() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(1)
+    h.pump()
+    payload = Message(body=b"x" * 3_000_000).encode()
+    snd.delivery("big")
+    # Write it in pieces; the router forwards each piece as it arrives.
+    for i in range(0, len(payload), 100_000):
+        snd.send(payload[i : i + 100_000])
+        h.pump()
+    snd.advance()
+    h.pump()
+    got = _receive_all(brcv)
+    assert len(got) == 1 and got[0][1] == payload
+    assert h.counters.deliveries_in == 1
+    assert h.counters.bytes_in == len(payload)
+
+
+def test_aborted_transfer_is_passed_on() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(1)
+    h.pump()
+    dlv = snd.delivery("a")
+    snd.send(b"\x00" * 200_000)
+    h.pump()
+    dlv.abort()
+    h.pump()
+    assert brcv.current is None or brcv.current.aborted
+    assert h.counters.deliveries_in == 0
+
+
+def test_presettled_messages_are_settled_on_both_sides() -> None:
+    h = Harness()
+    _, ssn = _opened(h)
+    snd = ssn.sender("ps")
+    snd.target.address = "q"
+    snd.snd_settle_mode = Link.SND_SETTLED
+    snd.open()
+    h.pump()
+    brcv = _broker_link(h, "ps")
+    brcv.flow(1)
+    h.pump()
+    dlv = snd.delivery("p")
+    snd.send(Message(body="hi").encode())
+    snd.advance()
+    dlv.settle()
+    h.pump()
+    bdlv = brcv.current
+    assert bdlv is not None and bdlv.settled
+    assert all(not r.inflight for r in h.router.routes.values())
+
+
+def test_broker_to_guest_credit_and_drain() -> None:
+    h = Harness()
+    _, ssn = _opened(h)
+    rcv = ssn.receiver("r1")
+    rcv.source.address = "q"
+    rcv.open()
+    h.pump()
+    bsnd = _broker_link(h, "r1")
+    rcv.flow(4)
+    h.pump()
+    assert bsnd.credit == 4
+    bsnd.delivery("m1")
+    bsnd.send(Message(body="one").encode())
+    bsnd.advance()
+    h.pump()
+    assert rcv.current is not None
+    rcv.drain(0)  # ask the broker to use or return the remaining 3
+    h.pump()
+    assert bsnd.drain_mode
+    assert bsnd.drained() == 3  # the broker has nothing more
+    h.pump()
+    assert rcv.credit - rcv.queued == 0
+    assert not rcv.draining()
+
+
+def test_detach_and_close_carry_conditions_both_ways() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.condition = Condition("amqp:resource-deleted", "queue deleted")
+    brcv.close()
+    h.pump()
+    assert snd.state & Endpoint.REMOTE_CLOSED
+    assert snd.remote_condition.name == "amqp:resource-deleted"
+    conn = h.guest.connection
+    conn.condition = Condition("app:bye", "done")
+    conn.close()
+    h.pump()
+    assert h.broker.connection.remote_condition.name == "app:bye"
+    assert h.router.guest_finished()
+
+
+def test_guest_gone_closes_upstream_and_leaves_deliveries_unsettled() -> None:
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(1)
+    h.pump()
+    snd.delivery("u")
+    snd.send(Message(body="x").encode())
+    snd.advance()
+    h.pump()
+    bdlv = brcv.current
+    h.router.guest_gone("EOF")
+    h.pump()
+    assert h.broker.connection.state & Endpoint.REMOTE_CLOSED
+    assert not bdlv.settled and bdlv.local_state == 0
+
+
+def test_transactional_state_and_declared_outcome_cross() -> None:
+    """A coordinator link: the declare's 'declared' outcome (0x33) and a transfer's
+    transactional-state (0x34) carry their raw fields across."""
+    h = Harness()
+    _, ssn = _opened(h)
+    coord = ssn.sender("txn")
+    coord.target.type = Terminus.COORDINATOR
+    coord.target.capabilities.put_object(symbol("amqp:local-transactions"))
+    coord.open()
+    h.pump()
+    bcoord = _broker_link(h, "txn")
+    assert bcoord.remote_target.type == Terminus.COORDINATOR
+    bcoord.flow(1)
+    h.pump()
+    dlv = coord.delivery("d")
+    coord.send(Message(body="declare").encode())
+    coord.advance()
+    h.pump()
+    bdlv = bcoord.current
+    bcoord.advance()
+    bdlv.local.data = [b"txn-1"]
+    bdlv.update(0x33)
+    bdlv.settle()
+    h.pump()
+    assert dlv.remote_state == 0x33
+    assert dlv.remote.data == [b"txn-1"]
+    assert dlv.settled
