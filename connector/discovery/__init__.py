@@ -31,7 +31,6 @@ from connector.discovery.kvm import KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
 from connector.discovery.resolve import (
     Resolution,
-    find_status,
     is_qemu,
     qemu_pids,
     read_status,
@@ -62,7 +61,7 @@ class _Process:
     pidfd: int | None = None
     retry: asyncio.TimerHandle | None = None
     from_libvirt: bool = False
-    deadline: float = 0.0  # monotonic end of the libvirt retry window
+    deadline: float = 0.0  # monotonic end of the window for looking again (``_resolve``)
 
 
 class Discovery:
@@ -218,45 +217,49 @@ class Discovery:
             self._log.debug("discovery: no pidfd for %d: %s", pid, exc)
         else:
             self._loop.add_reader(process.pidfd, self._guarded, self._on_exit, pid)
-        resolution, from_libvirt = resolve_pid(pid, self.settings)
-        process.from_libvirt = from_libvirt
-        self._report(process, resolution)
-        if not from_libvirt and os.path.isdir(self.settings.libvirt_status_dir):
-            process.deadline = time.monotonic() + self.settings.libvirt_retry_seconds
-            self._schedule_retry(process)
+        process.deadline = time.monotonic() + self.settings.libvirt_retry_seconds
+        self._resolve(process)
 
-    def _report(self, process: _Process, resolution: Resolution) -> None:
-        for problem in resolution.problems:
-            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
+    def _resolve(self, process: _Process) -> None:
+        """Report what the process's sources say now; look again later if that was not all.
+
+        Two things are worth waiting for: libvirt's status file, written after qemu has
+        started, and a qemu still creating its chardevs (a watched socket can appear before
+        qemu has opened its next pty).
+        """
+        resolution, from_libvirt = resolve_pid(process.pid, self.settings)
+        process.from_libvirt = process.from_libvirt or from_libvirt
         for spec in resolution.specs:
             self._appear(spec, process)
-
-    def _schedule_retry(self, process: _Process) -> None:
-        if time.monotonic() >= process.deadline:
-            return
-        process.retry = self._loop.call_later(
-            self.settings.libvirt_retry_interval, self._guarded, self._retry_libvirt, process.pid
+        libvirt_may_come = not process.from_libvirt and os.path.isdir(
+            self.settings.libvirt_status_dir
         )
+        if (resolution.problems or libvirt_may_come) and time.monotonic() < process.deadline:
+            process.retry = self._loop.call_later(
+                self.settings.libvirt_retry_interval, self._guarded, self._retry, process.pid
+            )
+            return
+        for problem in resolution.problems:
+            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
 
-    def _retry_libvirt(self, pid: int) -> None:
-        """libvirt writes its status file after qemu has started: look for it again."""
+    def _retry(self, pid: int) -> None:
         process = self._processes.get(pid)
-        if process is None or process.from_libvirt:
+        if process is None:
             return
         process.retry = None
-        self._counters["libvirt_retries"] += 1
-        domain = find_status(pid, None, self.settings)
-        if domain is None:
-            self._schedule_retry(process)
-            return
-        self._apply_libvirt(process, specs_from_libvirt(domain, self.settings))
+        self._counters["retries"] += 1
+        self._resolve(process)
 
     def _apply_libvirt(self, process: _Process, resolution: Resolution) -> None:
+        """The status file appeared (seen by the watch): it settles the process."""
         process.from_libvirt = True
         if process.retry is not None:
             process.retry.cancel()
             process.retry = None
-        self._report(process, resolution)
+        for problem in resolution.problems:
+            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
+        for spec in resolution.specs:
+            self._appear(spec, process)
 
     def _drop_process(self, pid: int, reason: str) -> None:
         process = self._processes.pop(pid, None)

@@ -23,10 +23,11 @@ DEFAULT_WATCH_GLOBS = (
     "/var/lib/libvirt/qemu/channel/target/*.org.qpid.amqp.*",
 )
 DEFAULT_LIBVIRT_STATUS_DIR = "/run/libvirt/qemu"
-# libvirtd writes the status XML after qemu's QMP handshake, which takes well under a
-# second on an idle host and a few seconds on a busy one.
+# How long to keep looking at a new qemu process for what is not there yet: libvirtd
+# writes the status XML after qemu's QMP handshake (well under a second on an idle host,
+# a few seconds on a busy one), and a socket seen by the watch may precede qemu's next pty.
 DEFAULT_LIBVIRT_RETRY_SECONDS = 5.0
-# How often to look again for the status XML within that window.
+# How often to look again within that window.
 DEFAULT_LIBVIRT_RETRY_INTERVAL = 0.2
 DEFAULT_PROC_ROOT = "/proc"
 

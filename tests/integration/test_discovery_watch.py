@@ -100,9 +100,7 @@ def test_existing_matches_and_rewritten_files(tmp_path: Path) -> None:
         watch.close()
 
 
-def test_discovery_reports_watched_sockets(
-    short_tmp: Path, sockets: list[socket.socket]
-) -> None:
+def test_discovery_reports_watched_sockets(short_tmp: Path, sockets: list[socket.socket]) -> None:
     """Without a qemu behind them, sockets are named after their directory."""
     tmp_path = short_tmp
     target = tmp_path / "target"
@@ -138,5 +136,3 @@ def test_discovery_reports_watched_sockets(
             discovery.stop()
 
     asyncio.run(scenario())
-
-
