@@ -120,8 +120,12 @@ def python_named_qemu(directory: Path) -> Path:
 class FakeQemuProcess:
     """A running ``fake_qemu.py``: its pid, its commands, and its VM creation stamps."""
 
-    def __init__(self, executable: Path | str, args: list[str]) -> None:
+    def __init__(
+        self, executable: Path | str, args: list[str], guest_dir: Path | None = None
+    ) -> None:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
+        if guest_dir is not None:
+            env["FAKE_QEMU_GUEST_DIR"] = str(guest_dir)  # relay mode: see fake_qemu.py
         self.proc = subprocess.Popen(
             [str(executable), str(FAKE_QEMU), *args],
             stdin=subprocess.PIPE,

@@ -8,7 +8,10 @@ for ``server=off``, and a ``/dev/ptmx`` master for ``pty``. Then it issues the r
 ``KVM_CREATE_VM`` ioctl, so the kernel sends the ``misc/kvm`` ``EVENT=create`` uevent.
 
 Whatever arrives on a chardev is echoed back prefixed with the port name (``PORT:``), so a
-test can prove which endpoint belongs to which port. Commands on stdin, one a line:
+test can prove which endpoint belongs to which port. With ``FAKE_QEMU_GUEST_DIR=DIR`` in
+the environment it plays the guest's half instead: each port is a unix socket ``DIR/PORT``
+(the guest's ``/dev/virtio-ports/PORT``) whose bytes are relayed to and from the chardev,
+held while the other side is absent, as qemu does. Commands on stdin, one a line:
 ``destroy`` (close the VM: ``EVENT=destroy``), ``create`` (a new VM), ``exit``. Each
 ``create`` prints ``created MONOTONIC`` (the clock just before the ioctl) on stdout, and
 each pty chardev ``pty ID /dev/pts/N`` when it is opened.
@@ -26,6 +29,7 @@ import selectors
 import socket
 import sys
 import time
+import tty
 
 KVM_CREATE_VM = 0xAE01
 _READ = 65536
@@ -63,16 +67,28 @@ class FakeQemu:
                     self.port_of[dev["chardev"]] = dev.get("name", "")
         self.outgoing: list[tuple[str, str, float]] = []  # (id, path, reconnect)
         self.idle_ptys: list[tuple[str, int, float]] = []  # (id, master, idle since)
+        self.host: dict[str, int] = {}  # chardev id -> the host side's fd, when connected
+        self.guest: dict[str, socket.socket] = {}  # chardev id -> the guest's connection
+        self.held: dict[tuple[str, str], bytearray] = {}  # (id, "host"|"guest") -> bytes
+        self.guest_dir = os.environ.get("FAKE_QEMU_GUEST_DIR")
         for chardev in self.chardevs:
             self.open_chardev(chardev)
+        if self.guest_dir:
+            for cid, port in self.port_of.items():
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(os.path.join(self.guest_dir, port))
+                listener.listen(1)
+                self.sel.register(listener, selectors.EVENT_READ, ("guest-listener", cid, listener))
 
     def open_chardev(self, chardev: dict[str, str]) -> None:
         cid = chardev["id"]
         if chardev["backend"] == "pty":
             master, slave = os.openpty()
             print(f"pty {cid} {os.ttyname(slave)}", flush=True)  # qemu says as much on stderr
+            tty.setraw(slave)  # as qemu does: the bytes pass unchanged
             os.close(slave)  # qemu keeps only the master
             self.idle_ptys.append((cid, master, 0.0))
+            self.host[cid] = master
         elif "fd" in chardev:
             pass  # a socket libvirt would have passed in: nothing of ours to open
         elif chardev["backend"] == "socket" and chardev.get("server", "off") == "on":
@@ -104,7 +120,7 @@ class FakeQemu:
                 sock.close()
                 continue
             self.outgoing = [o for o in self.outgoing if o[0] != cid]
-            self.sel.register(sock, selectors.EVENT_READ, ("stream", cid, sock))
+            self.host_connected(cid, sock)
 
     def run(self) -> None:
         self.sel.register(sys.stdin, selectors.EVENT_READ, ("stdin", "", None))
@@ -127,12 +143,43 @@ class FakeQemu:
                         return
                     getattr(self, command)()
                 elif kind == "listener":
-                    conn, _ = obj.accept()
-                    self.sel.register(conn, selectors.EVENT_READ, ("stream", cid, conn))
+                    self.host_connected(cid, obj.accept()[0])
+                elif kind == "guest-listener":
+                    conn = obj.accept()[0]
+                    self.guest[cid] = conn
+                    self.sel.register(conn, selectors.EVENT_READ, ("guest", cid, conn))
+                    self.deliver(cid, "guest", b"")
+                elif kind == "guest":
+                    self.from_guest(cid, obj)
                 else:
-                    self.echo(cid, obj)
+                    self.from_host(cid, obj)
 
-    def echo(self, cid: str, obj: socket.socket | int) -> None:
+    def host_connected(self, cid: str, sock: socket.socket) -> None:
+        self.host[cid] = sock.fileno()
+        self.sel.register(sock, selectors.EVENT_READ, ("stream", cid, sock))
+        self.deliver(cid, "host", b"")
+
+    def deliver(self, cid: str, to: str, data: bytes) -> None:
+        """Write to one side, or hold the bytes until that side is there."""
+        held = self.held.setdefault((cid, to), bytearray())
+        held += data
+        if to == "guest" and cid in self.guest:
+            self.guest[cid].sendall(held)
+            held.clear()
+        elif to == "host" and cid in self.host and held:
+            os.write(self.host[cid], held)
+            held.clear()
+
+    def from_guest(self, cid: str, conn: socket.socket) -> None:
+        data = conn.recv(_READ)
+        if data:
+            self.deliver(cid, "host", data)
+            return
+        self.sel.unregister(conn)  # the guest closed its port: the host sees nothing
+        conn.close()
+        del self.guest[cid]
+
+    def from_host(self, cid: str, obj: socket.socket | int) -> None:
         fd = obj if isinstance(obj, int) else obj.fileno()
         try:
             data = os.read(fd, _READ)
@@ -141,11 +188,15 @@ class FakeQemu:
         if not data:
             self.sel.unregister(obj)
             if isinstance(obj, socket.socket):
+                del self.host[cid]
                 obj.close()
             else:
                 self.idle_ptys.append((cid, obj, time.monotonic()))
             return
-        os.write(fd, self.port_of.get(cid, cid).encode() + b":" + data)
+        if self.guest_dir:
+            self.deliver(cid, "guest", data)
+        else:
+            os.write(fd, self.port_of.get(cid, cid).encode() + b":" + data)
 
 
 if __name__ == "__main__":
