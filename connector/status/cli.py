@@ -322,6 +322,7 @@ def run_once(opts: Options, colour: bool, previous: Report | None, interval: flo
 
 def watch(opts: Options, out: TextIO, colour: bool) -> int:
     """Refresh in place like `watch`: clear the screen on a terminal, else print blocks."""
+    in_place = out.isatty()
     assert opts.watch is not None
     previous: Report | None = None
     last_time = time.monotonic()
@@ -333,8 +334,8 @@ def watch(opts: Options, out: TextIO, colour: bool) -> int:
             report = run_once(opts, colour, previous, now - last_time)
             if report.sample is not None:
                 previous, last_time = report, now
-            if opts.json:
-                out.write(report.text + "\n")
+            if opts.json:  # one JSON document a line; a failed refresh says why on stderr
+                (out if report.sample is not None else sys.stderr).write(report.text + "\n")
             else:
                 header = (
                     f"Every {opts.watch:g}s: qpid-virtio-status {opts.command}"
@@ -342,12 +343,12 @@ def watch(opts: Options, out: TextIO, colour: bool) -> int:
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
                 )
                 out.write(
-                    (CLEAR_SCREEN if colour else "")
+                    (CLEAR_SCREEN if in_place else "")
                     + header
                     + "\n\n"
                     + report.text
                     + "\n"
-                    + ("" if colour else "\n")
+                    + ("" if in_place else "\n")
                 )
             out.flush()
             refreshes += 1
