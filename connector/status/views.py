@@ -308,16 +308,16 @@ def render_guest(view: GuestView, now: float, colour: bool, rates: Rates | None 
         if rates is not None:
             rate_in, rate_out = rates.get(entry["path"])
             out.append(_field("rate", f"in {rate_in} msgs/s, out {rate_out} msgs/s"))
+        if detail["errors_by_condition"]:
+            counts = ", ".join(
+                f"{cond} {n}" for cond, n in sorted(detail["errors_by_condition"].items())
+            )
+            out.append(_field("errors", f"{counts} (over the channel's life)"))
         if detail["links"]:
             links = sorted(detail["links"], key=lambda lk: (lk["session"], lk["name"]))
             out += ["", _indent(render_links(links, colour))]
         if detail["errors"]:
             out += ["", "  recent errors:", _indent(_errors_table(detail["errors"], now, colour))]
-        if detail["errors_by_condition"]:
-            counts = ", ".join(
-                f"{cond}: {n}" for cond, n in sorted(detail["errors_by_condition"].items())
-            )
-            out.append(_field("errors", counts))
     return "\n".join(out)
 
 
