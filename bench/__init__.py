@@ -1,0 +1,1 @@
+"""Benchmarks of the connector: routed-message throughput, latency and CPU (bench/README.md)."""
