@@ -227,12 +227,14 @@ class Discovery:
         started, and a qemu still creating its chardevs (a watched socket can appear before
         qemu has opened its next pty).
         """
-        resolution, from_libvirt = resolve_pid(process.pid, self.settings)
-        process.from_libvirt = process.from_libvirt or from_libvirt
+        resolution = resolve_pid(process.pid, self.settings)
+        process.from_libvirt = process.from_libvirt or resolution.from_libvirt
         for spec in resolution.specs:
             self._appear(spec, process)
-        libvirt_may_come = not process.from_libvirt and os.path.isdir(
-            self.settings.libvirt_status_dir
+        libvirt_may_come = (
+            not process.from_libvirt
+            and resolution.libvirt_name is not None
+            and os.path.isdir(self.settings.libvirt_status_dir)
         )
         if (resolution.problems or libvirt_may_come) and time.monotonic() < process.deadline:
             process.retry = self._loop.call_later(

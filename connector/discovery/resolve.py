@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
@@ -31,6 +30,8 @@ class Resolution:
 
     specs: tuple[ChannelSpec, ...]
     problems: tuple[str, ...] = ()
+    from_libvirt: bool = False  # the specs come from libvirt's status file
+    libvirt_name: str | None = None  # the guest name libvirt would file its status under
 
 
 def exe_name(pid: int, proc_root: str) -> str | None:
@@ -89,28 +90,14 @@ def read_status(path: str) -> LibvirtDomain | None:
         return None
 
 
-def _status_candidates(name: str | None, settings: DiscoverySettings) -> Iterator[str]:
-    directory = settings.libvirt_status_dir
-    if name:
-        yield os.path.join(directory, f"{name}.xml")
-        return
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return
-    for entry in names:
-        if entry.endswith(".xml"):
-            yield os.path.join(directory, entry)
+def find_status(pid: int, name: str, settings: DiscoverySettings) -> LibvirtDomain | None:
+    """libvirt's status for guest ``name`` if it is the one whose qemu is ``pid``.
 
-
-def find_status(pid: int, name: str | None, settings: DiscoverySettings) -> LibvirtDomain | None:
-    """libvirt's status for the domain whose qemu is ``pid``: ``NAME.xml`` when the command
-    line names the guest, otherwise whichever file's ``<domstatus pid>`` matches."""
-    for path in _status_candidates(name, settings):
-        domain = read_status(path)
-        if domain is not None and domain.pid == pid:
-            return domain
-    return None
+    libvirt always names its guests on qemu's command line (``-name guest=NAME``) and
+    keeps ``NAME.xml``; a file whose pid differs is stale or another qemu's.
+    """
+    domain = read_status(os.path.join(settings.libvirt_status_dir, f"{name}.xml"))
+    return domain if domain is not None and domain.pid == pid else None
 
 
 def specs_from_libvirt(domain: LibvirtDomain, settings: DiscoverySettings) -> Resolution:
@@ -136,7 +123,7 @@ def specs_from_libvirt(domain: LibvirtDomain, settings: DiscoverySettings) -> Re
             name=domain.name, port=port, uuid=domain.uuid, pid=domain.pid, found_by="libvirt"
         )
         specs.append(ChannelSpec(kind=kind, path=channel.path, identity=identity))
-    return Resolution(tuple(specs), tuple(problems))
+    return Resolution(tuple(specs), tuple(problems), from_libvirt=True)
 
 
 def specs_from_cmdline(
@@ -192,16 +179,17 @@ def specs_from_cmdline(
     return Resolution(tuple(specs), tuple(problems))
 
 
-def resolve_pid(pid: int, settings: DiscoverySettings) -> tuple[Resolution, bool]:
-    """A trusted qemu pid's channels, and whether they came from libvirt's status file.
+def resolve_pid(pid: int, settings: DiscoverySettings) -> Resolution:
+    """A trusted qemu pid's channels (the caller checks ``is_qemu`` first).
 
-    The caller checks ``is_qemu`` first. When libvirt has not written its status file yet,
-    the command line answers now and the caller may look for the file again later.
+    When libvirt has not written its status file yet, the command line answers now and
+    ``libvirt_name`` tells the caller which file to look for later.
     """
     cmdline = read_cmdline(pid, settings.proc_root)
-    domain = find_status(pid, cmdline.name if cmdline else None, settings)
-    if domain is not None:
-        return specs_from_libvirt(domain, settings), True
     if cmdline is None:
-        return Resolution((), ("command line unreadable (process gone?)",)), False
-    return specs_from_cmdline(pid, cmdline, settings), False
+        return Resolution((), ("command line unreadable (process gone?)",))
+    if cmdline.name:
+        domain = find_status(pid, cmdline.name, settings)
+        if domain is not None:
+            return replace(specs_from_libvirt(domain, settings), libvirt_name=cmdline.name)
+    return replace(specs_from_cmdline(pid, cmdline, settings), libvirt_name=cmdline.name)

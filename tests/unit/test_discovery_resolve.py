@@ -139,8 +139,9 @@ def test_specs_from_cmdline(proc: FakeProc, settings: DiscoverySettings) -> None
     proc.ptmx(30, 8, 6)  # charserial0
     proc.ptmx(30, 10, 7)  # c2
     proc.socket(30, 31, 901, "/var/lib/libvirt/qemu/channel/target/domain-1-vm1/org.qpid.amqp.3")
-    resolution, from_libvirt = resolve_pid(30, settings)
-    assert not from_libvirt
+    resolution = resolve_pid(30, settings)
+    assert not resolution.from_libvirt
+    assert resolution.libvirt_name == "vm1"
     assert resolution.specs == (
         ChannelSpec(ChannelKind.UNIX, "/run/vm1/amqp0.sock", _ident("org.qpid.amqp.0")),
         ChannelSpec(ChannelKind.UNIX_LISTEN, "/run/qpid/vm1.sock", _ident("org.qpid.amqp.1")),
@@ -175,6 +176,8 @@ def test_unnamed_guest_and_unsupported_backend(proc: FakeProc, settings: Discove
     resolution = specs_from_cmdline(32, parse_cmdline(argv), settings)
     assert resolution.specs == ()
     assert len(resolution.problems) == 2
+    # Not named, so not libvirt's: no status file is looked for, now or later.
+    assert resolve_pid(32, settings).libvirt_name is None
 
 
 STATUS = """<domstatus state='running' reason='booted' pid='{pid}'>
@@ -204,8 +207,8 @@ def test_libvirt_status_wins_over_cmdline(proc: FakeProc, settings: DiscoverySet
     proc.process(30, QEMU, ARGV)
     status = Path(settings.libvirt_status_dir)
     (status / "vm1.xml").write_text(STATUS.format(pid=30, name="vm1"))
-    resolution, from_libvirt = resolve_pid(30, settings)
-    assert from_libvirt
+    resolution = resolve_pid(30, settings)
+    assert resolution.from_libvirt
     ident = GuestIdentity(
         "vm1", "org.qpid.amqp.0", uuid="aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", pid=30,
         found_by="libvirt",
@@ -227,7 +230,7 @@ def test_find_status(settings: DiscoverySettings) -> None:
     (status / "b.xml").write_text(STATUS.format(pid=41, name="b"))
     (status / "broken.xml").write_text("<domstatus pid='41'><dom")
     (status / "notes.txt").write_text("")
-    assert find_status(41, None, settings).name == "b"  # found by pid alone
-    assert find_status(41, "b", settings).name == "b"  # straight to NAME.xml
+    assert find_status(41, "b", settings).name == "b"
     assert find_status(41, "a", settings) is None  # a.xml belongs to another qemu: stale
-    assert find_status(42, None, settings) is None
+    assert find_status(41, "broken", settings) is None  # caught half-written
+    assert find_status(41, "missing", settings) is None
