@@ -345,7 +345,8 @@ class Driver:
     # ---- internals -----------------------------------------------------------------------
 
     def _has_work(self) -> bool:
-        return not self._stopped and (self.transport is not None or bool(self._timers))
+        live_timers = any(not task.cancelled for task in self._timers)
+        return not self._stopped and (self.transport is not None or live_timers)
 
     def _context(self, context: Connection | str | Url | None) -> tuple[Connection, str | None]:
         """The connection and default address named by a create_* call's first argument."""
@@ -455,7 +456,7 @@ class Driver:
         self.schedule(delay, _Reconnect(self))
 
     def _fire_timers(self, now: float) -> None:
-        while self._timers and self._timers[0].deadline <= now:
+        while self._timers and (self._timers[0].deadline <= now or self._timers[0].cancelled):
             task = heapq.heappop(self._timers)
             if not task.cancelled:
                 DriverEvent("on_timer_task", self, task=task).dispatch(task.handler)

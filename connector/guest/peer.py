@@ -13,6 +13,7 @@ released or modified messages, refuses attaches to addresses listed in ``refuse`
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +21,13 @@ from typing import Any
 from proton import Condition, Delivery, Endpoint, Handler, Message
 
 from .client import STATE_NAMES
+from .driver import Driver
 
 # Credit the peer grants each incoming link, topped up as messages arrive: enough to keep
 # a sender streaming without letting a runaway sender queue unbounded memory.
 LINK_CREDIT = 200
+# How often the serving thread checks whether it was asked to stop (seconds).
+POLL = 0.1
 
 
 class MemoryBroker(Handler):
@@ -156,3 +160,32 @@ class MemoryBroker(Handler):
                 link.advance()
             if not q:
                 link.drained()  # a no-op unless the receiver asked to drain
+
+
+class PeerThread:
+    """Serve AMQP connections on ``fd`` one after another in a thread, until closed or the
+    fd ends. A channel outlives the connections on it, so each gets a fresh server
+    transport; the fd is not closed here (it belongs to the caller)."""
+
+    def __init__(self, fd: int, broker: Handler | None = None, name: str = "peer") -> None:
+        self.fd = fd
+        self.broker = broker if broker is not None else MemoryBroker()
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            driver = Driver(self.broker, self.fd, server=True)
+            driver.connect()
+            while not self._stop.is_set() and driver.process(POLL):
+                pass
+            self.connections += 1
+            if driver.eof:
+                return  # the other side is gone for good
+
+    def close(self) -> None:
+        """Stop serving and wait for the thread."""
+        self._stop.set()
+        self._thread.join(10)

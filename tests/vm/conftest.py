@@ -7,14 +7,12 @@ module; each test leaves its guest as it found it (no AMQP connection open).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from connector.guest.driver import Driver
-from connector.guest.peer import MemoryBroker
+from connector.guest.peer import MemoryBroker, PeerThread
 from tests.vm.harness import Port, Vm, ensure_assets, open_host_side
 
 
@@ -43,32 +41,16 @@ def make_vm(
         vm.kill() if vm.proc is not None and vm.proc.poll() is not None else vm.stop()
 
 
-class HostPeer:
-    """An in-memory AMQP peer serving a port's host end in a thread, one guest connection
-    after another (a new server transport for each, as a channel outlives connections)."""
+class HostPeer(PeerThread):
+    """An in-memory AMQP peer on a port's host end, answering requests on ``service``."""
 
-    def __init__(self, port: Port, broker: MemoryBroker | None = None) -> None:
-        self.broker = broker or MemoryBroker(responders={"service": lambda m: f"re:{m.body}"})
-        self.fd = open_host_side(port)
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"peer-{port.name}", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            driver = Driver(self.broker, self.fd, server=True, close_fd=False)
-            driver.connect()
-            while not self._stop.is_set() and driver.process(0.1):
-                pass
-            self.connections += 1
-            if driver.eof:
-                return  # qemu went away: the channel is finished
+    def __init__(self, port: Port) -> None:
+        broker = MemoryBroker(responders={"service": lambda m: f"re:{m.body}"})
+        super().__init__(open_host_side(port), broker, name=f"peer-{port.name}")
 
     def close(self) -> None:
         """Stop serving and close the host end."""
-        self._stop.set()
-        self._thread.join(10)
+        super().close()
         os.close(self.fd)
 
 

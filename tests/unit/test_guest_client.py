@@ -1,0 +1,128 @@
+"""connector.guest.client against the in-memory peer over a socketpair, in-process.
+
+The peer (``PeerThread`` + ``MemoryBroker``) runs a proton server transport on the other
+end, so every frame crosses a real fd through the same driver a guest uses.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from proton import Message
+
+from connector.guest import Disconnected, GuestClient, GuestTimeout, LinkRefused
+from connector.guest.peer import MemoryBroker, PeerThread
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker(refuse={"forbidden"}, responders={"upper": lambda m: m.body.upper()})
+
+
+@pytest.fixture
+def client(broker: MemoryBroker) -> Iterator[GuestClient]:
+    a, b = socket.socketpair()
+    peer = PeerThread(b.fileno(), broker)
+    c = GuestClient(a.fileno(), container_id="unit-guest", timeout=10)
+    yield c
+    c.close()
+    peer.close()
+    a.close()
+    b.close()
+
+
+def test_open_carries_container_id(client: GuestClient, broker: MemoryBroker) -> None:
+    assert broker.remote_container == "unit-guest"
+
+
+def test_send_counts_every_accepted_outcome(client: GuestClient, broker: MemoryBroker) -> None:
+    outcomes = client.send("q", [f"m{i}" for i in range(500)])
+    assert [o.state for o in outcomes] == ["accepted"] * 500
+    assert len(broker.queues["q"]) == 500
+
+
+def test_receive_exactly_n_in_order(client: GuestClient, broker: MemoryBroker) -> None:
+    client.send("q", [f"m{i}" for i in range(10)])
+    assert [m.body for m in client.receive("q", 4)] == ["m0", "m1", "m2", "m3"]
+    assert len(broker.queues["q"]) == 6  # no prefetch: exactly 4 credits were granted
+    assert [m.body for m in client.receive("q", 6)] == [f"m{i}" for i in range(4, 10)]
+
+
+def test_at_most_once_sends_presettled(client: GuestClient, broker: MemoryBroker) -> None:
+    outcomes = client.send("q", ["a", "b"], settle="at-most-once")
+    assert [o.state for o in outcomes] == ["settled", "settled"]
+    assert [m.body for m in client.receive("q", 2)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "requeued"),
+    [("accepted", False), ("rejected", False), ("released", True), ("modified", True)],
+)
+def test_every_receiver_outcome_reaches_the_peer(
+    client: GuestClient, broker: MemoryBroker, outcome: str, requeued: bool
+) -> None:
+    client.send("q", ["only"])
+    client.receive("q", 1, outcome=outcome)
+    client.send("sync", ["x"])  # a round trip after the disposition: the peer has seen it
+    assert broker.outcomes == [outcome]
+    assert len(broker.queues["q"]) == (1 if requeued else 0)
+
+
+def test_drain_returns_what_there_is(client: GuestClient) -> None:
+    client.send("q", ["a", "b"])
+    assert [m.body for m in client.receive("q", 5, drain=True)] == ["a", "b"]
+
+
+def test_receive_times_out_with_what_arrived(client: GuestClient) -> None:
+    client.send("q", ["a"])
+    with pytest.raises(GuestTimeout) as err:
+        client.receive("q", 2, timeout=0.3)
+    assert [m.body for m in err.value.partial] == ["a"]
+
+
+def test_anonymous_sender_routes_by_to(client: GuestClient, broker: MemoryBroker) -> None:
+    outcomes = client.send(None, [Message(body=1, address="x"), Message(body=2, address="y")])
+    assert [o.state for o in outcomes] == ["accepted", "accepted"]
+    assert [m.body for m in broker.queues["x"]] == [1]
+    assert [m.body for m in broker.queues["y"]] == [2]
+
+
+def test_refused_attach_carries_the_condition(client: GuestClient) -> None:
+    with pytest.raises(LinkRefused) as err:
+        client.send("forbidden", ["x"])
+    assert err.value.name == "amqp:not-found"
+    assert "forbidden" in (err.value.description or "")
+    assert client.send("q", ["still usable"])[0].state == "accepted"
+
+
+def test_request_uses_a_dynamic_reply_address(client: GuestClient) -> None:
+    assert client.request("upper", "hello").body == "HELLO"
+    assert client.request("upper", "again").body == "AGAIN"
+
+
+def test_twenty_megabyte_message(client: GuestClient) -> None:
+    body = b"\x5a" * (20 * 1024 * 1024)
+    assert client.send("big", [body])[0].state == "accepted"
+    assert client.receive("big", 1)[0].body == body
+
+
+def test_lost_channel_is_disconnected_not_a_hang() -> None:
+    a, b = socket.socketpair()
+    peer = PeerThread(b.fileno())
+    c = GuestClient(a.fileno(), timeout=10)
+    peer.close()
+    b.close()
+    with pytest.raises(Disconnected):
+        c.send("q", ["x"])
+    a.close()
+
+
+def test_silent_peer_fails_on_idle_timeout() -> None:
+    a, b = socket.socketpair()  # nobody ever answers on b
+    with pytest.raises(Disconnected) as err:
+        GuestClient(a.fileno(), idle_timeout=0.5, timeout=10)
+    assert "idle-timeout" in str(err.value)
+    a.close()
+    b.close()
