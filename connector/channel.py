@@ -126,6 +126,7 @@ class Channel:
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._close_wait: asyncio.TimerHandle | None = None  # our close awaits the guest's
         self._backoff = BACKOFF_FIRST_S
         self._closed = False
 
@@ -478,8 +479,10 @@ class Channel:
             self._flow_control(router)
             if router.guest_finished():
                 self._end_connection()
-            else:
-                self._schedule_tick()
+                return
+            self._schedule_tick()
+            if self._close_wait is None and router.awaiting_guest_close():
+                self._close_wait = self._loop.call_later(CLOSE_TIMEOUT_S, self._guest_close_timeout)
 
     def _backlog(self, engine: Engine | None) -> int:
         return engine.output_pending() if engine is not None else 0
@@ -507,6 +510,13 @@ class Channel:
             self._loop.add_reader(fd, self._on_upstream_readable, router, up)
             up.paused = False
 
+    def _guest_close_timeout(self) -> None:
+        """A guest that does not answer our close is not waited for any longer."""
+        self._close_wait = None
+        if self._router is not None and self._router.awaiting_guest_close():
+            self.log.info("guest did not answer our close in %ss", CLOSE_TIMEOUT_S)
+            self._end_connection()
+
     def _end_connection(self) -> None:
         """The guest connection is over; the channel waits for the next header.
 
@@ -515,9 +525,10 @@ class Channel:
         """
         router = self._router
         self._router = None
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
+        for timer in (self._tick, self._close_wait):
+            if timer is not None:
+                timer.cancel()
+        self._tick = self._close_wait = None
         if router is None:
             return
         if router.error:

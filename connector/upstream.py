@@ -120,17 +120,11 @@ class BrokerPool:
     def make_engine(self, url: BrokerURL) -> Engine:
         """A proton client engine configured for ``url``: SASL, TLS, hostname, heartbeats."""
         s = self.settings
-        engine = Engine(server=False)
         user = url.user or s.user
         password = url.password or s.password
+        engine = Engine(server=False, user=user, password=password, hostname=s.hostname or url.host)
         mechs = s.sasl_mechanisms or ("PLAIN" if password else "ANONYMOUS")
         engine.configure_sasl(mechs, allow_insecure=url.scheme == "amqp")
-        conn = engine.connection
-        if user:
-            lib.pn_connection_set_user(conn, user.encode())
-        if password:
-            lib.pn_connection_set_password(conn, password.encode())
-        lib.pn_connection_set_hostname(conn, (s.hostname or url.host).encode())
         lib.pn_transport_set_idle_timeout(engine.transport, UPSTREAM_IDLE_TIMEOUT_MS)
         if url.scheme == "amqps":
             _configure_tls(engine, s.tls, url.host)

@@ -50,12 +50,27 @@ class Engine:
         "transport",
     )
 
-    def __init__(self, *, server: bool) -> None:
+    def __init__(
+        self,
+        *,
+        server: bool,
+        user: str | None = None,
+        password: str | None = None,
+        hostname: str | None = None,
+    ) -> None:
         self.is_server = server
         self.transport = lib.pn_transport()
         if server:
             lib.pn_transport_set_server(self.transport)
         self.connection = lib.pn_connection()
+        # Proton's SASL layer takes the credentials and host name when the transport is
+        # bound, so they are set first.
+        if user:
+            lib.pn_connection_set_user(self.connection, user.encode())
+        if password:
+            lib.pn_connection_set_password(self.connection, password.encode())
+        if hostname:
+            lib.pn_connection_set_hostname(self.connection, hostname.encode())
         self.collector = lib.pn_collector()
         lib.pn_connection_collect(self.connection, self.collector)
         lib.pn_transport_bind(self.transport, self.connection)

@@ -325,6 +325,11 @@ class Router:
         state = lib.pn_connection_state(self.upstream.connection)
         return bool(state & _LOCAL_CLOSED) and bool(state & _REMOTE_CLOSED)
 
+    def awaiting_guest_close(self) -> bool:
+        """We closed the guest's connection and its answering close has not come yet."""
+        state = lib.pn_connection_state(self.guest.connection)
+        return bool(state & _LOCAL_CLOSED) and not state & _REMOTE_CLOSED
+
     def guest_finished(self) -> bool:
         """The guest connection has ended and everything for it has been written."""
         g = self.guest.connection

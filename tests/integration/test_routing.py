@@ -1,0 +1,246 @@
+"""Guests' AMQP connections routed through the real daemon to real brokers (issue 2 §7).
+
+Every test runs the daemon as a subprocess with real channels — a pty, a unix socket that
+the test listens on (qemu ``server=on``) and one the daemon listens on (``server=off``) —
+and a guest client speaking AMQP over the test's end of the channel.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from proton import Message
+from proton.handlers import MessagingHandler
+from proton.reactor import Container
+
+from connector.guest.client import AmqpError, Disconnected, GuestClient, LinkRefused
+from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
+from tests.support.connector import Connector, Qemu, wait_for
+
+pytestmark = pytest.mark.broker
+
+KINDS = ("pty", "unix", "unix-listen")
+# Enough to cross many credit refills (Artemis grants 1000 at a time).
+MANY = 10_000
+BIG = 20 * 1024 * 1024
+TIMEOUT = 60.0
+
+
+def _queue(stem: str) -> str:
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def routed(artemis: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One daemon on Artemis with one channel of each kind (guests g-pty, g-unix, g-unix-listen)."""
+    work = tmp_path_factory.mktemp("routing")
+    channels = {kind: Qemu(kind, work, f"g-{kind}") for kind in KINDS}
+    daemon = Connector(work, artemis, list(channels.values())).start()
+    try:
+        yield {"daemon": daemon, "channels": channels, "broker": artemis}
+    finally:
+        status = daemon.stop()
+        for ch in channels.values():
+            ch.hang_up()
+        assert status == 0, daemon.log_text()
+
+
+def _client(routed: dict[str, Any], kind: str, container: str | None = None) -> GuestClient:
+    ch = routed["channels"][kind]
+    return GuestClient(ch.fd(), container_id=container or f"app-{kind}", timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_messages_at_least_once_counted_exactly(routed: dict[str, Any], kind: str) -> None:
+    daemon: Connector = routed["daemon"]
+    before = daemon.channel(f"g-{kind}")
+    queue = _queue("many")
+    with _client(routed, kind) as guest:
+        outcomes = guest.send(queue, (f"m{i}" for i in range(MANY)))
+        assert [o.state for o in outcomes].count("accepted") == MANY
+        got = guest.receive(queue, MANY)
+        assert [m.body for m in got] == [f"m{i}" for i in range(MANY)]
+        # Nothing more is there: a drain returns no message.
+        assert guest.receive(queue, 1, drain=True) == []
+    after = daemon.channel(f"g-{kind}")
+    assert after["deliveries_in"] - before["deliveries_in"] == MANY
+    assert after["deliveries_out"] - before["deliveries_out"] == MANY
+    assert after["bytes_in"] > before["bytes_in"]
+
+
+class _Responder(MessagingHandler):
+    """A service on the host, attached directly to the broker, answering requests."""
+
+    def __init__(self, url: str, address: str, user: str | None, password: str | None) -> None:
+        super().__init__()
+        self.url, self.address, self.user, self.password = url, address, user, password
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+
+    def on_start(self, event: Any) -> None:
+        conn = event.container.connect(self.url, user=self.user, password=self.password)
+        event.container.create_receiver(conn, self.address)
+        self.sender = event.container.create_sender(conn, None)
+        self.timer = event.container.schedule(0.1, self)
+
+    def on_link_opened(self, event: Any) -> None:
+        if event.receiver:
+            self.ready.set()
+
+    def on_timer_task(self, event: Any) -> None:
+        if self.stop.is_set():
+            event.container.stop()
+        else:
+            event.container.schedule(0.1, self)
+
+    def on_message(self, event: Any) -> None:
+        msg = event.message
+        self.sender.send(
+            Message(address=msg.reply_to, body=f"re:{msg.body}", correlation_id=msg.correlation_id)
+        )
+
+
+def test_request_response_with_a_dynamic_reply_queue(routed: dict[str, Any]) -> None:
+    broker = routed["broker"]
+    service = _queue("svc")
+    responder = _Responder(broker.url, service, broker.user, broker.password)
+    container = Container(responder)
+    thread = threading.Thread(target=container.run, daemon=True)
+    thread.start()
+    try:
+        assert responder.ready.wait(TIMEOUT)
+        with _client(routed, "unix") as guest:
+            for i in range(3):
+                reply = guest.request(service, f"ping{i}")
+                assert reply.body == f"re:ping{i}"
+    finally:
+        responder.stop.set()
+        thread.join(TIMEOUT)
+
+
+def test_anonymous_relay(routed: dict[str, Any]) -> None:
+    queue = _queue("relay")
+    with _client(routed, "pty") as guest:
+        caps = [str(c) for c in guest.connection.remote_offered_capabilities or []]
+        assert "ANONYMOUS-RELAY" in caps  # the broker's offer reached the guest
+        outcomes = guest.send(None, [Message(address=queue, body=i) for i in range(5)])
+        assert {o.state for o in outcomes} == {"accepted"}
+        assert [m.body for m in guest.receive(queue, 5)] == list(range(5))
+
+
+def test_drain_returns_what_is_there_and_gives_back_the_rest(routed: dict[str, Any]) -> None:
+    queue = _queue("drain")
+    with _client(routed, "unix-listen") as guest:
+        guest.send(queue, ["a", "b"])
+        got = guest.receive(queue, 5, drain=True)
+        assert [m.body for m in got] == ["a", "b"]
+        assert guest.receive(queue, 3, drain=True) == []
+
+
+@pytest.mark.parametrize(
+    ("outcome", "comes_back", "counted"),
+    [
+        ("accepted", False, False),
+        ("rejected", False, False),
+        ("released", True, False),
+        ("modified", True, True),  # modified with delivery-failed counts a delivery
+    ],
+)
+def test_every_outcome_reaches_the_broker(
+    routed: dict[str, Any], outcome: str, comes_back: bool, counted: bool
+) -> None:
+    queue = _queue(outcome)
+    with _client(routed, "pty") as guest:
+        guest.send(queue, [outcome])
+        assert [m.body for m in guest.receive(queue, 1, outcome=outcome)] == [outcome]
+        again = guest.receive(queue, 1, drain=True)
+        assert [m.body for m in again] == ([outcome] if comes_back else [])
+        if comes_back:
+            assert (again[0].delivery_count >= 1) == counted
+
+
+def test_a_20mb_message_streams_through(routed: dict[str, Any]) -> None:
+    queue = _queue("big")
+    body = bytes(range(256)) * (BIG // 256)
+    with _client(routed, "unix") as guest:
+        assert guest.send(queue, [body])[0].state == "accepted"
+        got = guest.receive(queue, 1)
+        assert got[0].body == body
+
+
+def test_refused_attach_error_reaches_the_guest(routed: dict[str, Any]) -> None:
+    with _client(routed, "unix-listen") as guest:
+        with pytest.raises(LinkRefused) as refused:
+            guest.receive(f"{NO_AUTO_CREATE_PREFIX}missing", 1)
+        assert refused.value.name == "amqp:not-found"
+        # The connection and session live on.
+        assert guest.send(_queue("after"), ["ok"])[0].state == "accepted"
+
+
+def test_guests_are_separate_broker_connections_with_their_identity(
+    routed: dict[str, Any],
+) -> None:
+    daemon: Connector = routed["daemon"]
+    broker = routed["broker"]
+    with _client(routed, "pty", "agent-a") as a, _client(routed, "unix", "agent-b") as b:
+        a.send(_queue("id"), ["a"])
+        b.send(_queue("id"), ["b"])
+        conns = {c["container_id"]: c for c in broker.list_connections()}
+        assert {"agent-a", "agent-b"} <= set(conns)
+        for guest, container in (("g-pty", "agent-a"), ("g-unix", "agent-b")):
+            entry = daemon.channel(guest)
+            assert entry["detail"]["upstream"]["container_id"] == container
+            local = entry["detail"]["upstream"]["local_address"]
+            # The broker's peer address for that connection is our upstream socket.
+            assert conns[container]["remote_address"].endswith(local.split(":")[-1])
+
+
+def test_reconnect_on_the_same_channel_discards_stale_bytes(routed: dict[str, Any]) -> None:
+    daemon: Connector = routed["daemon"]
+    ch: Qemu = routed["channels"]["unix"]
+    queue = _queue("again")
+    with _client(routed, "unix") as first:
+        first.send(queue, ["one"])
+    daemon.wait_state("g-unix", "waiting")
+    before = daemon.channel("g-unix")["discarded_bytes"]
+    ch.write_raw(b"\x00stale frame bytes from a dead client\x00")
+    with _client(routed, "unix") as second:
+        assert [m.body for m in second.receive(queue, 1)] == ["one"]
+    discarded = daemon.channel("g-unix")["discarded_bytes"] - before
+    assert discarded == len(b"\x00stale frame bytes from a dead client\x00")
+
+
+def test_broker_stopped_mid_stream_forces_the_guest_and_loses_nothing(
+    routed: dict[str, Any], tmp_path: Path
+) -> None:
+    daemon: Connector = routed["daemon"]
+    broker = routed["broker"]
+    queue = _queue("outage")
+    accepted: list[str] = []
+    guest = _client(routed, "unix-listen")
+    try:
+        # Durable, so that what the broker accepted survives its SIGKILL.
+        outcomes = guest.send(queue, [Message(body=b, durable=True) for b in ("p0", "p1")])
+        accepted += [
+            body for body, o in zip(["p0", "p1"], outcomes, strict=True) if o.state == "accepted"
+        ]
+        broker.kill()
+        with pytest.raises((Disconnected, AmqpError)) as dropped:
+            guest.send(queue, [Message(body="lost?", durable=True)])
+        assert "amqp:connection:forced" in str(dropped.value)
+    finally:
+        guest.driver.close_fd()
+        broker.start()
+    entry = daemon.wait_state("g-unix-listen", "waiting")
+    assert "amqp:connection:forced" in (entry["last_error"] or "")
+    with _client(routed, "unix-listen") as again:
+        got = again.receive(queue, len(accepted))
+        assert [m.body for m in got] == accepted  # all the broker accepted is there
+        extra = again.receive(queue, 5, drain=True)
+        assert [m.body for m in extra] in ([], ["lost?"])  # never acknowledged, maybe stored
+    wait_for(lambda: daemon.snapshot(), 10, "daemon alive")
