@@ -253,13 +253,20 @@ class Discovery:
         self._resolve(process)
 
     def _apply_libvirt(self, process: _Process, resolution: Resolution) -> None:
-        """The status file appeared (seen by the watch): it settles the process."""
+        """libvirt's status file, new or rewritten (seen by the watch), settles the process.
+
+        libvirt rewrites the file when a channel is hot-plugged or unplugged, so its list
+        is taken as the whole truth: a path of this process it no longer names is gone.
+        """
         process.from_libvirt = True
         if process.retry is not None:
             process.retry.cancel()
             process.retry = None
         for problem in resolution.problems:
             self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
+        named = {spec.path for spec in resolution.specs}
+        for path in sorted(process.paths - named):
+            self._gone(path, "channel removed from the domain")
         for spec in resolution.specs:
             self._appear(spec, process)
 
@@ -331,5 +338,5 @@ class Discovery:
             process = self._processes.get(domain.pid)
             if process is None:
                 self._take_process(domain.pid, "libvirt")
-            elif not process.from_libvirt:
+            else:
                 self._apply_libvirt(process, specs_from_libvirt(domain, self.settings))

@@ -208,3 +208,36 @@ def test_status_file_written_after_the_vm(
             discovery.stop()
 
     asyncio.run(scenario())
+
+
+def test_hotplugged_channels_follow_the_status_file(
+    short_tmp: Path, status_dir: Path, qemu_exe: Path, fakes: list[FakeQemuProcess]
+) -> None:
+    """``virsh attach-device``/``detach-device`` on a channel: libvirt rewrites the file."""
+    settings = _settings(status_dir, sources=frozenset({"watch"}), libvirt_retry_seconds=0.0)
+    first, second = f"{short_tmp}/hot0.sock", f"{short_tmp}/hot1.sock"
+
+    async def scenario() -> None:
+        sink = RecordingSink()
+        discovery = Discovery(settings, sink, asyncio.get_running_loop(), LOG)
+        discovery.start()
+        try:
+            fake = FakeQemuProcess(qemu_exe, ["-name", "guest=hot", "-S"])
+            fakes.append(fake)
+            await asyncio.to_thread(fake.created_at)
+
+            def status(*channels: tuple[str, str, str, str | None]) -> None:
+                write_status(status_dir, "hot", status_xml("hot", UUID, fake.pid, [*channels]))
+
+            status(("unix", "org.qpid.amqp.0", first, "bind"))
+            await sink.wait_for(lambda: set(sink.of_pid(fake.pid)) == {first})
+            status(("unix", "org.qpid.amqp.0", first, "bind"),
+                   ("unix", "org.qpid.amqp.1", second, "bind"))  # fmt: skip
+            await sink.wait_for(lambda: set(sink.of_pid(fake.pid)) == {first, second})
+            status(("unix", "org.qpid.amqp.1", second, "bind"))
+            await sink.wait_for(lambda: set(sink.of_pid(fake.pid)) == {second})
+            assert sink.gone(first) == ["channel removed from the domain"]
+        finally:
+            discovery.stop()
+
+    asyncio.run(scenario())
