@@ -9,20 +9,21 @@ is destroyed or the process exits.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import statistics
 import sys
 import uuid
 from pathlib import Path
 
-import pytest
 from discovery_helpers import (
+    LOG,
+    NEEDS_KVM,
     FakeQemuProcess,
     RecordingSink,
     ask_listen,
     ask_pty,
     ask_unix,
+    kvm_settings,
     poll_until,
     python_named_qemu,
 )
@@ -31,22 +32,9 @@ from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind
 
-pytestmark = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm for KVM_CREATE_VM"
-)
-LOG = logging.getLogger("test.discovery")
+pytestmark = NEEDS_KVM
 # How many create→ready cycles the latency measurement takes.
 LATENCY_SAMPLES = 40
-
-
-def _settings(tmp_path: Path, **overrides: object) -> DiscoverySettings:
-    values: dict[str, object] = {
-        "sources": frozenset({"kvm"}),
-        "libvirt_status_dir": str(tmp_path / "no-libvirt"),
-        "watch_globs": (),
-    }
-    values.update(overrides)
-    return DiscoverySettings(**values)  # type: ignore[arg-type]
 
 
 def _qemu_args(tmp_path: Path, guest_uuid: str) -> list[str]:
@@ -79,7 +67,7 @@ def test_finds_routes_and_drops_channels_of_a_qemu_like_process(tmp_path: Path) 
     guest_uuid = str(uuid.uuid4())
 
     async def scenario() -> None:
-        discovery, sink = await _started(_settings(tmp_path))
+        discovery, sink = await _started(kvm_settings(tmp_path / "no-libvirt"))
         fake = FakeQemuProcess(qemu_exe, _qemu_args(tmp_path, guest_uuid))
         try:
             await sink.wait_for(lambda: len(sink.of_pid(fake.pid)) == 3)
@@ -127,7 +115,7 @@ def test_a_process_that_is_not_qemu_is_ignored(tmp_path: Path) -> None:
     """Any process allowed to open /dev/kvm can create a VM; its sockets are not a guest's."""
 
     async def scenario() -> None:
-        discovery, sink = await _started(_settings(tmp_path))
+        discovery, sink = await _started(kvm_settings(tmp_path / "no-libvirt"))
         fake = FakeQemuProcess(sys.executable, _qemu_args(tmp_path, str(uuid.uuid4())))
         try:
             await poll_until(lambda: discovery.stats().get("untrusted_pids", 0) >= 1)
@@ -143,7 +131,7 @@ def test_a_process_that_is_not_qemu_is_ignored(tmp_path: Path) -> None:
 def test_allowed_executables_are_configurable(tmp_path: Path) -> None:
     """The other way to let a test helper pass: name its real executable in the settings."""
     python = os.path.basename(os.path.realpath(sys.executable))
-    settings = _settings(tmp_path, qemu_executables=("qemu-system-*", python))
+    settings = kvm_settings(tmp_path / "no-libvirt", qemu_executables=("qemu-system-*", python))
 
     async def scenario() -> None:
         discovery, sink = await _started(settings)
@@ -164,7 +152,7 @@ def test_startup_scan_finds_a_running_vm(tmp_path: Path) -> None:
         fake = FakeQemuProcess(qemu_exe, _qemu_args(tmp_path, str(uuid.uuid4())))
         try:
             fake.created_at()  # the VM exists before discovery starts
-            discovery, sink = await _started(_settings(tmp_path))
+            discovery, sink = await _started(kvm_settings(tmp_path / "no-libvirt"))
             try:
                 assert len(sink.of_pid(fake.pid)) == 3  # found by start() itself
                 assert discovery.stats()["processes_scan"] >= 1
@@ -185,7 +173,7 @@ def test_latency_from_create_ioctl_to_channels(tmp_path: Path) -> None:
     last: list[float] = []
 
     async def scenario() -> None:
-        discovery, sink = await _started(_settings(tmp_path))
+        discovery, sink = await _started(kvm_settings(tmp_path / "no-libvirt"))
         fake = FakeQemuProcess(qemu_exe, _qemu_args(tmp_path, str(uuid.uuid4())))
         try:
             for sample in range(LATENCY_SAMPLES):

@@ -8,7 +8,6 @@ port that must be ignored), a status file libvirt writes only after qemu created
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -16,24 +15,22 @@ from pathlib import Path
 
 import pytest
 from discovery_helpers import (
+    LOG,
+    NEEDS_KVM,
     FakeQemuProcess,
     RecordingSink,
     ask_pty,
     ask_unix,
+    kvm_settings,
     python_named_qemu,
     short_tmp,
-    status_xml,
     write_status,
 )
 
 from connector.discovery import Discovery
-from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind
 
-pytestmark = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm for KVM_CREATE_VM"
-)
-LOG = logging.getLogger("test.discovery")
+pytestmark = NEEDS_KVM
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 __all__ = ["short_tmp"]  # a fixture, used by name
 
@@ -58,16 +55,6 @@ def fakes() -> Iterator[list[FakeQemuProcess]]:
         fake.stop()
 
 
-def _settings(status_dir: Path, **overrides: object) -> DiscoverySettings:
-    values: dict[str, object] = {
-        "sources": frozenset({"kvm"}),
-        "libvirt_status_dir": str(status_dir),
-        "watch_globs": (),
-    }
-    values.update(overrides)
-    return DiscoverySettings(**values)  # type: ignore[arg-type]
-
-
 def test_status_file_found_at_startup(
     short_tmp: Path, status_dir: Path, qemu_exe: Path, fakes: list[FakeQemuProcess]
 ) -> None:
@@ -89,22 +76,19 @@ def test_status_file_found_at_startup(
     write_status(
         status_dir,
         "lv1",
-        status_xml(
-            "lv1",
-            UUID,
-            fake.pid,
-            [
-                ("unix", "org.qpid.amqp.0", sock, "bind"),
-                ("pty", "org.qpid.amqp.1", pts, None),
-                ("unix", "org.qpid.amqp.2", f"{short_tmp}/qpid-lv1.sock", "connect"),
-                ("unix", "org.qemu.guest_agent.0", f"{short_tmp}/ga.sock", "bind"),
-            ],
-        ),
+        UUID,
+        fake.pid,
+        [
+            ("unix", "org.qpid.amqp.0", sock, "bind"),
+            ("pty", "org.qpid.amqp.1", pts, None),
+            ("unix", "org.qpid.amqp.2", f"{short_tmp}/qpid-lv1.sock", "connect"),
+            ("unix", "org.qemu.guest_agent.0", f"{short_tmp}/ga.sock", "bind"),
+        ],
     )
 
     async def scenario() -> None:
         sink = RecordingSink()
-        discovery = Discovery(_settings(status_dir), sink, asyncio.get_running_loop(), LOG)
+        discovery = Discovery(kvm_settings(status_dir), sink, asyncio.get_running_loop(), LOG)
         discovery.start()
         try:
             specs = {s.identity.port: s for s in sink.of_pid(fake.pid).values()}
@@ -157,9 +141,9 @@ def test_status_file_written_after_the_vm(
     """retry: the KVM path looks again for a while. status-watch: no KVM at all (a TCG
     guest); inotify on libvirt's status directory finds the domain when it is written."""
     if how == "retry":
-        settings = _settings(status_dir, libvirt_retry_seconds=5.0, libvirt_retry_interval=0.05)
+        settings = kvm_settings(status_dir, libvirt_retry_seconds=5.0, libvirt_retry_interval=0.05)
     else:
-        settings = _settings(status_dir, sources=frozenset({"watch"}), libvirt_retry_seconds=0.0)
+        settings = kvm_settings(status_dir, sources=frozenset({"watch"}), libvirt_retry_seconds=0.0)
     sock_path = f"{short_tmp}/late.sock"
 
     async def scenario() -> None:
@@ -180,15 +164,12 @@ def test_status_file_written_after_the_vm(
             write_status(
                 status_dir,
                 "late",
-                status_xml(
-                    "late",
-                    UUID,
-                    fake.pid,
-                    [
-                        ("unix", "org.qpid.amqp.0", sock_path, "bind"),
-                        ("pty", "org.qpid.amqp.1", pts, None),
-                    ],
-                ),
+                UUID,
+                fake.pid,
+                [
+                    ("unix", "org.qpid.amqp.0", sock_path, "bind"),
+                    ("pty", "org.qpid.amqp.1", pts, None),
+                ],
             )
             await sink.wait_for(lambda: len(sink.of_pid(fake.pid)) == 2)
             specs = {s.identity.port: s for s in sink.of_pid(fake.pid).values()}
@@ -214,7 +195,7 @@ def test_hotplugged_channels_follow_the_status_file(
     short_tmp: Path, status_dir: Path, qemu_exe: Path, fakes: list[FakeQemuProcess]
 ) -> None:
     """``virsh attach-device``/``detach-device`` on a channel: libvirt rewrites the file."""
-    settings = _settings(status_dir, sources=frozenset({"watch"}), libvirt_retry_seconds=0.0)
+    settings = kvm_settings(status_dir, sources=frozenset({"watch"}), libvirt_retry_seconds=0.0)
     first, second = f"{short_tmp}/hot0.sock", f"{short_tmp}/hot1.sock"
 
     async def scenario() -> None:
@@ -227,7 +208,7 @@ def test_hotplugged_channels_follow_the_status_file(
             await asyncio.to_thread(fake.created_at)
 
             def status(*channels: tuple[str, str, str, str | None]) -> None:
-                write_status(status_dir, "hot", status_xml("hot", UUID, fake.pid, [*channels]))
+                write_status(status_dir, "hot", UUID, fake.pid, [*channels])
 
             status(("unix", "org.qpid.amqp.0", first, "bind"))
             await sink.wait_for(lambda: set(sink.of_pid(fake.pid)) == {first})

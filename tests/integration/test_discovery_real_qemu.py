@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import shutil
 import socket
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from discovery_helpers import WAIT_SECONDS, RecordingSink, short_tmp
+from discovery_helpers import LOG, WAIT_SECONDS, RecordingSink, short_tmp
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
@@ -30,7 +29,6 @@ from connector.identity import ChannelKind
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64")
-LOG = logging.getLogger("test.discovery")
 UUID = "5b0c0a4e-8f1d-4c0e-9d7a-1f2e3d4c5b6a"
 __all__ = ["short_tmp"]  # a fixture, used by name
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import select
 import shutil
@@ -12,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from discovery_helpers import RecordingSink, short_tmp
+from discovery_helpers import LOG, RecordingSink, short_tmp
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
 from connector.discovery.watch import Changes, GlobWatch, is_regular_file, is_socket
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
-LOG = logging.getLogger("test.discovery")
 __all__ = ["short_tmp"]  # a fixture, used by name
 
 

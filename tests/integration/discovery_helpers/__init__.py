@@ -8,6 +8,7 @@ discovery rightly reports those too: tests look only at the paths and pids they 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -22,11 +23,27 @@ from pathlib import Path
 
 import pytest
 
+from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelSpec
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
+LOG = logging.getLogger("test.discovery")
+NEEDS_KVM = pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm for KVM_CREATE_VM"
+)
 # Long enough for a loaded 2-core CI machine; every wait ends as soon as its condition holds.
 WAIT_SECONDS = 10.0
+
+
+def kvm_settings(status_dir: Path, **overrides: object) -> DiscoverySettings:
+    """Settings for a test of the KVM path: no directory watch unless asked for."""
+    values: dict[str, object] = {
+        "sources": frozenset({"kvm"}),
+        "libvirt_status_dir": str(status_dir),
+        "watch_globs": (),
+    }
+    values.update(overrides)
+    return DiscoverySettings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -244,10 +261,16 @@ def status_xml(
 """
 
 
-def write_status(directory: Path, name: str, text: str) -> Path:
-    """Write the file as libvirtd does: a temporary file renamed over the real one."""
+def write_status(
+    directory: Path,
+    name: str,
+    uuid: str,
+    pid: int,
+    channels: list[tuple[str, str, str, str | None]],
+) -> Path:
+    """Write ``status_xml(...)`` as libvirtd does: a temporary file renamed over NAME.xml."""
     path = directory / f"{name}.xml"
     tmp = directory / f"{name}.xml.new"
-    tmp.write_text(text)
+    tmp.write_text(status_xml(name, uuid, pid, channels))
     os.rename(tmp, path)
     return path
