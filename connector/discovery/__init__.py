@@ -107,7 +107,7 @@ class Discovery:
                 pattern = os.path.join(self.settings.libvirt_status_dir, "*.xml")
                 self._status = self._open_watch([pattern], is_regular_file)
         if sources:
-            self._scan_processes("scan")
+            self._guarded(self._scan_processes, "scan")
         if self._status is not None:
             self._guarded(self._status_changed, self._status.start())
             self._loop.add_reader(self._status.fileno(), self._guarded, self._on_status)
