@@ -301,6 +301,7 @@ class Channel:
             identity_properties=ident.open_properties(self.spec.path),
             log=self.log,
             counters=self.counters,
+            limits=lim,
             **({"check_attach": self._check_attach} if self._check_attach else {}),
         )
         engine.push(found.header)

@@ -19,7 +19,7 @@ from typing import Any
 from cproton_ffi import ffi, lib
 
 from .engine import copy_condition, copy_data
-from .route import Route
+from .route import GuestViolation, Route
 
 # The copy buffer for message bytes. Large enough that a 1 KiB message takes one call each
 # way; a multi-megabyte message streams through it a chunk at a time.
@@ -51,6 +51,18 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     link = route.link
     out_link = peer.link
     if twin is None:
+        if route.max_unsettled:
+            # Guest-side link: the guest may only send with credit (proton does not check)
+            # and only so many unsettled deliveries.
+            if lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0:
+                raise GuestViolation(
+                    "amqp:link:transfer-limit-exceeded", f"transfer without credit on {route.name}"
+                )
+            if len(route.inflight) >= route.max_unsettled:
+                raise GuestViolation(
+                    "amqp:resource-limit-exceeded",
+                    f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
+                )
         # First frame: open the twin delivery with the same tag on the peer link.
         twin = lib.pn_delivery(out_link, lib.pn_delivery_tag(dlv))
         route.inflight[dlv] = twin
@@ -67,13 +79,24 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
         lib.pn_link_send(out_link, _copy_ptr, n)
         moved += n
     route.bytes += moved
+    if route.max_message:
+        route.message_bytes += moved
+        if route.message_bytes > route.max_message:
+            lib.pn_delivery_abort(twin)
+            _forget(route, dlv, twin)
+            raise GuestViolation(
+                "amqp:link:message-size-exceeded",
+                f"a message on {route.name} is over {route.max_message} bytes",
+            )
     if lib.pn_delivery_aborted(dlv):
+        route.message_bytes = 0
         lib.pn_delivery_abort(twin)
         _forget(route, dlv, twin)
         lib.pn_delivery_settle(dlv)
         return 0, moved
     if lib.pn_delivery_partial(dlv):
         return 0, moved
+    route.message_bytes = 0
     # Complete: both links advance together, which keeps their credit in step.
     lib.pn_link_advance(link)
     lib.pn_link_advance(out_link)

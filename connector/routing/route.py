@@ -11,6 +11,15 @@ from typing import Any, NamedTuple
 from cproton_ffi import ffi, lib
 
 
+class GuestViolation(Exception):
+    """The guest broke a limit or the protocol; its connection ends with this condition."""
+
+    def __init__(self, condition: str, description: str) -> None:
+        super().__init__(f"{condition}: {description}")
+        self.condition = condition
+        self.description = description
+
+
 class AttachRequest(NamedTuple):
     """What a guest asks for when it attaches a link, as the policy needs it."""
 
@@ -34,6 +43,9 @@ class Route:
         "from_guest",
         "inflight",
         "link",
+        "max_message",
+        "max_unsettled",
+        "message_bytes",
         "name",
         "peer",
         "receiving",
@@ -49,6 +61,10 @@ class Route:
         self.deliveries = 0  # completed transfers received on this link
         self.bytes = 0  # message bytes received on this link
         self.address: str | None = None  # the node: target of 'in' links, source of 'out'
+        # Limits checked on the per-message path (0 = none); set for guest-side links only.
+        self.max_unsettled = 0
+        self.max_message = 0
+        self.message_bytes = 0  # bytes of the message being received, while it is partial
 
     @property
     def direction(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,11 @@ from typing import Any
 from cproton_ffi import ffi, lib
 from proton import Data, symbol
 
+from ..limits import GuestLimits
 from . import credit
 from .deliveries import forget_route, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
-from .route import AttachRequest, Route
+from .route import AttachRequest, GuestViolation, Route
 from .terminus import copy_attach
 
 FORCED = "amqp:connection:forced"
@@ -91,6 +93,7 @@ class Router:
         log: logging.Logger | logging.LoggerAdapter,
         counters: Counters,
         check_attach: AttachCheck = _allow_all,
+        limits: GuestLimits | None = None,
     ) -> None:
         self.guest = guest
         self.upstream: Engine | None = None
@@ -104,6 +107,10 @@ class Router:
         self._counters = counters
         self._check_attach = check_attach
         self._upstream_dead = False
+        self._limits = limits or GuestLimits()
+        # Token bucket for attaches: a guest may burst, then attach at the set rate.
+        self._attach_tokens = float(self._limits.attach_burst)
+        self._attach_time = time.monotonic()
         self._awaiting_detach: set[Any] = set()  # links we closed whose peer has not yet
 
     # -- driving -------------------------------------------------------------------------
@@ -131,7 +138,11 @@ class Router:
                 dlv = lib.pn_event_delivery(ev)
                 route = routes.get(lib.pn_delivery_link(dlv))
                 if route is not None and route.peer is not None:
-                    done, moved = on_delivery(route, dlv)
+                    try:
+                        done, moved = on_delivery(route, dlv)
+                    except GuestViolation as err:
+                        self.violation(err.condition, err.description)
+                        done = moved = 0
                     if moved or done:
                         if from_guest:
                             counters.deliveries_in += done
@@ -284,6 +295,24 @@ class Router:
         lib.pn_connection_close(g)
         self.state = RouterState.CLOSING
 
+    def violation(self, condition: str, description: str) -> None:
+        """The guest broke a limit or the protocol: end its connection with ``condition``.
+
+        Its upstream is closed too; what it had not settled stays unsettled at the broker.
+        """
+        if self.error is not None and self.error[0] == condition:
+            return
+        self._log.warning("ending the guest's connection: %s: %s", condition, description)
+        self.error = (condition, description)
+        g = self.guest.connection
+        state = lib.pn_connection_state(g)
+        if not state & _LOCAL_CLOSED:
+            if state & _LOCAL_UNINIT:
+                lib.pn_connection_open(g)
+            set_condition(lib.pn_connection_condition(g), condition, description)
+            lib.pn_connection_close(g)
+        self.close_upstream()
+
     def shutdown(self, reason: str) -> None:
         """End both connections on our initiative (the connector stops, the channel is
         removed): the guest gets ``amqp:connection:forced`` so its client reconnects."""
@@ -393,6 +422,8 @@ class Router:
         up_ssn = self._sessions.get(lib.pn_link_session(glink))
         if up_ssn is None:
             return  # the session is ending; its end will detach this link
+        if not self._attach_allowed():
+            return
         refusal = self._check_attach(_attach_request(glink))
         if refusal is not None:
             self._refuse(glink, refusal)
@@ -404,6 +435,9 @@ class Router:
             ulink = lib.pn_receiver(up_ssn, name)
         copy_attach(ulink, glink)
         groute = Route(glink, from_guest=True)
+        if groute.receiving:  # the guest sends on it: the per-message limits apply
+            groute.max_unsettled = self._limits.max_unsettled_per_link
+            groute.max_message = self._limits.max_message_size
         uroute = Route(ulink, from_guest=False)
         groute.peer, uroute.peer = uroute, groute
         groute.address = uroute.address = _guest_address(glink)
@@ -411,6 +445,28 @@ class Router:
         self.routes[ulink] = uroute
         lib.pn_link_open(ulink)
         self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
+
+    def _attach_allowed(self) -> bool:
+        """Count the guest's links and attach rate; end the connection over a limit."""
+        lim = self._limits
+        links = sum(1 for r in self.routes.values() if r.from_guest)
+        if links >= lim.max_links:
+            self.violation("amqp:resource-limit-exceeded", f"more than {lim.max_links} links")
+            return False
+        now = time.monotonic()
+        self._attach_tokens = min(
+            float(lim.attach_burst),
+            self._attach_tokens + (now - self._attach_time) * lim.attach_rate,
+        )
+        self._attach_time = now
+        if self._attach_tokens < 1:
+            self.violation(
+                "amqp:resource-limit-exceeded",
+                f"attaching faster than {lim.attach_rate:g} links/s",
+            )
+            return False
+        self._attach_tokens -= 1
+        return True
 
     def _refuse(self, glink: Any, refusal: tuple[str, str]) -> None:
         """Answer an attach with a null terminus, then detach it with the reason."""

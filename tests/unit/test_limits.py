@@ -1,0 +1,163 @@
+"""Per-guest limits in the routing core: going over one ends that guest's connection with
+the matching AMQP error, and the broker never sees the offending traffic."""
+
+from __future__ import annotations
+
+import pytest
+from proton import Collector, Connection, Endpoint, Message, Transport
+
+from connector.errors import ConfigError
+from connector.limits import GuestLimits
+from tests.support.routing import Harness
+
+
+def _sender(h: Harness, name: str = "s", address: str = "q"):
+    conn = h.open_guest()
+    ssn = conn.session()
+    ssn.open()
+    snd = ssn.sender(name)
+    snd.target.address = address
+    snd.open()
+    h.pump()
+    brcv = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    return conn, snd, brcv
+
+
+def _closed_with(conn, condition: str) -> str:
+    assert conn.state & Endpoint.REMOTE_CLOSED, "the guest's connection is still open"
+    assert conn.remote_condition.name == condition
+    return conn.remote_condition.description
+
+
+def _stream_with_uncredited_transfer() -> tuple[bytes, bytes]:
+    """What a guest client writes when it sends a transfer: recorded against a peer that
+    granted credit, so it can be replayed to the router, where the broker granted none."""
+    client, server = Transport(), Transport(Transport.SERVER)
+    cconn, sconn = Connection(), Connection()
+    client.bind(cconn)
+    server.bind(sconn)
+    collector = Collector()
+    sconn.collect(collector)
+    written = bytearray()
+
+    def pump() -> None:
+        while client.pending() > 0 or server.pending() > 0:
+            if client.pending() > 0:
+                out = client.peek(client.pending())
+                client.pop(len(out))
+                written.extend(out)
+                server.push(out)
+            if server.pending() > 0:
+                out = server.peek(server.pending())
+                server.pop(len(out))
+                client.push(out)
+
+    cconn.container = "guest-app"
+    cconn.open()
+    ssn = cconn.session()
+    ssn.open()
+    snd = ssn.sender("s")
+    snd.target.address = "q"
+    snd.open()
+    pump()
+    sconn.open()
+    ev = collector.peek()
+    while ev is not None:
+        if ev.type.name == "PN_SESSION_REMOTE_OPEN":
+            ev.session.open()
+        if ev.type.name == "PN_LINK_REMOTE_OPEN":
+            ev.link.target.copy(ev.link.remote_target)
+            ev.link.open()
+            ev.link.flow(1)
+        collector.pop()
+        ev = collector.peek()
+    pump()
+    handshake = bytes(written)
+    snd.delivery("x")
+    snd.send(Message(body="no credit here").encode())
+    snd.advance()
+    pump()
+    return handshake, bytes(written[len(handshake) :])
+
+
+def test_transfer_without_credit_ends_the_connection() -> None:
+    h = Harness(guest=False)
+    handshake, transfer = _stream_with_uncredited_transfer()
+    h.router.guest.push(handshake)
+    h.pump()
+    assert h.router.error is None
+    h.router.guest.push(transfer)
+    h.pump()
+    assert h.router.error[0] == "amqp:link:transfer-limit-exceeded"
+    assert "without credit" in h.router.error[1]
+    brcv = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    assert brcv.current is None  # nothing reached the broker
+    assert h.broker.connection.state & Endpoint.REMOTE_CLOSED
+
+
+def test_unsettled_limit() -> None:
+    h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
+    conn, snd, brcv = _sender(h)
+    brcv.flow(10)
+    h.pump()
+    for i in range(4):
+        snd.delivery(f"u{i}")
+        snd.send(Message(body=i).encode())
+        snd.advance()
+    h.pump()
+    assert "more than 3 unsettled" in _closed_with(conn, "amqp:resource-limit-exceeded")
+
+
+def test_message_size_limit_aborts_the_forwarded_part() -> None:
+    h = Harness(limits=GuestLimits(max_message_size=100_000))
+    conn, snd, brcv = _sender(h)
+    brcv.flow(1)
+    h.pump()
+    snd.delivery("big")
+    snd.send(b"\x00" * 150_000)
+    h.pump()
+    _closed_with(conn, "amqp:link:message-size-exceeded")
+    dlv = brcv.current
+    assert dlv is None or dlv.aborted  # the broker never gets a whole message
+
+
+def test_link_count_limit() -> None:
+    h = Harness(limits=GuestLimits(max_links=2))
+    conn = h.open_guest()
+    ssn = conn.session()
+    ssn.open()
+    for i in range(3):
+        rcv = ssn.receiver(f"r{i}")
+        rcv.source.address = "q"
+        rcv.open()
+    h.pump()
+    assert "more than 2 links" in _closed_with(conn, "amqp:resource-limit-exceeded")
+
+
+def test_attach_rate_limit() -> None:
+    h = Harness(limits=GuestLimits(attach_rate=0.001, attach_burst=5))
+    conn = h.open_guest()
+    ssn = conn.session()
+    ssn.open()
+    for i in range(6):
+        rcv = ssn.receiver(f"r{i}")
+        rcv.source.address = "q"
+        rcv.open()
+        h.pump()
+    assert "links/s" in _closed_with(conn, "amqp:resource-limit-exceeded")
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ({"max_frame_size": 100}, "limits.max_frame_size"),
+        ({"max_links": "many"}, "limits.max_links"),
+        ({"max_links": 2.5}, "limits.max_links"),
+        ({"no_such": 1}, "limits.no_such"),
+        ({"idle_timeout_s": -1}, "limits.idle_timeout_s"),
+    ],
+)
+def test_bad_limits_name_the_key(table: dict, where: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        GuestLimits.from_table(table)
+    assert err.value.where == where
