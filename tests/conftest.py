@@ -1,0 +1,35 @@
+"""Session-wide real brokers, each started on first use and stopped at the end of the session.
+
+A test asks for `artemis` or `rabbitmq`; the broker starts the first time one does (Artemis about
+2 s, RabbitMQ about 6 s) and serves the rest of the session. A test that stops or kills a broker
+must start it again before it ends (`try: ... finally: broker.start()`), since later tests share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.brokers import Artemis, Broker, RabbitMQ
+
+
+def _serve(broker: Broker) -> Iterator[Broker]:
+    """Start `broker`, hand it to the session, and stop it (and its helpers) however we leave."""
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def artemis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artemis]:
+    """A running Artemis 2.40 on a free loopback port (tests.brokers.Artemis)."""
+    yield from _serve(Artemis(tmp_path_factory.mktemp("artemis")))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """A running RabbitMQ 3.10 node with the AMQP 1.0 plugin (tests.brokers.RabbitMQ)."""
+    yield from _serve(RabbitMQ(tmp_path_factory.mktemp("rabbitmq")))
