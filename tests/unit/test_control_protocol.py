@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from connector.control import protocol
 from connector.control.sample import sample_snapshot
@@ -79,3 +81,21 @@ def test_answer_errors_are_replies_not_exceptions() -> None:
         assert reply["ok"] is False, request
         assert message in reply["error"], (request, reply)
         assert reply["version"] == protocol.PROTOCOL_VERSION
+
+
+def documented_keys(heading: str) -> list[str]:
+    """The backticked keys in the first column of the table under a docs/status.md heading."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "status.md").read_text()
+    section = text.split(heading, 1)[1].split("\n#", 1)[0]
+    keys: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            keys += re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    return keys
+
+
+def test_docs_list_exactly_the_row_and_detail_keys() -> None:
+    assert documented_keys("### Channel row") == DOCUMENTED_ROW_KEYS
+    detail = sample_snapshot(NOW)["channels"][0]["detail"]
+    assert documented_keys("### `guest NAME --json`") == list(detail)
+    assert list(detail) == list(protocol.ChannelDetail.__annotations__)
