@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO
 
@@ -148,11 +148,10 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     command = words[0] if words else "channels"
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
-    expected = 2 if command == "guest" else 1
-    if len(words) != max(expected, 1) and not (not words and command == "channels"):
-        parser.error(
-            "guest needs exactly one NAME" if command == "guest" else f"{command} takes no argument"
-        )
+    if command == "guest" and len(words) != 2:
+        parser.error("guest needs exactly one NAME")
+    if command != "guest" and len(words) > 1:
+        parser.error(f"{command} takes no argument")
     password = None
     if args.broker_password_file:
         try:
@@ -199,6 +198,9 @@ def build_report(
 ) -> Report:
     """Render one refresh of the chosen command from a snapshot."""
     now = time.time()
+    view = protocol.guest_view(snapshot, opts.guest or "") if opts.command == "guest" else None
+    if opts.command == "guest" and view is None:
+        return Report(f"qpid-virtio-status: no guest named {opts.guest!r}", EXIT_UNHEALTHY)
     check = run_broker_check(opts, snapshot) if opts.broker_check else None
     status = EXIT_OK
     if check is not None and (
@@ -207,10 +209,7 @@ def build_report(
         status = EXIT_UNHEALTHY
     document: dict[str, Any]
     watching = opts.watch is not None
-    if opts.command == "guest":
-        view = protocol.guest_view(snapshot, opts.guest or "")
-        if view is None:
-            return Report(f"qpid-virtio-status: no guest named {opts.guest!r}", EXIT_UNHEALTHY)
+    if view is not None:
         status = max(status, health(view["channels"]))
         rows = [protocol.channel_row(c) for c in view["channels"]]
         rates = _rates(previous, rows, interval, views.channel_rates) if watching else None
@@ -229,22 +228,26 @@ def build_report(
         status = max(status, health(rows))
         rates = _rates(previous, rows, interval, views.channel_rates) if watching else None
         document = {"channels": rows}
-        marks = broker_marks(snapshot, check) if check is not None else None
+        marks = broker_marks(check) if check is not None else None
         text = views.render_channels(rows, now, colour, opts.wide, rates, marks)
         sample = rows
     if check is not None:
         document["broker_check"] = check
-        text += "\n\n" + views_broker_check(check)
+        text += "\n\n" + views.render_broker_check(check)
     if opts.json:
         text = json.dumps(document, indent=None if watching else 2, sort_keys=False)
     return Report(text, status, sample)
 
 
-def _rates(previous: Report | None, current: Any, interval: float, compute: Any) -> views.Rates:
+def _rates(
+    previous: Report | None,
+    current: Any,
+    interval: float,
+    compute: Callable[[Any, Any, float], views.Rates],
+) -> views.Rates:
     if previous is None or previous.sample is None:
         return views.NO_RATES
-    rates: views.Rates = compute(previous.sample, current, interval)
-    return rates
+    return compute(previous.sample, current, interval)
 
 
 def run_broker_check(opts: Options, snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -269,41 +272,13 @@ def run_broker_check(opts: Options, snapshot: dict[str, Any]) -> dict[str, Any]:
     return dict(result)
 
 
-def broker_marks(snapshot: dict[str, Any], check: dict[str, Any]) -> dict[str, str]:
+def broker_marks(check: dict[str, Any]) -> dict[str, str]:
     """The BROKER column: per channel path, whether the broker lists its connection."""
     if check.get("error"):
         return {}
     marks = {path: "listed" for path in check["matched"]}
     marks.update({m["path"]: "MISSING" for m in check["missing_on_broker"]})
     return marks
-
-
-def views_broker_check(check: dict[str, Any]) -> str:
-    """The broker check's findings as lines of text."""
-    if check.get("error"):
-        return f"broker check failed: {check['error']}"
-    lines = [
-        f"broker check against {check['broker']} ({check['adapter']}): "
-        f"{len(check['matched'])} listed, {len(check['missing_on_broker'])} missing, "
-        f"{len(check['unknown_to_connector'])} unknown"
-    ]
-    lines += [
-        f"  MISSING on broker: guest {m['guest']} port {m['port']} ({m['path']}), "
-        f"container-id {m['container_id'] or '-'}"
-        for m in check["missing_on_broker"]
-    ]
-    lines += [
-        f"  UNKNOWN to connector: broker connection from {u['remote_address'] or '?'} claims "
-        f"guest {u['guest']} port {u['port'] or '-'} channel {u['channel'] or '-'}, "
-        f"container-id {u['container_id'] or '-'}"
-        for u in check["unknown_to_connector"]
-    ]
-    if not check["shows_properties"]:
-        lines.append(
-            "  (this broker does not show open-frame properties: matched by "
-            "address and container-id, and connections claiming a guest cannot be seen)"
-        )
-    return "\n".join(lines)
 
 
 def fetch(opts: Options) -> dict[str, Any]:

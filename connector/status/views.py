@@ -321,6 +321,34 @@ def render_guest(view: GuestView, now: float, colour: bool, rates: Rates | None 
     return "\n".join(out)
 
 
+def render_broker_check(check: Mapping[str, Any]) -> str:
+    """The broker check's findings as lines of text."""
+    if check.get("error"):
+        return f"broker check failed: {check['error']}"
+    lines = [
+        f"broker check against {check['broker']} ({check['adapter']}): "
+        f"{len(check['matched'])} listed, {len(check['missing_on_broker'])} missing, "
+        f"{len(check['unknown_to_connector'])} unknown"
+    ]
+    lines += [
+        f"  MISSING on broker: guest {m['guest']} port {m['port']} ({m['path']}), "
+        f"container-id {m['container_id'] or '-'}"
+        for m in check["missing_on_broker"]
+    ]
+    lines += [
+        f"  UNKNOWN to connector: broker connection from {u['remote_address'] or '?'} claims "
+        f"guest {u['guest']} port {u['port'] or '-'} channel {u['channel'] or '-'}, "
+        f"container-id {u['container_id'] or '-'}"
+        for u in check["unknown_to_connector"]
+    ]
+    if not check["shows_properties"]:
+        lines.append(
+            "  (this broker does not show open-frame properties: matched by "
+            "address and container-id, and connections claiming a guest cannot be seen)"
+        )
+    return "\n".join(lines)
+
+
 def _errors_table(errors: Sequence[Mapping[str, Any]], now: float, colour: bool) -> str:
     columns = [
         Column("TIME"),
