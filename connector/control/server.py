@@ -50,6 +50,17 @@ class ControlServer:
         Raises ConfigError naming the path or group when that is the operator's mistake.
         """
         gid = self._group_id()
+        # The default path is under /run, which is empty after boot unless systemd's
+        # RuntimeDirectory= made it; a daemon started by hand makes it itself.
+        parent = os.path.dirname(self.path)
+        if parent and not os.path.isdir(parent):
+            try:
+                os.makedirs(parent, exist_ok=True)
+                os.chmod(parent, 0o755)  # searchable, so a socket group can reach the socket
+            except OSError as exc:
+                raise ConfigError(
+                    self.path, f"cannot create its directory: {exc.strerror}"
+                ) from exc
         self._remove_stale_socket()
         # Bind under a umask that already excludes everyone else, so the socket is never
         # reachable with looser permissions than asked, even for the instant before chmod.

@@ -92,9 +92,11 @@ def test_mode_and_group_are_set_and_close_removes_the_socket(sock_path: Path) ->
     assert not sock_path.exists()
 
 
-def test_default_mode_is_owner_only(sock_path: Path) -> None:
+def test_default_mode_is_owner_only_in_a_directory_made_for_it(tmp_path: Path) -> None:
+    sock_path = tmp_path / "run" / "qpid-virtio-connector" / "control.sock"
     with ServedState(str(sock_path), sample_snapshot()):
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o755
 
 
 def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
