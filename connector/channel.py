@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import os
 import socket
 import time
@@ -53,6 +54,23 @@ RECENT_ERRORS = 20
 # resume below the low mark: memory per channel stays bounded whatever the peers do.
 BACKLOG_HIGH = 4 * 1024 * 1024
 BACKLOG_LOW = 1 * 1024 * 1024
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a loop callback: a bug met while serving one guest ends that guest's
+    connection with ``amqp:internal-error`` and is logged with its name; the daemon and
+    the other guests go on."""
+
+    @functools.wraps(method)
+    def callback(self: Channel, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception as err:
+            self.log.exception("internal error while serving this channel")
+            self._record_error(f"internal error: {err!r}", "amqp:internal-error")
+            self._internal_error(str(err))
+
+    return callback
 
 
 class ChannelState(enum.Enum):
@@ -127,6 +145,7 @@ class Channel:
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._close_wait: asyncio.TimerHandle | None = None  # our close awaits the guest's
+        self._open_wait: asyncio.TimerHandle | None = None  # the guest's open is due
         self._backoff = BACKOFF_FIRST_S
         self._closed = False
 
@@ -188,6 +207,7 @@ class Channel:
         if not self._closed:
             self._retry = self._loop.call_later(delay, self._open_endpoint)
 
+    @_guarded
     def _on_listen_readable(self) -> None:
         if self._fd is not None:
             if self._endpoint.reject_extra():  # type: ignore[attr-defined]
@@ -241,6 +261,7 @@ class Channel:
 
     # -- guest side I/O --------------------------------------------------------------------
 
+    @_guarded
     def _on_guest_readable(self) -> None:
         try:
             data = self._sock.recv(IO_CHUNK) if self._sock else os.read(self._fd, IO_CHUNK)
@@ -311,6 +332,9 @@ class Channel:
         engine.push(found.rest)
         self._set_state(ChannelState.CONNECTED, None)
         self.idle.clear()
+        self._open_wait = self._loop.call_later(
+            lim.open_timeout_s, self._open_timeout, self._router
+        )
 
     def _write_guest(self) -> None:
         router = self._router
@@ -339,6 +363,7 @@ class Channel:
             self._loop.remove_writer(self._fd)
             self._writing = False
 
+    @_guarded
     def _on_guest_writable(self) -> None:
         self._pump()
 
@@ -364,6 +389,7 @@ class Channel:
             CONNECT_TIMEOUT_S, self._upstream_timeout, router, up
         )
 
+    @_guarded
     def _on_upstream_connected(self, router: Router, up: _Upstream) -> None:
         self._loop.remove_writer(up.sock.fileno())
         up.writing = False
@@ -375,11 +401,13 @@ class Channel:
         self._loop.add_reader(up.sock.fileno(), self._on_upstream_readable, router, up)
         self._pump_router(router, up)
 
+    @_guarded
     def _upstream_timeout(self, router: Router, up: _Upstream) -> None:
         up.connect_timer = None
         if router.state is RouterState.OPENING:
             self._upstream_broken(router, up, f"no answer from {up.url} in {CONNECT_TIMEOUT_S}s")
 
+    @_guarded
     def _on_upstream_readable(self, router: Router, up: _Upstream) -> None:
         try:
             data = up.sock.recv(IO_CHUNK)
@@ -421,12 +449,29 @@ class Channel:
                 eng.pop_output(n)
             if n < len(out):
                 if not up.writing:
-                    self._loop.add_writer(fd, self._pump_router, router, up)
+                    self._loop.add_writer(fd, self._on_upstream_writable, router, up)
                     up.writing = True
                 return
         if up.writing:
             self._loop.remove_writer(fd)
             up.writing = False
+
+    @_guarded
+    def _on_upstream_writable(self, router: Router, up: _Upstream) -> None:
+        self._pump_router(router, up)
+
+    def _internal_error(self, description: str) -> None:
+        """Recover from a bug: end the current guest connection, keep the channel."""
+        router = self._router
+        if router is None:
+            return
+        try:
+            router.violation("amqp:internal-error", description)
+            self._pump()
+        except Exception:  # the connection is beyond saving; drop it
+            self.log.exception("could not close the guest connection cleanly")
+        if self._router is router:
+            self._end_connection()
 
     def _drop_upstream(self, router: Router, up: _Upstream) -> None:
         """Close the upstream socket (after the close exchange, a failure, or a timeout)."""
@@ -511,6 +556,20 @@ class Channel:
             self._loop.add_reader(fd, self._on_upstream_readable, router, up)
             up.paused = False
 
+    @_guarded
+    def _open_timeout(self, router: Router) -> None:
+        """The guest sent a header but no open (or never finished SASL) in time."""
+        self._open_wait = None
+        if self._router is router and router.upstream is None:
+            why = f"no AMQP open within {self._limits.open_timeout_s:g}s of the protocol header"
+            self.log.warning("%s; dropping the connection", why)
+            self._record_error(why, "amqp:resource-limit-exceeded")
+            router.violation("amqp:resource-limit-exceeded", why)
+            self._pump()
+            if self._router is router:
+                self._end_connection()
+
+    @_guarded
     def _guest_close_timeout(self) -> None:
         """A guest that does not answer our close is not waited for any longer."""
         self._close_wait = None
@@ -526,10 +585,10 @@ class Channel:
         """
         router = self._router
         self._router = None
-        for timer in (self._tick, self._close_wait):
+        for timer in (self._tick, self._close_wait, self._open_wait):
             if timer is not None:
                 timer.cancel()
-        self._tick = self._close_wait = None
+        self._tick = self._close_wait = self._open_wait = None
         if router is None:
             return
         if router.error:
@@ -568,6 +627,7 @@ class Channel:
         if nearest:
             self._tick = self._loop.call_later(max(0, nearest - now_ms) / 1000, self._on_tick)
 
+    @_guarded
     def _on_tick(self) -> None:
         self._tick = None
         self._pump()  # _pump ticks the engines again and re-arms the timer
