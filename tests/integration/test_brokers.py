@@ -31,6 +31,7 @@ from proton.utils import BlockingConnection, BlockingReceiver, LinkDetached
 from tests.brokers import Artemis, Broker, RabbitMQ
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
 from tests.brokers.common import tcp_client_addresses
+from tests.brokers.tap import OpenFrameTap
 
 pytestmark = pytest.mark.broker
 
@@ -311,6 +312,32 @@ def test_rabbitmq_shows_sessions_only_by_client_address(rabbitmq: RabbitMQ) -> N
         assert rabbitmq.ctl("list_amqp10_connections", "--formatter", "json").strip() == "[\n]"
     finally:
         conn.close()
+
+
+def test_tap_records_open_frames_and_matches_broker_rows(broker: Broker) -> None:
+    """The way to prove a client's identity on either broker: OpenFrameTap in front of it."""
+    container_id = f"tapped-{uuid.uuid4().hex[:8]}"
+    properties = {symbol("qpid-virtio.guest"): "vm-tap", symbol("qpid-virtio.port"): "p0"}
+    with OpenFrameTap(broker) as tap:
+        conn = BlockingConnection(
+            tap.url,
+            timeout=ANSWER_TIMEOUT,
+            container_id=container_id,
+            properties=properties,
+            user=broker.user,
+            password=broker.password,
+        )
+        try:
+            send(conn, queue_address(broker, "tap"), "through the tap")
+            (opened,) = tap.opens()
+            assert opened["container_id"] == container_id
+            assert opened["properties"] == {"qpid-virtio.guest": "vm-tap", "qpid-virtio.port": "p0"}
+            ((row, tapped),) = tap.match(broker.list_connections())
+            assert tapped.container_id == container_id
+            if row["container_id"] is not None:  # Artemis
+                assert row["container_id"] == container_id
+        finally:
+            conn.close()
 
 
 # --- Artemis behaviours -----------------------------------------------------------------------
