@@ -135,6 +135,13 @@ def group_cpu(pgid: int) -> float:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds all cores spent on anything but idle and I/O wait, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK
+
+
 def self_cpu() -> float:
     """This process's user+system CPU: the client's cost."""
     t = os.times()
@@ -322,6 +329,7 @@ class Bench:
     size: int
     window: int
     requests: int
+    responder_pid: int | None = None
     remote_properties: dict[str, Any] | None = None
 
     @contextlib.contextmanager
@@ -343,24 +351,39 @@ class Bench:
         finally:
             sock.close()
 
-    def measure(self, path: str, handler: Any, routed: int) -> dict[str, float]:
-        """Run one phase on ``path``; return its CPU costs per routed message in µs."""
+    def meters(self) -> dict[str, float]:
+        """CPU seconds so far of everything taking part, and of the whole machine."""
         pgid = broker_pgid(self.broker)
-        con0, cli0 = self.connector.cpu(), self_cpu()
-        bro0 = group_cpu(pgid) if pgid else 0.0
+        con, con_ticks = self.connector.cpu()
+        return {
+            "client": self_cpu(),
+            "connector": con,
+            "connector_stat": con_ticks,
+            "broker": group_cpu(pgid) if pgid else 0.0,
+            "responder": proc_cpu(self.responder_pid) if self.responder_pid else 0.0,
+            "machine": machine_busy(),
+            "wall": time.monotonic(),
+        }
+
+    def measure(self, path: str, handler: Any, routed: int) -> dict[str, float]:
+        """Run one phase on ``path``; return its CPU costs per routed message in µs, and
+        how many cores other work on the machine took meanwhile (the noise)."""
+        before = self.meters()
         with self.channel(path) as (fd, mechs):
             run_phase(handler, fd, sasl_mechanisms=mechs)
-        con1, cli1 = self.connector.cpu(), self_cpu()
-        bro1 = group_cpu(pgid) if pgid else 0.0
+        after = self.meters()
+        d = {k: after[k] - before[k] for k in before}
         if path == "direct" and self.remote_properties is None:
             self.remote_properties = handler.remote_properties
+        ours = d["client"] + d["connector"] + d["broker"] + d["responder"]
         out = {
-            "client_us": (cli1 - cli0) / routed * 1e6,
-            "broker_us": (bro1 - bro0) / routed * 1e6,
+            "client_us": d["client"] / routed * 1e6,
+            "broker_us": d["broker"] / routed * 1e6,
+            "other_cores": max(0.0, d["machine"] - ours) / d["wall"],
         }
         if path != "direct":
-            out["connector_us"] = (con1[0] - con0[0]) / routed * 1e6
-            out["connector_us_stat"] = (con1[1] - con0[1]) / routed * 1e6
+            out["connector_us"] = d["connector"] / routed * 1e6
+            out["connector_us_stat"] = d["connector_stat"] / routed * 1e6
         return out
 
     def throughput(self, path: str, queue: str) -> dict[str, Any]:
@@ -423,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             runs: list[dict[str, Any]] = []
             service = f"bench.service.{os.getpid()}"
-            with responder(broker, kind.address(service)):
+            with responder(broker, kind.address(service)) as service_proc:
+                bench.responder_pid = service_proc.pid
                 # Negative rounds warm up the JVM's JIT, the broker's queues and our caches;
                 # their numbers are thrown away.
                 for rnd in range(-args.warmup, args.rounds):
@@ -525,6 +549,8 @@ COST_COLUMNS = (
     ("recv", "recv_client_us", "{:.0f}"),
     ("broker µs/msg send", "send_broker_us", "{:.0f}"),
     ("recv", "recv_broker_us", "{:.0f}"),
+    ("other load (cores) send", "send_other_cores", "{:.2f}"),
+    ("recv", "recv_other_cores", "{:.2f}"),
 )
 
 
