@@ -5,7 +5,8 @@ Run as ``fake_qemu.py -name guest=vm1 -uuid U -chardev ... -device virtserialpor
 first creates its chardevs, in command-line order: a listening unix socket for
 ``socket,path=P,server=on``, a unix socket that connects out every ``reconnect`` seconds
 for ``server=off``, and a ``/dev/ptmx`` master for ``pty``. Then it issues the real
-``KVM_CREATE_VM`` ioctl, so the kernel sends the ``misc/kvm`` ``EVENT=create`` uevent.
+``KVM_CREATE_VM`` ioctl, so the kernel sends the ``misc/kvm`` ``EVENT=create`` uevent
+(unless given ``-accel tcg``: then it is a guest without KVM, and sends none).
 
 Whatever arrives on a chardev is echoed back prefixed with the port name (``PORT:``), so a
 test can prove which endpoint belongs to which port. With ``FAKE_QEMU_GUEST_DIR=DIR`` in
@@ -23,6 +24,7 @@ Standard library only: this file must run under a copy of the Python binary name
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import selectors
@@ -53,7 +55,9 @@ def keyval(text: str, implied: str) -> dict[str, str]:
 class FakeQemu:
     def __init__(self, argv: list[str]) -> None:
         self.sel = selectors.DefaultSelector()
-        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        # With ``-accel tcg`` it plays a guest without KVM: no VM, so no uevent at all.
+        tcg = any(a == "-accel" and v == "tcg" for a, v in itertools.pairwise(argv))
+        self.kvm = None if tcg else os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         self.vm: int | None = None
         self.chardevs: list[dict[str, str]] = []
         self.port_of: dict[str, str] = {}  # chardev id -> port name
@@ -102,7 +106,8 @@ class FakeQemu:
 
     def create(self) -> None:
         stamp = time.monotonic()
-        self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+        if self.kvm is not None:
+            self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
         print(f"created {stamp:.6f}", flush=True)
 
     def destroy(self) -> None:
