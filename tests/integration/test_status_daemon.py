@@ -2,7 +2,7 @@
 
 One daemon, four channels, a real Artemis:
   web1      unix-listen  a guest connected through it, with a sender and a receiver
-  idle      unix         qemu's socket is not there yet            -> waiting
+  idle      unix         qemu listens, its guest never opens       -> waiting
   vm-gone   pty          the pty's master closed (qemu exited)     -> gone
   broken    pty          the path is a directory, not a pty        -> error
 Each command's real output is checked for content, the JSON for its documented keys, the
@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from typing import Any
 import pytest
 
 from connector.control.protocol import ROW_KEYS
-from connector.status.client import ControlClient, ControlError
+from tests.brokers.common import free_port
+from tests.support.connector import Connector, Qemu, wait_for
 
 pytest.importorskip("connector.daemon", reason="needs the daemon (connector/daemon.py)")
 GuestClient = pytest.importorskip("connector.guest").GuestClient
@@ -35,104 +34,64 @@ GuestClient = pytest.importorskip("connector.guest").GuestClient
 pytestmark = pytest.mark.broker
 
 REPO = Path(__file__).resolve().parents[2]
-# The daemon starts in well under a second; a loaded CI box may be many times slower.
-START_TIMEOUT = 60.0
 # State changes follow an event on a channel within a loop iteration or two.
 STATE_TIMEOUT = 30.0
-POLL_INTERVAL = 0.05
 SENT = 5
 QUEUE = "status.test"
+WANT = {"web1": "connected", "idle": "waiting", "vm-gone": "gone", "broken": "error"}
 
 
 @dataclass
 class Running:
     """The daemon under test and what the test holds of its channels."""
 
-    control: str
+    daemon: Connector
     metrics_port: int
     broker_url: str
-    guest: Any  # GuestClient connected through web1's channel
-    log: Path
 
     def status(self, *argv: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NO_COLOR", None)
         return subprocess.run(
-            [sys.executable, "-m", "connector.status", "--control-socket", self.control, *argv],
+            [sys.executable, "-m", "connector.status", "--control-socket", self.daemon.control,
+             *argv],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll a condition with a deadline: no event tells a test the daemon changed state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(POLL_INTERVAL)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def snapshot_or_none(path: str) -> dict[str, Any] | None:
-    try:
-        return ControlClient(path, timeout=5).request("snapshot")["snapshot"]
-    except ControlError:
-        return None
-
-
-def states(path: str) -> dict[str, str]:
-    snap = snapshot_or_none(path)
+def states(daemon: Connector) -> dict[str, str]:
+    snap = daemon.snapshot()
     return {c["guest"]: c["state"] for c in snap["channels"]} if snap else {}
 
 
 @pytest.fixture(scope="module")
 def running(artemis: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     work = tmp_path_factory.mktemp("status-daemon")
-    control = str(work / "control.sock")
-    listen = str(work / "web1.sock")
     (work / "not-a-pty").mkdir()
-    master, slave = os.openpty()
+    web1 = Qemu("unix-listen", work, "web1")  # the test connects as qemu (server=off)
+    idle = Qemu("unix", work, "idle")  # qemu listens; its guest never opens the port
+    gone = Qemu("pty", work, "vm-gone")
     metrics_port = free_port()
-    log = work / "daemon.log"
-    argv = [
-        sys.executable, "-m", "connector", "--broker", artemis.url,
-        "--channel", f"unix-listen:{listen},guest=web1",
-        "--channel", f"unix:{work / 'idle.sock'},guest=idle",
-        "--channel", f"pty:{os.ttyname(slave)},guest=vm-gone",
+    daemon = Connector(
+        work, artemis, [web1, idle, gone],
         "--channel", f"pty:{work / 'not-a-pty'},guest=broken",
-        "--control-socket", control, "--metrics", f"127.0.0.1:{metrics_port}",
-    ]  # fmt: skip
-    with open(log, "w") as log_file:
-        daemon = subprocess.Popen(
-            argv, stderr=log_file, env={**os.environ, "PYTHONPATH": str(REPO)}
-        )
+        "--metrics", f"127.0.0.1:{metrics_port}",
+    ).start()  # fmt: skip
     guest = None
     try:
-        wait_for(lambda: snapshot_or_none(control), START_TIMEOUT, "the control socket")
-        wait_for(lambda: states(control).get("vm-gone") == "waiting", STATE_TIMEOUT, "pty open")
-        os.close(slave)
-        os.close(master)  # qemu exits: the pty's far end is gone
-        qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        qemu.connect(listen)  # qemu connecting to the connector's listening socket
-        guest = GuestClient(qemu.detach(), container_id="web1-app", timeout=30)
+        daemon.wait_state("vm-gone", "waiting")
+        gone.hang_up()  # qemu exits: the pty's far end is gone
+        guest = GuestClient(web1.fd(), container_id="web1-app", timeout=30)
         guest.send(QUEUE, [f"hello {i}" for i in range(SENT)])
         guest.receive(QUEUE, 2)
-        want = {"web1": "connected", "idle": "waiting", "vm-gone": "gone", "broken": "error"}
-        wait_for(lambda: states(control) == want, STATE_TIMEOUT, f"states {want}")
-        yield Running(control, metrics_port, artemis.url, guest, log)
+        wait_for(lambda: states(daemon) == WANT, STATE_TIMEOUT, f"states {WANT}")
+        yield Running(daemon, metrics_port, artemis.url)
     finally:
         if guest is not None:
             guest.close()
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop()
+        for qemu in (web1, idle, gone):
+            qemu.hang_up()
 
 
 def test_channels_table(running: Running) -> None:
