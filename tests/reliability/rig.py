@@ -1,0 +1,355 @@
+"""The routing core fed raw bytes as its guest: the rig for fuzzing and bad-input tests.
+
+``tests.support.routing.Harness`` drives the router with a well-behaved proton client. Here
+the guest is replaced by a byte source (``RawGuest``) so a test can push anything at the
+router's guest engine, and the scripted broker is extended (``FeedingHarness``) to grant
+credit, accept what arrives and send one message per credit, so a recorded stream exercises
+every performative in both directions.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proton import Delivery, Endpoint, Event, Message
+
+from cproton_ffi import lib
+
+from connector.channels.framing import HEADER_SIZE, HeaderScanner
+from connector.routing.engine import Engine, read_condition
+from connector.routing.router import RouterState
+from tests.reliability.amqp import AMQP_HEADER, SASL_HEADER
+from tests.support.routing import Harness
+
+# Credit the scripted broker grants each guest sender. Small, so a recorded stream holds
+# several flow frames.
+BROKER_CREDIT = 10
+# A bound on pump rounds per feed. One round moves everything that can move; a stream that
+# needs more than this many rounds to settle is a livelock, which is what the fuzz looks for.
+PUMP_ROUNDS = 200
+# The guest engine's idle timeout in the rig (ms): the clock is simulated, so any value works;
+# it is how a guest that stopped mid-frame is ended, as in the daemon.
+IDLE_TIMEOUT_MS = 60_000
+# Largest frame the rig's guest engine accepts: the connector's default (connector/limits.py).
+MAX_FRAME = 65536
+CHANNEL_MAX = 31
+
+
+
+class _RawTransport:
+    """Duck-types the part of ``proton.Transport`` the harness moves bytes with."""
+
+    def __init__(self) -> None:
+        self.pending_input = bytearray()  # what the "guest" has yet to send
+        self.received = bytearray()  # what the router wrote to the guest
+
+    def capacity(self) -> int:
+        return 1 << 30
+
+    def pending(self) -> int:
+        return len(self.pending_input)
+
+    def peek(self, n: int) -> bytes:
+        return bytes(self.pending_input[:n])
+
+    def pop(self, n: int) -> None:
+        del self.pending_input[:n]
+
+    def push(self, data: bytes) -> None:
+        self.received += data
+
+
+class RawGuest:
+    """A guest that is only a byte stream: whatever the test puts in ``send``."""
+
+    def __init__(self) -> None:
+        self.transport = _RawTransport()
+        self.events: list[Event] = []
+
+    def send(self, data: bytes) -> None:
+        self.transport.pending_input += data
+
+    def collect(self) -> list[Event]:
+        return []
+
+
+class FeedingHarness(Harness):
+    """The harness whose broker also grants credit, accepts transfers and feeds receivers."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._tags = itertools.count()
+        self.broker_received = 0
+
+    def _broker_default(self, ev: Event) -> None:
+        super()._broker_default(ev)
+        if self.broker_hook is not None:
+            return
+        name = ev.type.name
+        if name == "PN_LINK_REMOTE_OPEN" and ev.link.is_receiver:
+            ev.link.flow(BROKER_CREDIT)
+        elif name == "PN_DELIVERY":
+            dlv = ev.delivery
+            link = dlv.link
+            if link.is_receiver and not dlv.partial and link.current == dlv:
+                link.recv(dlv.pending)
+                link.advance()
+                dlv.update(Delivery.ACCEPTED)
+                dlv.settle()
+                self.broker_received += 1
+                if link.credit < BROKER_CREDIT // 2:
+                    link.flow(BROKER_CREDIT - link.credit)
+            elif link.is_sender and dlv.remote_state:
+                dlv.settle()
+        elif name == "PN_LINK_FLOW" and ev.link.is_sender:
+            link = ev.link
+            while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
+                link.delivery(f"b{next(self._tags)}")
+                link.send(Message(body="from-broker").encode())
+                link.advance()
+
+
+def raw_rig() -> tuple[FeedingHarness, RawGuest]:
+    """A harness whose guest is raw bytes, with the connector's limits on the guest engine."""
+    h = FeedingHarness()
+    guest = RawGuest()
+    h.guest = guest  # type: ignore[assignment]
+    h.router.guest.set_limits(
+        max_frame=MAX_FRAME, channel_max=CHANNEL_MAX, idle_timeout_ms=IDLE_TIMEOUT_MS
+    )
+    return h, guest
+
+
+@dataclass
+class Outcome:
+    """How a raw guest connection ended, as a test asserts on it."""
+
+    ended: bool  # the router ended it (error or close) rather than waiting for more bytes
+    condition: tuple[str, str] | None  # the guest engine's transport error, if any
+    close_condition: tuple[str, str] | None  # the condition on the close sent to the guest
+    router_state: RouterState
+    reply: bytes = field(repr=False, default=b"")
+
+
+def feed(h: FeedingHarness, guest: RawGuest, data: bytes, chunk: int = 0) -> None:
+    """Push ``data`` through the router in ``chunk``-sized reads (0: one read)."""
+    step = chunk or max(len(data), 1)
+    for i in range(0, len(data), step):
+        guest.send(data[i : i + step])
+        h.pump(PUMP_ROUNDS)
+
+
+def outcome(h: FeedingHarness, guest: RawGuest) -> Outcome:
+    """What the router did with the guest connection so far."""
+    g = h.router.guest
+    state = lib.pn_connection_state(g.connection)
+    closed_by_us = bool(state & lib.PN_LOCAL_CLOSED)
+    return Outcome(
+        ended=g.condition() is not None or closed_by_us,
+        condition=g.condition(),
+        close_condition=read_condition(lib.pn_connection_condition(g.connection)),
+        router_state=h.router.state,
+        reply=bytes(guest.transport.received),
+    )
+
+
+def expire_idle(h: FeedingHarness) -> None:
+    """Advance the guest engine's clock past its idle timeout, as the daemon's timer would."""
+    eng: Engine = h.router.guest
+    eng.tick(1)
+    eng.tick(1 + 3 * IDLE_TIMEOUT_MS)
+    h.pump(PUMP_ROUNDS)
+
+
+class _Tap:
+    """Wraps a proton Transport and records every byte popped from its output."""
+
+    def __init__(self, transport: Any) -> None:
+        self._t = transport
+        self.out = bytearray()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+    def pop(self, n: int) -> None:
+        self.out += self._t.peek(n)
+        self._t.pop(n)
+
+
+def record_stream(script: Callable[[Harness], None], *, sasl: bool = False) -> bytes:
+    """Run ``script`` with a real proton guest client and return the bytes it sent."""
+    h = FeedingHarness(sasl=sasl)
+    tap = _Tap(h.guest.transport)
+    h.guest.transport = tap  # type: ignore[assignment]
+    script(h)
+    h.pump()
+    return bytes(tap.out)
+
+
+def full_session(h: Harness) -> None:
+    """Every performative a guest sends: open, begin, attach both ways, transfer, flow,
+    disposition, detach, end, close."""
+    conn = h.open_guest("recorded-guest")
+    ssn = conn.session()
+    ssn.open()
+    snd = ssn.sender("rec-snd")
+    snd.target.address = "q-rec"
+    snd.open()
+    rcv = ssn.receiver("rec-rcv")
+    rcv.source.address = "q-rec"
+    rcv.open()
+    h.pump()
+    sent = []
+    for i in range(3):
+        sent.append(snd.delivery(f"t{i}"))
+        snd.send(Message(body=f"m{i}", durable=True).encode())
+        snd.advance()
+    rcv.flow(2)
+    h.pump()
+    while rcv.current is not None:
+        dlv = rcv.current
+        rcv.recv(dlv.pending)
+        rcv.advance()
+        dlv.update(Delivery.ACCEPTED)
+        dlv.settle()
+    h.pump()
+    for dlv in sent:
+        dlv.settle()
+    snd.close()
+    rcv.close()
+    ssn.close()
+    conn.close()
+
+
+class GoodGuest:
+    """A well-behaved guest on its own router, sending one message at a time, to show that a
+    hostile guest's connection does not disturb another one in the same process."""
+
+    def __init__(self) -> None:
+        self.h = FeedingHarness()
+        conn = self.h.open_guest("good-guest")
+        ssn = conn.session()
+        ssn.open()
+        self.snd = ssn.sender("good-snd")
+        self.snd.target.address = "q-good"
+        self.snd.open()
+        self.h.pump()
+        self.sent = 0
+
+    def send_one(self) -> None:
+        """Send one message and require it accepted by the broker and settled end to end."""
+        dlv = self.snd.delivery(f"g{self.sent}")
+        self.snd.send(Message(body=self.sent).encode())
+        self.snd.advance()
+        self.sent += 1
+        self.h.pump(PUMP_ROUNDS)
+        if dlv.remote_state != Delivery.ACCEPTED:
+            raise AssertionError(f"good guest's message {self.sent} not accepted: {dlv.remote_state}")
+        dlv.settle()
+        self.h.pump(PUMP_ROUNDS)
+        if self.h.broker_received != self.sent:
+            raise AssertionError(f"broker got {self.h.broker_received} of {self.sent}")
+
+
+class KnownBug(Exception):
+    """An input hit a connector bug already reported (``KNOWN_BUGS``); the fuzz counts these
+    instead of stopping, and a strict-xfail regression test in test_bad_input.py pins each."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key}: {KNOWN_BUGS[key]}")
+        self.key = key
+
+
+# Bugs the fuzz found, by key, with what goes wrong; remove an entry when the bug is fixed
+# (its regression test then passes and its xfail marker must go too).
+KNOWN_BUGS = {
+    "attach-null-name": "an attach whose name is null raises RuntimeError out of the router",
+    "sasl-never-times-out": "a SASL exchange that stops half way is never ended",
+}
+
+
+def _known(err: Exception) -> str | None:
+    """The KNOWN_BUGS key an exception from the router shows, if any."""
+    if isinstance(err, RuntimeError) and "cannot use string() on <cdata 'char *' NULL>" in str(
+        err
+    ):
+        return "attach-null-name"
+    return None
+
+
+# What the fuzz saw over the run, for the report: how connections ended, known bugs hit.
+STATS: collections.Counter[str] = collections.Counter()
+
+
+def run_hostile(data: bytes, chunk: int, good: GoodGuest | None = None) -> Outcome | None:
+    """Feed ``data`` as a guest in ``chunk``-byte reads, interleaved with a good guest's
+    messages, and check the properties every input must keep:
+
+    - as in the daemon, bytes before a protocol header go to the header scanner, which
+      discards them (None is returned when no header ever came: nothing was started);
+    - nothing raises out of the router or engine, and every feed settles within
+      ``PUMP_ROUNDS`` (no livelock);
+    - the connection either has ended (error condition or close) or, once the guest has
+      been silent past the idle timeout, ends then: never silently stuck;
+    - the good guest's messages all get through.
+
+    Raises KnownBug for an input that hits a bug in KNOWN_BUGS.
+    """
+    try:
+        result = _run_hostile(data, chunk, good)
+    except KnownBug as bug:
+        STATS[f"known bug: {bug.key}"] += 1
+        raise
+    except Exception as err:
+        key = _known(err)
+        if key is None:
+            raise
+        STATS[f"known bug: {key}"] += 1
+        raise KnownBug(key) from err
+    if result is None:
+        STATS["no protocol header: all discarded"] += 1
+    else:
+        STATS[f"ended: {result.condition[0] if result.condition else 'closed'}"] += 1
+    return result
+
+
+def _run_hostile(data: bytes, chunk: int, good: GoodGuest | None) -> Outcome | None:
+    h, guest = raw_rig()
+    scanner = HeaderScanner()
+    header = None
+    step = chunk or max(len(data), 1)
+    for i in range(0, len(data), step):
+        piece = data[i : i + step]
+        if header is None:
+            found = scanner.feed(piece)
+            if found is None:
+                continue
+            header = found.header
+            piece = found.header + found.rest
+        guest.send(piece)
+        h.pump(PUMP_ROUNDS)
+        if good is not None:
+            good.send_one()
+    if header is None:
+        if scanner.discarded > len(data) or scanner.discarded < len(data) - HEADER_SIZE:
+            raise AssertionError(f"{scanner.discarded} of {len(data)} bytes counted discarded")
+        return None
+    result = outcome(h, guest)
+    if not result.ended:
+        expire_idle(h)
+        result = outcome(h, guest)
+    if not result.ended:
+        sasl = lib.pn_sasl(h.router.guest.transport)
+        if header == SASL_HEADER and lib.pn_sasl_outcome(sasl) == lib.PN_SASL_NONE:
+            raise KnownBug("sasl-never-times-out")
+        raise AssertionError(f"guest connection neither ended nor timed out: {result}")
+    if h.counters.deliveries_in > h.broker_received:
+        raise AssertionError(
+            f"router counted {h.counters.deliveries_in} deliveries in, broker has "
+            f"{h.broker_received}"
+        )
+    return result
