@@ -82,6 +82,7 @@ class Daemon:
         ch = self.channels.get(path)
         if ch is not None and ch.state is not ChannelState.GONE:
             ch.close(reason, gone=True)
+            self._apply()  # refreshes the systemd status line
 
     # -- running -------------------------------------------------------------------------
 
@@ -153,7 +154,6 @@ class Daemon:
         self._static = {spec.path: spec for spec in fresh.channels}
         self._apply()
         log.info("reloaded: %d configured channel(s)", len(self._static))
-        notify(STATUS=f"serving {len(self.channels)} channel(s)")
 
     def _apply(self, restart: frozenset[str] = frozenset()) -> None:
         """Make the running channels match the wanted ones (configured + discovered).
@@ -175,6 +175,9 @@ class Daemon:
         for path, spec in wanted.items():
             if path not in self.channels:
                 self._start_channel(spec)
+        if self._loop is not None:
+            live = sum(1 for ch in self.channels.values() if ch.state is not ChannelState.GONE)
+            notify(STATUS=f"serving {live} channel(s)")
 
     def _start_channel(self, spec: ChannelSpec) -> None:
         policy = self.config.policy

@@ -29,7 +29,7 @@ class GuestIdentity:
     port: str = DEFAULT_PORT
     uuid: str | None = None
     pid: int | None = None
-    found_by: str = "config"  # config | libvirt | cmdline | watch | scan
+    found_by: str = "config"  # config | libvirt | cmdline | watch
 
     def open_properties(self, channel_path: str) -> dict[str, str]:
         """The upstream open-frame properties that tell the broker who this peer is."""

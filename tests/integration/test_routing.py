@@ -18,9 +18,9 @@ from proton import Message
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
-from connector.guest.client import AmqpError, Disconnected, GuestClient, LinkRefused
+from connector.guest.client import AmqpError, Disconnected, LinkRefused
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
-from tests.support.connector import Connector, Qemu, wait_for
+from tests.support.connector import Routed, routed, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -36,31 +36,18 @@ def _queue(stem: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def routed(artemis: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def ctx(artemis: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routed]:
     """One daemon on Artemis with one channel of each kind (guests g-pty, g-unix, g-unix-listen)."""
-    work = tmp_path_factory.mktemp("routing")
-    channels = {kind: Qemu(kind, work, f"g-{kind}") for kind in KINDS}
-    daemon = Connector(work, artemis, list(channels.values())).start()
-    try:
-        yield {"daemon": daemon, "channels": channels, "broker": artemis}
-    finally:
-        status = daemon.stop()
-        for ch in channels.values():
-            ch.hang_up()
-        assert status == 0, daemon.log_text()
-
-
-def _client(routed: dict[str, Any], kind: str, container: str | None = None) -> GuestClient:
-    ch = routed["channels"][kind]
-    return GuestClient(ch.fd(), container_id=container or f"app-{kind}", timeout=TIMEOUT)
+    with routed(artemis, tmp_path_factory.mktemp("routing"), KINDS) as running:
+        yield running
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_many_messages_at_least_once_counted_exactly(routed: dict[str, Any], kind: str) -> None:
-    daemon: Connector = routed["daemon"]
+def test_many_messages_at_least_once_counted_exactly(ctx: Routed, kind: str) -> None:
+    daemon = ctx.daemon
     before = daemon.channel(f"g-{kind}")
     queue = _queue("many")
-    with _client(routed, kind) as guest:
+    with ctx.client(kind) as guest:
         outcomes = guest.send(queue, (f"m{i}" for i in range(MANY)))
         assert [o.state for o in outcomes].count("accepted") == MANY
         got = guest.receive(queue, MANY)
@@ -105,8 +92,8 @@ class _Responder(MessagingHandler):
         )
 
 
-def test_request_response_with_a_dynamic_reply_queue(routed: dict[str, Any]) -> None:
-    broker = routed["broker"]
+def test_request_response_with_a_dynamic_reply_queue(ctx: Routed) -> None:
+    broker = ctx.broker
     service = _queue("svc")
     responder = _Responder(broker.url, service, broker.user, broker.password)
     container = Container(responder)
@@ -114,7 +101,7 @@ def test_request_response_with_a_dynamic_reply_queue(routed: dict[str, Any]) -> 
     thread.start()
     try:
         assert responder.ready.wait(TIMEOUT)
-        with _client(routed, "unix") as guest:
+        with ctx.client("unix") as guest:
             for i in range(3):
                 reply = guest.request(service, f"ping{i}")
                 assert reply.body == f"re:ping{i}"
@@ -123,9 +110,9 @@ def test_request_response_with_a_dynamic_reply_queue(routed: dict[str, Any]) -> 
         thread.join(TIMEOUT)
 
 
-def test_anonymous_relay(routed: dict[str, Any]) -> None:
+def test_anonymous_relay(ctx: Routed) -> None:
     queue = _queue("relay")
-    with _client(routed, "pty") as guest:
+    with ctx.client("pty") as guest:
         caps = [str(c) for c in guest.connection.remote_offered_capabilities or []]
         assert "ANONYMOUS-RELAY" in caps  # the broker's offer reached the guest
         outcomes = guest.send(None, [Message(address=queue, body=i) for i in range(5)])
@@ -133,9 +120,9 @@ def test_anonymous_relay(routed: dict[str, Any]) -> None:
         assert [m.body for m in guest.receive(queue, 5)] == list(range(5))
 
 
-def test_drain_returns_what_is_there_and_gives_back_the_rest(routed: dict[str, Any]) -> None:
+def test_drain_returns_what_is_there_and_gives_back_the_rest(ctx: Routed) -> None:
     queue = _queue("drain")
-    with _client(routed, "unix-listen") as guest:
+    with ctx.client("unix-listen") as guest:
         guest.send(queue, ["a", "b"])
         got = guest.receive(queue, 5, drain=True)
         assert [m.body for m in got] == ["a", "b"]
@@ -152,10 +139,10 @@ def test_drain_returns_what_is_there_and_gives_back_the_rest(routed: dict[str, A
     ],
 )
 def test_every_outcome_reaches_the_broker(
-    routed: dict[str, Any], outcome: str, comes_back: bool, counted: bool
+    ctx: Routed, outcome: str, comes_back: bool, counted: bool
 ) -> None:
     queue = _queue(outcome)
-    with _client(routed, "pty") as guest:
+    with ctx.client("pty") as guest:
         guest.send(queue, [outcome])
         assert [m.body for m in guest.receive(queue, 1, outcome=outcome)] == [outcome]
         if comes_back:
@@ -167,17 +154,17 @@ def test_every_outcome_reaches_the_broker(
             assert guest.receive(queue, 1, drain=True) == []
 
 
-def test_a_20mb_message_streams_through(routed: dict[str, Any]) -> None:
+def test_a_20mb_message_streams_through(ctx: Routed) -> None:
     queue = _queue("big")
     body = bytes(range(256)) * (BIG // 256)
-    with _client(routed, "unix") as guest:
+    with ctx.client("unix") as guest:
         assert guest.send(queue, [body])[0].state == "accepted"
         got = guest.receive(queue, 1)
         assert got[0].body == body
 
 
-def test_refused_attach_error_reaches_the_guest(routed: dict[str, Any]) -> None:
-    with _client(routed, "unix-listen") as guest:
+def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:
+    with ctx.client("unix-listen") as guest:
         with pytest.raises(LinkRefused) as refused:
             guest.receive(f"{NO_AUTO_CREATE_PREFIX}missing", 1)
         assert refused.value.name == "amqp:not-found"
@@ -186,11 +173,11 @@ def test_refused_attach_error_reaches_the_guest(routed: dict[str, Any]) -> None:
 
 
 def test_guests_are_separate_broker_connections_with_their_identity(
-    routed: dict[str, Any],
+    ctx: Routed,
 ) -> None:
-    daemon: Connector = routed["daemon"]
-    broker = routed["broker"]
-    with _client(routed, "pty", "agent-a") as a, _client(routed, "unix", "agent-b") as b:
+    daemon = ctx.daemon
+    broker = ctx.broker
+    with ctx.client("pty", "agent-a") as a, ctx.client("unix", "agent-b") as b:
         a.send(_queue("id"), ["a"])
         b.send(_queue("id"), ["b"])
         conns = {c["container_id"]: c for c in broker.list_connections()}
@@ -203,29 +190,29 @@ def test_guests_are_separate_broker_connections_with_their_identity(
             assert conns[container]["remote_address"].endswith(local.split(":")[-1])
 
 
-def test_reconnect_on_the_same_channel_discards_stale_bytes(routed: dict[str, Any]) -> None:
-    daemon: Connector = routed["daemon"]
-    ch: Qemu = routed["channels"]["unix"]
+def test_reconnect_on_the_same_channel_discards_stale_bytes(ctx: Routed) -> None:
+    daemon = ctx.daemon
+    ch = ctx.channels["unix"]
     queue = _queue("again")
-    with _client(routed, "unix") as first:
+    with ctx.client("unix") as first:
         first.send(queue, ["one"])
     daemon.wait_state("g-unix", "waiting")
     before = daemon.channel("g-unix")["discarded_bytes"]
     ch.write_raw(b"\x00stale frame bytes from a dead client\x00")
-    with _client(routed, "unix") as second:
+    with ctx.client("unix") as second:
         assert [m.body for m in second.receive(queue, 1)] == ["one"]
     discarded = daemon.channel("g-unix")["discarded_bytes"] - before
     assert discarded == len(b"\x00stale frame bytes from a dead client\x00")
 
 
 def test_broker_stopped_mid_stream_forces_the_guest_and_loses_nothing(
-    routed: dict[str, Any], tmp_path: Path
+    ctx: Routed, tmp_path: Path
 ) -> None:
-    daemon: Connector = routed["daemon"]
-    broker = routed["broker"]
+    daemon = ctx.daemon
+    broker = ctx.broker
     queue = _queue("outage")
     accepted: list[str] = []
-    guest = _client(routed, "unix-listen")
+    guest = ctx.client("unix-listen")
     try:
         # Durable, so that what the broker accepted survives its SIGKILL.
         outcomes = guest.send(queue, [Message(body=b, durable=True) for b in ("p0", "p1")])
@@ -241,7 +228,7 @@ def test_broker_stopped_mid_stream_forces_the_guest_and_loses_nothing(
         broker.start()
     entry = daemon.wait_state("g-unix-listen", "waiting")
     assert "amqp:connection:forced" in (entry["last_error"] or "")
-    with _client(routed, "unix-listen") as again:
+    with ctx.client("unix-listen") as again:
         got = again.receive(queue, len(accepted))
         assert [m.body for m in got] == accepted  # all the broker accepted is there
         extra = again.receive(queue, 5, drain=True)

@@ -10,13 +10,15 @@ For every channel kind the test holds qemu's end:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,37 @@ class Connector:
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+@dataclass
+class Routed:
+    """A running daemon with one channel per kind, and the broker behind it."""
+
+    daemon: Connector
+    channels: dict[str, Qemu]
+    broker: Any
+
+    def client(self, kind: str, container: str | None = None, timeout: float = 60.0) -> Any:
+        """A guest AMQP client on the test's end of the ``kind`` channel."""
+        from connector.guest.client import GuestClient
+
+        return GuestClient(
+            self.channels[kind].fd(), container_id=container or f"app-{kind}", timeout=timeout
+        )
+
+
+@contextlib.contextmanager
+def routed(
+    broker: Any, workdir: Path, kinds: tuple[str, ...], prefix: str = "g"
+) -> Iterator[Routed]:
+    """Run the daemon on ``broker`` with a ``{prefix}-{kind}`` channel of each kind; on exit
+    SIGTERM it and check it exits 0."""
+    channels = {kind: Qemu(kind, workdir, f"{prefix}-{kind}") for kind in kinds}
+    daemon = Connector(workdir, broker, list(channels.values())).start()
+    try:
+        yield Routed(daemon, channels, broker)
+    finally:
+        status = daemon.stop()
+        for ch in channels.values():
+            ch.hang_up()
+        assert status == 0, daemon.log_text()
