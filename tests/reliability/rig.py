@@ -15,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proton import Delivery, Endpoint, Event, Message
-
 from cproton_ffi import lib
+from proton import Delivery, Endpoint, Event, Message
 
 from connector.channels.framing import HEADER_SIZE, HeaderScanner
 from connector.routing.engine import Engine, read_condition
 from connector.routing.router import RouterState
-from tests.reliability.amqp import AMQP_HEADER, SASL_HEADER
+from tests.reliability.amqp import SASL_HEADER
 from tests.support.routing import Harness
 
 # Credit the scripted broker grants each guest sender. Small, so a recorded stream holds
@@ -37,7 +36,6 @@ IDLE_TIMEOUT_MS = 60_000
 # Largest frame the rig's guest engine accepts: the connector's default (connector/limits.py).
 MAX_FRAME = 65536
 CHANNEL_MAX = 31
-
 
 
 class _RawTransport:
@@ -248,7 +246,7 @@ class GoodGuest:
         self.sent += 1
         self.h.pump(PUMP_ROUNDS)
         if dlv.remote_state != Delivery.ACCEPTED:
-            raise AssertionError(f"good guest's message {self.sent} not accepted: {dlv.remote_state}")
+            raise AssertionError(f"good message {self.sent} not accepted: {dlv.remote_state}")
         dlv.settle()
         self.h.pump(PUMP_ROUNDS)
         if self.h.broker_received != self.sent:
@@ -274,9 +272,7 @@ KNOWN_BUGS = {
 
 def _known(err: Exception) -> str | None:
     """The KNOWN_BUGS key an exception from the router shows, if any."""
-    if isinstance(err, RuntimeError) and "cannot use string() on <cdata 'char *' NULL>" in str(
-        err
-    ):
+    if isinstance(err, RuntimeError) and "cannot use string() on <cdata 'char *' NULL>" in str(err):
         return "attach-null-name"
     return None
 

@@ -7,7 +7,7 @@ other stream, random bytes) and feeds it in random read sizes while a well-behav
 another router keeps sending. ``rig.run_hostile`` states the properties.
 
 The default run is short (QVC_FUZZ_EXAMPLES, default 200 examples; QVC_ATHERIS_RUNS, default
-2000 inputs); set them higher to fuzz for longer.
+1000 inputs); set them higher to fuzz for longer.
 """
 
 from __future__ import annotations
