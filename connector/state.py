@@ -93,7 +93,7 @@ def channel_entry(ch: Channel) -> dict[str, Any]:
             "links": links,
             "errors": list(ch.errors),
             "errors_by_condition": dict(ch.errors_by_condition),
-            "upstream_reconnects": max(0, c.guest_connections - 1),
+            "upstream_reconnects": c.upstream_reconnects,
             "guest_connections": c.guest_connections,
         },
     }

@@ -70,6 +70,8 @@ class Counters:
     discarded_bytes: int = 0  # bytes before a protocol header, thrown away
     guest_connections: int = 0
     upstream_failures: int = 0
+    upstream_reconnects: int = 0  # upstreams opened after the previous one failed
+    last_upstream_failed: bool = False
 
 
 AttachCheck = Callable[[AttachRequest], tuple[str, str] | None]
@@ -176,7 +178,11 @@ class Router:
 
     def _open_upstream(self) -> None:
         g = self.guest.connection
-        self._counters.guest_connections += 1
+        counters = self._counters
+        if counters.last_upstream_failed:
+            counters.upstream_reconnects += 1
+            counters.last_upstream_failed = False
+        counters.guest_connections += 1
         up_engine = self._make_upstream()
         self.upstream = up_engine
         up = up_engine.connection
@@ -283,6 +289,7 @@ class Router:
             return
         self._upstream_dead = True
         self._counters.upstream_failures += 1
+        self._counters.last_upstream_failed = True
         self.error = (FORCED, reason)
         self._log.warning("upstream failed: %s; closing the guest's connection", reason)
         g = self.guest.connection

@@ -231,6 +231,7 @@ def test_broker_stopped_mid_stream_forces_the_guest_and_loses_nothing(
     with ctx.client("unix-listen") as again:
         got = again.receive(queue, len(accepted))
         assert [m.body for m in got] == accepted  # all the broker accepted is there
+        assert daemon.channel("g-unix-listen")["detail"]["upstream_reconnects"] >= 1
         extra = again.receive(queue, 5, drain=True)
         assert [m.body for m in extra] in ([], ["lost?"])  # never acknowledged, maybe stored
     wait_for(lambda: daemon.snapshot(), 10, "daemon alive")
