@@ -106,17 +106,25 @@ class Qemu:
 class Connector:
     """The daemon as a subprocess, with its log and control socket."""
 
-    def __init__(self, workdir: Path, broker: Any, channels: list[Qemu], *extra: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        broker: Any,
+        channels: list[Qemu],
+        *extra: str,
+        broker_urls: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.control = str(workdir / "control.sock")
         self.log = workdir / "connector.log"
         self.broker = broker
         self.channels = channels
         self.extra = list(extra)
+        self.broker_urls = broker_urls or broker.url  # a comma list means failover
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "connector", "--broker", self.broker.url]
+        argv = [sys.executable, "-m", "connector", "--broker", self.broker_urls]
         if self.broker.user:
             pwfile = self.workdir / "broker.pw"
             pwfile.write_text(self.broker.password or "")

@@ -1,0 +1,144 @@
+"""The daemon as an operator meets it: one-line config errors, SIGHUP, SIGTERM, failover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.brokers.common import free_port
+from tests.support.connector import REPO, Connector, Qemu, wait_for
+
+
+def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--config", "/nonexistent/connector.toml"], "/nonexistent/connector.toml"),
+        (["--broker", "http://x", "--channel", "pty:/dev/null"], "--broker"),
+        (["--channel", "serial:/dev/ttyS0"], "--channel.kind"),
+        (["--channel", "pty:/no/such/pty"], "/no/such/pty"),
+        (["--channel", "unix:/no/such/dir/sock"], "/no/such/dir/sock"),
+        (["--channel", "unix:/tmp/x.sock,colour=red"], "--channel"),
+    ],
+)
+def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str) -> None:
+    result = _run(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # never a traceback
+    assert names in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("toml", "names"),
+    [
+        ("[broker]\nurls = ['amqp://h']\ncolour = 1\n", "broker.colour"),
+        ("[limits]\nmax_frame_size = 10\n", "limits.max_frame_size"),
+        ("[policy.default]\nrelay = 'yes'\n", "policy.default.relay"),
+        ("[[channel]]\nkind = 'pty'\n", "channel[0].path"),
+        ("not toml at all [", "not valid TOML"),
+        ("[control]\nmode = 'rw'\n", "control.mode"),
+    ],
+)
+def test_config_file_errors_name_the_key(tmp_path: Path, toml: str, names: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(toml)
+    result = _run("--config", str(conf))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert names in result.stderr
+
+
+def test_a_password_readable_by_others_is_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("[broker]\nurls = ['amqp://127.0.0.1']\npassword = 'secret'\n")
+    conf.chmod(0o644)
+    result = _run("--config", str(conf))
+    assert result.returncode == 2
+    assert "readable by others" in result.stderr
+    assert "secret" not in result.stderr
+
+
+@pytest.mark.broker
+def test_sighup_reloads_channels_without_dropping_unchanged_ones(
+    artemis: Any, tmp_path: Path
+) -> None:
+    keep = Qemu("pty", tmp_path, "keep")
+    add = Qemu("unix-listen", tmp_path, "added")
+    conf = tmp_path / "connector.toml"
+    conf.write_text(f"[[channel]]\nkind = 'pty'\npath = '{keep.path}'\nguest = 'keep'\n")
+    daemon = Connector(tmp_path, artemis, [], "--config", str(conf)).start()
+    try:
+        from connector.guest.client import GuestClient
+
+        with GuestClient(keep.fd(), container_id="keeper", timeout=30) as guest:
+            guest.send("hup.keep", ["before"])
+            conf.write_text(
+                conf.read_text()
+                + f"[[channel]]\nkind = 'unix-listen'\npath = '{add.path}'\nguest = 'added'\n"
+            )
+            daemon.proc.send_signal(signal.SIGHUP)
+            daemon.wait_state("added", "waiting")
+            # The unchanged channel's guest connection was not dropped.
+            assert guest.send("hup.keep", ["after"])[0].state == "accepted"
+            assert daemon.channel("keep")["state"] == "connected"
+        with GuestClient(add.fd(), container_id="newcomer", timeout=30) as newcomer:
+            assert [m.body for m in newcomer.receive("hup.keep", 2)] == ["before", "after"]
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0
+        keep.hang_up()
+        add.hang_up()
+
+
+@pytest.mark.broker
+def test_sigterm_closes_guests_with_forced_and_exits_0(artemis: Any, tmp_path: Path) -> None:
+    ch = Qemu("unix", tmp_path, "vm")
+    daemon = Connector(tmp_path, artemis, [ch]).start()
+    from connector.guest.client import AmqpError, Disconnected, GuestClient
+
+    guest = GuestClient(ch.fd(), container_id="term", timeout=30)
+    guest.send("term.q", ["x"])
+    assert daemon.stop(signal.SIGTERM) == 0
+    with pytest.raises((AmqpError, Disconnected)) as closed:
+        guest.receive("term.q", 5)
+    assert "amqp:connection:forced" in str(closed.value)
+    assert "shutting down" in str(closed.value)
+    ch.hang_up()
+
+
+@pytest.mark.broker
+def test_failover_to_the_next_broker_url(artemis: Any, tmp_path: Path) -> None:
+    dead = f"amqp://127.0.0.1:{free_port()}"
+    ch = Qemu("pty", tmp_path, "fo")
+    daemon = Connector(tmp_path, artemis, [ch], broker_urls=f"{dead},{artemis.url}").start()
+    from connector.guest.client import AmqpError, Disconnected, GuestClient
+
+    try:
+        with pytest.raises((AmqpError, Disconnected)) as refused:
+            GuestClient(ch.fd(), container_id="fo-1", timeout=30)
+        assert "amqp:connection:forced" in str(refused.value)
+        assert "Connection refused" in str(refused.value)
+        daemon.wait_state("fo", "waiting")
+        with GuestClient(ch.fd(), container_id="fo-2", timeout=30) as guest:
+            assert guest.send("fo.q", ["via the second URL"])[0].state == "accepted"
+        entry = wait_for(lambda: daemon.channel("fo"), 10, "the channel")
+        assert "Connection refused" in entry["last_error"]
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()
