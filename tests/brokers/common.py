@@ -1,9 +1,9 @@
 """What every broker fixture shares: free ports, deadlines, the AMQP probe and the process group.
 
 The brokers run as children of the pytest process. Each one gets its own process group (so that
-one signal reaches the shell wrapper, the JVM or the Erlang VM and their helpers), is killed by the
-kernel if pytest dies (PR_SET_PDEATHSIG), and is registered for an `atexit` sweep, so that a failed
-or interrupted session does not leave brokers listening behind it.
+one signal reaches the shell wrapper, the JVM or the Erlang VM and their helpers), is SIGKILLed
+by the kernel if pytest dies (PR_SET_PDEATHSIG, set by setpriv), and is registered for an
+`atexit` sweep, so that a failed or interrupted session leaves no broker listening behind it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 import atexit
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,8 +41,6 @@ PROBE_TIMEOUT = 5.0
 CLIENT_TIMEOUT = 30.0
 # How much of a broker's console log goes into an error message.
 LOG_TAIL_BYTES = 4000
-
-_PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
 
@@ -126,10 +124,16 @@ def tcp_client_addresses(pid: int, remote_port: int) -> set[str]:
     return found
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when pytest's process goes away."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` run so that the kernel SIGKILLs it when pytest's process dies (PR_SET_PDEATHSIG).
+
+    util-linux's setpriv sets the flag just before exec; a preexec_fn could do it too, but
+    running Python in a child forked while the suite's tap threads hold locks can deadlock.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return list(argv)  # the atexit sweep and the fixtures' finalizers still apply
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 class ProcessGroup:
@@ -143,14 +147,13 @@ class ProcessGroup:
         self.log = log
         with open(log, "ab") as out:
             self.popen = subprocess.Popen(
-                list(argv),
+                _dying_with_parent(argv),
                 env=dict(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         self.pgid = self.popen.pid  # a session leader's pgid is its pid
         ProcessGroup._live.add(self)

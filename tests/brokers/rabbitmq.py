@@ -76,6 +76,9 @@ class RabbitMQ(Broker):
             RABBITMQ_PID_FILE=str(self.workdir / "rabbitmq.pid"),
             RABBITMQ_DIST_PORT=str(self.dist_port),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            # The script then execs the Erlang VM instead of running it as its child, so the VM
+            # itself gets the parent-death signal (common.ProcessGroup) and SIGTERM directly.
+            RUNNING_UNDER_SYSTEMD="true",
             ERL_EPMD_ADDRESS=LOOPBACK,
             ERL_EPMD_PORT=str(self.epmd_port),
         )

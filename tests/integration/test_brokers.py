@@ -200,25 +200,38 @@ def test_roundtrip_100_messages(broker: Broker) -> None:
         conn.close()
 
 
-def test_restart_keeps_port_and_durable_messages(broker: Broker) -> None:
-    """Tests kill and restart brokers mid-stream: same URL, same data afterwards."""
+def send_durable_then(broker: Broker, interrupt: Callable[[], None]) -> None:
+    """Send a message to a durable queue, run `interrupt`, and read the message back."""
     address = queue_address(broker, "restart")
     url = broker.url
     with broker.connection() as conn:
         send(conn, address, "survivor", durable_target=True)
-    group = broker._process.pgid if broker._process else None
     try:
-        broker.kill()
-        assert group is not None
-        with pytest.raises(ProcessLookupError):
-            os.killpg(group, 0)  # nothing of the broker's process group is left
+        interrupt()
     finally:
-        broker.start()
+        broker.start()  # later tests share the broker
     assert broker.url == url
     with broker.connection() as conn:
         receiver = conn.create_receiver(address, credit=1, options=DurableNode())
         assert receiver.receive(ANSWER_TIMEOUT).body == "survivor"
         receiver.accept()
+
+
+def test_kill_leaves_no_process_and_start_keeps_port_and_data(broker: Broker) -> None:
+    """Tests kill and restart brokers mid-stream: same URL, same data afterwards."""
+
+    def kill() -> None:
+        assert broker._process is not None
+        group = broker._process.pgid
+        broker.kill()
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)  # nothing of the broker's process group is left
+
+    send_durable_then(broker, kill)
+
+
+def test_graceful_restart_keeps_port_and_data(broker: Broker) -> None:
+    send_durable_then(broker, broker.restart)
 
 
 # --- what each broker says in its open frame --------------------------------------------------
