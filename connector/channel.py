@@ -531,7 +531,7 @@ class Channel:
                 self._close_wait = self._loop.call_later(CLOSE_TIMEOUT_S, self._guest_close_timeout)
 
     def _backlog(self, engine: Engine | None) -> int:
-        return engine.output_pending() if engine is not None else 0
+        return engine.backlog() if engine is not None else 0
 
     def _flow_control(self, router: Router) -> None:
         """Stop reading the guest while the broker side has too much waiting to go out."""

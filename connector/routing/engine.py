@@ -152,6 +152,16 @@ class Engine:
         """``n`` bytes of the peeked output were written."""
         lib.pn_transport_pop(self.transport, n)
 
+    def backlog(self) -> int:
+        """Bytes waiting to go to the peer: framed output plus message bytes that proton
+        holds in sessions until the peer's window opens. Backpressure watches this."""
+        total = max(0, lib.pn_transport_pending(self.transport))
+        ssn = lib.pn_session_head(self.connection, 0)
+        while ssn != ffi.NULL:
+            total += lib.pn_session_outgoing_bytes(ssn)
+            ssn = lib.pn_session_next(ssn, 0)
+        return total
+
     def tick(self, now_ms: int) -> int:
         """Advance proton's clock (heartbeats, idle timeout); returns the next deadline in ms.
 
