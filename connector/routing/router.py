@@ -113,7 +113,8 @@ class Router:
         # Token bucket for attaches: a guest may burst, then attach at the set rate.
         self._attach_tokens = float(self._limits.attach_burst)
         self._attach_time = time.monotonic()
-        self._awaiting_detach: set[Any] = set()  # links we closed whose peer has not yet
+        self._deferred_refusals: list[tuple[Any, tuple[str, str]]] = []
+        self._awaiting_detach: set[Any] = set()  # links we closed; their detach is due
 
     # -- driving -------------------------------------------------------------------------
 
@@ -230,6 +231,13 @@ class Router:
             )
             copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
             lib.pn_connection_open(g)
+            for ssn in self._sessions:
+                guest_side = lib.pn_session_connection(ssn) == g
+                if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
+                    lib.pn_session_open(ssn)
+            for glink, refusal in self._deferred_refusals:
+                self._refuse(glink, refusal)
+            self._deferred_refusals.clear()
         if self.state is RouterState.OPENING:
             self.state = RouterState.OPEN
             self._log.info("upstream open; guest connection routed")
@@ -386,10 +394,13 @@ class Router:
             self._sessions[ssn] = up
             self._sessions[up] = ssn
             lib.pn_session_open(up)
-        else:
-            twin = self._sessions.get(ssn)
-            if twin is not None and lib.pn_session_state(twin) & _LOCAL_UNINIT:
-                lib.pn_session_open(twin)
+            # Answer the guest's begin without waiting for the broker's: a begin carries
+            # nothing end to end (windows are per hop), and proton sends nothing for a link,
+            # not even a refusal, on a session it has not begun. A broker that ends the
+            # session ends the guest's. Proton also drops work on a session opened before
+            # its connection, so before the guest's open is answered this waits for it.
+            if lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
+                lib.pn_session_open(ssn)
 
     def _on_session_remote_close(self, ev: Any, from_guest: bool) -> None:
         ssn = lib.pn_event_session(ev)
@@ -477,6 +488,9 @@ class Router:
 
     def _refuse(self, glink: Any, refusal: tuple[str, str]) -> None:
         """Answer an attach with a null terminus, then detach it with the reason."""
+        if not lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
+            self._deferred_refusals.append((glink, refusal))  # answered with our open
+            return
         condition, description = refusal
         lib.pn_link_open(glink)
         set_condition(lib.pn_link_condition(glink), condition, description)

@@ -409,3 +409,26 @@ def test_transactional_state_and_declared_outcome_cross() -> None:
     assert dlv.remote_state == 0x33
     assert dlv.remote.data == [b"txn-1"]
     assert dlv.settled
+
+
+def test_open_begin_attach_pipelined_in_one_write() -> None:
+    """Proton clients write open, begin and attach before any answer arrives."""
+    h = Harness()
+    conn = h.guest.connection
+    conn.open()
+    ssn = conn.session()
+    ssn.open()
+    snd = ssn.sender("fast")
+    snd.target.address = "q"
+    snd.open()
+    h.pump()
+    assert ssn.state & Endpoint.REMOTE_ACTIVE
+    assert snd.state & Endpoint.REMOTE_ACTIVE
+    brcv = _broker_link(h, "fast")
+    brcv.flow(1)
+    h.pump()
+    snd.delivery("d")
+    snd.send(Message(body="first").encode())
+    snd.advance()
+    h.pump()
+    assert len(_receive_all(brcv)) == 1
