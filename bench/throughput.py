@@ -62,7 +62,7 @@ from tests.brokers import Artemis, Broker, RabbitMQ  # noqa: E402
 
 DEFAULT_COUNT = 10_000
 DEFAULT_SIZE = 1024
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 5
 # Artemis's first thousands of messages run in the JVM's interpreter, several times slower
 # than later ones: one full round is run first and not counted.
 DEFAULT_WARMUP = 1
@@ -462,6 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if rnd >= 0:
                             runs.append(row)
             snap = connector.snapshot() or {}
+            per_round = args.count + args.requests + WARMUP_REQUESTS
+            check_counters(snap, (args.warmup + args.rounds) * per_round)
         except BaseException:
             if connector is not None:
                 print(connector.tail(), file=sys.stderr)
@@ -486,6 +488,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "channels": snap.get("channels", []),
     }
+
+
+def check_counters(snap: dict[str, Any], per_channel: int) -> None:
+    """Prove the via runs went through the connector: each channel's counters must show
+    every message sent and received on it (the warm-up requests included)."""
+    for row in snap.get("channels", []):
+        got = (row["deliveries_in"], row["deliveries_out"])
+        if got != (per_channel, per_channel):
+            raise BenchError(f"{row['guest']} routed {got} (in, out), expected {per_channel}")
 
 
 def broker_version(broker: Broker, props: dict[str, Any] | None) -> str:
