@@ -285,8 +285,7 @@ class Channel:
                 return
             self._start_connection(found)
         else:
-            router.guest.push(data)
-            if router.guest.condition() is not None and self._resync(data):
+            if not router.feed_guest(data) and self._resync(data):
                 return
         self._pump()
 

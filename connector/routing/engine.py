@@ -125,6 +125,15 @@ class Engine:
             done += n
         return done
 
+    @property
+    def input_closed(self) -> bool:
+        """Proton takes no more input: the stream ended, failed, or could not be decoded.
+
+        Proton stops reading at some undecodable input (an unknown performative) without
+        setting an error; the caller must then end the connection itself.
+        """
+        return lib.pn_transport_capacity(self.transport) < 0
+
     def close_input(self) -> None:
         """The peer's byte stream ended (EOF)."""
         lib.pn_transport_close_tail(self.transport)

@@ -118,6 +118,21 @@ class Router:
 
     # -- driving -------------------------------------------------------------------------
 
+    def feed_guest(self, data: bytes) -> bool:
+        """Push bytes read from the guest; False when the guest's stream failed on them
+        (the caller may then look for a new protocol header in them).
+
+        Proton stops reading at some undecodable input (an unknown performative) without
+        setting an error; that is turned into a framing error here, so the guest is told.
+        """
+        taken = self.guest.push(data)
+        stalled = taken < len(data) or self.guest.input_closed
+        if stalled and self.guest.condition() is None and self.error is None:
+            self.violation(
+                "amqp:connection:framing-error", "the guest's input could not be decoded"
+            )
+        return not stalled and self.guest.condition() is None
+
     def process(self) -> None:
         """Handle every pending event on both sides, until neither has any."""
         busy = True
@@ -173,6 +188,9 @@ class Router:
 
     def _on_connection_remote_open(self, ev: Any, from_guest: bool) -> None:
         if from_guest:
+            if self.upstream is not None:
+                self.violation("amqp:illegal-state", "a second open on one connection")
+                return
             self._open_upstream()
         else:
             self._answer_guest_open()
@@ -440,6 +458,9 @@ class Router:
         up_ssn = self._sessions.get(lib.pn_link_session(glink))
         if up_ssn is None:
             return  # the session is ending; its end will detach this link
+        if lib.pn_link_name(glink) == ffi.NULL:
+            self.violation("amqp:invalid-field", "an attach without a link name")
+            return
         if not self._attach_allowed():
             return
         refusal = self._check_attach(_attach_request(glink))
