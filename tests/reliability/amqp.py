@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proton import Data, uint
+from proton import Data, Described, uint, ulong
 
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
@@ -20,6 +20,7 @@ TLS_CLIENT_HELLO = bytes.fromhex("16030100a5010000a10303") + bytes(32) + b"\x00\
 EMPTY_FRAME = b"\x00\x00\x00\x08\x02\x00\x00\x00"
 
 OPEN, BEGIN, ATTACH, FLOW, TRANSFER, DISPOSITION, DETACH, END, CLOSE = range(0x10, 0x19)
+SOURCE, TARGET = 0x28, 0x29
 # A descriptor no AMQP 1.0 performative uses.
 UNKNOWN_PERFORMATIVE = 0x77
 
@@ -64,3 +65,18 @@ def begin_frame(channel: int = 0) -> bytes:
 def handshake() -> bytes:
     """Header, open and begin: the start every bad-frame case below shares."""
     return AMQP_HEADER + open_frame() + begin_frame()
+
+
+def attach_frame(name: str, handle: int, *, sender: bool, address: str) -> bytes:
+    """An attach: the guest as sender (role false) to ``address``, or as receiver from it."""
+    terminus = Described(ulong(TARGET if sender else SOURCE), [address])
+    fields: list[Any] = [name, uint(handle), not sender, None, None]
+    fields += [None, terminus] if sender else [terminus, None]
+    return frame(performative(ATTACH, *fields))
+
+
+def transfer_frame(handle: int, delivery_id: int, body: bytes = b"x") -> bytes:
+    """An unsettled transfer of one message whose data section is ``body``."""
+    payload = b"\x00Su\xa0" + bytes([len(body)]) + body
+    return frame(performative(TRANSFER, uint(handle), uint(delivery_id), str(delivery_id).encode(),
+                              uint(0), False, payload=payload))  # fmt: skip

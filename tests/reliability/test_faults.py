@@ -1,0 +1,269 @@
+"""Faults while guests are mid-stream, each in its own test, with counts that must add up.
+
+Every test runs its own daemon on the session's Artemis (a fault may kill it) and a fleet of
+guests (tests/reliability/harness.py) sending and receiving numbered durable messages
+at-least-once. The assertion common to all: no message a guest saw accepted is lost;
+duplicates are counted and reported, not failed on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from proton import Endpoint, Message
+
+from connector.guest.client import GuestClient
+from tests.reliability import amqp, harness
+from tests.reliability.conftest import Report
+from tests.reliability.harness import ChannelEnd, Fleet
+from tests.reliability.procstat import rss_bytes
+from tests.support.connector import Connector, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+# Messages per guest: at BATCH=20 a few seconds of traffic, so a fault lands mid-stream.
+TOTAL = 400
+# How long a fleet may take, fault and recovery included (an Artemis restart is ~3 s).
+FLEET_TIMEOUT = 120.0
+# The fault is injected once every guest has this share of its messages accepted.
+FAULT_AT = 0.3
+KINDS = ("pty", "unix", "unix-listen")
+
+
+def _prefix() -> str:
+    return f"rel-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def setup(artemis: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A daemon with one channel of each kind; stopped (and Artemis running) afterwards."""
+    ends = harness.channel_ends(KINDS, tmp_path, "g")
+    daemon = Connector(tmp_path, artemis, list(ends)).start()
+    try:
+        yield {"daemon": daemon, "ends": ends, "broker": artemis, "work": tmp_path}
+    finally:
+        if not artemis.running():
+            artemis.start()
+        if daemon.proc is not None:
+            daemon.stop()
+        for end in ends:
+            end.hang_up()
+
+
+def _finish(fleet: Fleet, broker: Any, report: Report, case: str, did: str) -> dict[str, Any]:
+    fleet.join(FLEET_TIMEOUT)
+    ledgers = [g.ledger for g in fleet.guests]
+    harness.drain_broker(broker, ledgers)
+    counts = harness.check(ledgers)
+    report.add(
+        case,
+        f"{did}; {counts['connections']} guest connections, "
+        f"{counts['left_on_broker']} drained from the broker at the end; "
+        f"guest errors {counts['errors'] or '-'}",
+        **{k: counts[k] for k in ("sent", "accepted", "received", "lost", "duplicated")},
+    )
+    return counts
+
+
+def test_no_fault_baseline(setup: dict[str, Any], report: Report) -> None:
+    fleet = Fleet(setup["ends"], TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    counts = _finish(fleet, setup["broker"], report, "no fault (baseline)", "all routed")
+    assert counts["duplicated"] == 0 and counts["left_on_broker"] == 0, counts
+    assert all(g.ledger.done for g in fleet.guests)
+
+
+def test_broker_killed_and_restarted(setup: dict[str, Any], report: Report) -> None:
+    broker = setup["broker"]
+    fleet = Fleet(setup["ends"], TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    fleet.wait_accepted(FAULT_AT, FLEET_TIMEOUT)
+    broker.kill()
+    down = time.monotonic()
+    broker.start()
+    outage = time.monotonic() - down
+    counts = _finish(
+        fleet,
+        broker,
+        report,
+        "broker SIGKILLed and restarted mid-stream",
+        f"guests forced off ({outage:.1f} s outage) and reconnected",
+    )
+    assert all(g.ledger.done for g in fleet.guests), counts
+
+
+def test_connector_killed_and_restarted(setup: dict[str, Any], report: Report) -> None:
+    daemon: Connector = setup["daemon"]
+    fleet = Fleet(setup["ends"], TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    fleet.wait_accepted(FAULT_AT, FLEET_TIMEOUT)
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    counts = _finish(
+        fleet,
+        setup["broker"],
+        report,
+        "connector SIGKILLed and restarted mid-stream",
+        "guests' next connections worked past stale bytes",
+    )
+    assert all(g.ledger.done for g in fleet.guests), counts
+
+
+@pytest.mark.parametrize("kind", ["unix", "pty"])
+def test_qemu_exits_mid_frame(setup: dict[str, Any], report: Report, kind: str) -> None:
+    """One guest's channel closes under it in the middle of a frame; the others go on."""
+    daemon: Connector = setup["daemon"]
+    victim = next(e for e in setup["ends"] if e.kind == kind)
+    others = [e for e in setup["ends"] if e is not victim]
+    prefix = _prefix()
+    fleet = Fleet(others, TOTAL, prefix).start(FLEET_TIMEOUT)
+    vguest = harness.Guest(victim, f"{prefix}-{victim.guest}", TOTAL, fleet.progress)
+    for _ in range(5):
+        vguest.send_batch()
+        vguest.receive_batch()
+    vguest.send_batch()  # accepted and not yet received: must stay on the broker
+    # A frame header announcing 256 bytes, and only a few of them: qemu dies mid-frame.
+    victim.write_raw(amqp.frame(bytes(248))[:20])
+    victim.hang_up()
+    state = "gone" if kind == "pty" else "waiting"
+    ch = daemon.wait_state(victim.guest, state)
+    assert ch["upstream"] is None, ch
+    did = f"channel {state}, its upstream closed; other guests unaffected"
+    if kind == "unix":
+        # qemu comes back on the same socket: the daemon reconnects and routes again.
+        os.unlink(victim.path)
+        again = ChannelEnd("unix", setup["work"], victim.guest)
+        try:
+            with GuestClient(again.fd(), container_id="back", timeout=30) as guest:
+                assert guest.send(f"{prefix}-back", ["hello"])[0].state == "accepted"
+        finally:
+            again.hang_up()
+        did += "; qemu back on the same socket: routed again"
+    counts = _finish(fleet, setup["broker"], report, f"qemu exits mid-frame ({kind} channel)", did)
+    # The counts above cover the other guests; the victim's accepted messages are checked
+    # the same way (received before the exit, or still on the broker).
+    harness.drain_broker(setup["broker"], [vguest.ledger])
+    vcounts = harness.check([vguest.ledger])
+    assert vcounts["accepted"] == 6 * harness.BATCH
+    assert all(g.ledger.done for g in fleet.guests), counts
+    report.add(
+        f"qemu exits mid-frame ({kind}): the victim's messages",
+        f"{vcounts['left_on_broker']} accepted-unreceived found on the broker",
+        **{k: vcounts[k] for k in ("sent", "accepted", "received", "lost", "duplicated")},
+    )
+
+
+# The slow consumer: this many messages of this size wait on its queue (24 MiB), far more
+# than the daemon's per-direction backlog bound (connector/channel.py BACKLOG_HIGH, 4 MiB).
+SLOW_MESSAGES = 1500
+SLOW_SIZE = 16 * 1024
+# What the daemon's RSS may grow by while the slow consumer holds credit for all of it:
+# one backlog in each direction plus proton's and the kernel's buffers, with room to spare;
+# far below the 24 MiB it would take to buffer the queue.
+RSS_GROWTH_LIMIT = 16 * 1024 * 1024
+
+
+def test_slow_consumer_does_not_cost_the_daemon_memory_or_stop_others(
+    setup: dict[str, Any], report: Report
+) -> None:
+    daemon: Connector = setup["daemon"]
+    assert daemon.proc is not None
+    broker = setup["broker"]
+    slow_end, *others = setup["ends"]
+    queue = f"slow-{uuid.uuid4().hex[:6]}"
+    with broker.connection() as conn:
+        snd = conn.create_sender(queue)
+        for i in range(SLOW_MESSAGES):
+            snd.send(Message(body=bytes(SLOW_SIZE), properties={"n": i}))
+    rss0 = rss_bytes(daemon.proc.pid)
+    slow = GuestClient(slow_end.fd(), container_id="slow", timeout=30)
+    rcv = slow.driver.create_receiver(slow.connection, queue)
+    rcv.flow(SLOW_MESSAGES)
+    # Run the guest's side until its attach and credit are out, then never read again.
+    end = time.monotonic() + 30
+    while not rcv.state & Endpoint.REMOTE_ACTIVE and time.monotonic() < end:
+        slow.driver.process(0.1)
+    assert rcv.state & Endpoint.REMOTE_ACTIVE
+
+    def stalled() -> int | None:
+        """deliveries_out once it has stopped growing (the daemon stopped reading)."""
+        first = daemon.channel(slow_end.guest)["deliveries_out"]
+        time.sleep(0.5)  # sampling a counter twice, not synchronising
+        second = daemon.channel(slow_end.guest)["deliveries_out"]
+        return second if second == first and second > 0 else None
+
+    routed = wait_for(stalled, 60, "the slow consumer's deliveries to stop growing")
+    fleet = Fleet(others, TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    counts = _finish(
+        fleet,
+        broker,
+        report,
+        "a guest stops reading (slow consumer) with credit for 24 MiB",
+        f"{routed} of {SLOW_MESSAGES} routed before the daemon stopped reading the broker",
+    )
+    growth = rss_bytes(daemon.proc.pid) - rss0
+    report.rows[-1].connector_did += f"; daemon RSS grew {growth / 2**20:.1f} MiB"
+    assert routed < SLOW_MESSAGES
+    assert growth < RSS_GROWTH_LIMIT, growth
+    assert all(g.ledger.done for g in fleet.guests), counts
+    slow_end.hang_up()
+
+
+def test_attach_flood_is_cut_off_while_others_go_on(setup: dict[str, Any], report: Report) -> None:
+    daemon: Connector = setup["daemon"]
+    flood_end, *others = setup["ends"]
+    fleet = Fleet(others, TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    flooder = GuestClient(flood_end.fd(), container_id="flooder", timeout=30)
+    links = [flooder.driver.create_receiver(flooder.connection, f"flood-{i}") for i in range(2000)]
+    end = time.monotonic() + 30
+    conn = flooder.connection
+    while not conn.state & Endpoint.REMOTE_CLOSED and time.monotonic() < end:
+        if not flooder.driver.process(0.1):
+            break
+    cond = conn.remote_condition
+    attached = sum(1 for link in links if link.state & Endpoint.REMOTE_ACTIVE)
+    ch = daemon.channel(flood_end.guest)
+    counts = _finish(
+        fleet,
+        setup["broker"],
+        report,
+        "a guest attaches 2000 links at once",
+        f"flooder closed with {cond.name if cond else None} after {attached} attaches "
+        f"(last_error `{ch['last_error']}`); others went on",
+    )
+    assert cond is not None and cond.name == "amqp:resource-limit-exceeded", ch
+    assert all(g.ledger.done for g in fleet.guests), counts
+
+
+def test_transfer_flood_is_cut_off_while_others_go_on(
+    setup: dict[str, Any], report: Report
+) -> None:
+    """A guest that sends transfers it has no credit for."""
+    daemon: Connector = setup["daemon"]
+    flood_end, *others = setup["ends"]
+    fleet = Fleet(others, TOTAL, _prefix()).start(FLEET_TIMEOUT)
+    queue = f"tflood-{uuid.uuid4().hex[:6]}"
+    stream = amqp.handshake() + amqp.attach_frame("f", 0, sender=True, address=queue)
+    stream += b"".join(amqp.transfer_frame(0, i) for i in range(5000))
+    flood_end.write_raw(stream)
+    ch = wait_for(
+        lambda: (
+            (c := daemon.channel(flood_end.guest))["state"] == "waiting" and c["last_error"] and c
+        ),
+        30,
+        "the flooder to be cut off",
+    )
+    counts = _finish(
+        fleet,
+        setup["broker"],
+        report,
+        "a guest sends 5000 transfers without credit",
+        f"flooder cut off: last_error `{ch['last_error']}`, {ch['deliveries_in']} "
+        "deliveries routed; others went on",
+    )
+    assert "amqp:" in ch["last_error"], ch
+    assert all(g.ledger.done for g in fleet.guests), counts
