@@ -76,8 +76,8 @@ class RabbitMQ(Broker):
             RABBITMQ_PID_FILE=str(self.workdir / "rabbitmq.pid"),
             RABBITMQ_DIST_PORT=str(self.dist_port),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
-            # The script then execs the Erlang VM instead of running it as its child, so the VM
-            # itself gets the parent-death signal (common.ProcessGroup) and SIGTERM directly.
+            # Makes rabbitmq-server exec the Erlang VM instead of babysitting it as a child, so
+            # the VM itself gets the parent-death signal (common.ProcessGroup) and our SIGTERM.
             RUNNING_UNDER_SYSTEMD="true",
             ERL_EPMD_ADDRESS=LOOPBACK,
             ERL_EPMD_PORT=str(self.epmd_port),
@@ -106,13 +106,11 @@ class RabbitMQ(Broker):
         argv = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args]
         return run_tool(argv, self._env(), timeout, f"rabbitmqctl {' '.join(args)}").stdout
 
-    def stop(self) -> None:
-        """`rabbitmqctl stop` (the node's own clean shutdown), then the process group goes."""
-        if self.running():
-            # A hung or half-started node fails this; the group stop below still ends it.
-            with contextlib.suppress(BrokerError):
-                self.ctl("stop")
-        super().stop()
+    def _shutdown(self) -> None:
+        """`rabbitmqctl stop`, the node's own clean shutdown."""
+        # A hung or half-started node fails this; the group stop that follows still ends it.
+        with contextlib.suppress(BrokerError):
+            self.ctl("stop")
 
     def close(self) -> None:
         """Stop the node and the suite's epmd."""

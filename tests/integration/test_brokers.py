@@ -22,6 +22,7 @@ from proton import (
     Link,
     Message,
     Terminus,
+    Timeout,
     symbol,
 )
 from proton.handlers import TransactionHandler
@@ -221,13 +222,26 @@ def test_kill_leaves_no_process_and_start_keeps_port_and_data(broker: Broker) ->
     """Tests kill and restart brokers mid-stream: same URL, same data afterwards."""
 
     def kill() -> None:
-        assert broker._process is not None
-        group = broker._process.pgid
+        group = broker.process_group
+        assert group is not None
         broker.kill()
+        assert broker.process_group is None
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)  # nothing of the broker's process group is left
 
     send_durable_then(broker, kill)
+
+
+def test_paused_broker_does_not_answer_until_resumed(artemis: Artemis) -> None:
+    """pause() is the suite's hung broker: TCP connects, AMQP gets no answer."""
+    artemis.pause()
+    try:
+        with pytest.raises(Timeout):
+            BlockingConnection(artemis.url, timeout=SILENCE_TIMEOUT)
+    finally:
+        artemis.resume()
+    with artemis.connection() as conn:
+        assert conn.conn.remote_container
 
 
 def test_graceful_restart_keeps_port_and_data(broker: Broker) -> None:
