@@ -39,7 +39,8 @@ from .identity import ChannelKind, ChannelSpec
 from .limits import GuestLimits
 from .logs import guest_logger
 from .routing.engine import IO_CHUNK, Engine
-from .routing.router import AttachCheck, Counters, Router, RouterState
+from .routing.route import LinkPolicy
+from .routing.router import Counters, Router, RouterState
 from .upstream import CLOSE_TIMEOUT_S, CONNECT_TIMEOUT_S, BrokerPool, BrokerURL, open_socket
 
 # Reconnect backoff for a missing or refusing endpoint: quick at first (qemu is starting),
@@ -116,7 +117,7 @@ class Channel:
         loop: asyncio.AbstractEventLoop,
         brokers: BrokerPool,
         limits: GuestLimits,
-        check_attach: Callable[[ChannelSpec], AttachCheck] | None = None,
+        policy: LinkPolicy | None = None,
     ) -> None:
         self.spec = spec
         self.state = ChannelState.WAITING
@@ -131,7 +132,7 @@ class Channel:
         self._loop = loop
         self._brokers = brokers
         self._limits = limits
-        self._check_attach = check_attach(spec) if check_attach else None
+        self._policy = policy
         self._endpoint = make_endpoint(spec)
         self._scanner = HeaderScanner()
         self._sock: socket.socket | None = None
@@ -322,7 +323,7 @@ class Channel:
             log=self.log,
             counters=self.counters,
             limits=lim,
-            **({"check_attach": self._check_attach} if self._check_attach else {}),
+            policy=self._policy,
         )
         engine.push(found.header)
         if found.header == SASL_HEADER:

@@ -24,7 +24,6 @@ from .discovery import Discovery
 from .errors import ConfigError
 from .identity import ChannelSpec
 from .notify import notify
-from .routing.route import AttachRequest
 from .upstream import BrokerPool
 
 log = logging.getLogger("connector")
@@ -180,22 +179,12 @@ class Daemon:
             notify(STATUS=f"serving {live} channel(s)")
 
     def _start_channel(self, spec: ChannelSpec) -> None:
-        policy = self.config.policy
-
-        def checker(spec: ChannelSpec) -> Any:
-            guest = spec.identity.name
-
-            def check(req: AttachRequest) -> tuple[str, str] | None:
-                return policy.check(guest, req)
-
-            return check
-
         ch = Channel(
             spec,
             loop=self._loop,
             brokers=self._brokers,
             limits=self.config.limits,
-            check_attach=checker,
+            policy=self.config.policy.for_guest(spec.identity.name),
         )
         self.channels[spec.path] = ch
         ch.start()

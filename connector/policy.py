@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .routing.route import AttachRequest
+from .routing.route import AttachRequest, LinkPolicy
 
 UNAUTHORIZED = "amqp:unauthorized-access"
 MANAGEMENT_ADDRESSES = frozenset({"qmf.default.direct", "activemq.management", "$management"})
-_RULE_KEYS = {"guests", "addresses", "dynamic", "relay", "transactions"}
+_RULE_KEYS = {"guests", "addresses", "dynamic", "relay", "transactions", "prefix"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class Rule:
     dynamic: bool = True  # may create dynamic (temporary) nodes
     relay: bool = True  # may send through the anonymous relay (null target)
     transactions: bool = True  # may attach a transaction coordinator
+    # Put in front of every address the guest names, so guests that use the same names
+    # land in separate namespaces on the broker ({guest} is substituted). Terminus
+    # addresses and relayed messages' 'to' are mapped; addresses inside message bodies or
+    # reply-to are not.
+    prefix: str = ""
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> Rule:
@@ -51,7 +56,12 @@ class Rule:
             dynamic=table.get("dynamic", True),
             relay=table.get("relay", True),
             transactions=table.get("transactions", True),
+            prefix=_string(table.get("prefix", ""), f"{where}.prefix"),
         )
+
+    def restricts_addresses(self) -> bool:
+        """Whether some address is refused (beyond management): relay must be checked."""
+        return "#" not in self.addresses
 
     def allows_address(self, guest: str, address: str) -> bool:
         """Whether ``address`` matches one of this rule's patterns for ``guest``."""
@@ -106,6 +116,43 @@ class Policy:
         if rule.allows_address(guest, req.address):
             return None
         return UNAUTHORIZED, f"guest {guest} may not attach to {req.address!r}"
+
+
+    def for_guest(self, guest: str) -> GuestPolicy:
+        """The policy the routing core applies to one guest's links."""
+        return GuestPolicy(self, guest)
+
+
+class GuestPolicy(LinkPolicy):
+    """One guest's view of the policy, as the routing core asks it."""
+
+    def __init__(self, policy: Policy, guest: str) -> None:
+        self.policy = policy
+        self.guest = guest
+        rule = policy.rule_for(guest)
+        self.prefix = rule.prefix.replace("{guest}", guest)
+        # Relayed messages are decoded only when their 'to' could be refused or mapped.
+        self.checks_relay = rule.relay and (rule.restricts_addresses() or bool(self.prefix))
+
+    def check_attach(self, req: AttachRequest) -> tuple[str, str] | None:
+        return self.policy.check(self.guest, req)
+
+    def check_relay(self, address: str | None) -> tuple[str, str] | None:
+        if address is None:
+            return UNAUTHORIZED, f"guest {self.guest}: a relayed message needs a 'to' address"
+        return self.policy.check(self.guest, AttachRequest(address, True, False, False))
+
+    def to_broker(self, address: str) -> str:
+        return self.prefix + address
+
+    def to_guest(self, address: str) -> str:
+        return address.removeprefix(self.prefix) if self.prefix else address
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(where, "must be a string")
+    return value
 
 
 _cache: dict[str, re.Pattern[str]] = {}

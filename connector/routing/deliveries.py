@@ -17,8 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from cproton_ffi import ffi, lib
+from proton import Message
 
-from .engine import copy_condition, copy_data
+from . import credit
+from .engine import copy_condition, copy_data, set_condition
 from .route import GuestViolation, Route
 
 # The copy buffer for message bytes. Large enough that a 1 KiB message takes one call each
@@ -47,6 +49,8 @@ def on_delivery(route: Route, dlv: Any) -> tuple[int, int]:
 
 def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     """Copy a transfer's bytes to the peer link; advance both when the message is complete."""
+    if route.relay is not None:
+        return _forward_relayed(route, dlv)
     peer = route.peer
     link = route.link
     out_link = peer.link
@@ -107,6 +111,70 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
         lib.pn_delivery_settle(twin)
         lib.pn_delivery_settle(dlv)
     return 1, moved
+
+
+def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
+    """An anonymous-relay message whose 'to' the policy checks: collect it whole, decode
+    its properties, then refuse it (rejected, settled) or send it on, its 'to' mapped.
+
+    Off the fast path: only relay links of guests whose policy restricts addresses.
+    """
+    link = route.link
+    buf = route.relay_buffer
+    moved = 0
+    while True:
+        n = lib.pn_link_recv(link, _copy_ptr, COPY_CHUNK)
+        if n <= 0:
+            break
+        buf += _copy[:n]
+        moved += n
+    route.bytes += moved
+    if route.max_message and len(buf) > route.max_message:
+        buf.clear()
+        raise GuestViolation(
+            "amqp:link:message-size-exceeded",
+            f"a message on {route.name} is over {route.max_message} bytes",
+        )
+    if lib.pn_delivery_aborted(dlv):
+        buf.clear()
+        lib.pn_delivery_settle(dlv)
+        return 0, 0
+    if lib.pn_delivery_partial(dlv):
+        return 0, 0
+    if len(route.inflight) >= route.max_unsettled > 0:
+        raise GuestViolation(
+            "amqp:resource-limit-exceeded",
+            f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
+        )
+    data = bytes(buf)
+    buf.clear()
+    msg = Message()
+    msg.decode(data)
+    lib.pn_link_advance(link)
+    refusal = route.relay.check_relay(msg.address)
+    if refusal is not None:
+        local = lib.pn_delivery_local(dlv)
+        set_condition(lib.pn_disposition_condition(local), *refusal)
+        lib.pn_delivery_update(dlv, lib.PN_REJECTED)
+        lib.pn_delivery_settle(dlv)
+        credit.sync_credit(route.peer)  # the refused message's credit goes back to the guest
+        return 0, 0
+    mapped = route.relay.to_broker(msg.address)
+    if mapped != msg.address:
+        msg.address = mapped
+        data = msg.encode()
+    out_link = route.peer.link
+    twin = lib.pn_delivery(out_link, lib.pn_delivery_tag(dlv))
+    route.inflight[dlv] = twin
+    route.peer.inflight[twin] = dlv
+    lib.pn_link_send(out_link, ffi.from_buffer(data), len(data))
+    lib.pn_link_advance(out_link)
+    route.deliveries += 1
+    if lib.pn_delivery_settled(dlv):
+        _forget(route, dlv, twin)
+        lib.pn_delivery_settle(twin)
+        lib.pn_delivery_settle(dlv)
+    return 1, len(data)
 
 
 def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:

@@ -29,6 +29,33 @@ class AttachRequest(NamedTuple):
     coordinator: bool  # a transaction coordinator target
 
 
+class LinkPolicy:
+    """What a guest may do with its links, and how its addresses map to the broker's.
+
+    This default allows everything and maps nothing; ``connector.policy`` supplies the
+    configured one. The routing core only calls these methods.
+    """
+
+    # Whether messages on anonymous-relay links must be decoded to check their 'to'.
+    checks_relay = False
+
+    def check_attach(self, req: AttachRequest) -> tuple[str, str] | None:
+        """None to route the attach, or (condition, description) to refuse it."""
+        return None
+
+    def check_relay(self, address: str | None) -> tuple[str, str] | None:
+        """None to relay a message to ``address``, or (condition, description)."""
+        return None
+
+    def to_broker(self, address: str) -> str:
+        """The broker's name for an address the guest uses."""
+        return address
+
+    def to_guest(self, address: str) -> str:
+        """The guest's name for an address the broker uses."""
+        return address
+
+
 class Route:
     """One side of a routed link pair.
 
@@ -49,6 +76,8 @@ class Route:
         "name",
         "peer",
         "receiving",
+        "relay",
+        "relay_buffer",
     )
 
     def __init__(self, link: Any, *, from_guest: bool) -> None:
@@ -65,6 +94,10 @@ class Route:
         self.max_unsettled = 0
         self.max_message = 0
         self.message_bytes = 0  # bytes of the message being received, while it is partial
+        # Set on a guest's anonymous-relay sender when each message's 'to' is checked: its
+        # messages are collected whole (relay messages are small) and decoded.
+        self.relay: LinkPolicy | None = None
+        self.relay_buffer = bytearray()
 
     @property
     def direction(self) -> str:

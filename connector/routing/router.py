@@ -33,7 +33,7 @@ from ..limits import GuestLimits
 from . import credit
 from .deliveries import forget_route, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
-from .route import AttachRequest, GuestViolation, Route
+from .route import AttachRequest, GuestViolation, LinkPolicy, Route
 from .terminus import copy_attach
 
 FORCED = "amqp:connection:forced"
@@ -74,13 +74,6 @@ class Counters:
     last_upstream_failed: bool = False
 
 
-AttachCheck = Callable[[AttachRequest], tuple[str, str] | None]
-"""Policy hook: given what a guest link asks for, return (condition, description) to
-refuse it, or None to route it."""
-
-
-def _allow_all(_req: AttachRequest) -> tuple[str, str] | None:
-    return None
 
 
 class Router:
@@ -94,7 +87,7 @@ class Router:
         identity_properties: dict[str, str],
         log: logging.Logger | logging.LoggerAdapter,
         counters: Counters,
-        check_attach: AttachCheck = _allow_all,
+        policy: LinkPolicy | None = None,
         limits: GuestLimits | None = None,
     ) -> None:
         self.guest = guest
@@ -107,7 +100,7 @@ class Router:
         self._identity = identity_properties
         self._log = log
         self._counters = counters
-        self._check_attach = check_attach
+        self._policy = policy or LinkPolicy()
         self._upstream_dead = False
         self._limits = limits or GuestLimits()
         # Token bucket for attaches: a guest may burst, then attach at the set rate.
@@ -463,7 +456,8 @@ class Router:
             return
         if not self._attach_allowed():
             return
-        refusal = self._check_attach(_attach_request(glink))
+        request = _attach_request(glink)
+        refusal = self._policy.check_attach(request)
         if refusal is not None:
             self._refuse(glink, refusal)
             return
@@ -473,10 +467,17 @@ class Router:
         else:
             ulink = lib.pn_receiver(up_ssn, name)
         copy_attach(ulink, glink)
+        if request.address is not None and not request.dynamic:
+            mapped = self._policy.to_broker(request.address)
+            if mapped != request.address:
+                term = lib.pn_link_target(ulink) if request.sending else lib.pn_link_source(ulink)
+                lib.pn_terminus_set_address(term, mapped.encode())
         groute = Route(glink, from_guest=True)
         if groute.receiving:  # the guest sends on it: the per-message limits apply
             groute.max_unsettled = self._limits.max_unsettled_per_link
             groute.max_message = self._limits.max_message_size
+            if request.address is None and not request.coordinator and self._policy.checks_relay:
+                groute.relay = self._policy
         uroute = Route(ulink, from_guest=False)
         groute.peer, uroute.peer = uroute, groute
         groute.address = uroute.address = _guest_address(glink)
@@ -529,6 +530,13 @@ class Router:
             return
         glink = uroute.peer.link
         copy_attach(glink, ulink)
+        for term in (lib.pn_link_source(glink), lib.pn_link_target(glink)):
+            addr = lib.pn_terminus_get_address(term)
+            if addr != ffi.NULL:
+                broker_name = ffi.string(addr).decode(errors="replace")
+                guest_name = self._policy.to_guest(broker_name)
+                if guest_name != broker_name:
+                    lib.pn_terminus_set_address(term, guest_name.encode())
         if lib.pn_link_is_sender(glink) and lib.pn_terminus_is_dynamic(
             lib.pn_link_remote_source(glink)
         ):

@@ -142,3 +142,34 @@ def test_failover_to_the_next_broker_url(artemis: Any, tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
         ch.hang_up()
+
+
+@pytest.mark.broker
+def test_policy_keeps_guests_in_their_namespace_and_out_of_management(
+    artemis: Any, tmp_path: Path
+) -> None:
+    ch = Qemu("pty", tmp_path, "tenant1")
+    conf = tmp_path / "policy.toml"
+    conf.write_text(
+        "[policy.default]\naddresses = ['guests.{guest}.#']\nprefix = 'vm.'\ndynamic = false\n"
+    )
+    daemon = Connector(tmp_path, artemis, [ch], "--config", str(conf)).start()
+    from connector.guest.client import GuestClient, LinkRefused
+
+    try:
+        with GuestClient(ch.fd(), container_id="tenant-app", timeout=30) as guest:
+            for address in ("activemq.management", "guests.tenant2.inbox"):
+                with pytest.raises(LinkRefused) as refused:
+                    guest.send(address, ["x"])
+                assert refused.value.name == "amqp:unauthorized-access"
+                assert address in refused.value.description
+            assert guest.send("guests.tenant1.inbox", ["mine"])[0].state == "accepted"
+        # On the broker the message sits under the guest's prefix.
+        with artemis.connection() as direct:
+            receiver = direct.create_receiver("vm.guests.tenant1.inbox")
+            assert receiver.receive(timeout=30).body == "mine"
+        assert "refused attach" in daemon.log_text()
+        assert "tenant1" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()

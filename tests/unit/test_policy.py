@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from proton import Delivery, Message
 
 from connector.errors import ConfigError
 from connector.policy import Policy
@@ -73,7 +74,7 @@ def test_bad_policy_names_the_key(table: dict, where: str) -> None:
 
 def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
     h = Harness()
-    h.router._check_attach = lambda req: POLICY.check("web1", req)
+    h.router._policy = POLICY.for_guest("web1")
     # Open, begin and attach in one go, as proton clients write them.
     conn = h.guest.connection
     conn.open()
@@ -87,3 +88,66 @@ def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
     assert "guests.web2.secrets" in snd.remote_condition.description
     assert not any(ev.type.name == "PN_LINK_REMOTE_OPEN" for ev in h.broker.events)
     assert any("refused attach" in line for line in h.log.lines)
+
+
+def _relay_harness(policy: Policy, guest: str = "web1"):
+    h = Harness()
+    h.router._policy = policy.for_guest(guest)
+    conn = h.open_guest()
+    ssn = conn.session()
+    ssn.open()
+    snd = ssn.sender("relay")  # no target address: the anonymous relay
+    snd.open()
+    h.pump()
+    brcv = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    brcv.flow(10)
+    h.pump()
+    return h, snd, brcv
+
+
+def _relay(h: Harness, snd, to: str, tag: str):
+    dlv = snd.delivery(tag)
+    snd.send(Message(address=to, body=tag).encode())
+    snd.advance()
+    h.pump()
+    return dlv
+
+
+def test_relayed_messages_are_checked_by_their_to() -> None:
+    policy = Policy.from_table({"default": {"addresses": ["guests.{guest}.#"]}})
+    h, snd, brcv = _relay_harness(policy)
+    ok = _relay(h, snd, "guests.web1.metrics", "ok")
+    bad = _relay(h, snd, "guests.web2.metrics", "bad")
+    assert bad.remote_state == Delivery.REJECTED and bad.settled
+    assert bad.remote.condition.name == "amqp:unauthorized-access"
+    assert "guests.web2.metrics" in bad.remote.condition.description
+    got = []
+    while brcv.current is not None:
+        msg = Message()
+        msg.decode(brcv.recv(brcv.current.pending))
+        got.append(msg.address)
+        brcv.advance()
+    assert got == ["guests.web1.metrics"]
+    assert not ok.settled  # waits for the broker's outcome, as any delivery does
+    assert snd.credit == 9  # the refused message's credit was given back
+
+
+def test_a_prefix_gives_each_guest_its_own_namespace() -> None:
+    policy = Policy.from_table({"default": {"prefix": "tenant.{guest}."}})
+    h = Harness()
+    h.router._policy = policy.for_guest("web1")
+    conn = h.open_guest()
+    ssn = conn.session()
+    ssn.open()
+    rcv = ssn.receiver("in")
+    rcv.source.address = "orders"
+    rcv.open()
+    h.pump()
+    blink = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    assert blink.remote_source.address == "tenant.web1.orders"
+    assert rcv.remote_source.address == "orders"  # the guest sees its own name
+    h2, snd, brcv = _relay_harness(policy)
+    _relay(h2, snd, "events", "e1")
+    msg = Message()
+    msg.decode(brcv.recv(brcv.current.pending))
+    assert msg.address == "tenant.web1.events" and msg.body == "e1"
