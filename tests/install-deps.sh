@@ -63,7 +63,7 @@ install_artemis() {
     local work
     work=$(mktemp -d "$CACHE/artemis-fetch.XXXXXX")
     # Run Maven outside any project, so no pom.xml nearby changes what it does.
-    (cd "$work" && mvn -B -q dependency:copy -Dartifact="$ARTEMIS_ARTIFACT" -DoutputDirectory="$work")
+    (cd "$work" && mvn -B -q -Dstyle.color=never dependency:copy -Dartifact="$ARTEMIS_ARTIFACT" -DoutputDirectory="$work")
     tar -xzf "$work/apache-artemis-$ARTEMIS_VERSION-bin.tar.gz" -C "$work"
     rm -rf "$home"
     mv "$work/apache-artemis-$ARTEMIS_VERSION" "$home"   # appears whole or not at all
