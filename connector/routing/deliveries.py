@@ -51,30 +51,12 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     """Copy a transfer's bytes to the peer link; advance both when the message is complete."""
     if route.relay is not None:
         return _forward_relayed(route, dlv)
-    peer = route.peer
     link = route.link
-    out_link = peer.link
+    out_link = route.peer.link
     if twin is None:
         if route.max_unsettled:
-            # Guest-side link: the guest may only send with credit (proton does not check)
-            # and only so many unsettled deliveries.
-            if lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0:
-                raise GuestViolation(
-                    "amqp:link:transfer-limit-exceeded", f"transfer without credit on {route.name}"
-                )
-            if len(route.inflight) >= route.max_unsettled:
-                raise GuestViolation(
-                    "amqp:resource-limit-exceeded",
-                    f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
-                )
-        # First frame: open the twin delivery with the same tag on the peer link.
-        twin = lib.pn_delivery(out_link, lib.pn_delivery_tag(dlv))
-        route.inflight[dlv] = twin
-        peer.inflight[twin] = dlv
-        if lib.pn_delivery_remote_state(dlv):
-            # A state on the transfer itself (transactional-state): carry it across.
-            copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
-            lib.pn_delivery_update(twin, lib.pn_delivery_remote_state(dlv))
+            _admit(route)
+        twin = _open_twin(route, dlv)
     moved = 0
     while True:
         n = lib.pn_link_recv(link, _copy_ptr, COPY_CHUNK)
@@ -105,12 +87,44 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     lib.pn_link_advance(link)
     lib.pn_link_advance(out_link)
     route.deliveries += 1
+    _settle_if_presettled(route, dlv, twin)
+    return 1, moved
+
+
+def _admit(route: Route) -> None:
+    """A guest's new delivery: it may only come with credit (proton does not check) and
+    only so many may be unsettled."""
+    link = route.link
+    if lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0:
+        raise GuestViolation(
+            "amqp:link:transfer-limit-exceeded", f"transfer without credit on {route.name}"
+        )
+    if len(route.inflight) >= route.max_unsettled:
+        raise GuestViolation(
+            "amqp:resource-limit-exceeded",
+            f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
+        )
+
+
+def _open_twin(route: Route, dlv: Any) -> Any:
+    """Open the outgoing twin of ``dlv`` on the peer link, with the same tag."""
+    twin = lib.pn_delivery(route.peer.link, lib.pn_delivery_tag(dlv))
+    route.inflight[dlv] = twin
+    route.peer.inflight[twin] = dlv
+    state = lib.pn_delivery_remote_state(dlv)
+    if state:
+        # A state on the transfer itself (transactional-state): carry it across.
+        copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
+        lib.pn_delivery_update(twin, state)
+    return twin
+
+
+def _settle_if_presettled(route: Route, dlv: Any, twin: Any) -> None:
+    """Pre-settled by the sender (at-most-once): settle the twin as it is sent."""
     if lib.pn_delivery_settled(dlv):
-        # Pre-settled by the sender (at-most-once): settle the twin as we send it.
         _forget(route, dlv, twin)
         lib.pn_delivery_settle(twin)
         lib.pn_delivery_settle(dlv)
-    return 1, moved
 
 
 def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
@@ -121,6 +135,8 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
     """
     link = route.link
     buf = route.relay_buffer
+    if not buf:
+        _admit(route)
     moved = 0
     while True:
         n = lib.pn_link_recv(link, _copy_ptr, COPY_CHUNK)
@@ -141,11 +157,6 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
         return 0, 0
     if lib.pn_delivery_partial(dlv):
         return 0, 0
-    if len(route.inflight) >= route.max_unsettled > 0:
-        raise GuestViolation(
-            "amqp:resource-limit-exceeded",
-            f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
-        )
     data = bytes(buf)
     buf.clear()
     msg = Message()
@@ -163,17 +174,12 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
     if mapped != msg.address:
         msg.address = mapped
         data = msg.encode()
+    twin = _open_twin(route, dlv)
     out_link = route.peer.link
-    twin = lib.pn_delivery(out_link, lib.pn_delivery_tag(dlv))
-    route.inflight[dlv] = twin
-    route.peer.inflight[twin] = dlv
     lib.pn_link_send(out_link, ffi.from_buffer(data), len(data))
     lib.pn_link_advance(out_link)
     route.deliveries += 1
-    if lib.pn_delivery_settled(dlv):
-        _forget(route, dlv, twin)
-        lib.pn_delivery_settle(twin)
-        lib.pn_delivery_settle(dlv)
+    _settle_if_presettled(route, dlv, twin)
     return 1, len(data)
 
 

@@ -74,8 +74,6 @@ class Counters:
     last_upstream_failed: bool = False
 
 
-
-
 class Router:
     """One guest connection routed to one upstream connection."""
 
@@ -203,14 +201,7 @@ class Router:
             # The guest's own container-id, so broker state keyed on it (durable
             # subscriptions, for one) survives the guest's reconnects.
             lib.pn_connection_set_container(up, container)
-        copy_data(
-            lib.pn_connection_offered_capabilities(up),
-            lib.pn_connection_remote_offered_capabilities(g),
-        )
-        copy_data(
-            lib.pn_connection_desired_capabilities(up),
-            lib.pn_connection_remote_desired_capabilities(g),
-        )
+        _copy_capabilities(up, g)
         props = {
             k: v
             for k, v in _read_map(lib.pn_connection_remote_properties(g)).items()
@@ -232,14 +223,7 @@ class Router:
             if container != ffi.NULL:
                 lib.pn_connection_set_container(g, container)
             # Clients decide what to use (ANONYMOUS-RELAY, say) from the broker's offer.
-            copy_data(
-                lib.pn_connection_offered_capabilities(g),
-                lib.pn_connection_remote_offered_capabilities(up),
-            )
-            copy_data(
-                lib.pn_connection_desired_capabilities(g),
-                lib.pn_connection_remote_desired_capabilities(up),
-            )
+            _copy_capabilities(g, up)
             copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
             lib.pn_connection_open(g)
             for ssn in self._sessions:
@@ -601,6 +585,18 @@ class Router:
     def guest_routes(self) -> list[Route]:
         """The guest-side half of every routed link pair."""
         return [r for r in self.routes.values() if r.from_guest and r.peer is not None]
+
+
+def _copy_capabilities(dst: Any, src: Any) -> None:
+    """The open's offered and desired capabilities, from ``src``'s peer to ``dst``."""
+    copy_data(
+        lib.pn_connection_offered_capabilities(dst),
+        lib.pn_connection_remote_offered_capabilities(src),
+    )
+    copy_data(
+        lib.pn_connection_desired_capabilities(dst),
+        lib.pn_connection_remote_desired_capabilities(src),
+    )
 
 
 def _close_connection(conn: Any) -> None:

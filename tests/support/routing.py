@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proton import Collector, Connection, Event, Transport
+from proton import Collector, Connection, Event, Link, Session, Transport
 
 from connector.limits import GuestLimits
 from connector.routing.engine import Engine
@@ -177,3 +177,30 @@ class Harness:
         conn.open()
         self.pump()
         return conn
+
+    def guest_session(self) -> tuple[Connection, Session]:
+        """Open the guest's connection and one session, pumped until answered."""
+        conn = self.open_guest()
+        ssn = conn.session()
+        ssn.open()
+        self.pump()
+        return conn, ssn
+
+    def broker_link(self, name: str) -> Link:
+        """The broker's end of the link the guest attached as ``name``."""
+        for ev in self.broker.events:
+            if ev.type.name == "PN_LINK_REMOTE_OPEN" and ev.link.name == name:
+                return ev.link
+        raise AssertionError(f"the broker never saw link {name}")
+
+
+def attach(ssn: Session, name: str, address: str | None, *, sending: bool = True) -> Link:
+    """Attach a guest link (a sender to ``address``, or a receiver from it); not pumped."""
+    if sending:
+        link = ssn.sender(name)
+        link.target.address = address
+    else:
+        link = ssn.receiver(name)
+        link.source.address = address
+    link.open()
+    return link

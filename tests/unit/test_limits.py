@@ -8,19 +8,14 @@ from proton import Collector, Connection, Endpoint, Message, Transport
 
 from connector.errors import ConfigError
 from connector.limits import GuestLimits
-from tests.support.routing import Harness
+from tests.support.routing import Harness, attach
 
 
 def _sender(h: Harness, name: str = "s", address: str = "q"):
-    conn = h.open_guest()
-    ssn = conn.session()
-    ssn.open()
-    snd = ssn.sender(name)
-    snd.target.address = address
-    snd.open()
+    conn, ssn = h.guest_session()
+    snd = attach(ssn, name, address)
     h.pump()
-    brcv = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
-    return conn, snd, brcv
+    return conn, snd, h.broker_link(name)
 
 
 def _closed_with(conn, condition: str) -> str:
@@ -121,29 +116,25 @@ def test_message_size_limit_aborts_the_forwarded_part() -> None:
     assert dlv is None or dlv.aborted  # the broker never gets a whole message
 
 
+def _attach_receivers(h: Harness, count: int, *, pump_each: bool) -> Connection:
+    conn, ssn = h.guest_session()
+    for i in range(count):
+        attach(ssn, f"r{i}", "q", sending=False)
+        if pump_each:
+            h.pump()
+    h.pump()
+    return conn
+
+
 def test_link_count_limit() -> None:
     h = Harness(limits=GuestLimits(max_links=2))
-    conn = h.open_guest()
-    ssn = conn.session()
-    ssn.open()
-    for i in range(3):
-        rcv = ssn.receiver(f"r{i}")
-        rcv.source.address = "q"
-        rcv.open()
-    h.pump()
+    conn = _attach_receivers(h, 3, pump_each=False)
     assert "more than 2 links" in _closed_with(conn, "amqp:resource-limit-exceeded")
 
 
 def test_attach_rate_limit() -> None:
     h = Harness(limits=GuestLimits(attach_rate=0.001, attach_burst=5))
-    conn = h.open_guest()
-    ssn = conn.session()
-    ssn.open()
-    for i in range(6):
-        rcv = ssn.receiver(f"r{i}")
-        rcv.source.address = "q"
-        rcv.open()
-        h.pump()
+    conn = _attach_receivers(h, 6, pump_each=True)
     assert "links/s" in _closed_with(conn, "amqp:resource-limit-exceeded")
 
 

@@ -6,31 +6,17 @@ cover the same paths against Artemis and RabbitMQ.
 
 from __future__ import annotations
 
+import pytest
 from proton import Condition, Data, Delivery, Endpoint, Link, Message, Terminus, symbol
 
 from connector.routing.router import FORCED, RouterState
-from tests.support.routing import IDENTITY, Harness
+from tests.support.routing import IDENTITY, Harness, attach
 
 
 def _value(data: Data):
     data.rewind()
     data.next()
     return data.get_object()
-
-
-def _opened(h: Harness):
-    conn = h.open_guest("app-1")
-    ssn = conn.session()
-    ssn.open()
-    h.pump()
-    return conn, ssn
-
-
-def _broker_link(h: Harness, name: str) -> Link:
-    for ev in h.broker.events:
-        if ev.type.name == "PN_LINK_REMOTE_OPEN" and ev.link.name == name:
-            return ev.link
-    raise AssertionError(f"broker never saw link {name}")
 
 
 def test_open_carries_container_identity_and_broker_capabilities() -> None:
@@ -87,7 +73,7 @@ def test_upstream_failure_forces_the_guest_to_reconnect() -> None:
 
 def test_attach_fields_cross_unchanged() -> None:
     h = Harness()
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     rcv = ssn.receiver("sub-1")
     src = rcv.source
     src.address = "orders"
@@ -109,7 +95,7 @@ def test_attach_fields_cross_unchanged() -> None:
     rcv.properties = {symbol("shared"): True}
     rcv.open()
     h.pump()
-    blink = _broker_link(h, "sub-1")
+    blink = h.broker_link("sub-1")
     bsrc = blink.remote_source
     assert bsrc.address == "orders"
     assert bsrc.durability == Terminus.DELIVERIES
@@ -138,7 +124,7 @@ def test_dynamic_node_address_assigned_by_the_broker_reaches_the_guest() -> None
             h._broker_default(ev)
             h.broker_hook = broker
 
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     h.broker_hook = broker
     rcv = ssn.receiver("reply")
     rcv.source.dynamic = True
@@ -148,54 +134,42 @@ def test_dynamic_node_address_assigned_by_the_broker_reaches_the_guest() -> None
     assert rcv.remote_source.dynamic
 
 
-def test_refused_attach_error_reaches_the_guest() -> None:
+def _refuse_link(ev) -> None:
+    ev.link.open()
+    ev.link.condition = Condition("amqp:not-found", "no queue 'nope'")
+    ev.link.close()
+
+
+def _end_session(ev) -> None:
+    ev.session.condition = Condition("amqp:not-found", "no queue 'nope'")
+    ev.session.close()
+
+
+@pytest.mark.parametrize(
+    "broker_refuses",
+    [_refuse_link, _end_session],  # RabbitMQ refuses an attach by ending the whole session
+    ids=["detach", "session-end"],
+)
+def test_refused_attach_error_reaches_the_guest(broker_refuses) -> None:
     h = Harness()
-
-    def broker(ev) -> None:
-        if ev.type.name == "PN_LINK_REMOTE_OPEN":
-            ev.link.open()
-            ev.link.condition = Condition("amqp:not-found", "no queue 'nope'")
-            ev.link.close()
-
-    _, ssn = _opened(h)
-    h.broker_hook = broker
-    snd = ssn.sender("s")
-    snd.target.address = "nope"
-    snd.open()
+    _, ssn = h.guest_session()
+    h.broker_hook = lambda ev: ev.type.name == "PN_LINK_REMOTE_OPEN" and broker_refuses(ev)
+    snd = attach(ssn, "s", "nope")
     h.pump()
-    assert snd.state & Endpoint.REMOTE_CLOSED
-    assert snd.remote_condition.name == "amqp:not-found"
-    assert snd.remote_condition.description == "no queue 'nope'"
-    assert h.router.routes == {}
-
-
-def test_session_ended_by_the_broker_ends_the_guest_session() -> None:
-    """RabbitMQ refuses an attach by ending the whole session."""
-    h = Harness()
-
-    def broker(ev) -> None:
-        if ev.type.name == "PN_LINK_REMOTE_OPEN":
-            ev.session.condition = Condition("amqp:not-found", "no exchange")
-            ev.session.close()
-
-    _, ssn = _opened(h)
-    h.broker_hook = broker
-    snd = ssn.sender("s")
-    snd.target.address = "/exchange/none/x"
-    snd.open()
-    h.pump()
-    assert ssn.state & Endpoint.REMOTE_CLOSED
-    assert ssn.remote_condition.name == "amqp:not-found"
+    ended = snd if broker_refuses is _refuse_link else ssn
+    assert ended.state & Endpoint.REMOTE_CLOSED
+    assert ended.remote_condition.name == "amqp:not-found"
+    assert ended.remote_condition.description == "no queue 'nope'"
     assert h.router.routes == {}
 
 
 def _sender_pair(h: Harness, address: str = "q"):
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     snd = ssn.sender("s1")
     snd.target.address = address
     snd.open()
     h.pump()
-    return snd, _broker_link(h, "s1")
+    return snd, h.broker_link("s1")
 
 
 def test_guest_never_gets_more_credit_than_the_broker_gave() -> None:
@@ -306,13 +280,13 @@ def test_aborted_transfer_is_passed_on() -> None:
 
 def test_presettled_messages_are_settled_on_both_sides() -> None:
     h = Harness()
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     snd = ssn.sender("ps")
     snd.target.address = "q"
     snd.snd_settle_mode = Link.SND_SETTLED
     snd.open()
     h.pump()
-    brcv = _broker_link(h, "ps")
+    brcv = h.broker_link("ps")
     brcv.flow(1)
     h.pump()
     dlv = snd.delivery("p")
@@ -327,12 +301,12 @@ def test_presettled_messages_are_settled_on_both_sides() -> None:
 
 def test_broker_to_guest_credit_and_drain() -> None:
     h = Harness()
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     rcv = ssn.receiver("r1")
     rcv.source.address = "q"
     rcv.open()
     h.pump()
-    bsnd = _broker_link(h, "r1")
+    bsnd = h.broker_link("r1")
     rcv.flow(4)
     h.pump()
     assert bsnd.credit == 4
@@ -386,13 +360,13 @@ def test_transactional_state_and_declared_outcome_cross() -> None:
     """A coordinator link: the declare's 'declared' outcome (0x33) and a transfer's
     transactional-state (0x34) carry their raw fields across."""
     h = Harness()
-    _, ssn = _opened(h)
+    _, ssn = h.guest_session()
     coord = ssn.sender("txn")
     coord.target.type = Terminus.COORDINATOR
     coord.target.capabilities.put_object(symbol("amqp:local-transactions"))
     coord.open()
     h.pump()
-    bcoord = _broker_link(h, "txn")
+    bcoord = h.broker_link("txn")
     assert bcoord.remote_target.type == Terminus.COORDINATOR
     bcoord.flow(1)
     h.pump()
@@ -424,7 +398,7 @@ def test_open_begin_attach_pipelined_in_one_write() -> None:
     h.pump()
     assert ssn.state & Endpoint.REMOTE_ACTIVE
     assert snd.state & Endpoint.REMOTE_ACTIVE
-    brcv = _broker_link(h, "fast")
+    brcv = h.broker_link("fast")
     brcv.flow(1)
     h.pump()
     snd.delivery("d")
