@@ -188,7 +188,7 @@ class Requester(_Handler):
         self._sender = driver.create_sender(conn, self.address)
 
     def on_link_remote_open(self, event: Any) -> None:
-        if event.link is self._receiver or event.link == self._receiver:
+        if event.link == self._receiver:
             self._reply_to = self.reply_address or self._receiver.remote_source.address
             self._receiver.flow(1)
         self._next()
@@ -214,19 +214,10 @@ class Requester(_Handler):
         snd.advance()
 
     def on_delivery(self, event: Any) -> None:
-        dlv = event.delivery
+        msg = take_message(event)
+        if msg is None:
+            return
         link = event.link
-        if link.is_sender:
-            if dlv.remote_state or dlv.settled:
-                dlv.settle()
-            return
-        if not dlv.readable or dlv.partial:
-            return
-        msg = Message()
-        msg.decode(link.recv(dlv.pending))
-        link.advance()
-        dlv.update(Delivery.ACCEPTED)
-        dlv.settle()
         if self._waiting is not None and msg.correlation_id == self._waiting[0]:
             self.samples.append(time.perf_counter() - self._waiting[1])
             self._waiting = None
@@ -235,6 +226,25 @@ class Requester(_Handler):
             return
         link.flow(1)
         self._next()
+
+
+def take_message(event: Any) -> Message | None:
+    """The request/response side of a delivery event: settle an outcome that arrived on a
+    sending link; decode, accept and settle a complete message on a receiving link."""
+    dlv = event.delivery
+    link = event.link
+    if link.is_sender:
+        if dlv.remote_state or dlv.settled:
+            dlv.settle()
+        return None
+    if not dlv.readable or dlv.partial:
+        return None
+    msg = Message()
+    msg.decode(link.recv(dlv.pending))
+    link.advance()
+    dlv.update(Delivery.ACCEPTED)
+    dlv.settle()
+    return msg
 
 
 def run_phase(

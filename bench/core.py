@@ -62,13 +62,11 @@ class Rig:
     """A harness with one routed link and a broker that grants credit and accepts."""
 
     def __init__(self, direction: str, window: int, payload: bytes) -> None:
-        self.h = Harness()
-        self.h.broker_hook = self._broker_event
+        self.h = Harness()  # its scripted broker answers open, begin and attach
         self.direction = direction  # "in": guest sends; "out": guest receives
         self.window = window
         self.payload = payload
         self.timer = Timer()
-        self.broker_link: Any = None
         self.to_send = 0  # messages the sending peer still has to send
         self.sent = 0
         self.settled = 0  # outcomes the sending peer has seen
@@ -83,27 +81,15 @@ class Rig:
             self.guest_link.source.address = "q"
         self.guest_link.open()
         self.h.pump()
-        if direction == "out":
-            self.guest_link.flow(window)
-            self.h.pump()
+        self.broker_link = self.h.broker.connection.link_head(0)
+        (self.broker_link if direction == "in" else self.guest_link).flow(window)
+        self.h.pump()
 
     # -- the peers (not timed) ---------------------------------------------------------------
 
-    def _broker_event(self, ev: Any) -> None:
+    def _peer_event(self, ev: Any) -> None:
         name = ev.type.name
-        if name == "PN_CONNECTION_REMOTE_OPEN":
-            ev.connection.open()
-        elif name == "PN_SESSION_REMOTE_OPEN":
-            ev.session.open()
-        elif name == "PN_LINK_REMOTE_OPEN":
-            link = ev.link
-            link.source.copy(link.remote_source)
-            link.target.copy(link.remote_target)
-            link.open()
-            self.broker_link = link
-            if link.is_receiver:
-                link.flow(self.window)
-        elif name == "PN_DELIVERY":
+        if name == "PN_DELIVERY":
             self._on_delivery(ev.delivery, ev.link)
         elif name == "PN_LINK_FLOW" and ev.link.is_sender:
             self._send(ev.link)
@@ -129,15 +115,10 @@ class Rig:
             dlv.settle()
             self.settled += 1
 
-    def _guest_events(self) -> None:
-        for ev in self.h.guest.collect():
-            name = ev.type.name
-            if name == "PN_DELIVERY":
-                self._on_delivery(ev.delivery, ev.link)
-            elif name == "PN_LINK_FLOW" and ev.link.is_sender:
-                self._send(ev.link)
-        self.h.guest.events.clear()
-        self.h.broker.events.clear()
+    def _peer_events(self, side: Any) -> None:
+        for ev in side.collect():
+            self._peer_event(ev)
+        side.events.clear()
 
     # -- moving bytes: the router's side of each move is timed -------------------------------
 
@@ -168,12 +149,11 @@ class Rig:
         self.timer.call(router.process)
         up = router.upstream
         moved += self._out_of_router(up, h.broker.transport)
-        for ev in h.broker.collect():
-            self._broker_event(ev)
+        self._peer_events(h.broker)
         moved += self._into_router(h.broker.transport, up)
         self.timer.call(router.process)
         moved += self._out_of_router(router.guest, h.guest.transport)
-        self._guest_events()
+        self._peer_events(h.guest)
         return moved
 
     def batch(self, size: int) -> None:

@@ -14,8 +14,9 @@ import socket
 import sys
 from typing import Any
 
-from proton import Delivery, Handler, Message
+from proton import Handler, Message
 
+from bench.client import take_message
 from connector.guest.driver import Driver
 
 # Credit the responder keeps out; requests come one at a time, so this only has to be > 0.
@@ -41,17 +42,9 @@ class Responder(Handler):
             print("ready", flush=True)
 
     def on_delivery(self, event: Any) -> None:
-        dlv = event.delivery
-        link = event.link
-        if link.is_sender:
-            if dlv.remote_state or dlv.settled:
-                dlv.settle()
+        request = take_message(event)
+        if request is None:
             return
-        if not dlv.readable or dlv.partial:
-            return
-        request = Message()
-        request.decode(link.recv(dlv.pending))
-        link.advance()
         reply = Message(body=request.body, correlation_id=request.correlation_id)
         snd = self._senders.get(request.reply_to)
         if snd is None:
@@ -60,9 +53,7 @@ class Responder(Handler):
         snd.delivery(b"%x" % next(self._tags))
         snd.send(reply.encode())
         snd.advance()
-        dlv.update(Delivery.ACCEPTED)
-        dlv.settle()
-        link.flow(1)
+        event.link.flow(1)
 
     def on_link_remote_close(self, event: Any) -> None:
         cond = event.link.remote_condition

@@ -36,8 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +56,8 @@ from bench.client import (  # noqa: E402
     encode_payload,
     run_phase,
 )
-from connector.status.client import ControlClient, ControlError  # noqa: E402
 from tests.brokers import Artemis, Broker, RabbitMQ  # noqa: E402
+from tests.support import connector as support  # noqa: E402
 
 DEFAULT_COUNT = 10_000
 DEFAULT_SIZE = 1024
@@ -74,7 +73,6 @@ DEFAULT_WINDOW = 250
 WARMUP_REQUESTS = 20
 # The daemon and its channels come up in well under a second; a loaded box may be slower.
 DAEMON_TIMEOUT = 60.0
-POLL_INTERVAL = 0.05
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS = ("direct", "pty", "unix")
 VIA = ("pty", "unix")
@@ -148,18 +146,6 @@ def self_cpu() -> float:
     return t.user + t.system
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll with a deadline: nothing signals that the daemon has opened its channels."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out waiting for {what}")
-        time.sleep(POLL_INTERVAL)
-
-
 # ---- brokers ----------------------------------------------------------------------------
 
 
@@ -192,106 +178,45 @@ def broker_pgid(broker: Broker) -> int | None:
 
 
 class Connector:
-    """The daemon as a subprocess, with a pty and a unix-socket channel held by the bench."""
+    """The daemon as a subprocess (tests/support/connector.py), with a pty and a unix-socket
+    channel whose qemu ends the bench holds."""
 
     def __init__(self, work: Path, broker: Broker) -> None:
-        self.work = work
-        self.control = str(work / "control.sock")
-        password = work / "broker-password"
-        password.write_text(broker.password or "")
-        password.chmod(0o600)
-        # qemu's side of a pty chardev: the master, raw, so that nothing the bench writes
-        # before the connector opens the slave is echoed or translated.
-        self.master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        os.set_blocking(self.master, False)
-        # qemu's side of a `unix` chardev with server=on: it listens, the connector connects.
-        sock_path = str(work / "bench-unix.sock")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(sock_path)
-        self._listener.listen(1)
-        self.log = work / "connector.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "connector",
-            "--broker",
-            broker.url,
-            "--broker-user",
-            broker.user or "",
-            "--broker-password-file",
-            str(password),
-            "--channel",
-            f"pty:{os.ttyname(self._slave)},guest=bench-pty",
-            "--channel",
-            f"unix:{sock_path},guest=bench-unix",
-            "--control-socket",
-            self.control,
-            "--log-level",
-            "warning",
-        ]
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
-        self.unix: socket.socket | None = None
+        self.qemu = {kind: support.Qemu(kind, work, f"bench-{kind}") for kind in VIA}
+        self.daemon = support.Connector(
+            work, broker, list(self.qemu.values()), "--log-level", "warning"
+        )
+        self.daemon.start()
+        assert self.daemon.proc is not None
+        self.pid = self.daemon.proc.pid
 
     def wait_ready(self) -> None:
-        """Accept the connector's unix connection and wait until both channels wait for a
-        guest."""
-        ready, _, _ = select.select([self._listener], [], [], DAEMON_TIMEOUT)
-        if not ready:
-            raise BenchError(f"the connector did not connect to its unix channel:\n{self.tail()}")
-        self.unix, _ = self._listener.accept()
-        self.unix.setblocking(False)
-        want = {"bench-pty": "waiting", "bench-unix": "waiting"}
-        wait_for(lambda: self.states() == want, DAEMON_TIMEOUT, f"channel states {want}")
+        """Take the bench's end of each channel and wait until both wait for a guest."""
+        for q in self.qemu.values():
+            # Non-blocking like a guest's port: the client's driver never stalls in a write.
+            os.set_blocking(q.fd(DAEMON_TIMEOUT), False)
+        for q in self.qemu.values():
+            self.daemon.wait_state(q.guest, "waiting", DAEMON_TIMEOUT)
 
     def snapshot(self) -> dict[str, Any] | None:
-        """The daemon's control-socket snapshot, or None while it is not answering."""
-        if self.process.poll() is not None:
-            raise BenchError(f"the connector exited:\n{self.tail()}")
-        try:
-            return ControlClient(self.control, timeout=5).request("snapshot")["snapshot"]
-        except ControlError:
-            return None
-
-    def states(self) -> dict[str, str]:
-        snap = self.snapshot()
-        return {c["guest"]: c["state"] for c in snap["channels"]} if snap else {}
+        return self.daemon.snapshot()
 
     def fd(self, path: str) -> int:
         """The bench's end of a channel: what a guest application would hold."""
-        if path == "pty":
-            return self.master
-        assert self.unix is not None
-        return self.unix.fileno()
+        return self.qemu[path].fd()
 
     def cpu(self) -> tuple[float, float]:
         """(precise CPU seconds, tick-counted CPU seconds) of the daemon so far."""
-        return proc_cpu(self.process.pid), proc_cpu_ticks(self.process.pid)
+        return proc_cpu(self.pid), proc_cpu_ticks(self.pid)
 
     def tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text()[-3000:]
-        return ""
+        return self.daemon.log_text()[-3000:]
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for sock in (self.unix, self._listener):
-            if sock is not None:
-                sock.close()
-        os.close(self.master)
-        os.close(self._slave)
+        if self.daemon.proc is not None:
+            self.daemon.stop()
+        for q in self.qemu.values():
+            q.hang_up()
 
 
 @contextlib.contextmanager
