@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import select
 import socket
 import threading
 import time
@@ -39,6 +41,8 @@ CALL_TIMEOUT = 10.0
 RETRY_PAUSE = 0.2
 # How long the daemon may take to reconnect to a unix channel (qemu server=on).
 RECONNECT_TIMEOUT = 2.0
+# How long a raw guest waits for the daemon's answer to what it wrote.
+ANSWER_TIMEOUT = 10.0
 # A direct drain from the broker stops after this long without a message.
 DRAIN_QUIET = 0.5
 
@@ -262,6 +266,23 @@ def check(ledgers: Iterable[Ledger]) -> dict[str, Any]:
         stray = set(lg.received) | set(lg.on_broker)
         assert stray <= set(range(lg.total)), f"{lg.guest}: unknown messages {stray}"
     return totals(ledgers)
+
+
+def read_until(fd: int, needle: bytes, timeout: float = ANSWER_TIMEOUT) -> bytes:
+    """What the daemon wrote to a raw guest, up to ``needle`` or the timeout."""
+    got = b""
+    end = time.monotonic() + timeout
+    while needle not in got:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            got += chunk
+    return got
 
 
 def channel_ends(kinds: Iterable[str], workdir: Path, prefix: str) -> list[ChannelEnd]:

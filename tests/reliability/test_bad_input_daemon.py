@@ -8,7 +8,6 @@ timeout is shortened so the timeout cases finish quickly.
 from __future__ import annotations
 
 import os
-import select
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from proton import uint
 
 from connector.guest.client import GuestClient
-from tests.reliability import amqp
+from tests.reliability import amqp, harness
 from tests.reliability.conftest import Report
 from tests.reliability.procstat import cpu_seconds
 from tests.support.connector import Connector, Qemu, wait_for
@@ -64,23 +63,6 @@ def _works(fd: int) -> None:
     with GuestClient(fd, container_id="good-after-bad", timeout=CLIENT_TIMEOUT) as guest:
         assert [o.state for o in guest.send(queue, ["ok"])] == ["accepted"]
         assert [m.body for m in guest.receive(queue, 1)] == ["ok"]
-
-
-def _read_until(fd: int, needle: bytes, timeout: float = ANSWER_TIMEOUT) -> bytes:
-    """What the daemon wrote to the guest, up to ``needle`` or the timeout."""
-    got = b""
-    end = time.monotonic() + timeout
-    while needle not in got:
-        left = end - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
 
 
 def _wait_error(d: Connector, guest: str, text: str) -> dict[str, Any]:
@@ -136,7 +118,7 @@ def test_oversize_frame_is_a_framing_error_and_the_channel_recovers(
     d: Connector = daemon["daemon"]
     qemu: Qemu = daemon["channels"]["unix"]
     qemu.write_raw(amqp.handshake() + amqp.frame(bytes(200_000)))
-    reply = _read_until(qemu.fd(), b"amqp:connection:framing-error")
+    reply = harness.read_until(qemu.fd(), b"amqp:connection:framing-error")
     assert b"amqp:connection:framing-error" in reply
     ch = _wait_error(d, "bad-unix", "framing-error")
     _works(qemu.fd())
@@ -170,7 +152,7 @@ def test_attach_with_a_null_name_ends_only_that_connection(
 def test_attach_with_a_null_name_tells_the_guest(daemon: dict[str, Any], report: Report) -> None:
     qemu: Qemu = daemon["channels"]["pty"]
     qemu.write_raw(_null_name_attach())
-    reply = _read_until(qemu.fd(), b"amqp:", timeout=3.0)
+    reply = harness.read_until(qemu.fd(), b"amqp:", timeout=3.0)
     _wait_error(daemon["daemon"], "bad-pty", "internal-error")
     if b"amqp:" not in reply:
         report.add(
@@ -197,7 +179,7 @@ def test_guest_that_never_opens_is_cut_at_the_open_timeout(
     assert OPEN_TIMEOUT_S * 0.9 <= took <= OPEN_TIMEOUT_S + 5, took
     # What the guest was told before the cut (a real guest's next open of the port would
     # not see these bytes: qemu drops what a closed port had not read).
-    told = _read_until(qemu.fd(), b"\xff", timeout=0.5)
+    told = harness.read_until(qemu.fd(), b"\xff", timeout=0.5)
     _works(qemu.fd())
     report.add(
         f"daemon/unix: {what} (open_timeout_s={OPEN_TIMEOUT_S:g})",

@@ -213,30 +213,46 @@ def test_slow_consumer_does_not_cost_the_daemon_memory_or_stop_others(
     slow_end.hang_up()
 
 
+# Links the attach flooder asks for in one go: far past attach_burst (100) and max_links (256).
+ATTACH_FLOOD = 2000
+
+
 def test_attach_flood_is_cut_off_while_others_go_on(setup: dict[str, Any], report: Report) -> None:
     daemon: Connector = setup["daemon"]
     flood_end, *others = setup["ends"]
     fleet = Fleet(others, TOTAL, _prefix()).start(FLEET_TIMEOUT)
     flooder = GuestClient(flood_end.fd(), container_id="flooder", timeout=30)
-    links = [flooder.driver.create_receiver(flooder.connection, f"flood-{i}") for i in range(2000)]
-    end = time.monotonic() + 30
     conn = flooder.connection
+    ssn = conn.session()
+    ssn.open()
+    links = []
+    for i in range(ATTACH_FLOOD):
+        link = ssn.receiver(f"flood-{i}")
+        link.source.address = f"flood-{i}"
+        link.open()
+        links.append(link)
+    end = time.monotonic() + 30
     while not conn.state & Endpoint.REMOTE_CLOSED and time.monotonic() < end:
         if not flooder.driver.process(0.1):
             break
     cond = conn.remote_condition
     attached = sum(1 for link in links if link.state & Endpoint.REMOTE_ACTIVE)
-    ch = daemon.channel(flood_end.guest)
+    flooder.close()
+    ch = daemon.wait_state(flood_end.guest, "waiting")
     counts = _finish(
         fleet,
         setup["broker"],
         report,
-        "a guest attaches 2000 links at once",
+        f"a guest attaches {ATTACH_FLOOD} links at once",
         f"flooder closed with {cond.name if cond else None} after {attached} attaches "
         f"(last_error `{ch['last_error']}`); others went on",
     )
     assert cond is not None and cond.name == "amqp:resource-limit-exceeded", ch
     assert all(g.ledger.done for g in fleet.guests), counts
+
+
+# Transfers the flooder writes at once: five times the credit Artemis grants (1000).
+TRANSFER_FLOOD = 5000
 
 
 def test_transfer_flood_is_cut_off_while_others_go_on(
@@ -247,9 +263,11 @@ def test_transfer_flood_is_cut_off_while_others_go_on(
     flood_end, *others = setup["ends"]
     fleet = Fleet(others, TOTAL, _prefix()).start(FLEET_TIMEOUT)
     queue = f"tflood-{uuid.uuid4().hex[:6]}"
-    stream = amqp.handshake() + amqp.attach_frame("f", 0, sender=True, address=queue)
-    stream += b"".join(amqp.transfer_frame(0, i) for i in range(5000))
-    flood_end.write_raw(stream)
+    fd = flood_end.fd()
+    flood_end.write_raw(amqp.handshake() + amqp.attach_frame("f", 0, sender=True, address=queue))
+    # Wait for the daemon's attach (the broker answered, credit follows), then ignore credit.
+    assert amqp.ATTACH_DESCRIPTOR in harness.read_until(fd, amqp.ATTACH_DESCRIPTOR)
+    flood_end.write_raw(b"".join(amqp.transfer_frame(0, i) for i in range(TRANSFER_FLOOD)))
     ch = wait_for(
         lambda: (
             (c := daemon.channel(flood_end.guest))["state"] == "waiting" and c["last_error"] and c
@@ -261,7 +279,7 @@ def test_transfer_flood_is_cut_off_while_others_go_on(
         fleet,
         setup["broker"],
         report,
-        "a guest sends 5000 transfers without credit",
+        f"a guest sends {TRANSFER_FLOOD} transfers, ignoring credit",
         f"flooder cut off: last_error `{ch['last_error']}`, {ch['deliveries_in']} "
         "deliveries routed; others went on",
     )
