@@ -48,6 +48,9 @@ RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 # Largest single read from the fd; proton's input buffer grows to take it, and big reads
 # cost far less CPU per byte than proton's initial 8 KiB capacity.
 READ_SIZE = 256 * 1024
+# Times a connection attempt starts over when leftovers answered its protocol header
+# (see Driver._stale_answer); one suffices in practice, a second covers a slow host.
+HANDSHAKE_RETRIES = 2
 # How long the opener waits for the host side to be present before trying again.
 HOST_WAIT = 1.0
 
@@ -177,6 +180,9 @@ class Driver:
         self._started = False
         self._backoff = 0
         self.eof = False  # the current fd reached end of stream: the other side is gone
+        self._spoke = False  # the peer opened the connection on the current transport
+        self._handshakes = 0  # header exchanges restarted because stale bytes answered
+        self._restart_handshake = False
 
     # ---- the container-like surface handlers use ---------------------------------------
 
@@ -371,6 +377,7 @@ class Driver:
             self._schedule_reconnect()
             return
         self.eof = False
+        self._spoke = False
         t = Transport(Transport.SERVER if self.server else Transport.CLIENT)
         t._reactor = self  # so that proton's ``event.container`` is this driver
         if self.idle_timeout:
@@ -428,8 +435,28 @@ class Driver:
                 return
             if event.type == Event.CONNECTION_REMOTE_OPEN:
                 self._backoff = 0  # a working connection resets the reconnect backoff
-            event.dispatch(event.handler or self.handler)
+                self._handshakes = 0
+                self._spoke = True
+            if event.type == Event.TRANSPORT_ERROR and self._stale_answer(event.transport):
+                self._restart_handshake = True  # handled in _transport_done, not an error
+            else:
+                event.dispatch(event.handler or self.handler)
             self.collector.pop()
+
+    def _stale_answer(self, transport: Transport) -> bool:
+        """Whether the first bytes back were not a protocol header but leftovers.
+
+        A host-side peer can answer our header with the end of an older connection it still
+        believed open (it never saw the guest close the port). It then drops that one and
+        waits for a header again, so draining and sending the header once more succeeds.
+        """
+        cond = transport.condition
+        return (
+            not self._spoke
+            and self._handshakes < HANDSHAKE_RETRIES
+            and cond is not None
+            and cond.name == "amqp:connection:framing-error"
+        )
 
     def _transport_done(self) -> None:
         """The transport ended: tell the handler, unbind, and reconnect if we should."""
@@ -439,6 +466,16 @@ class Driver:
         conn = self.connection
         if conn is not None:
             t.unbind()
+        if self._restart_handshake:
+            self._restart_handshake = False
+            self._handshakes += 1
+            log.info("stale bytes answered our protocol header; starting over")
+            if self._close_fd:
+                self.close_fd()  # the opener reopens and drains
+            else:
+                _port.drain(self.fd)
+            self._bind()
+            return
         self.close_fd()
         self._dispatch_collected()
         DriverEvent("on_disconnected", self, transport=t).dispatch(self.handler)

@@ -6,13 +6,16 @@ end, so every frame crosses a real fd through the same driver a guest uses.
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
 from proton import Message
 
 from connector.guest import Disconnected, GuestClient, GuestTimeout, LinkRefused
+from connector.guest.bridge import CLOSE_FRAME
 from connector.guest.peer import MemoryBroker, PeerThread
 
 
@@ -126,3 +129,42 @@ def test_silent_peer_fails_on_idle_timeout() -> None:
     assert "idle-timeout" in str(err.value)
     a.close()
     b.close()
+
+
+def test_header_answered_by_leftovers_is_retried() -> None:
+    """A host that still believed an older connection open answers our header with that
+    connection's last frame, then waits for a header again: the client starts over."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    header = b"AMQP\x00\x01\x00\x00"
+    peer = PeerThread(d.fileno(), MemoryBroker())
+
+    def host() -> None:
+        b.recv(4096)  # the first header (and open)
+        b.sendall(CLOSE_FRAME)  # the tail of a connection the guest left long ago
+        seen = b""
+        while header not in seen:
+            seen += b.recv(4096)
+        c.sendall(seen[seen.index(header) :])
+        relay(b, c)
+
+    t = threading.Thread(target=host, daemon=True)
+    t.start()
+    with GuestClient(a.fileno(), timeout=10) as client:
+        assert client.send("q", ["after retry"])[0].state == "accepted"
+    a.close()
+    t.join(10)
+    peer.close()
+    for s in (b, c, d):
+        s.close()
+
+
+def relay(x: socket.socket, y: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    while True:
+        readable, _, _ = select.select([x, y], [], [])
+        for src in readable:
+            data = src.recv(65536)
+            if not data:
+                return
+            (y if src is x else x).sendall(data)
