@@ -82,3 +82,8 @@ def transfer_frame(handle: int, delivery_id: int, body: bytes = b"x") -> bytes:
     payload = b"\x00Su\xa0" + bytes([len(body)]) + body
     return frame(performative(TRANSFER, uint(handle), uint(delivery_id), str(delivery_id).encode(),
                               uint(0), False, payload=payload))  # fmt: skip
+
+
+def null_name_attach() -> bytes:
+    """An attach whose name field is null (the name is mandatory)."""
+    return frame(performative(ATTACH, None, uint(0), False))

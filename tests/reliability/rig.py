@@ -38,37 +38,29 @@ CHANNEL_MAX = 31
 
 
 class _RawTransport:
-    """Duck-types the part of ``proton.Transport`` the harness moves bytes with."""
+    """Duck-types the part of ``proton.Transport`` the harness moves the router's output to.
+    The guest's bytes do not go this way: ``feed`` hands them to ``Router.feed_guest``, as
+    the daemon's channel does."""
 
     def __init__(self) -> None:
-        self.pending_input = bytearray()  # what the "guest" has yet to send
         self.received = bytearray()  # what the router wrote to the guest
 
     def capacity(self) -> int:
         return 1 << 30
 
     def pending(self) -> int:
-        return len(self.pending_input)
-
-    def peek(self, n: int) -> bytes:
-        return bytes(self.pending_input[:n])
-
-    def pop(self, n: int) -> None:
-        del self.pending_input[:n]
+        return 0
 
     def push(self, data: bytes) -> None:
         self.received += data
 
 
 class RawGuest:
-    """A guest that is only a byte stream: whatever the test puts in ``send``."""
+    """A guest that is only a byte stream: its input is what the test feeds."""
 
     def __init__(self) -> None:
         self.transport = _RawTransport()
         self.events: list[Event] = []
-
-    def send(self, data: bytes) -> None:
-        self.transport.pending_input += data
 
     def collect(self) -> list[Event]:
         return []
@@ -132,11 +124,11 @@ class Outcome:
     reply: bytes = field(repr=False, default=b"")
 
 
-def feed(h: FeedingHarness, guest: RawGuest, data: bytes, chunk: int = 0) -> None:
+def feed(h: FeedingHarness, data: bytes, chunk: int = 0) -> None:
     """Push ``data`` through the router in ``chunk``-sized reads (0: one read)."""
     step = chunk or max(len(data), 1)
     for i in range(0, len(data), step):
-        guest.send(data[i : i + step])
+        h.router.feed_guest(data[i : i + step])
         h.pump(PUMP_ROUNDS)
 
 
@@ -262,29 +254,6 @@ class GoodGuest:
             raise AssertionError(f"broker got {self.h.broker_received} of {self.sent}")
 
 
-class KnownBug(Exception):
-    """An input hit a connector bug already reported (``KNOWN_BUGS``); the fuzz counts these
-    instead of stopping, and a strict-xfail regression test in test_bad_input.py pins each."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"{key}: {KNOWN_BUGS[key]}")
-        self.key = key
-
-
-# Bugs the fuzz found, by key, with what goes wrong; remove an entry when the bug is fixed
-# (its regression test then passes and its xfail marker must go too).
-KNOWN_BUGS = {
-    "attach-null-name": "an attach whose name is null raises RuntimeError out of the router",
-}
-
-
-def _known(err: Exception) -> str | None:
-    """The KNOWN_BUGS key an exception from the router shows, if any."""
-    if isinstance(err, RuntimeError) and "cannot use string() on <cdata 'char *' NULL>" in str(err):
-        return "attach-null-name"
-    return None
-
-
 # What the fuzz saw over the run, for the report: how connections ended, known bugs hit.
 STATS: collections.Counter[str] = collections.Counter()
 
@@ -300,20 +269,8 @@ def run_hostile(data: bytes, chunk: int, good: GoodGuest | None = None) -> Outco
     - the connection either has ended (error condition or close) or, once the guest has
       been silent past the idle timeout, ends then: never silently stuck;
     - the good guest's messages all get through.
-
-    Raises KnownBug for an input that hits a bug in KNOWN_BUGS.
     """
-    try:
-        result = _run_hostile(data, chunk, good)
-    except KnownBug as bug:
-        STATS[f"known bug: {bug.key}"] += 1
-        raise
-    except Exception as err:
-        key = _known(err)
-        if key is None:
-            raise
-        STATS[f"known bug: {key}"] += 1
-        raise KnownBug(key) from err
+    result = _run_hostile(data, chunk, good)
     if result is None:
         STATS["no protocol header: all discarded"] += 1
     else:
@@ -335,7 +292,7 @@ def _run_hostile(data: bytes, chunk: int, good: GoodGuest | None) -> Outcome | N
                 continue
             header = found.header
             piece = found.header + found.rest
-        guest.send(piece)
+        h.router.feed_guest(piece)
         h.pump(PUMP_ROUNDS)
         if good is not None:
             good.send_one()

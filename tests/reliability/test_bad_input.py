@@ -13,7 +13,6 @@ import pytest
 from cproton_ffi import lib
 from proton import symbol, uint
 
-from connector.routing.router import FORCED
 from tests.reliability import amqp, rig
 from tests.reliability.conftest import Report
 
@@ -21,9 +20,6 @@ FRAMING_ERROR = "amqp:connection:framing-error"
 INVALID_FIELD = "amqp:invalid-field"
 # A message payload: one data section holding "x".
 PAYLOAD = b"\x00Sw\xa1\x01x"
-# Any error that the router (not the broker) gives the guest, as a transport error or on
-# its close frame.
-ANY_GUEST_ERROR = "*"
 
 
 @dataclass(frozen=True)
@@ -33,7 +29,6 @@ class Case:
     name: str
     frame: bytes
     condition: str | None  # the error the guest must see; None: ignored, connection usable
-    bug: str | None = None  # a reported bug: the case is a strict xfail until it is fixed
 
 
 CASES = [
@@ -74,20 +69,14 @@ CASES = [
         amqp.frame(amqp.performative(amqp.DISPOSITION, False, uint(77), uint(99), True, None)),
         None,
     ),
+    # Proton stops reading here without an error; Router.feed_guest turns that into one.
     Case(
         "unknown performative (descriptor 0x77)",
         amqp.frame(amqp.performative(amqp.UNKNOWN_PERFORMATIVE, "x")),
-        ANY_GUEST_ERROR,
-        bug="proton stops reading (capacity -1) with no error; Engine.push drops the rest "
-        "silently until the idle timeout",
+        FRAMING_ERROR,
     ),
-    Case(
-        "a second open",
-        amqp.open_frame(),
-        ANY_GUEST_ERROR,
-        bug="the router opens a second upstream on the same broker socket; the broker sees a "
-        "header mid-stream and the guest gets connection:forced",
-    ),
+    Case("a second open", amqp.open_frame(), "amqp:illegal-state"),
+    Case("attach with a null name", amqp.null_name_attach(), INVALID_FIELD),
     Case(
         "SASL frame after the AMQP header",
         amqp.frame(amqp.performative(0x41, symbol("ANONYMOUS")), ftype=1),
@@ -98,57 +87,39 @@ CASES = [
 
 def _handshaken() -> tuple[rig.FeedingHarness, rig.RawGuest]:
     h, guest = rig.raw_rig()
-    rig.feed(h, guest, amqp.handshake())
+    rig.feed(h, amqp.handshake())
     assert not rig.outcome(h, guest).ended
     assert h.router.session_count() == 1
     return h, guest
 
 
-def _params() -> list:
-    return [
-        pytest.param(
-            c,
-            id=c.name,
-            marks=[pytest.mark.xfail(strict=True, reason=f"bug: {c.bug}")] if c.bug else [],
-        )
-        for c in CASES
-    ]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_frame(case: Case, report: Report) -> None:
     h, guest = _handshaken()
-    rig.feed(h, guest, case.frame)
+    rig.feed(h, case.frame)
     result = rig.outcome(h, guest)
-    if case.condition == ANY_GUEST_ERROR:
-        cond = result.condition or result.close_condition
-        ok = result.ended and cond is not None and cond[0] != FORCED and len(h.upstreams) == 1
-        if not ok:
-            report.add(f"core: {case.name}", f"BUG: {case.bug}")
-        assert ok, (result, len(h.upstreams))
-        report.add(f"core: {case.name}", f"guest closed with {cond[0]}")
-        return
     if case.condition is None:
         # Ignored: the connection is still open and still answers a close cleanly.
         assert not result.ended, result
-        rig.feed(h, guest, amqp.frame(amqp.performative(amqp.CLOSE)))
+        rig.feed(h, amqp.frame(amqp.performative(amqp.CLOSE)))
         result = rig.outcome(h, guest)
         assert result.ended and result.condition is None, result
         report.add(f"core: {case.name}", "ignored; connection still usable")
         return
-    assert result.condition is not None and result.condition[0] == case.condition, result
-    # The guest is told: proton's close frame carries the condition.
+    # Proton's own errors are transport conditions; the router's are on its close frame.
+    cond = result.condition or result.close_condition
+    assert cond is not None and cond[0] == case.condition, result
+    # The guest is told: the close frame carries the condition.
     assert case.condition.encode() in result.reply
-    # The upstream connection is closed too.
+    # The upstream connection is closed too, and there was only ever one.
     assert h.broker.connection.state & h.broker.connection.REMOTE_CLOSED
-    report.add(
-        f"core: {case.name}", f"guest closed with {result.condition[0]}: {result.condition[1]}"
-    )
+    assert len(h.upstreams) == 1
+    report.add(f"core: {case.name}", "guest closed with {}: {}".format(*cond))
 
 
 def test_peer_max_frame_below_the_minimum_is_raised_to_512(report: Report) -> None:
     h, guest = rig.raw_rig()
-    rig.feed(h, guest, amqp.AMQP_HEADER + amqp.open_frame(max_frame=100) + amqp.begin_frame())
+    rig.feed(h, amqp.AMQP_HEADER + amqp.open_frame(max_frame=100) + amqp.begin_frame())
     result = rig.outcome(h, guest)
     assert not result.ended, result
     # Proton forces 512 (and says so on stderr); every frame it writes then fits in 512.
@@ -159,30 +130,9 @@ def test_peer_max_frame_below_the_minimum_is_raised_to_512(report: Report) -> No
 
 def test_truncated_stream_ends_at_the_idle_timeout(report: Report) -> None:
     h, guest = _handshaken()
-    rig.feed(h, guest, amqp.frame(bytes(100))[:20])
+    rig.feed(h, amqp.frame(bytes(100))[:20])
     assert not rig.outcome(h, guest).ended
     rig.expire_timers(h)
     result = rig.outcome(h, guest)
     assert result.condition == ("amqp:resource-limit-exceeded", "local-idle-timeout expired")
     report.add("core: stream stops mid-frame", "closed at idle timeout (resource-limit-exceeded)")
-
-
-def _null_name_attach() -> bytes:
-    return amqp.frame(amqp.performative(amqp.ATTACH, None, uint(0), False))
-
-
-@pytest.mark.xfail(strict=True, reason="bug attach-null-name: RuntimeError out of the router")
-def test_attach_with_a_null_name_is_refused(report: Report) -> None:
-    h, guest = _handshaken()
-    try:
-        rig.feed(h, guest, _null_name_attach())
-    except RuntimeError:
-        report.add("core: attach with a null name", "BUG: RuntimeError raised out of Router")
-        raise
-    result = rig.outcome(h, guest)
-    assert result.ended and result.condition is not None, result
-
-
-def test_known_bug_list_matches_the_regressions() -> None:
-    """Each KNOWN_BUGS entry has its strict-xfail regression here, so a fix is noticed."""
-    assert set(rig.KNOWN_BUGS) == {"attach-null-name"}
