@@ -212,6 +212,13 @@ class Connector:
     def tail(self) -> str:
         return self.daemon.log_text()[-3000:]
 
+    def peak_rss_mb(self) -> float:
+        """The daemon's peak resident memory so far (VmHWM), in MB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
     def close(self) -> None:
         if self.daemon.proc is not None:
             self.daemon.stop()
@@ -375,20 +382,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench.responder_pid = service_proc.pid
                 # Negative rounds warm up the JVM's JIT, the broker's queues and our caches;
                 # their numbers are thrown away.
+                paths = args.paths
                 for rnd in range(-args.warmup, args.rounds):
-                    order = PATHS[rnd % len(PATHS) :] + PATHS[: rnd % len(PATHS)]
+                    order = paths[rnd % len(paths) :] + paths[: rnd % len(paths)]
                     for path in order:
                         name = "warm-up" if rnd < 0 else f"round {rnd + 1}/{args.rounds}"
                         print(f"{name}: {path}", file=sys.stderr, flush=True)
                         queue = f"bench.{os.getpid()}.{rnd}.{path}"
                         row = {"round": rnd + 1, "path": path}
                         row.update(bench.throughput(path, queue))
-                        row.update(bench.latency(path, service))
+                        if args.requests:
+                            row.update(bench.latency(path, service))
                         if rnd >= 0:
                             runs.append(row)
             snap = connector.snapshot() or {}
-            per_round = args.count + args.requests + WARMUP_REQUESTS
-            check_counters(snap, (args.warmup + args.rounds) * per_round)
+            per_round = args.count + (args.requests + WARMUP_REQUESTS if args.requests else 0)
+            check_counters(snap, (args.warmup + args.rounds) * per_round, args.paths)
+            peak_rss_mb = connector.peak_rss_mb()
         except BaseException:
             if connector is not None:
                 print(connector.tail(), file=sys.stderr)
@@ -408,20 +418,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "requests": args.requests,
+            "paths": list(args.paths),
         },
-        "summary": summarise(runs),
+        "connector": {"peak_rss_mb": peak_rss_mb},
+        "summary": summarise(runs, args.paths),
         "runs": runs,
         "channels": snap.get("channels", []),
     }
 
 
-def check_counters(snap: dict[str, Any], per_channel: int) -> None:
+def check_counters(snap: dict[str, Any], per_channel: int, paths: tuple[str, ...]) -> None:
     """Prove the via runs went through the connector: each channel's counters must show
-    every message sent and received on it (the warm-up requests included)."""
+    every message sent and received on it (the warm-up requests included), and nothing on
+    a channel that was not benchmarked."""
     for row in snap.get("channels", []):
+        want = per_channel if row["kind"] in paths else 0
         got = (row["deliveries_in"], row["deliveries_out"])
-        if got != (per_channel, per_channel):
-            raise BenchError(f"{row['guest']} routed {got} (in, out), expected {per_channel}")
+        if got != (want, want):
+            raise BenchError(f"{row['guest']} routed {got} (in, out), expected {want}")
 
 
 def broker_version(broker: Broker, props: dict[str, Any] | None) -> str:
@@ -432,10 +446,12 @@ def broker_version(broker: Broker, props: dict[str, Any] | None) -> str:
     return str(getattr(sys.modules[type(broker).__module__], "ARTEMIS_VERSION", "unknown"))
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+def summarise(
+    runs: list[dict[str, Any]], paths: tuple[str, ...]
+) -> dict[str, dict[str, dict[str, float]]]:
     """Median, min and max over rounds of every metric, per path; plus ratios to direct."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for path in PATHS:
+    for path in paths:
         rows = [r for r in runs if r["path"] == path]
         metrics = [k for k in rows[0] if k not in ("round", "path")]
         out[path] = {
@@ -446,7 +462,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
             }
             for k in metrics
         }
-    for path in VIA:
+    for path in (p for p in VIA if p in paths and "direct" in paths):
         for k in ("send_msgs_per_s", "recv_msgs_per_s"):
             ratios = [
                 via[k] / direct[k]
@@ -497,13 +513,14 @@ def table(doc: dict[str, Any]) -> str:
         f"{m['broker']} {m['broker_version']}; {s['count']} x {s['size']} B at-least-once, "
         f"window {s['window']}, {s['requests']} requests, {s['rounds']} rounds; "
         f"{m['nproc']} x {m['cpu_model']}, Python {m['python']}, proton {m['proton']}",
-        "median [min-max] over rounds",
+        f"median [min-max] over rounds; connector peak RSS "
+        f"{doc['connector']['peak_rss_mb']:.0f} MB",
         "",
     ]
     for columns in (COLUMNS, COST_COLUMNS):
         lines.append("| path | " + " | ".join(h for h, _, _ in columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")
-        for path in PATHS:
+        for path in s["paths"]:
             cells = [cell(doc["summary"][path].get(key), fmt) for _, key, fmt in columns]
             lines.append(f"| {path} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -515,6 +532,15 @@ def cell(value: dict[str, float] | None, fmt: str) -> str:
     if value is None:
         return "-"
     return f"{fmt.format(value['median'])} [{fmt.format(value['min'])}-{fmt.format(value['max'])}]"
+
+
+def paths_arg(text: str) -> tuple[str, ...]:
+    """``--paths``: known names only, in the order given."""
+    paths = tuple(p for p in text.split(",") if p)
+    unknown = set(paths) - set(PATHS)
+    if unknown or not paths:
+        raise argparse.ArgumentTypeError(f"paths are {', '.join(PATHS)}")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_REQUESTS,
         help="timed request/response round trips per path and round",
+    )
+    p.add_argument(
+        "--paths",
+        type=paths_arg,
+        default=PATHS,
+        help=f"comma-separated subset of {','.join(PATHS)} (ratios need direct)",
     )
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     args = p.parse_args(argv)
