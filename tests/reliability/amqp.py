@@ -21,7 +21,8 @@ EMPTY_FRAME = b"\x00\x00\x00\x08\x02\x00\x00\x00"
 
 OPEN, BEGIN, ATTACH, FLOW, TRANSFER, DISPOSITION, DETACH, END, CLOSE = range(0x10, 0x19)
 SOURCE, TARGET = 0x28, 0x29
-# How an attach performative starts on the wire (descriptor 0x12 as a small ulong).
+# How performatives start on the wire (the descriptor as a small ulong).
+OPEN_DESCRIPTOR = b"\x00S\x10"
 ATTACH_DESCRIPTOR = b"\x00S\x12"
 # A descriptor no AMQP 1.0 performative uses.
 UNKNOWN_PERFORMATIVE = 0x77

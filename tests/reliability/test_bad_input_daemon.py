@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from proton import uint
 
 from connector.guest.client import GuestClient
 from connector.guest.port import drain
@@ -203,3 +204,42 @@ def test_heartbeat_flood_is_harmless(daemon: dict[str, Any], report: Report) -> 
         f"daemon/pty: {frames} empty frames in {elapsed:.2f} s",
         f"harmless: connection kept working; daemon CPU {cpu:.2f} s",
     )
+
+
+# The daemon CPU a hostile open may cost over TINY_IDLE_SECONDS (seconds of CPU): far below
+# a core, which a heartbeat every half millisecond costs.
+TINY_IDLE_CPU_LIMIT_S = 0.3
+TINY_IDLE_SECONDS = 2.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug tiny-idle-timeout: a guest's idle-time-out of 1 ms makes the daemon send "
+    "heartbeats every 0.5 ms, spinning one core on the shared loop",
+)
+def test_tiny_idle_timeout_does_not_spin_the_daemon(daemon: dict[str, Any], report: Report) -> None:
+    d: Connector = daemon["daemon"]
+    assert d.proc is not None
+    qemu: Qemu = daemon["channels"]["unix"]
+    fd = qemu.fd()
+    drain(fd, quiet=0.05)
+    qemu.write_raw(
+        amqp.AMQP_HEADER
+        + amqp.frame(amqp.performative(amqp.OPEN, "tiny-idle", None, None, None, uint(1)))
+    )
+    harness.read_until(fd, amqp.OPEN_DESCRIPTOR)
+    cpu0 = cpu_seconds(d.proc.pid)
+    written = len(harness.read_until(fd, b"never", timeout=TINY_IDLE_SECONDS))
+    cpu = cpu_seconds(d.proc.pid) - cpu0
+    ch = d.channel("bad-unix")
+    # End the hostile connection so later tests get a quiet daemon.
+    qemu.write_raw(amqp.frame(amqp.performative(amqp.CLOSE)))
+    d.wait_state("bad-unix", "waiting")
+    _works(fd)
+    verdict = "ok" if cpu < TINY_IDLE_CPU_LIMIT_S else "BUG: spins"
+    report.add(
+        "daemon/unix: open with idle-time-out 1 ms",
+        f"{verdict}: daemon CPU {cpu:.2f} s and {written} bytes of heartbeats to the guest in "
+        f"{TINY_IDLE_SECONDS:g} s; connection {ch['state']}, last_error `{ch['last_error']}`",
+    )
+    assert cpu < TINY_IDLE_CPU_LIMIT_S, (cpu, written)
