@@ -235,3 +235,20 @@ def test_broker_stopped_mid_stream_forces_the_guest_and_loses_nothing(
         extra = again.receive(queue, 5, drain=True)
         assert [m.body for m in extra] in ([], ["lost?"])  # never acknowledged, maybe stored
     wait_for(lambda: daemon.snapshot(), 10, "daemon alive")
+
+
+@pytest.mark.parametrize("mechanism", [None, "ANONYMOUS", "EXTERNAL"])
+def test_guest_sasl_choices_all_get_the_channels_identity(
+    ctx: Routed, mechanism: str | None
+) -> None:
+    """A bare AMQP header, SASL ANONYMOUS or SASL EXTERNAL: whatever the guest does, it is
+    the channel's guest on the broker."""
+    from connector.guest.client import GuestClient
+
+    ch = ctx.channels["unix-listen"]
+    with GuestClient(
+        ch.fd(), container_id=f"sasl-{mechanism}", timeout=TIMEOUT, sasl_mechanisms=mechanism
+    ) as guest:
+        assert guest.send(_queue("sasl"), ["hi"])[0].state == "accepted"
+        entry = ctx.daemon.channel("g-unix-listen")
+        assert entry["detail"]["upstream"]["container_id"] == f"sasl-{mechanism}"
