@@ -173,3 +173,27 @@ def test_policy_keeps_guests_in_their_namespace_and_out_of_management(
     finally:
         assert daemon.stop() == 0
         ch.hang_up()
+
+
+@pytest.mark.broker
+def test_a_guest_that_falls_silent_is_noticed_by_its_idle_timeout(
+    artemis: Any, tmp_path: Path
+) -> None:
+    """The host sees nothing when a guest dies with its port open: only silence tells."""
+    ch = Qemu("unix", tmp_path, "silent")
+    conf = tmp_path / "idle.toml"
+    conf.write_text("[limits]\nidle_timeout_s = 1.0\n")
+    daemon = Connector(tmp_path, artemis, [ch], "--config", str(conf)).start()
+    from connector.guest.client import GuestClient
+
+    try:
+        guest = GuestClient(ch.fd(), container_id="dies", timeout=30, idle_timeout=None)
+        guest.send("idle.q", ["last words"])
+        daemon.wait_state("silent", "connected")
+        # The guest stops here: no more frames, no heartbeats, the fd stays open.
+        entry = daemon.wait_state("silent", "waiting", timeout=30)
+        assert "idle-timeout" in entry["last_error"]
+        assert entry["detail"]["errors"][-1]["condition"] == "amqp:resource-limit-exceeded"
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()
