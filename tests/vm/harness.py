@@ -106,7 +106,9 @@ class Vm:
         for i, port in enumerate([ctl, *self.ports]):
             port.id = port.id or f"p{i}"
             if port.kind == "unix":
-                port.path = port.path or str(w / f"{port.id}.sock")
+                # AMQP sockets are named amqp-*.sock so a discovery glob can tell them apart.
+                prefix = "" if port is ctl else "amqp-"
+                port.path = port.path or str(w / f"{prefix}{port.id}.sock")
                 chardev = f"socket,id={port.id},path={port.path},server=on,wait=off"
             elif port.kind == "pty":
                 chardev = f"pty,id={port.id}"

@@ -14,22 +14,12 @@ import time
 import pytest
 
 from tests.vm.harness import Port, Vm, open_host_side
+from tests.vm.snippets import BRIDGE_CLIENT, ROUND_TRIP, THROUGHPUT
 
 pytestmark = pytest.mark.vm
 
 UNIX = Port("org.qpid.amqp.0", "unix")
 PTY = Port("org.qpid.amqp.1", "pty")
-
-ROUND_TRIP = """
-from connector.guest import GuestClient
-with GuestClient(port, container_id="vm-guest") as c:
-    outcomes = c.send("q", [f"m{i}" for i in range(n)])
-    got = c.receive("q", n)
-    reply = c.request("service", "ping")
-    result = {"accepted": [o.state for o in outcomes].count("accepted"),
-              "bodies_in_order": [m.body for m in got] == [f"m{i}" for i in range(n)],
-              "reply": reply.body}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +45,8 @@ def test_guest_boots_with_proton_and_sees_its_ports(vm: Vm) -> None:
 @pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
 def test_amqp_round_trip(vm: Vm, host_peer, port: Port) -> None:
     peer = host_peer(port)
-    result = vm.run(ROUND_TRIP, port=port.name, n=200)
-    assert result == {"accepted": 200, "bodies_in_order": True, "reply": "re:ping"}
+    result = vm.run(ROUND_TRIP, port=port.name, cid="vm-guest", queue="q", n=200, service="service")
+    assert result == {"accepted": 200, "bodies": True, "reply": "re:ping"}
     assert peer.broker.remote_container == "vm-guest"
 
 
@@ -65,7 +55,10 @@ def test_second_connection_after_host_wrote_while_closed(vm: Vm, host_peer, port
     """qemu hands the next opener what the host wrote while the port was closed; the helper
     drains it, so the next connection starts clean."""
     peer = host_peer(port)
-    assert vm.run(ROUND_TRIP, port=port.name, n=5)["accepted"] == 5
+    assert (
+        vm.run(ROUND_TRIP, port=port.name, cid="g", queue="q", n=5, service="service")["accepted"]
+        == 5
+    )
     stale = b"\x00\x00\x00\x0c\x02\x00\x00\x00stale-bytes-from-the-host"
     os.write(peer.fd, stale)
     seen = vm.run(
@@ -74,66 +67,25 @@ def test_second_connection_after_host_wrote_while_closed(vm: Vm, host_peer, port
         port=port.name,
     )
     assert seen == len(stale)
-    assert vm.run(ROUND_TRIP, port=port.name, n=5)["accepted"] == 5
+    assert (
+        vm.run(ROUND_TRIP, port=port.name, cid="g", queue="q", n=5, service="service")["accepted"]
+        == 5
+    )
 
 
 @pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
 def test_guest_throughput_1k(vm: Vm, host_peer, port: Port) -> None:
     """A measurement, not a timed test: guest sends 1 KiB messages at-least-once."""
     host_peer(port)
-    result = vm.run(
-        "import time\nfrom connector.guest import GuestClient\n"
-        "with GuestClient(port) as c:\n"
-        "    c.send('warm', ['x'])\n"
-        "    t = time.monotonic()\n"
-        "    out = c.send('tput', [b'x' * 1024] * n)\n"
-        "    result = {'accepted': [o.state for o in out].count('accepted'),"
-        " 'seconds': time.monotonic() - t}",
-        port=port.name,
-        n=2000,
-    )
+    result = vm.run(THROUGHPUT, port=port.name, queue="tput", n=2000)
     assert result["accepted"] == 2000
     print(f"\n{port.kind}: {2000 / result['seconds']:.0f} msg/s of 1 KiB (guest -> in-memory peer)")
 
 
 def test_bridge_serves_an_unmodified_tcp_client(vm: Vm, host_peer) -> None:
     host_peer(UNIX)
-    result = vm.run(BRIDGE_CLIENT, port=UNIX.name)
-    assert result == ["b0", "b1", "b2", "b0", "b1", "b2"]
-
-
-BRIDGE_CLIENT = """
-import threading
-from proton import Message
-from proton.utils import BlockingConnection
-from connector.guest.bridge import Bridge
-
-bridge = Bridge(("127.0.0.1", 0), [port])
-stop = threading.Event()
-def serve():
-    while not stop.is_set():
-        bridge.poll(0.1)
-    bridge.close()
-t = threading.Thread(target=serve)
-t.start()
-result = []
-try:
-    url = "amqp://127.0.0.1:%d" % bridge.address[1]
-    for _ in range(2):  # two clients in turn: the second must start clean
-        conn = BlockingConnection(url, timeout=30)
-        snd = conn.create_sender("bq")
-        for i in range(3):
-            snd.send(Message(body=f"b{i}"))
-        rcv = conn.create_receiver("bq")
-        for _ in range(3):
-            m = rcv.receive(timeout=30)
-            rcv.accept()
-            result.append(m.body)
-        conn.close()
-finally:
-    stop.set()
-    t.join()
-"""
+    result = vm.run(BRIDGE_CLIENT, port=UNIX.name, queue="bq", n=3)
+    assert result == [0, 1, 2, 0, 1, 2]
 
 
 def test_poweroff_is_seen_on_the_host_side(make_vm) -> None:

@@ -1,0 +1,64 @@
+"""Python snippets the VM tests run inside the guest (``Vm.run(code, **params)``).
+
+Each sees its params as globals and sets ``result``. Shared here because the harness tests
+(in-memory peer on the host) and the end-to-end tests (connector and Artemis) run the same
+guest programs against different host sides.
+"""
+
+# Send n messages at-least-once, receive them back, make one request/response round trip.
+# Params: port, cid (container-id), queue, n, service.
+ROUND_TRIP = """
+from connector.guest import GuestClient
+with GuestClient(port, container_id=cid) as c:
+    outcomes = c.send(queue, [f"m{i}" for i in range(n)])
+    got = c.receive(queue, n)
+    reply = c.request(service, "ping")
+    result = {"accepted": [o.state for o in outcomes].count("accepted"),
+              "bodies": [m.body for m in got] == [f"m{i}" for i in range(n)],
+              "reply": reply.body}
+"""
+
+# Guest throughput: n messages of 1 KiB at-least-once, after a warm-up. Params: port, queue, n.
+THROUGHPUT = """
+import time
+from connector.guest import GuestClient
+with GuestClient(port) as c:
+    c.send(queue, ["warm-up"])
+    started = time.monotonic()
+    outcomes = c.send(queue, [b"x" * 1024] * n)
+    result = {"accepted": [o.state for o in outcomes].count("accepted"),
+              "seconds": time.monotonic() - started}
+"""
+
+# An unmodified TCP client (proton's BlockingConnection) through the bridge, twice in turn
+# so the second client must find the port clean. Params: port, queue, n.
+BRIDGE_CLIENT = """
+import threading
+from proton import Message
+from proton.utils import BlockingConnection
+from connector.guest.bridge import Bridge
+
+bridge = Bridge(("127.0.0.1", 0), [port])
+stop = threading.Event()
+def serve():
+    while not stop.is_set():
+        bridge.poll(0.1)
+    bridge.close()
+t = threading.Thread(target=serve)
+t.start()
+result = []
+try:
+    for _ in range(2):
+        conn = BlockingConnection("amqp://127.0.0.1:%d" % bridge.address[1], timeout=60)
+        snd = conn.create_sender(queue)
+        for i in range(n):
+            snd.send(Message(body=i))
+        rcv = conn.create_receiver(queue)
+        for _ in range(n):
+            result.append(rcv.receive(timeout=60).body)
+            rcv.accept()
+        conn.close()
+finally:
+    stop.set()
+    t.join()
+"""
