@@ -55,6 +55,9 @@ RECENT_ERRORS = 20
 # resume below the low mark: memory per channel stays bounded whatever the peers do.
 BACKLOG_HIGH = 4 * 1024 * 1024
 BACKLOG_LOW = 1 * 1024 * 1024
+# Most bytes read from one guest per wakeup: enough to batch a pty's 4 KiB reads into one
+# pump, small enough that a flooding guest leaves the loop to the others between batches.
+READ_BATCH = 256 * 1024
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
@@ -264,17 +267,29 @@ class Channel:
 
     @_guarded
     def _on_guest_readable(self) -> None:
-        try:
-            data = self._sock.recv(IO_CHUNK) if self._sock else os.read(self._fd, IO_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as err:  # EIO on a pty whose master closed
-            self._peer_lost(err.strerror or str(err))
-            return
-        if not data:
-            self._peer_lost("EOF")
-            return
-        self._guest_bytes(data)
+        # A pty hands out at most about 4 KiB per read, so one read per wakeup would cost a
+        # whole pump per three or four messages: read until the fd is empty (bounded, so
+        # one flooding guest cannot hold the loop) and pump once.
+        chunks = []
+        total = 0
+        eof = None
+        while total < READ_BATCH:
+            try:
+                data = self._sock.recv(IO_CHUNK) if self._sock else os.read(self._fd, IO_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as err:  # EIO on a pty whose master closed
+                eof = err.strerror or str(err)
+                break
+            if not data:
+                eof = "EOF"
+                break
+            chunks.append(data)
+            total += len(data)
+        if chunks:
+            self._guest_bytes(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof is not None and self._fd is not None:
+            self._peer_lost(eof)
 
     def _guest_bytes(self, data: bytes) -> None:
         router = self._router

@@ -31,6 +31,16 @@ _copy = bytearray(COPY_CHUNK)
 _copy_ptr = ffi.from_buffer(_copy)
 
 _ACCEPTED = lib.PN_ACCEPTED
+_recv = lib.pn_link_recv
+_send = lib.pn_link_send
+_aborted = lib.pn_delivery_aborted
+_partial = lib.pn_delivery_partial
+_advance = lib.pn_link_advance
+_current = lib.pn_link_current
+_remote_state = lib.pn_delivery_remote_state
+_local_state = lib.pn_delivery_local_state
+_update = lib.pn_delivery_update
+_settled = lib.pn_delivery_settled
 _EOS = lib.PN_EOS
 
 
@@ -40,7 +50,7 @@ def on_delivery(route: Route, dlv: Any) -> tuple[int, int]:
     Returns (deliveries completed, bytes forwarded) for the caller's counters.
     """
     twin = route.inflight.get(dlv)
-    if route.receiving and lib.pn_link_current(route.link) == dlv:
+    if route.receiving and _current(route.link) == dlv:
         return _forward(route, dlv, twin)
     if twin is not None:
         mirror_disposition(route, dlv, twin)
@@ -59,11 +69,13 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
         twin = _open_twin(route, dlv)
     moved = 0
     while True:
-        n = lib.pn_link_recv(link, _copy_ptr, COPY_CHUNK)
+        n = _recv(link, _copy_ptr, COPY_CHUNK)
         if n <= 0:
             break
-        lib.pn_link_send(out_link, _copy_ptr, n)
+        _send(out_link, _copy_ptr, n)
         moved += n
+        if n < COPY_CHUNK:
+            break  # a short read took all that has arrived
     route.bytes += moved
     if route.max_message:
         route.message_bytes += moved
@@ -74,18 +86,18 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
                 "amqp:link:message-size-exceeded",
                 f"a message on {route.name} is over {route.max_message} bytes",
             )
-    if lib.pn_delivery_aborted(dlv):
+    if _aborted(dlv):
         route.message_bytes = 0
         lib.pn_delivery_abort(twin)
         _forget(route, dlv, twin)
         lib.pn_delivery_settle(dlv)
         return 0, moved
-    if lib.pn_delivery_partial(dlv):
+    if _partial(dlv):
         return 0, moved
     route.message_bytes = 0
     # Complete: both links advance together, which keeps their credit in step.
-    lib.pn_link_advance(link)
-    lib.pn_link_advance(out_link)
+    _advance(link)
+    _advance(out_link)
     route.deliveries += 1
     _settle_if_presettled(route, dlv, twin)
     return 1, moved
@@ -185,13 +197,13 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
 
 def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
     """The peer of ``dlv`` sent a disposition: say the same on ``twin``; settle if it did."""
-    state = lib.pn_delivery_remote_state(dlv)
-    if state and state != lib.pn_delivery_local_state(twin):
+    state = _remote_state(dlv)
+    if state and state != _local_state(twin):
         # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare).
         if state != _ACCEPTED:  # accepted has no fields; everything else carries some
             copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
-        lib.pn_delivery_update(twin, state)
-    if lib.pn_delivery_settled(dlv):
+        _update(twin, state)
+    if _settled(dlv):
         # Settled on the far side: only now settle here, so nothing is acknowledged early.
         _forget(route, dlv, twin)
         lib.pn_delivery_settle(twin)

@@ -43,6 +43,12 @@ UNAUTHORIZED = "amqp:unauthorized-access"
 IDENTITY_PREFIX = "qpid-virtio."
 
 _DELIVERY = lib.PN_DELIVERY
+_TRANSPORT = lib.PN_TRANSPORT
+_peek = lib.pn_collector_peek
+_pop = lib.pn_collector_pop
+_event_type = lib.pn_event_type
+_event_delivery = lib.pn_event_delivery
+_delivery_link = lib.pn_delivery_link
 _LINK_FLOW = lib.PN_LINK_FLOW
 _LOCAL_UNINIT = lib.PN_LOCAL_UNINIT
 _LOCAL_ACTIVE = lib.PN_LOCAL_ACTIVE
@@ -137,15 +143,22 @@ class Router:
         routes = self.routes
         counters = self._counters
         seen = False
+        peek = _peek
+        pop = _pop
+        event_type = _event_type
+        NULL = ffi.NULL
         while True:
-            ev = lib.pn_collector_peek(collector)
-            if ev == ffi.NULL:
+            ev = peek(collector)
+            if ev == NULL:
                 return seen
             seen = True
-            etype = lib.pn_event_type(ev)
+            etype = event_type(ev)
+            if etype == _TRANSPORT:
+                pop(collector)
+                continue
             if etype == _DELIVERY:
-                dlv = lib.pn_event_delivery(ev)
-                route = routes.get(lib.pn_delivery_link(dlv))
+                dlv = _event_delivery(ev)
+                route = routes.get(_delivery_link(dlv))
                 if route is not None and route.peer is not None:
                     try:
                         done, moved = on_delivery(route, dlv)
@@ -168,7 +181,7 @@ class Router:
                         credit.sync_credit(route)
             else:
                 self._on_endpoint_event(etype, ev, from_guest)
-            lib.pn_collector_pop(collector)
+            pop(collector)
 
     # -- connection ----------------------------------------------------------------------
 
