@@ -380,7 +380,17 @@ class Channel:
 
     @_guarded
     def _on_guest_writable(self) -> None:
-        self._pump()
+        # Nothing new has arrived, so no events to process: just write. A pty takes about
+        # 4 KiB per write, so this runs often while the broker sends to a guest.
+        router = self._router
+        if router is None:
+            return
+        self._write_guest()
+        up = self._up
+        if up is not None and up.paused:
+            self._apply_backpressure(router, up)
+        if router.guest_finished():
+            self._pump()
 
     # -- upstream I/O --------------------------------------------------------------------
 
