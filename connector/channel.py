@@ -58,6 +58,9 @@ BACKLOG_LOW = 1 * 1024 * 1024
 # Most bytes read from one guest per wakeup: enough to batch a pty's 4 KiB reads into one
 # pump, small enough that a flooding guest leaves the loop to the others between batches.
 READ_BATCH = 256 * 1024
+# Proton's timers (heartbeats, idle checks) are never served more often than this: a peer
+# asking for tiny timeouts must not turn the shared loop into a busy loop.
+MIN_TICK_S = 0.01
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
@@ -650,7 +653,8 @@ class Channel:
             deadlines.append(self._router.upstream.tick(now_ms))
         nearest = min((d for d in deadlines if d > 0), default=0)
         if nearest:
-            self._tick = self._loop.call_later(max(0, nearest - now_ms) / 1000, self._on_tick)
+            delay = max(MIN_TICK_S, (nearest - now_ms) / 1000)
+            self._tick = self._loop.call_later(delay, self._on_tick)
 
     @_guarded
     def _on_tick(self) -> None:

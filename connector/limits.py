@@ -37,6 +37,9 @@ class GuestLimits:
     # Our idle timeout towards the guest: a guest silent this long is presumed dead (the
     # host sees nothing when a guest's port closes, so this is how a dead guest is noticed).
     idle_timeout_s: float = 60.0
+    # The shortest idle timeout a guest may ask of us. We heartbeat at half of it; a guest
+    # asking for 1 ms would have the shared loop wake 2,000 times a second for it alone.
+    min_idle_timeout_s: float = 1.0
 
     @classmethod
     def from_table(cls, table: dict, where: str = "limits") -> GuestLimits:

@@ -21,18 +21,27 @@ from cproton_ffi import ffi, lib
 # a loop. 64 KiB keeps a 1 KiB-message stream to a handful of syscalls per hundred messages.
 IO_CHUNK = 64 * 1024
 
-# Proton's SASL layer rewrites the EXTERNAL identity from the TLS layer when it reads the
-# SASL header, and has no public setter for a non-TLS transport. A virtio channel IS an
-# external identity (the host knows who is on the other end), so we set it right after the
-# header through the library's exported (but undeclared) function. If a future proton drops
-# the symbol, EXTERNAL is simply not offered.
+# Two things proton's engine does but its Python binding does not declare, reached through
+# functions the same library exports:
+# - Proton's SASL layer rewrites the EXTERNAL identity from the TLS layer when it reads the
+#   SASL header, and has no public setter for a non-TLS transport. A virtio channel IS an
+#   external identity (the host knows who is on the other end), so we set it right after
+#   the header.
+# - A close is held back until the peer's open has arrived; only proton's transport-error
+#   path writes open and close at once, which a guest that never opens must still be told.
+# If a future proton drops either symbol, EXTERNAL is not offered / such a guest is dropped
+# without a close.
 _ext_ffi = cffi.FFI()
-_ext_ffi.cdef("void pni_sasl_set_external_security(void *transport, int ssf, const char *authid);")
+_ext_ffi.cdef(
+    "void pni_sasl_set_external_security(void *transport, int ssf, const char *authid);"
+    "int pn_do_error(void *transport, const char *condition, const char *fmt, ...);"
+)
 try:
     _ext_lib = _ext_ffi.dlopen(cproton_ffi.__file__)
-    _set_external = _ext_lib.pni_sasl_set_external_security
-except (OSError, AttributeError):  # pragma: no cover - depends on the proton build
-    _set_external = None
+except OSError:  # pragma: no cover - depends on the proton build
+    _ext_lib = None
+_set_external = getattr(_ext_lib, "pni_sasl_set_external_security", None)
+_do_error = getattr(_ext_lib, "pn_do_error", None)
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 
@@ -95,9 +104,24 @@ class Engine:
         """Let SASL EXTERNAL succeed as ``authid``; call after the SASL header is pushed."""
         if _set_external is None:
             return False
-        addr = int(ffi.cast("uintptr_t", self.transport))
-        _set_external(_ext_ffi.cast("void *", addr), 0, authid.encode())
+        _set_external(self._ext_transport(), 0, authid.encode())
         return True
+
+    def fail(self, condition: str, description: str) -> bool:
+        """End the connection now as a transport error: proton writes an open (if none was
+        sent) and a close carrying the condition, even before the peer's open."""
+        if _do_error is None:
+            return False
+        _do_error(
+            self._ext_transport(),
+            condition.encode(),
+            b"%s",
+            _ext_ffi.new("char[]", description.encode()),
+        )
+        return True
+
+    def _ext_transport(self) -> object:
+        return _ext_ffi.cast("void *", int(ffi.cast("uintptr_t", self.transport)))
 
     def set_limits(self, *, max_frame: int, channel_max: int, idle_timeout_ms: int) -> None:
         """Advertise our frame size, session count and idle timeout to the peer."""

@@ -54,6 +54,7 @@ _LOCAL_UNINIT = lib.PN_LOCAL_UNINIT
 _LOCAL_ACTIVE = lib.PN_LOCAL_ACTIVE
 _LOCAL_CLOSED = lib.PN_LOCAL_CLOSED
 _REMOTE_CLOSED = lib.PN_REMOTE_CLOSED
+_REMOTE_UNINIT = lib.PN_REMOTE_UNINIT
 
 
 class RouterState(enum.Enum):
@@ -195,6 +196,14 @@ class Router:
             if self.upstream is not None:
                 self.violation("amqp:illegal-state", "a second open on one connection")
                 return
+            idle_ms = lib.pn_transport_get_remote_idle_timeout(self.guest.transport)
+            least_ms = int(self._limits.min_idle_timeout_s * 1000)
+            if 0 < idle_ms < least_ms:
+                self.violation(
+                    "amqp:resource-limit-exceeded",
+                    f"idle-time-out of {idle_ms} ms is below the minimum of {least_ms} ms",
+                )
+                return
             self._open_upstream()
         else:
             self._answer_guest_open()
@@ -329,7 +338,10 @@ class Router:
         self.error = (condition, description)
         g = self.guest.connection
         state = lib.pn_connection_state(g)
-        if not state & _LOCAL_CLOSED:
+        # With no open from the guest yet, proton would hold our close back: its error path
+        # tells the guest at once.
+        told = bool(state & _REMOTE_UNINIT) and self.guest.fail(condition, description)
+        if not told and not state & _LOCAL_CLOSED:
             if state & _LOCAL_UNINIT:
                 lib.pn_connection_open(g)
             set_condition(lib.pn_connection_condition(g), condition, description)

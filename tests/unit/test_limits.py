@@ -152,3 +152,21 @@ def test_bad_limits_name_the_key(table: dict, where: str) -> None:
     with pytest.raises(ConfigError) as err:
         GuestLimits.from_table(table)
     assert err.value.where == where
+
+
+def test_a_guest_asking_for_a_tiny_idle_timeout_is_refused() -> None:
+    h = Harness()
+    h.guest.transport.idle_timeout = 0.001  # 1 ms: a heartbeat every half millisecond
+    conn = h.open_guest()
+    assert "below the minimum of 1000 ms" in _closed_with(conn, "amqp:resource-limit-exceeded")
+    assert h.router.upstream is None  # no broker connection was made for it
+
+
+def test_a_guest_that_never_opened_is_still_told_why_it_is_cut() -> None:
+    h = Harness(guest=False)
+    h.router.guest.push(b"AMQP\x00\x01\x00\x00")
+    h.pump()
+    h.router.violation("amqp:resource-limit-exceeded", "no AMQP open within 10s")
+    h.pump()
+    assert b"amqp:resource-limit-exceeded" in h.written
+    assert b"no AMQP open within 10s" in h.written
