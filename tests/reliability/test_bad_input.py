@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 from cproton_ffi import lib
-from proton import symbol, uint
+from proton import Condition, symbol, uint
 
 from tests.reliability import amqp, rig
 from tests.reliability.conftest import Report
@@ -136,3 +136,21 @@ def test_truncated_stream_ends_at_the_idle_timeout(report: Report) -> None:
     result = rig.outcome(h, guest)
     assert result.condition == ("amqp:resource-limit-exceeded", "local-idle-timeout expired")
     report.add("core: stream stops mid-frame", "closed at idle timeout (resource-limit-exceeded)")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug violation-overwritten: when the broker answers the upstream close with an "
+    "error (Artemis: AMQ119027 internal-error while attaches were pending), router.error "
+    "becomes the broker's, and the guest's violation never reaches the channel's errors",
+)
+def test_the_guests_violation_stays_the_recorded_cause() -> None:
+    h, _guest = _handshaken()
+    h.router.violation("amqp:resource-limit-exceeded", "attaching faster than 50 links/s")
+    h.pump()
+    broker = h.broker.connection
+    broker.condition = Condition("amqp:internal-error", "AMQ119027: Invalid Remote State: CLOSED")
+    broker.close()
+    h.pump()
+    assert h.router.error is not None
+    assert h.router.error[0] == "amqp:resource-limit-exceeded", h.router.error
