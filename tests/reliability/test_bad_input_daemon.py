@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from proton import uint
+from proton import Timeout, uint
 
-from connector.guest.client import GuestClient
+from connector.guest.client import AmqpError, GuestClient
 from connector.guest.port import drain
 from tests.reliability import amqp, harness
 from tests.reliability.conftest import Report
@@ -31,6 +31,8 @@ OPEN_TIMEOUT_S = 2.0
 # How long a guest waits for the daemon's answer to a bad input.
 ANSWER_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
+# A small message limit, so an oversize message is cheap to send.
+MAX_MESSAGE = 1024 * 1024
 # The heartbeat flood: empty frames per second, for how long.
 FLOOD_RATE = 10_000
 FLOOD_SECONDS = 1.0
@@ -43,14 +45,16 @@ FLOOD_CPU_LIMIT_S = 0.5
 def daemon(artemis: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("badinput")
     conf = work / "connector.toml"
-    conf.write_text(f"[limits]\nopen_timeout_s = {OPEN_TIMEOUT_S}\n")
+    conf.write_text(
+        f"[limits]\nopen_timeout_s = {OPEN_TIMEOUT_S}\nmax_message_size = {MAX_MESSAGE}\n"
+    )
     channels = {kind: Qemu(kind, work, f"bad-{kind}") for kind in KINDS}
     d = Connector(work, artemis, list(channels.values()), "--config", str(conf)).start()
     try:
         for kind in KINDS:
             channels[kind].fd()
             d.wait_state(f"bad-{kind}", "waiting")
-        yield {"daemon": d, "channels": channels}
+        yield {"daemon": d, "channels": channels, "broker": artemis}
     finally:
         status = d.stop()
         for ch in channels.values():
@@ -250,3 +254,28 @@ def test_guest_cut_at_the_open_timeout_is_told_why(daemon: dict[str, Any]) -> No
     _wait_error(d, "bad-unix", "no AMQP open")
     assert b"amqp:resource-limit-exceeded" in told
     _works(fd)
+
+
+def test_oversize_message_is_refused_and_the_next_one_goes_through(
+    daemon: dict[str, Any], report: Report
+) -> None:
+    d: Connector = daemon["daemon"]
+    qemu: Qemu = daemon["channels"]["pty"]
+    fd = qemu.fd()
+    drain(fd, quiet=0.05)
+    queue = f"big-{uuid.uuid4().hex[:8]}"
+    with GuestClient(fd, container_id="big", timeout=CLIENT_TIMEOUT) as guest:
+        with pytest.raises(AmqpError) as refused:
+            guest.send(queue, [bytes(2 * MAX_MESSAGE)])
+        assert refused.value.name == "amqp:link:message-size-exceeded", refused.value
+    ch = d.channel("bad-pty")
+    _works(fd)
+    with daemon["broker"].connection() as conn:
+        rcv = conn.create_receiver(queue)
+        with pytest.raises(Timeout):
+            rcv.receive(timeout=1.0)  # nothing of the oversize message reached the queue
+    report.add(
+        f"daemon/pty: a {2 * MAX_MESSAGE >> 20} MiB message (max_message_size 1 MiB)",
+        f"refused with {refused.value.where} closed: {refused.value.name}; nothing on the "
+        f"queue; last_error `{ch['last_error']}`; next connection routed",
+    )

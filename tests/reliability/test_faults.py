@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from proton import Endpoint, Message
 
-from connector.guest.client import GuestClient
+from connector.guest.client import GuestClient, GuestClientError
+from connector.guest.port import drain
 from tests.reliability import amqp, harness
 from tests.reliability.conftest import Report
 from tests.reliability.harness import ChannelEnd, Fleet
@@ -324,3 +325,81 @@ def test_connection_churn_leaks_nothing(setup: dict[str, Any], report: Report) -
     )
     assert counts["accepted"] == CHURN_WARMUP + CHURN
     assert growth < CHURN_RSS_LIMIT, growth
+
+
+# The daemon's idle timeout in the mid-frame test: how long a channel whose guest died in
+# the middle of a frame stays stuck, so kept short here (the default is 60 s).
+STUCK_IDLE_S = 2.0
+# How often the next guest retries, and how long each attempt waits for the open.
+RETRY_EVERY_S = 0.5
+
+
+@pytest.mark.parametrize(
+    ("violation", "frame_size"),
+    [
+        pytest.param(False, 1000, id="open-1kB-frame"),
+        pytest.param(True, 1000, id="after-violation"),
+        pytest.param(
+            False,
+            65536,
+            id="open-64KiB-frame",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bug stuck-mid-frame: each retry's header and open feed the dead "
+                "client's unfinished 64 KiB frame, which also resets proton's idle timer: the "
+                "channel stays stuck until ~64 KiB of retries have arrived (minutes)",
+            ),
+        ),
+    ],
+)
+def test_guest_app_dies_mid_frame_then_the_next_one_connects(
+    artemis: Any, tmp_path: Path, report: Report, violation: bool, frame_size: int
+) -> None:
+    """The guest's client dies in the middle of a frame (the host sees no port close), and a
+    new client opens the port. Its header lands inside the dead client's unfinished frame,
+    so the daemon cannot see it; the channel is stuck until the connection's idle timeout
+    (or, after a violation, the close timeout) ends it, and the new client's retries get
+    through after that. The test measures how long that takes."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text(f"[limits]\nidle_timeout_s = {STUCK_IDLE_S}\n")
+    end = ChannelEnd("unix", tmp_path, "mid")
+    daemon = Connector(tmp_path, artemis, [end], "--config", str(conf)).start()
+    try:
+        fd = end.fd()
+        queue = f"mid-{uuid.uuid4().hex[:6]}"
+        stream = amqp.handshake() + amqp.attach_frame("m", 0, sender=True, address=queue)
+        end.write_raw(stream)
+        assert amqp.ATTACH_DESCRIPTOR in harness.read_until(fd, amqp.ATTACH_DESCRIPTOR)
+        if violation:  # a second open: the daemon ends the connection (illegal-state)
+            end.write_raw(amqp.open_frame())
+            assert b"amqp:illegal-state" in harness.read_until(fd, b"amqp:illegal-state")
+        end.write_raw(amqp.frame(bytes(frame_size - 8))[:100])  # 100 bytes of it, then death
+        start = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            drain(fd, quiet=0.05)
+            try:
+                with GuestClient(fd, container_id="next", timeout=RETRY_EVERY_S) as guest:
+                    assert guest.send(queue, ["after"])[0].state == "accepted"
+                break
+            except GuestClientError:
+                if time.monotonic() - start > STUCK_IDLE_S + 10:
+                    report.add(
+                        f"guest client dies in a {frame_size}-byte frame; a new client retries",
+                        f"BUG: channel still stuck after {attempts} attempts in "
+                        f"{time.monotonic() - start:.0f} s",
+                    )
+                    raise
+        took = time.monotonic() - start
+        ch = daemon.channel("mid")
+    finally:
+        daemon.stop()
+        end.hang_up()
+    what = "after a violation" if violation else "with its connection open"
+    report.add(
+        f"guest client dies in a {frame_size}-byte frame {what}; a new client retries every "
+        f"{RETRY_EVERY_S:g} s (idle_timeout_s={STUCK_IDLE_S:g})",
+        f"new client routed after {took:.1f} s and {attempts} attempts; "
+        f"last_error `{ch['last_error']}`",
+    )
