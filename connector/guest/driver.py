@@ -342,6 +342,13 @@ class Driver:
         self._dispatch_collected()
         return True
 
+    def feed(self, data: bytes) -> None:
+        """Give the transport bytes already read from the fd (e.g. by a caller that
+        skipped junk up to a protocol header), as if the driver had read them."""
+        assert self.transport is not None, "connect() first"
+        self._push(data)
+        self._dispatch_collected()
+
     def close_fd(self) -> None:
         """Close the current fd if the driver owns it."""
         if self.fd is not None and self._close_fd:
@@ -403,6 +410,11 @@ class Driver:
             self.eof = True
             t.close_tail()
             return
+        self._push(data)
+
+    def _push(self, data: bytes) -> None:
+        t = self.transport
+        assert t is not None
         while data:
             n = t.capacity()
             if n <= 0:
@@ -452,7 +464,8 @@ class Driver:
         """
         cond = transport.condition
         return (
-            not self._spoke
+            not self.server
+            and not self._spoke
             and self._handshakes < HANDSHAKE_RETRIES
             and cond is not None
             and cond.name == "amqp:connection:framing-error"

@@ -13,6 +13,7 @@ released or modified messages, refuses attaches to addresses listed in ``refuse`
 from __future__ import annotations
 
 import itertools
+import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -22,12 +23,18 @@ from proton import Condition, Delivery, Endpoint, Handler, Message
 
 from .client import STATE_NAMES
 from .driver import Driver
+from .port import read_some
 
 # Credit the peer grants each incoming link, topped up as messages arrive: enough to keep
 # a sender streaming without letting a runaway sender queue unbounded memory.
 LINK_CREDIT = 200
 # How often the serving thread checks whether it was asked to stop (seconds).
 POLL = 0.1
+# A protocol header is 8 bytes ("AMQP" + protocol id + version).
+HEADER_SIZE = 8
+# While looking for a header, keep only this tail of what was read (a header split across
+# reads is still found; junk does not accumulate).
+MAX_SKIP = 64 * 1024
 
 
 class MemoryBroker(Handler):
@@ -177,13 +184,33 @@ class PeerThread:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
+            start = self._await_header()
+            if start is None:
+                return  # stopped, or the other side is gone for good
             driver = Driver(self.broker, self.fd, server=True)
             driver.connect()
+            driver.feed(start)
             while not self._stop.is_set() and driver.process(POLL):
                 pass
             self.connections += 1
             if driver.eof:
-                return  # the other side is gone for good
+                return
+
+    def _await_header(self) -> bytes | None:
+        """Skip bytes until an AMQP header starts, as the connector does: a guest that never
+        noticed its host side was replaced goes on sending its old connection's frames."""
+        seen = b""
+        while not self._stop.is_set():
+            if not select.select([self.fd], [], [], POLL)[0]:
+                continue
+            data = read_some(self.fd)
+            if data == b"":
+                return None
+            seen = (seen + (data or b""))[-MAX_SKIP:]
+            at = seen.find(b"AMQP")
+            if at >= 0 and len(seen) - at >= HEADER_SIZE:
+                return seen[at:]
+        return None
 
     def close(self) -> None:
         """Stop serving and wait for the thread."""

@@ -49,9 +49,11 @@ class HostPeer(PeerThread):
         super().__init__(open_host_side(port), broker, name=f"peer-{port.name}")
 
     def close(self) -> None:
-        """Stop serving and close the host end."""
+        """Stop serving and close the host end (once: tests may close before teardown)."""
         super().close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @pytest.fixture

@@ -62,3 +62,38 @@ finally:
     stop.set()
     t.join()
 """
+
+# An unchanged-style MessagingHandler on the driver, across a host-side outage: it sends one
+# message per (re)attach and stops after two accepted; each disconnect it sees is appended
+# to /work/disconnects (the host can wait for it). Params: port, queue, idle, limit.
+RECONNECT = """
+from proton import Message
+from proton.handlers import MessagingHandler
+from connector.guest import Driver
+
+class App(MessagingHandler):
+    def __init__(self):
+        super().__init__()
+        self.opened = self.accepted = self.disconnects = 0
+    def on_start(self, event):
+        event.container.create_sender(queue)
+        self.timer = event.container.schedule(limit, self)
+    def on_link_opened(self, event):
+        self.opened += 1
+        event.sender.send(Message(body=f"n{self.opened}"))
+    def on_accepted(self, event):
+        self.accepted += 1
+        if self.accepted == 2:
+            self.timer.cancel()
+            event.connection.close()
+    def on_disconnected(self, event):
+        self.disconnects += 1
+        with open("/work/disconnects", "a") as f:
+            f.write("x\\n")
+    def on_timer_task(self, event):
+        event.container.stop()
+
+app = App()
+Driver(app, port, idle_timeout=idle).run()
+result = {"opened": app.opened, "accepted": app.accepted, "disconnects": app.disconnects}
+"""

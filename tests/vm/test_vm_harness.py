@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from tests.support.connector import wait_for
 from tests.vm.harness import Port, Vm, open_host_side
-from tests.vm.snippets import BRIDGE_CLIENT, ROUND_TRIP, THROUGHPUT
+from tests.vm.snippets import BRIDGE_CLIENT, RECONNECT, ROUND_TRIP, THROUGHPUT
 
 pytestmark = pytest.mark.vm
 
@@ -86,6 +87,33 @@ def test_bridge_serves_an_unmodified_tcp_client(vm: Vm, host_peer) -> None:
     host_peer(UNIX)
     result = vm.run(BRIDGE_CLIENT, port=UNIX.name, queue="bq", n=3)
     assert result == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("port", "idle"), [(UNIX, 16.0), (PTY, 2.0)], ids=["unix-hup", "pty-idle-timeout"]
+)
+def test_driver_reconnects_when_the_host_side_comes_back(
+    vm: Vm, host_peer, port: Port, idle: float
+) -> None:
+    """unix: the guest sees end of stream when the host side goes; pty: it sees nothing,
+    and only the AMQP idle timeout tells it. Either way it reopens, drains and re-attaches.
+
+    On unix the host stays away until the guest has noticed: virtio-serial reports a quick
+    close-and-reconnect of the host side as nothing at all (measured), and that case is the
+    idle timeout's, as on the pty.
+    """
+    marker = vm.workdir / "share" / "disconnects"
+    marker.unlink(missing_ok=True)
+    first = host_peer(port)
+    job = vm.submit(RECONNECT, port=port.name, queue="rq", idle=idle, limit=60)
+    wait_for(lambda: len(first.broker.queues.get("rq", ())) == 1, 60, "the first message")
+    first.close()  # the host side goes away...
+    if port.kind == "unix":
+        wait_for(marker.exists, 30, "the guest to see the host side go")
+    second = host_peer(port)  # ...and comes back
+    result = vm.result(job)
+    assert (result["opened"], result["accepted"]) == (2, 2), result
+    assert [m.body for m in second.broker.queues["rq"]] == ["n2"]
 
 
 def test_poweroff_is_seen_on_the_host_side(make_vm) -> None:
