@@ -285,6 +285,24 @@ def read_until(fd: int, needle: bytes, timeout: float = ANSWER_TIMEOUT) -> bytes
     return got
 
 
+def send_one_retrying(fd: int, queue: str, *, every: float, patience: float) -> tuple[int, float]:
+    """A new guest client that retries like a real one until one message is accepted:
+    drain stale bytes, connect with a short timeout, try again. Returns (attempts, seconds);
+    raises the last error after ``patience`` seconds."""
+    start = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        drain(fd, quiet=0.05)
+        try:
+            with GuestClient(fd, container_id="retrying", timeout=every) as guest:
+                if guest.send(queue, ["after"])[0].state == "accepted":
+                    return attempts, time.monotonic() - start
+        except GuestClientError:
+            if time.monotonic() - start > patience:
+                raise
+
+
 def channel_ends(kinds: Iterable[str], workdir: Path, prefix: str) -> list[ChannelEnd]:
     """One channel end per kind, named ``prefix-KIND-i``."""
     return [ChannelEnd(kind, workdir, f"{prefix}-{kind}-{i}") for i, kind in enumerate(kinds)]
