@@ -220,19 +220,9 @@ class Driver:
         """As ``Container.create_sender``; a URL's path (or a bare address) is the target."""
         conn, address = self._context(context)
         snd = conn.session().sender(name or f"{self.container_id}-{address or 'anon'}-{_uid()}")
-        snd.session.open()
-        target = target or address
-        if source:
-            snd.source.address = source
-        if target:
-            snd.target.address = target
-        if handler is not None:
-            snd.handler = handler
         if tags:
             snd.tag_generator = tags
-        _apply_options(options, snd)
-        snd.open()
-        return snd
+        return _open_link(snd, source, target or address, False, handler, options)
 
     def create_receiver(
         self,
@@ -247,19 +237,7 @@ class Driver:
         """As ``Container.create_receiver``; a URL's path (or a bare address) is the source."""
         conn, address = self._context(context)
         rcv = conn.session().receiver(name or f"{self.container_id}-{address or 'dyn'}-{_uid()}")
-        rcv.session.open()
-        source = source or address
-        if source:
-            rcv.source.address = source
-        if dynamic:
-            rcv.source.dynamic = True
-        if target:
-            rcv.target.address = target
-        if handler is not None:
-            rcv.handler = handler
-        _apply_options(options, rcv)
-        rcv.open()
-        return rcv
+        return _open_link(rcv, source or address, target, dynamic, handler, options)
 
     def declare_transaction(
         self, context: Connection, handler: Any = None, settle_before_discharge: bool = False
@@ -529,6 +507,24 @@ _uids = itertools.count(1)
 
 def _uid() -> int:
     return next(_uids)
+
+
+def _open_link(
+    link: Any, source: str | None, target: str | None, dynamic: bool, handler: Any, options: Any
+) -> Any:
+    """Set a new link's termini, handler and options, and open it with its own session."""
+    link.session.open()
+    if source:
+        link.source.address = source
+    if dynamic:
+        link.source.dynamic = True
+    if target:
+        link.target.address = target
+    if handler is not None:
+        link.handler = handler
+    _apply_options(options, link)
+    link.open()
+    return link
 
 
 def _apply_options(options: Any, link: Any) -> None:

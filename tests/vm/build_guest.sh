@@ -38,8 +38,16 @@ need apt-get "Debian host"
 # --- kernel + modules -------------------------------------------------------------------
 if [[ ! -f "$CACHE/vmlinux" || ! -d "$CACHE/kernel" ]]; then
     # The version the linux-image-amd64 metapackage points at is the one apt offers now.
-    pkg="$(apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)"
-    [[ -n "$pkg" ]] || { echo "build_guest: apt offers no linux-image-amd64 (run apt-get update)" >&2; exit 1; }
+    kernel_pkg() {
+        apt-cache depends linux-image-amd64 2>/dev/null \
+            | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1
+    }
+    pkg="$(kernel_pkg)"
+    if [[ -z "$pkg" ]]; then  # a fresh machine may have no package lists yet
+        apt-get update -q >/dev/null
+        pkg="$(kernel_pkg)"
+    fi
+    [[ -n "$pkg" ]] || { echo "build_guest: apt offers no linux-image-amd64" >&2; exit 1; }
     work="$(mktemp -d)"
     (cd "$work" && apt-get download "$pkg" >/dev/null)
     rm -rf "$CACHE/kernel"

@@ -77,7 +77,8 @@ class Vm:
     accel: str = field(default_factory=lambda: os.environ.get("QVC_ACCEL", "tcg"))
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    ready_at: float = 0.0
+    first_byte_at: float = 0.0  # the guest's first byte on a virtio port (before proton)
+    ready_at: float = 0.0  # the agent is ready: proton imported
     hello: dict[str, Any] = field(default_factory=dict)
     _ctl: socket.socket | None = None
     _buf: bytes = b""
@@ -143,6 +144,8 @@ class Vm:
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> dict[str, Any]:
         """Wait for the agent's hello; returns it (guest uptime, proton import time)."""
+        self._read_line(timeout, "the guest agent's first byte")
+        self.first_byte_at = time.monotonic()
         self.hello = self._read_line(timeout, "the guest agent's ready line")
         self.ready_at = time.monotonic()
         return self.hello
