@@ -97,3 +97,45 @@ app = App()
 Driver(app, port, idle_timeout=idle).run()
 result = {"opened": app.opened, "accepted": app.accepted, "disconnects": app.disconnects}
 """
+
+# Local transactions from a MessagingHandler on the driver (declare_transaction, as with
+# Container): one transaction aborted, then one committed. Params: port, queue.
+TRANSACTIONS = """
+from proton import Message
+from proton.handlers import MessagingHandler, TransactionHandler
+from connector.guest import Driver
+
+class TxSend(MessagingHandler, TransactionHandler):
+    def __init__(self):
+        super().__init__()
+        self.plan = [("abort", ["a0", "a1"]), ("commit", ["c0", "c1"])]
+        self.done = []
+    def on_start(self, event):
+        self.container = event.container
+        self.conn = event.container.connect()
+        self.sender = event.container.create_sender(self.conn, queue)
+        self.timer = event.container.schedule(60, self)
+        self.container.declare_transaction(self.conn, handler=self)
+    def on_transaction_declared(self, event):
+        action, bodies = self.plan[len(self.done)]
+        for body in bodies:
+            event.transaction.send(self.sender, Message(body=body))
+        getattr(event.transaction, action)()
+    def discharged(self, what):
+        self.done.append(what)
+        if len(self.done) < len(self.plan):
+            self.container.declare_transaction(self.conn, handler=self)
+        else:
+            self.timer.cancel()
+            self.conn.close()
+    def on_transaction_aborted(self, event):
+        self.discharged("aborted")
+    def on_transaction_committed(self, event):
+        self.discharged("committed")
+    def on_timer_task(self, event):
+        event.container.stop()
+
+app = TxSend()
+Driver(app, port).run()
+result = app.done
+"""

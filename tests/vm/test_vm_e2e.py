@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from proton import Message
+from proton import Message, Timeout
 
 from tests.support.connector import Connector, wait_for
 from tests.vm.harness import Port, Vm
-from tests.vm.snippets import BRIDGE_CLIENT, ROUND_TRIP, THROUGHPUT
+from tests.vm.snippets import BRIDGE_CLIENT, ROUND_TRIP, THROUGHPUT, TRANSACTIONS
 
 pytestmark = [pytest.mark.vm, pytest.mark.broker]
 
@@ -162,6 +162,20 @@ def test_guest_throughput_through_the_connector(setup: Setup, port: Port) -> Non
         f"\n{port.kind}: {n / result['seconds']:.0f} msg/s of 1 KiB, guest -> connector -> "
         f"Artemis ({setup.a.accel})"
     )
+
+
+def test_transactions_from_a_messaging_handler(setup: Setup) -> None:
+    queue = "vm.e2e.tx"
+    assert setup.a.run(TRANSACTIONS, port=A_UNIX.name, queue=queue) == ["aborted", "committed"]
+    with setup.artemis.connection() as conn:
+        rcv = conn.create_receiver(queue)
+        got = []
+        for _ in range(2):
+            got.append(rcv.receive(timeout=30).body)
+            rcv.accept()
+        with pytest.raises(Timeout):
+            rcv.receive(timeout=1)  # the aborted transaction's messages never arrived
+    assert got == ["c0", "c1"]
 
 
 def test_two_vms_at_once_and_time_to_first_accepted(setup: Setup) -> None:
