@@ -38,7 +38,7 @@ def make_vm(
 
     yield make
     for vm in made:
-        vm.kill() if vm.proc is not None and vm.proc.poll() is not None else vm.stop()
+        vm.stop()  # asks the agent to power off, kills qemu if it lingers or already died
 
 
 class HostPeer(PeerThread):
