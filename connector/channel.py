@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable
-from .channels.framing import SASL_HEADER, HeaderFound, HeaderScanner
+from .channels.framing import AMQP_HEADER, HEADER_SIZE, SASL_HEADER, HeaderFound, HeaderScanner
 from .channels.pty import PtyEndpoint
 from .channels.unix import UnixEndpoint
 from .channels.unix_listen import UnixListenEndpoint
@@ -61,6 +61,11 @@ READ_BATCH = 256 * 1024
 # Proton's timers (heartbeats, idle checks) are never served more often than this: a peer
 # asking for tiny timeouts must not turn the shared loop into a busy loop.
 MIN_TICK_S = 0.01
+# A read that starts with a protocol header after this much silence, in the middle of a
+# guest connection, is taken as a new client (the old one died, maybe mid-frame). A live
+# connection's message bytes would have to pause this long and then resume with exactly
+# those eight bytes to be mistaken for one.
+RESTART_SILENCE_S = 0.25
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
@@ -155,6 +160,8 @@ class Channel:
         self._open_wait: asyncio.TimerHandle | None = None  # the guest's open is due
         self._backoff = BACKOFF_FIRST_S
         self._closed = False
+        self._last_read = 0.0  # monotonic time of the last read from the guest
+        self._silence = 0.0  # how long the guest had been silent before this read
 
     # -- life ----------------------------------------------------------------------------
 
@@ -273,6 +280,9 @@ class Channel:
         # A pty hands out at most about 4 KiB per read, so one read per wakeup would cost a
         # whole pump per three or four messages: read until the fd is empty (bounded, so
         # one flooding guest cannot hold the loop) and pump once.
+        now = time.monotonic()
+        self._silence = now - self._last_read
+        self._last_read = now
         chunks = []
         total = 0
         eof = None
@@ -303,10 +313,26 @@ class Channel:
             if found is None:
                 return
             self._start_connection(found)
-        else:
-            if not router.feed_guest(data) and self._resync(data):
-                return
+        elif self._restarted(data):
+            self.log.info(
+                "a protocol header after %.1fs of silence: the guest's client restarted",
+                self._silence,
+            )
+            router.guest_gone("the guest's client restarted")
+            self._resync(data)
+            return
+        elif not router.feed_guest(data) and self._resync(data):
+            return
         self._pump()
+
+    def _restarted(self, data: bytes) -> bool:
+        """A read that begins with a protocol header after a silence, mid-connection, is a
+        new client: the old one died (the host cannot see that) perhaps in the middle of a
+        frame, which the new client's bytes would otherwise go on filling."""
+        return self._silence >= RESTART_SILENCE_S and data[:HEADER_SIZE] in (
+            AMQP_HEADER,
+            SASL_HEADER,
+        )
 
     def _resync(self, data: bytes) -> bool:
         """The guest's connection failed on this read; if the read holds a new protocol

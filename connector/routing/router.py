@@ -125,7 +125,10 @@ class Router:
         """
         taken = self.guest.push(data)
         stalled = taken < len(data) or self.guest.input_closed
-        if stalled and self.guest.condition() is None and self.error is None:
+        # After the guest's close, proton rightly takes no more: what follows belongs to
+        # the guest's next connection.
+        closed = bool(lib.pn_connection_state(self.guest.connection) & _REMOTE_CLOSED)
+        if stalled and not closed and self.guest.condition() is None and self.error is None:
             self.violation(
                 "amqp:connection:framing-error", "the guest's input could not be decoded"
             )
@@ -280,7 +283,7 @@ class Router:
             copy_condition(lib.pn_connection_condition(g), lib.pn_connection_remote_condition(up))
             _close_connection(g)
             _close_connection(up)
-            if cond:
+            if cond and self.error is None:  # a guest's violation stays the recorded cause
                 self.error = cond
             if not answered or cond:
                 self._log.info("broker closed the upstream connection%s", _fmt_cond(cond))
