@@ -24,6 +24,8 @@ SOURCE, TARGET = 0x28, 0x29
 # How performatives start on the wire (the descriptor as a small ulong).
 OPEN_DESCRIPTOR = b"\x00S\x10"
 ATTACH_DESCRIPTOR = b"\x00S\x12"
+FLOW_DESCRIPTOR = b"\x00S\x13"
+DISPOSITION_DESCRIPTOR = b"\x00S\x15"
 # A descriptor no AMQP 1.0 performative uses.
 UNKNOWN_PERFORMATIVE = 0x77
 

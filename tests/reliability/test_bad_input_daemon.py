@@ -282,3 +282,39 @@ def test_oversize_message_is_refused_and_the_next_one_goes_through(
         f"queue; last_error `{ch['last_error']}`; the next client got through after "
         f"{took:.1f} s and {attempts} attempts (the refused one died mid-frame)",
     )
+
+
+# A pause inside a frame longer than the daemon's restart-detection silence (0.25 s).
+MID_FRAME_PAUSE_S = 0.5
+
+
+def test_a_message_body_that_starts_with_a_protocol_header_after_a_pause(
+    daemon: dict[str, Any], report: Report
+) -> None:
+    """A slow guest (TCG guests are slow) pauses in the middle of a transfer, and the next
+    write happens to begin with the bytes of an AMQP header: a message whose body is itself
+    an AMQP capture. The message must still be routed and the connection stay up."""
+    d: Connector = daemon["daemon"]
+    qemu: Qemu = daemon["channels"]["unix"]
+    fd = qemu.fd()
+    drain(fd, quiet=0.05)
+    queue = f"capture-{uuid.uuid4().hex[:8]}"
+    qemu.write_raw(amqp.handshake() + amqp.attach_frame("cap", 0, sender=True, address=queue))
+    assert amqp.FLOW_DESCRIPTOR in harness.read_until(fd, amqp.FLOW_DESCRIPTOR)
+    body = amqp.AMQP_HEADER + bytes(100)
+    frame = amqp.transfer_frame(0, 0, body)
+    split = len(frame) - len(body)
+    qemu.write_raw(frame[:split])
+    time.sleep(MID_FRAME_PAUSE_S)  # the guest is slow: this pause is the input under test
+    qemu.write_raw(frame[split:])
+    told = harness.read_until(fd, amqp.DISPOSITION_DESCRIPTOR)
+    routed = amqp.DISPOSITION_DESCRIPTOR in told
+    qemu.write_raw(amqp.frame(amqp.performative(amqp.CLOSE)))
+    ch = d.wait_state("bad-unix", "waiting")
+    report.add(
+        "daemon/unix: a transfer paused 0.5 s mid-frame, resuming with an AMQP header's bytes",
+        ("message accepted, connection kept" if routed else "BUG: connection dropped as a "
+         "restarted client; the message got no outcome")
+        + f"; last_error `{ch['last_error']}`",
+    )  # fmt: skip
+    assert routed, told
