@@ -51,8 +51,10 @@ READ_SIZE = 256 * 1024
 # Times a connection attempt starts over when leftovers answered its protocol header
 # (see Driver._stale_answer); one suffices in practice, a second covers a slow host.
 HANDSHAKE_RETRIES = 2
-# How long the opener waits for the host side to be present before trying again.
+# How long the opener waits for the host side to be present before trying again, and how
+# often it looks meanwhile.
 HOST_WAIT = 1.0
+HOST_POLL = 0.05
 
 Opener = Callable[[], int]
 
@@ -115,7 +117,9 @@ def port_opener(name: str, **roots: str) -> Opener:
             while not _port.host_connected(fd):
                 if time.monotonic() >= deadline:
                     raise ConnectionRefusedError(f"host side of {name} is not connected")
-                select.select([], [], [], 0.05)
+                # POLLHUP is a level, not an event: poll() returns at once while the host
+                # is absent, so there is nothing to wait on but the clock.
+                select.select([], [], [], HOST_POLL)
             discarded = _port.drain(fd)
             if discarded:
                 log.info("discarded %d stale bytes from %s", discarded, name)
