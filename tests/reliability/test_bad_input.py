@@ -138,12 +138,6 @@ def test_truncated_stream_ends_at_the_idle_timeout(report: Report) -> None:
     report.add("core: stream stops mid-frame", "closed at idle timeout (resource-limit-exceeded)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug violation-overwritten: when the broker answers the upstream close with an "
-    "error (Artemis: AMQ119027 internal-error while attaches were pending), router.error "
-    "becomes the broker's, and the guest's violation never reaches the channel's errors",
-)
 def test_the_guests_violation_stays_the_recorded_cause() -> None:
     h, _guest = _handshaken()
     h.router.violation("amqp:resource-limit-exceeded", "attaching faster than 50 links/s")
@@ -156,12 +150,6 @@ def test_the_guests_violation_stays_the_recorded_cause() -> None:
     assert h.router.error[0] == "amqp:resource-limit-exceeded", h.router.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug clean-close-is-framing-error: after a guest's close frame proton takes no "
-    "more input, and Router.feed_guest reads that as undecodable input: every clean close "
-    "is recorded (and answered) as amqp:connection:framing-error",
-)
 def test_a_clean_close_is_not_recorded_as_an_error() -> None:
     conn_close = amqp.frame(amqp.performative(amqp.CLOSE))
     h, guest = _handshaken()
