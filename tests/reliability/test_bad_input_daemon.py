@@ -313,7 +313,7 @@ def test_a_message_body_that_starts_with_a_protocol_header_after_a_pause(
     qemu.write_raw(frame[:split])
     time.sleep(MID_FRAME_PAUSE_S)  # the guest is slow: this pause is the input under test
     qemu.write_raw(frame[split:])
-    told = harness.read_until(fd, amqp.DISPOSITION_DESCRIPTOR)
+    told = harness.read_until(fd, amqp.DISPOSITION_DESCRIPTOR, timeout=3.0)
     routed = amqp.DISPOSITION_DESCRIPTOR in told
     qemu.write_raw(amqp.frame(amqp.performative(amqp.CLOSE)))
     ch = d.wait_state("bad-unix", "waiting")
