@@ -77,7 +77,7 @@ def responder(setup: Setup) -> Iterator[None]:
         while not stop.is_set():
             try:
                 msg = rcv.receive(timeout=0.5)
-            except Exception:  # proton's Timeout: nothing this round
+            except Timeout:  # nothing this round
                 continue
             snd = senders.get(msg.reply_to) or conn.create_sender(msg.reply_to)
             senders[msg.reply_to] = snd
