@@ -18,7 +18,7 @@ ARTEMIS_ARTIFACT="org.apache.activemq:apache-artemis:${ARTEMIS_VERSION}:tar.gz:b
 PYTHON=${PYTHON:-python3}
 
 APT_PACKAGES=(rabbitmq-server socat amqp-specs qemu-system-x86 qemu-system-data debootstrap
-              busybox-static cpio xz-utils)
+              busybox-static cpio xz-utils openssl gcc libqpid-proton11-dev)
 command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || APT_PACKAGES+=(maven)
 
