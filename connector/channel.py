@@ -184,6 +184,9 @@ class Channel:
             self._router.shutdown(reason)
             self._pump()
         self._release_fd()
+        if self._listening:
+            self._loop.remove_reader(self._endpoint.listen_fd())
+            self._listening = False
         self._endpoint.close()
         self.log.info("channel %s closed: %s", self.spec.path, reason)
         self._set_state(ChannelState.GONE if gone else ChannelState.WAITING, None)
