@@ -318,8 +318,8 @@ def test_connection_churn_leaks_nothing(setup: dict[str, Any], report: Report) -
     harness.drain_broker(setup["broker"], [ledger])
     counts = harness.check([ledger])
     report.add(
-        f"{CHURN} guest connections one after another on one channel",
-        f"daemon RSS grew {growth / 2**10:.0f} KiB over them",
+        f"{CHURN_WARMUP + CHURN} guest connections one after another on one channel",
+        f"daemon RSS grew {growth / 2**10:.0f} KiB over the last {CHURN}",
         **{k: counts[k] for k in ("sent", "accepted", "received", "lost", "duplicated")},
     )
     assert counts["accepted"] == CHURN_WARMUP + CHURN
