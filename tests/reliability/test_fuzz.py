@@ -177,6 +177,7 @@ def test_atheris(tmp_path: Path) -> None:
             "tests.reliability.fuzz_atheris",
             f"-runs={ATHERIS_RUNS}",
             "-max_len=4096",
+            f"-artifact_prefix={tmp_path}/",  # a crash input lands here, not in the tree
             str(corpus),
         ],
         cwd=REPO,
