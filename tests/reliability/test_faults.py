@@ -163,7 +163,7 @@ SLOW_MESSAGES = 1500
 SLOW_SIZE = 16 * 1024
 # What the daemon's RSS may grow by while the slow consumer holds credit for all of it:
 # one backlog in each direction plus proton's and the kernel's buffers, with room to spare;
-# far below the 24 MiB it would take to buffer the queue.
+# below the 24 MiB it would take to buffer the queue.
 RSS_GROWTH_LIMIT = 20 * 1024 * 1024
 
 
