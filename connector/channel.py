@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable
-from .channels.framing import AMQP_HEADER, HEADER_SIZE, SASL_HEADER, HeaderFound, HeaderScanner
+from .channels.framing import SASL_HEADER, HeaderFound, HeaderScanner, starts_new_connection
 from .channels.pty import PtyEndpoint
 from .channels.unix import UnixEndpoint
 from .channels.unix_listen import UnixListenEndpoint
@@ -61,10 +61,10 @@ READ_BATCH = 256 * 1024
 # Proton's timers (heartbeats, idle checks) are never served more often than this: a peer
 # asking for tiny timeouts must not turn the shared loop into a busy loop.
 MIN_TICK_S = 0.01
-# A read that starts with a protocol header after this much silence, in the middle of a
-# guest connection, is taken as a new client (the old one died, maybe mid-frame). A live
-# connection's message bytes would have to pause this long and then resume with exactly
-# those eight bytes to be mistaken for one.
+# A read that starts a new connection (header and open) after this much silence, in the
+# middle of a guest connection, is taken as a new client (the old one died, maybe
+# mid-frame). A live connection's message bytes would have to pause this long and resume
+# with a header and a well-formed open frame to be mistaken for one.
 RESTART_SILENCE_S = 0.25
 
 
@@ -329,13 +329,11 @@ class Channel:
         self._pump()
 
     def _restarted(self, data: bytes) -> bool:
-        """A read that begins with a protocol header after a silence, mid-connection, is a
-        new client: the old one died (the host cannot see that) perhaps in the middle of a
-        frame, which the new client's bytes would otherwise go on filling."""
-        return self._silence >= RESTART_SILENCE_S and data[:HEADER_SIZE] in (
-            AMQP_HEADER,
-            SASL_HEADER,
-        )
+        """A read that begins a new connection (a header and an open) after a silence,
+        mid-connection, is a new client: the old one died (the host cannot see that),
+        perhaps in the middle of a frame, which the new client's bytes would otherwise go
+        on filling."""
+        return self._silence >= RESTART_SILENCE_S and starts_new_connection(data)
 
     def _resync(self, data: bytes) -> bool:
         """The guest's connection failed on this read; if the read holds a new protocol

@@ -53,6 +53,8 @@ install_python_package() {
     fi
     echo "install-deps: pip install -e .[test]"
     "$PYTHON" -m pip install -q -e "$REPO[test]"
+    # The coverage-guided fuzzer is optional: its test skips where it does not install.
+    "$PYTHON" -m pip install -q atheris || echo "install-deps: atheris unavailable; its fuzz test will skip"
     echo "$want" > "$stamp"
 }
 

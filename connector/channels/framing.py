@@ -109,3 +109,35 @@ def _partial_magic(buf: bytes) -> int:
         if buf.endswith(_MAGIC[:n]):
             return n
     return 0
+
+
+# What a new connection's first frame after its header looks like: a frame header (size,
+# data offset >= 2 words, frame type) whose body starts with the described-type constructor
+# of an open (AMQP frame, 0x10) or a sasl-init (SASL frame, 0x41).
+_FRAME_HEADER = 8
+_SMALL_ULONG = 0x53
+_OPEN = 0x10
+_SASL_INIT = 0x41
+
+
+def starts_new_connection(data: bytes) -> bool:
+    """Whether a read is the start of a new connection, not the middle of a message.
+
+    A protocol header followed by an open (or, after the SASL header, by nothing yet or a
+    sasl-init) is what a client writes first. Message bytes that happen to hold the header
+    would also need a well-formed first frame after it to be mistaken for one.
+    """
+    if data.startswith(SASL_HEADER):
+        rest = data[HEADER_SIZE:]
+        return not rest or _is_frame(rest, 1, _SASL_INIT)
+    return data.startswith(AMQP_HEADER) and _is_frame(data[HEADER_SIZE:], 0, _OPEN)
+
+
+def _is_frame(buf: bytes, frame_type: int, code: int) -> bool:
+    if len(buf) < _FRAME_HEADER + 3:
+        return False
+    doff = buf[4]
+    if doff < 2 or buf[5] != frame_type:
+        return False
+    body = buf[doff * 4 : doff * 4 + 3]
+    return body == bytes((0x00, _SMALL_ULONG, code))

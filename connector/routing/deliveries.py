@@ -85,6 +85,7 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
             raise GuestViolation(
                 "amqp:link:message-size-exceeded",
                 f"a message on {route.name} is over {route.max_message} bytes",
+                link_only=True,
             )
     if _aborted(dlv):
         route.message_bytes = 0
@@ -162,6 +163,7 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
         raise GuestViolation(
             "amqp:link:message-size-exceeded",
             f"a message on {route.name} is over {route.max_message} bytes",
+            link_only=True,
         )
     if lib.pn_delivery_aborted(dlv):
         buf.clear()

@@ -12,12 +12,14 @@ from cproton_ffi import ffi, lib
 
 
 class GuestViolation(Exception):
-    """The guest broke a limit or the protocol; its connection ends with this condition."""
+    """The guest broke a limit or the protocol: its connection (or only the link, when
+    ``link_only``) ends with this condition."""
 
-    def __init__(self, condition: str, description: str) -> None:
+    def __init__(self, condition: str, description: str, *, link_only: bool = False) -> None:
         super().__init__(f"{condition}: {description}")
         self.condition = condition
         self.description = description
+        self.link_only = link_only  # detach the offending link, keep the connection
 
 
 class AttachRequest(NamedTuple):

@@ -167,7 +167,10 @@ class Router:
                     try:
                         done, moved = on_delivery(route, dlv)
                     except GuestViolation as err:
-                        self.violation(err.condition, err.description)
+                        if err.link_only:
+                            self._detach_for(route, err.condition, err.description)
+                        else:
+                            self.violation(err.condition, err.description)
                         done = moved = 0
                     if moved or done:
                         if from_guest:
@@ -350,6 +353,17 @@ class Router:
             set_condition(lib.pn_connection_condition(g), condition, description)
             lib.pn_connection_close(g)
         self.close_upstream()
+
+    def _detach_for(self, route: Route, condition: str, description: str) -> None:
+        """A guest broke a link's limit: close that link (and its twin) with ``condition``;
+        the connection and its other links go on."""
+        self._log.warning("detaching link %s: %s: %s", route.name, condition, description)
+        glink, twin = route.link, route.peer.link
+        set_condition(lib.pn_link_condition(glink), condition, description)
+        for link in (glink, twin):
+            if not lib.pn_link_state(link) & _LOCAL_CLOSED:
+                lib.pn_link_close(link)
+        self._drop_route(route)
 
     def shutdown(self, reason: str) -> None:
         """End both connections on our initiative (the connector stops, the channel is

@@ -84,7 +84,3 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             tr.write_line(f"  {n:6d}  {key}")
     tr.write_line(f"written to {path}")
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """The fault tests take seconds each; `-m "not slow"` leaves them out."""
-    config.addinivalue_line("markers", "slow: a fault-injection test (seconds each)")

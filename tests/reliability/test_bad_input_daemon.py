@@ -288,12 +288,6 @@ def test_oversize_message_is_refused_and_the_next_one_goes_through(
 MID_FRAME_PAUSE_S = 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug restart-false-positive: Channel._restarted takes any read that begins with a "
-    "protocol header after 0.25 s of silence for a new client, even in the middle of a frame "
-    "of a live connection",
-)
 def test_a_message_body_that_starts_with_a_protocol_header_after_a_pause(
     daemon: dict[str, Any], report: Report
 ) -> None:

@@ -111,9 +111,13 @@ def test_message_size_limit_aborts_the_forwarded_part() -> None:
     snd.delivery("big")
     snd.send(b"\x00" * 150_000)
     h.pump()
-    _closed_with(conn, "amqp:link:message-size-exceeded")
+    # Only that link is detached; the connection goes on.
+    assert snd.state & Endpoint.REMOTE_CLOSED
+    assert snd.remote_condition.name == "amqp:link:message-size-exceeded"
+    assert not conn.state & Endpoint.REMOTE_CLOSED
     dlv = brcv.current
     assert dlv is None or dlv.aborted  # the broker never gets a whole message
+    assert brcv.state & Endpoint.REMOTE_CLOSED
 
 
 def _attach_receivers(h: Harness, count: int, *, pump_each: bool) -> Connection:
