@@ -299,14 +299,21 @@ class GuestClient:
         """Close the AMQP connection cleanly (waiting for the peer's close), then the fd."""
         if self.connection.state & Endpoint.LOCAL_ACTIVE:
             self.connection.close()
-            # Our close frame goes out before the peer's answer can come back, so once the
-            # peer's close is here nothing of ours is left to write. A lost channel is fine.
+            # Wait for the peer's close, then for our own close frame to be written: when the
+            # peer closed first, its close is already here and ours is still unwritten (the
+            # host would then wait its close timeout for it). A lost channel is fine.
             with contextlib.suppress(Disconnected):
                 self._wait(
                     lambda: bool(self.connection.state & Endpoint.REMOTE_CLOSED),
                     None, "close", list, timeout, closing=True,
                 )  # fmt: skip
+                self._wait(self._written, None, "our close to be written", list, timeout,
+                           closing=True)  # fmt: skip
         self.driver.close_fd()
+
+    def _written(self) -> bool:
+        transport = self.driver.transport
+        return transport is None or transport.pending() <= 0
 
     # ---- internals -----------------------------------------------------------------------
 
