@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -194,6 +195,39 @@ def test_a_guest_that_falls_silent_is_noticed_by_its_idle_timeout(
         entry = daemon.wait_state("silent", "waiting", timeout=30)
         assert "idle-timeout" in entry["last_error"]
         assert entry["detail"]["errors"][-1]["condition"] == "amqp:resource-limit-exceeded"
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()
+
+
+@pytest.mark.broker
+def test_no_password_shows_in_status_or_logs(artemis: Any, tmp_path: Path) -> None:
+    secret = "s3cret-pw-4711"
+    url = f"amqp://{artemis.user}:{secret}@127.0.0.1:{artemis.port}"
+    ch = Qemu("unix-listen", tmp_path, "private")
+    daemon = Connector(tmp_path, artemis, [ch], broker_urls=url, credentials=False).start()
+    from connector.guest.client import GuestClient
+
+    try:
+        with GuestClient(ch.fd(), container_id="pw-check", timeout=30) as guest:
+            assert guest.send("pw.q", ["x"])[0].state == "accepted"  # the password worked
+            shown = [
+                json.dumps(daemon.snapshot()),
+                subprocess.run(
+                    [sys.executable, "-m", "connector.status", "--control-socket",
+                     daemon.control, "--wide"],
+                    capture_output=True, text=True, timeout=60,
+                ).stdout,
+                subprocess.run(
+                    [sys.executable, "-m", "connector.status", "--control-socket",
+                     daemon.control, "guest", "private"],
+                    capture_output=True, text=True, timeout=60,
+                ).stdout,
+            ]  # fmt: skip
+        shown.append(daemon.log_text())
+        assert "127.0.0.1" in shown[0]
+        for text in shown:
+            assert secret not in text
     finally:
         assert daemon.stop() == 0
         ch.hang_up()

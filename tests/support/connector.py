@@ -113,6 +113,7 @@ class Connector:
         channels: list[Qemu],
         *extra: str,
         broker_urls: str | None = None,
+        credentials: bool = True,
     ) -> None:
         self.workdir = workdir
         self.control = str(workdir / "control.sock")
@@ -121,11 +122,12 @@ class Connector:
         self.channels = channels
         self.extra = list(extra)
         self.broker_urls = broker_urls or broker.url  # a comma list means failover
+        self.credentials = credentials  # pass the broker's user and password file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "connector", "--broker", self.broker_urls]
-        if self.broker.user:
+        if self.credentials and self.broker.user:
             pwfile = self.workdir / "broker.pw"
             pwfile.write_text(self.broker.password or "")
             pwfile.chmod(0o600)
