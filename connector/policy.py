@@ -117,7 +117,6 @@ class Policy:
             return None
         return UNAUTHORIZED, f"guest {guest} may not attach to {req.address!r}"
 
-
     def for_guest(self, guest: str) -> GuestPolicy:
         """The policy the routing core applies to one guest's links."""
         return GuestPolicy(self, guest)

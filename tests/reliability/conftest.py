@@ -83,4 +83,3 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for key, n in sorted(rig.STATS.items(), key=lambda kv: -kv[1]):
             tr.write_line(f"  {n:6d}  {key}")
     tr.write_line(f"written to {path}")
-
