@@ -543,6 +543,7 @@ class Channel:
         up.writing = False
         if self._up is up:
             self._up = None
+        router.uncount_unsent(upstream=True)
         if self._lingering.pop(router, None) is not None:
             router.guest.free()
             if router.upstream is not None:
@@ -648,6 +649,7 @@ class Channel:
             return
         if router.error:
             self._record_error(f"{router.error[0]}: {router.error[1]}", router.error[0])
+        router.uncount_unsent(upstream=False)
         self.log.info("guest connection ended")
         up = self._up
         self._up = None
@@ -662,6 +664,8 @@ class Channel:
         else:
             if up is not None:
                 self._drop_upstream(router, up)
+            else:
+                router.uncount_unsent(upstream=True)
             router.guest.free()
             if router.upstream is not None:
                 router.upstream.free()

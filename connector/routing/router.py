@@ -112,6 +112,7 @@ class Router:
         self._attach_tokens = float(self._limits.attach_burst)
         self._attach_time = time.monotonic()
         self._deferred_refusals: list[tuple[Any, tuple[str, str]]] = []
+        self._uncounted: set[bool] = set()  # sides whose unsent deliveries came off
         self._awaiting_detach: set[Any] = set()  # links we closed; their detach is due
 
     # -- driving -------------------------------------------------------------------------
@@ -405,6 +406,22 @@ class Router:
             return True
         state = lib.pn_connection_state(self.upstream.connection)
         return bool(state & _LOCAL_CLOSED) and bool(state & _REMOTE_CLOSED)
+
+    def uncount_unsent(self, *, upstream: bool) -> None:
+        """One side's engine is being dropped: deliveries advanced to it but never written
+        were not routed after all, so they come off the channel's counters."""
+        if upstream in self._uncounted:
+            return
+        self._uncounted.add(upstream)
+        counters = self._counters
+        for route in self.routes.values():
+            if route.receiving or route.from_guest == upstream:
+                continue  # only our senders on that side hold unsent deliveries
+            unsent = lib.pn_link_queued(route.link)
+            if upstream:
+                counters.deliveries_in -= unsent
+            else:
+                counters.deliveries_out -= unsent
 
     def awaiting_guest_close(self) -> bool:
         """We closed the guest's connection and its answering close has not come yet."""

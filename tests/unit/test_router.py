@@ -406,3 +406,24 @@ def test_open_begin_attach_pipelined_in_one_write() -> None:
     snd.advance()
     h.pump()
     assert len(_receive_all(brcv)) == 1
+
+
+def test_deliveries_never_written_upstream_are_not_counted() -> None:
+    h = Harness()
+    _, ssn = h.guest_session()
+    snd = attach(ssn, "s", "q")
+    h.pump()
+    h.broker_link("s").flow(5)
+    h.pump()
+    for i in range(3):
+        snd.delivery(f"u{i}")
+        snd.send(Message(body=i).encode())
+        snd.advance()
+    # The guest's bytes reach the router, but the upstream engine never writes them.
+    h.router.guest.push(h.guest.transport.peek(h.guest.transport.pending()))
+    h.router.process()
+    assert h.counters.deliveries_in == 3
+    h.router.upstream_failed("broker gone")
+    h.router.uncount_unsent(upstream=True)
+    h.router.uncount_unsent(upstream=True)  # however often the engine's end is seen
+    assert h.counters.deliveries_in == 0
