@@ -1,7 +1,8 @@
-"""Error classes that carry what an operator needs: which key, which guest, what cause.
+"""Error classes that carry what an operator needs: which key, which path, what cause.
 
 Modelled on ``qemu.qmp``: each error names its subject and wraps its root cause, so the
-daemon can print one clear line instead of a traceback.
+daemon can print one clear line instead of a traceback. A guest's protocol or limit
+violation is ``connector.routing.route.GuestViolation``, which carries its AMQP condition.
 """
 
 from __future__ import annotations
@@ -22,13 +23,3 @@ class ConfigError(ConnectorError):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.message = message
-
-
-class GuestError(ConnectorError):
-    """Something went wrong with one guest's connection; carries the guest and the cause."""
-
-    def __init__(self, guest: str, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(f"guest {guest}: {message}")
-        self.guest = guest
-        self.message = message
-        self.__cause__ = cause

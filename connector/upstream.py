@@ -8,7 +8,6 @@ without blocking; the channel drives both.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -162,9 +161,3 @@ def open_socket(url: BrokerURL) -> socket.socket:
         sock.close()
         raise OSError(err, f"connect to {url}: {errno.errorcode.get(err, err)}")
     return sock
-
-
-def connect_error(sock: socket.socket) -> str | None:
-    """After the socket turned writable: None if connected, else why not."""
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    return os.strerror(err) if err else None

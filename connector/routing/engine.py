@@ -162,10 +162,6 @@ class Engine:
         """The peer's byte stream ended (EOF)."""
         lib.pn_transport_close_tail(self.transport)
 
-    def close_output(self) -> None:
-        """We will write no more (the fd is gone)."""
-        lib.pn_transport_close_head(self.transport)
-
     def output_pending(self) -> int:
         """Bytes proton wants written; negative once the output side is closed for good."""
         return lib.pn_transport_pending(self.transport)
