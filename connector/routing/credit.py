@@ -22,6 +22,10 @@ from cproton_ffi import lib
 
 from .route import Route
 
+# Proton keeps a link's credit in a C int. AMQP credit is a uint32, and a peer may grant
+# "unlimited" (0xFFFFFFFF); what we pass on is capped where proton's int ends.
+MAX_CREDIT = 2**31 - 1
+
 _REMOTE_ACTIVE = lib.PN_REMOTE_ACTIVE
 _LOCAL_ACTIVE = lib.PN_LOCAL_ACTIVE
 
@@ -48,7 +52,9 @@ def sync_credit(sender_route: Route) -> None:
     drain = bool(lib.pn_link_get_drain(snd))
     if drain != bool(lib.pn_link_get_drain(rcv)):
         lib.pn_link_set_drain(rcv, drain)
-    delta = lib.pn_link_credit(snd) - lib.pn_link_credit(rcv)
+    issued = lib.pn_link_credit(rcv)
+    # Issued credit can be negative (a sender overran it); the flow call takes an int too.
+    delta = min(lib.pn_link_credit(snd) - issued, MAX_CREDIT - max(issued, 0))
     if delta > 0:
         lib.pn_link_flow(rcv, delta)
     if drain:
