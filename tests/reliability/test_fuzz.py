@@ -36,6 +36,9 @@ FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
     database=None,  # no .hypothesis directory in the tree; failures print their input
+    # In CI the same inputs every run, so a submission is judged on its own change; run it
+    # by hand (without CI set) to explore new inputs, and pin what fails with @example.
+    derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
