@@ -94,6 +94,11 @@ class ChannelState(enum.Enum):
     GONE = "gone"
 
 
+def _should_pause(paused: bool, backlog: int) -> bool:
+    """Reading a side pauses above BACKLOG_HIGH and resumes only below BACKLOG_LOW."""
+    return backlog >= BACKLOG_LOW if paused else backlog > BACKLOG_HIGH
+
+
 def make_endpoint(spec: ChannelSpec) -> Endpoint:
     """The endpoint class for a channel kind."""
     return {
@@ -575,7 +580,7 @@ class Channel:
             if router.upstream_closed() and router.upstream.output_pending() <= 0:
                 self._drop_upstream(router, up)
                 up = None
-            elif up.paused != (self._backlog(router.guest) > BACKLOG_HIGH) and live:
+            elif live:
                 self._apply_backpressure(router, up)
         if live:
             self._flow_control(router)
@@ -593,24 +598,24 @@ class Channel:
         """Stop reading the guest while the broker side has too much waiting to go out."""
         if self._fd is None:
             return
-        backlog = self._backlog(router.upstream)
-        if not self._paused and backlog > BACKLOG_HIGH:
-            self._loop.remove_reader(self._fd)
-            self._paused = True
-        elif self._paused and backlog < BACKLOG_LOW:
-            self._loop.add_reader(self._fd, self._on_guest_readable)
-            self._paused = False
+        paused = _should_pause(self._paused, self._backlog(router.upstream))
+        if paused != self._paused:
+            if paused:
+                self._loop.remove_reader(self._fd)
+            else:
+                self._loop.add_reader(self._fd, self._on_guest_readable)
+            self._paused = paused
 
     def _apply_backpressure(self, router: Router, up: _Upstream) -> None:
         """Stop reading the broker while the guest side has too much waiting to go out."""
-        fd = up.sock.fileno()
-        backlog = self._backlog(router.guest)
-        if not up.paused and backlog > BACKLOG_HIGH:
-            self._loop.remove_reader(fd)
-            up.paused = True
-        elif up.paused and backlog < BACKLOG_LOW:
-            self._loop.add_reader(fd, self._on_upstream_readable, router, up)
-            up.paused = False
+        paused = _should_pause(up.paused, self._backlog(router.guest))
+        if paused != up.paused:
+            fd = up.sock.fileno()
+            if paused:
+                self._loop.remove_reader(fd)
+            else:
+                self._loop.add_reader(fd, self._on_upstream_readable, router, up)
+            up.paused = paused
 
     @_guarded
     def _open_timeout(self, router: Router) -> None:

@@ -47,14 +47,16 @@ def sync_credit(sender_route: Route) -> None:
         return
     snd = sender_route.link
     rcv = rcv_route.link
-    if not (_attached(snd) and _attached(rcv)):
-        return
     drain = bool(lib.pn_link_get_drain(snd))
-    if drain != bool(lib.pn_link_get_drain(rcv)):
-        lib.pn_link_set_drain(rcv, drain)
     issued = lib.pn_link_credit(rcv)
     # Issued credit can be negative (a sender overran it); the flow call takes an int too.
     delta = min(lib.pn_link_credit(snd) - issued, MAX_CREDIT - max(issued, 0))
+    if delta <= 0 and not drain and not lib.pn_link_get_drain(rcv):
+        return  # the usual case, after each transfer sent: both links moved together
+    if not (_attached(snd) and _attached(rcv)):
+        return
+    if drain != bool(lib.pn_link_get_drain(rcv)):
+        lib.pn_link_set_drain(rcv, drain)
     if delta > 0:
         lib.pn_link_flow(rcv, delta)
     if drain:

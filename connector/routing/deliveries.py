@@ -41,7 +41,6 @@ _remote_state = lib.pn_delivery_remote_state
 _local_state = lib.pn_delivery_local_state
 _update = lib.pn_delivery_update
 _settled = lib.pn_delivery_settled
-_EOS = lib.PN_EOS
 
 
 def on_delivery(route: Route, dlv: Any) -> tuple[int, int]:
@@ -82,11 +81,7 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
         if route.message_bytes > route.max_message:
             lib.pn_delivery_abort(twin)
             _forget(route, dlv, twin)
-            raise GuestViolation(
-                "amqp:link:message-size-exceeded",
-                f"a message on {route.name} is over {route.max_message} bytes",
-                link_only=True,
-            )
+            raise _oversize(route)
     if _aborted(dlv):
         route.message_bytes = 0
         lib.pn_delivery_abort(twin)
@@ -119,6 +114,15 @@ def _admit(route: Route) -> None:
         )
 
 
+def _oversize(route: Route) -> GuestViolation:
+    """A message over the guest's size limit costs it that link, not its connection."""
+    return GuestViolation(
+        "amqp:link:message-size-exceeded",
+        f"a message on {route.name} is over {route.max_message} bytes",
+        link_only=True,
+    )
+
+
 def _open_twin(route: Route, dlv: Any) -> Any:
     """Open the outgoing twin of ``dlv`` on the peer link, with the same tag."""
     twin = lib.pn_delivery(route.peer.link, lib.pn_delivery_tag(dlv))
@@ -134,10 +138,15 @@ def _open_twin(route: Route, dlv: Any) -> Any:
 
 def _settle_if_presettled(route: Route, dlv: Any, twin: Any) -> None:
     """Pre-settled by the sender (at-most-once): settle the twin as it is sent."""
-    if lib.pn_delivery_settled(dlv):
-        _forget(route, dlv, twin)
-        lib.pn_delivery_settle(twin)
-        lib.pn_delivery_settle(dlv)
+    if _settled(dlv):
+        _settle_both(route, dlv, twin)
+
+
+def _settle_both(route: Route, dlv: Any, twin: Any) -> None:
+    """``dlv``'s sender settled it: settle it and its twin, and forget the pair."""
+    _forget(route, dlv, twin)
+    lib.pn_delivery_settle(twin)
+    lib.pn_delivery_settle(dlv)
 
 
 def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
@@ -160,11 +169,7 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
     route.bytes += moved
     if route.max_message and len(buf) > route.max_message:
         buf.clear()
-        raise GuestViolation(
-            "amqp:link:message-size-exceeded",
-            f"a message on {route.name} is over {route.max_message} bytes",
-            link_only=True,
-        )
+        raise _oversize(route)
     if lib.pn_delivery_aborted(dlv):
         buf.clear()
         lib.pn_delivery_settle(dlv)
@@ -207,9 +212,7 @@ def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
         _update(twin, state)
     if _settled(dlv):
         # Settled on the far side: only now settle here, so nothing is acknowledged early.
-        _forget(route, dlv, twin)
-        lib.pn_delivery_settle(twin)
-        lib.pn_delivery_settle(dlv)
+        _settle_both(route, dlv, twin)
 
 
 def copy_state(src: Any, dst: Any) -> None:
