@@ -186,6 +186,14 @@ class Harness:
         self.pump()
         return conn, ssn
 
+    def sender(self, name: str, address: str | None) -> tuple[Connection, Link, Link]:
+        """Open a guest session with a sender to ``address`` (None: the anonymous relay);
+        return the guest's connection, its sender, and the broker's end of the link."""
+        conn, ssn = self.guest_session()
+        snd = attach(ssn, name, address)
+        self.pump()
+        return conn, snd, self.broker_link(name)
+
     def broker_link(self, name: str) -> Link:
         """The broker's end of the link the guest attached as ``name``."""
         for ev in self.broker.events:

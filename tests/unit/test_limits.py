@@ -11,13 +11,6 @@ from connector.limits import GuestLimits
 from tests.support.routing import Harness, attach
 
 
-def _sender(h: Harness, name: str = "s", address: str = "q"):
-    conn, ssn = h.guest_session()
-    snd = attach(ssn, name, address)
-    h.pump()
-    return conn, snd, h.broker_link(name)
-
-
 def _closed_with(conn, condition: str) -> str:
     assert conn.state & Endpoint.REMOTE_CLOSED, "the guest's connection is still open"
     assert conn.remote_condition.name == condition
@@ -92,7 +85,7 @@ def test_transfer_without_credit_ends_the_connection() -> None:
 
 def test_unsettled_limit() -> None:
     h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
-    conn, snd, brcv = _sender(h)
+    conn, snd, brcv = h.sender("s", "q")
     brcv.flow(10)
     h.pump()
     for i in range(4):
@@ -105,7 +98,7 @@ def test_unsettled_limit() -> None:
 
 def test_message_size_limit_aborts_the_forwarded_part() -> None:
     h = Harness(limits=GuestLimits(max_message_size=100_000))
-    conn, snd, brcv = _sender(h)
+    conn, snd, brcv = h.sender("s", "q")
     brcv.flow(1)
     h.pump()
     snd.delivery("big")

@@ -93,13 +93,7 @@ def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
 def _relay_harness(policy: Policy, guest: str = "web1"):
     h = Harness()
     h.router._policy = policy.for_guest(guest)
-    conn = h.open_guest()
-    ssn = conn.session()
-    ssn.open()
-    snd = ssn.sender("relay")  # no target address: the anonymous relay
-    snd.open()
-    h.pump()
-    brcv = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    _, snd, brcv = h.sender("relay", None)  # no target address: the anonymous relay
     brcv.flow(10)
     h.pump()
     return h, snd, brcv

@@ -164,12 +164,8 @@ def test_refused_attach_error_reaches_the_guest(broker_refuses) -> None:
 
 
 def _sender_pair(h: Harness, address: str = "q"):
-    _, ssn = h.guest_session()
-    snd = ssn.sender("s1")
-    snd.target.address = address
-    snd.open()
-    h.pump()
-    return snd, h.broker_link("s1")
+    _, snd, brcv = h.sender("s1", address)
+    return snd, brcv
 
 
 def test_guest_never_gets_more_credit_than_the_broker_gave() -> None:
