@@ -163,6 +163,32 @@ def test_a_20mb_message_streams_through(ctx: Routed) -> None:
         assert got[0].body == body
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the daemon's peak RSS grows with a message the guest sends (20 MB: +15-20 MB, "
+    "60 MB: +64 MB) although its backlog stays under BACKLOG_HIGH and its Python heap is flat "
+    "(tracemalloc); the routing core alone streams 60 MB in flat memory, also with the "
+    "daemon's frame sizes, so the growth is C memory on the daemon's I/O path, not yet found",
+)
+def test_a_large_message_does_not_grow_the_daemon(ctx: Routed) -> None:
+    queue = _queue("huge")
+    body = b"\x5a" * (3 * BIG)
+    pid = ctx.daemon.proc.pid
+    before = _peak_rss_mb(pid)
+    with ctx.client("unix") as guest:
+        assert guest.send(queue, [body])[0].state == "accepted"
+        assert len(guest.receive(queue, 1)[0].body) == len(body)
+    assert _peak_rss_mb(pid) - before < 30  # MB: a few copies of the 4 MiB backlog, not 60
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
 def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:
     with ctx.client("unix-listen") as guest:
         with pytest.raises(LinkRefused) as refused:
