@@ -231,3 +231,68 @@ def test_no_password_shows_in_status_or_logs(artemis: Any, tmp_path: Path) -> No
     finally:
         assert daemon.stop() == 0
         ch.hang_up()
+
+
+@pytest.mark.broker
+def test_a_unix_channel_reconnects_when_qemu_comes_back(artemis: Any, tmp_path: Path) -> None:
+    from connector.guest.client import GuestClient
+
+    ch = Qemu("unix", tmp_path, "comeback")
+    daemon = Connector(tmp_path, artemis, [ch]).start()
+    try:
+        with GuestClient(ch.fd(), container_id="first-life", timeout=30) as guest:
+            assert guest.send("comeback.q", ["one"])[0].state == "accepted"
+        ch.hang_up()  # qemu exits: its socket goes away
+        os.unlink(ch.path)
+        daemon.wait_state("comeback", "waiting")
+        again = Qemu("unix", tmp_path, "comeback")  # qemu restarts on the same path
+        with GuestClient(again.fd(), container_id="second-life", timeout=30) as guest:
+            assert [m.body for m in guest.receive("comeback.q", 1)] == ["one"]
+        again.hang_up()
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.broker
+def test_unix_listen_serves_one_peer_at_a_time(artemis: Any, tmp_path: Path) -> None:
+    import socket
+
+    from connector.guest.client import GuestClient
+
+    ch = Qemu("unix-listen", tmp_path, "single")
+    daemon = Connector(tmp_path, artemis, [ch]).start()
+    try:
+        with GuestClient(ch.fd(), container_id="the-one", timeout=30) as guest:
+            intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            intruder.connect(ch.path)
+            intruder.settimeout(30)
+            assert intruder.recv(1) == b""  # accepted and closed at once
+            intruder.close()
+            assert guest.send("single.q", ["still served"])[0].state == "accepted"
+        assert "refused a second peer" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()
+
+
+@pytest.mark.broker
+def test_heartbeats_keep_a_quiet_guest_connected(artemis: Any, tmp_path: Path) -> None:
+    """The guest asks for a 2 s idle timeout and sends nothing for 5 s: the connector's
+    heartbeats keep the connection alive."""
+    import time
+
+    from connector.guest.client import GuestClient
+
+    ch = Qemu("pty", tmp_path, "quiet")
+    daemon = Connector(tmp_path, artemis, [ch]).start()
+    try:
+        with GuestClient(ch.fd(), container_id="quiet", timeout=30, idle_timeout=2.0) as guest:
+            guest.send("quiet.q", ["before"])
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                guest.driver.process(0.5)  # reads heartbeats; writes only its own
+            assert guest.send("quiet.q", ["after"])[0].state == "accepted"
+            assert daemon.channel("quiet")["state"] == "connected"
+    finally:
+        assert daemon.stop() == 0
+        ch.hang_up()
