@@ -45,12 +45,26 @@ _do_error = getattr(_ext_lib, "pn_do_error", None)
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 
+# Proton frames outgoing message bytes into an internal buffer as fast as the peer's
+# session window allows (Artemis's is effectively unlimited), then copies frames into its
+# output buffer, which grows only up to the peer's max-frame-size; pn_transport_pending
+# reports just the output buffer. So when that buffer is full, any amount may wait behind
+# it, unseen: a 60 MB message from a fast guest to a slower broker once piled up there
+# whole. A full output buffer therefore reports this backlog, above any limit, and
+# backpressure stops feeding the side until the buffer has room again, which bounds what
+# hides behind it to one read's worth.
+OUTPUT_FULL = 1 << 62
+# Proton's output buffer starts at this size (PN_TRANSPORT_INITIAL_BUFFER_SIZE) and only
+# grows, so less pending output than this is never a full buffer.
+_OUTPUT_INITIAL = 8 * 1024
+
 
 class Engine:
     """A proton transport bound to a connection, driven by pushing and pulling bytes."""
 
     __slots__ = (
         "_outbuf",
+        "_outfull",
         "_outptr",
         "_outview",
         "collector",
@@ -86,6 +100,7 @@ class Engine:
         self._outbuf = bytearray(IO_CHUNK)
         self._outview = memoryview(self._outbuf)
         self._outptr = ffi.from_buffer(self._outbuf)  # proton copies pending output here
+        self._outfull = _OUTPUT_INITIAL  # the most pending output seen: proton's buffer size
 
     # -- configuration -------------------------------------------------------------------
 
@@ -183,8 +198,15 @@ class Engine:
 
     def backlog(self) -> int:
         """Bytes waiting to go to the peer: framed output plus message bytes that proton
-        holds in sessions until the peer's window opens. Backpressure watches this."""
-        total = max(0, lib.pn_transport_pending(self.transport))
+        holds in sessions until the peer's window opens, or ``OUTPUT_FULL`` while proton's
+        output buffer is full (more may be hidden behind it). Backpressure watches this."""
+        total = lib.pn_transport_pending(self.transport)
+        if total >= self._outfull:
+            # The buffer is at the largest size it has had: full, or just grown because it
+            # was full. (Equal by chance costs one pause until the next write drains it.)
+            self._outfull = total
+            return OUTPUT_FULL
+        total = max(0, total)
         ssn = lib.pn_session_head(self.connection, 0)
         while ssn != ffi.NULL:
             total += lib.pn_session_outgoing_bytes(ssn)

@@ -66,7 +66,7 @@ class Side:
         return [ev.type.name for ev in self.events]
 
 
-def _move(src: Any, dst: Any) -> int:
+def move_bytes(src: Any, dst: Any) -> int:
     """Move pending output of one transport (proton Transport or Engine) into another,
     no more than the receiving proton Transport has room for."""
     room = 1 << 30 if isinstance(dst, Engine) else dst.capacity()
@@ -131,8 +131,8 @@ class Harness:
         for _ in range(rounds):
             moved = 0
             if self.guest is not None:
-                moved += _move(self.guest.transport, self.router.guest)
-                moved += _move(self.router.guest, self.guest.transport)
+                moved += move_bytes(self.guest.transport, self.router.guest)
+                moved += move_bytes(self.router.guest, self.guest.transport)
             else:
                 out = self.router.guest.peek_output()
                 self.written.extend(out)
@@ -141,8 +141,8 @@ class Harness:
             self.router.process()
             up = self.router.upstream
             if up is not None and not self.router.upstream_dead:
-                moved += _move(up, self.broker.transport)
-                moved += _move(self.broker.transport, up)
+                moved += move_bytes(up, self.broker.transport)
+                moved += move_bytes(self.broker.transport, up)
             self.router.process()
             for ev in self.broker.collect():
                 self._broker_default(ev)

@@ -7,10 +7,12 @@ cover the same paths against Artemis and RabbitMQ.
 from __future__ import annotations
 
 import pytest
+from cproton_ffi import lib
 from proton import Condition, Data, Delivery, Endpoint, Link, Message, Terminus, symbol
 
+from connector.channel import BACKLOG_HIGH
 from connector.routing.router import FORCED, RouterState
-from tests.support.routing import IDENTITY, Harness, attach
+from tests.support.routing import IDENTITY, Harness, attach, move_bytes
 
 
 def _value(data: Data):
@@ -258,6 +260,30 @@ def test_deliveries_are_counted_and_bytes_stream_through_unchanged() -> None:
     assert len(got) == 1 and got[0][1] == payload
     assert h.counters.deliveries_in == 1
     assert h.counters.bytes_in == len(payload)
+
+
+def test_output_proton_holds_behind_a_full_buffer_counts_as_backlog() -> None:
+    # Proton frames a message into a buffer it does not report as pending whenever the
+    # broker's session window allows, and its pending output stops at the broker's
+    # max-frame-size (32 KiB here). Nothing reaches the broker in this test, so all of the
+    # message waits upstream: the backlog must say so, or backpressure never stops the guest.
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(1)
+    h.pump()
+    up = h.router.upstream
+    snd.delivery("big")
+    snd.send(b"x" * 1_000_000)
+    snd.advance()
+    while move_bytes(h.guest.transport, h.router.guest):
+        h.router.process()
+    assert h.counters.bytes_in == 1_000_000  # all of it went into the upstream engine
+    assert 0 < lib.pn_transport_pending(up.transport) <= 64 * 1024
+    assert up.backlog() > BACKLOG_HIGH
+    # Once the broker has read it all, the backlog is back to nothing.
+    h.pump()
+    assert up.backlog() == 0
+    assert len(_receive_all(brcv)[0][1]) == 1_000_000
 
 
 def test_aborted_transfer_is_passed_on() -> None:
