@@ -17,6 +17,8 @@ import cffi
 import cproton_ffi
 from cproton_ffi import ffi, lib
 
+from .attach_frames import AttachReader, AttachWriter, LinkExtras, LinkKey
+
 # Proton's input buffer starts at 8 KiB and grows; we read in larger chunks and push them in
 # a loop. 64 KiB keeps a 1 KiB-message stream to a handful of syscalls per hundred messages.
 IO_CHUNK = 64 * 1024
@@ -63,6 +65,8 @@ class Engine:
     """A proton transport bound to a connection, driven by pushing and pulling bytes."""
 
     __slots__ = (
+        "_attach_in",
+        "_attach_out",
         "_outbuf",
         "_outfull",
         "_outptr",
@@ -101,6 +105,9 @@ class Engine:
         self._outview = memoryview(self._outbuf)
         self._outptr = ffi.from_buffer(self._outbuf)  # proton copies pending output here
         self._outfull = _OUTPUT_INITIAL  # the most pending output seen: proton's buffer size
+        # The attach fields proton drops: read from the peer's bytes, written into ours.
+        self._attach_in = AttachReader()
+        self._attach_out = AttachWriter()
 
     # -- configuration -------------------------------------------------------------------
 
@@ -155,6 +162,7 @@ class Engine:
         total = len(data)
         if not total:
             return 0
+        self._attach_in.feed(data)
         buf = ffi.from_buffer(data)
         done = 0
         while done < total:
@@ -179,10 +187,15 @@ class Engine:
 
     def output_pending(self) -> int:
         """Bytes proton wants written; negative once the output side is closed for good."""
-        return lib.pn_transport_pending(self.transport)
+        n = lib.pn_transport_pending(self.transport)
+        out = self._attach_out
+        return n + len(out.staged) - out.staged_pos if out.staged else n
 
     def peek_output(self) -> memoryview:
         """Up to ``IO_CHUNK`` bytes of pending output, valid until the next call."""
+        out = self._attach_out
+        if out.staged:
+            return memoryview(out.staged)[out.staged_pos :]
         n = lib.pn_transport_pending(self.transport)
         if n <= 0:
             return self._outview[:0]
@@ -190,11 +203,46 @@ class Engine:
         got = lib.pn_transport_peek(self.transport, self._outptr, n)
         if got < 0:
             return self._outview[:0]
-        return self._outview[:n]
+        ok = out.sendable(self._outview[:n], self._peek_frame)
+        if ok < 0:  # an attach of ours was rewritten with the fields proton drops
+            lib.pn_transport_pop(self.transport, -ok)
+            out.popped(-ok)
+            return memoryview(out.staged)
+        return self._outview[:ok]
+
+    def _peek_frame(self, size: int) -> bytes | None:
+        """``size`` bytes of pending output, more than a peek holds (a large attach)."""
+        have = lib.pn_transport_pending(self.transport)
+        while 0 < have < size:  # proton grows its output buffer while it is full
+            grown = lib.pn_transport_pending(self.transport)
+            if grown <= have:
+                return None
+            have = grown
+        buf = ffi.new("char[]", size)
+        if lib.pn_transport_peek(self.transport, buf, size) < 0:
+            return None
+        return ffi.buffer(buf)[:]
 
     def pop_output(self, n: int) -> None:
         """``n`` bytes of the peeked output were written."""
+        out = self._attach_out
+        if out.staged:
+            out.staged_pos += n
+            if out.staged_pos >= len(out.staged):
+                out.staged = b""
+            return
         lib.pn_transport_pop(self.transport, n)
+        out.popped(n)
+
+    # -- the attach fields proton drops --------------------------------------------------
+
+    def peer_attach_extras(self, key: LinkKey) -> LinkExtras | None:
+        """What the peer's attach for ``key`` said in the fields proton does not decode."""
+        return self._attach_in.take(key)
+
+    def complete_attach(self, key: LinkKey, extras: LinkExtras) -> None:
+        """Put ``extras`` into our attach for ``key`` when proton writes it."""
+        self._attach_out.complete(key, extras)
 
     def backlog(self) -> int:
         """Bytes waiting to go to the peer: framed output plus message bytes that proton

@@ -509,7 +509,7 @@ class Router:
             ulink = lib.pn_sender(up_ssn, name)
         else:
             ulink = lib.pn_receiver(up_ssn, name)
-        copy_attach(ulink, glink)
+        copy_attach(ulink, glink, self.upstream, self.guest)
         if request.address is not None and not request.dynamic:
             mapped = self._policy.to_broker(request.address)
             if mapped != request.address:
@@ -572,7 +572,7 @@ class Router:
         if uroute is None or uroute.peer is None:
             return
         glink = uroute.peer.link
-        copy_attach(glink, ulink)
+        copy_attach(glink, ulink, self.guest, self.upstream)
         for term in (lib.pn_link_source(glink), lib.pn_link_target(glink)):
             addr = lib.pn_terminus_get_address(term)
             if addr != ffi.NULL:

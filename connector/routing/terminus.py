@@ -4,22 +4,27 @@ Everything proton's engine decodes from an attach is carried: source and target 
 their terminus fields (address, durable, expiry-policy, timeout, dynamic and
 dynamic-node-properties, distribution-mode, filter, outcomes, capabilities, and the
 coordinator type with its capabilities), both settle modes, link properties and
-max-message-size. Proton 0.40's engine does not decode the attach's link-level offered and
-desired capabilities, nor the source's default-outcome, so those cannot be carried; see
-docs/routing.md.
+max-message-size. Proton 0.40's engine neither decodes nor writes the attach's link-level
+offered and desired capabilities, nor the source's default-outcome; the engines read those
+from the peer's attach frame and write them into ours (``attach_frames``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cproton_ffi import lib
+from cproton_ffi import ffi, lib
 
-from .engine import copy_data
+from .engine import Engine, copy_data
 
 
-def copy_attach(dst: Any, src: Any) -> None:
+def copy_attach(dst: Any, src: Any, dst_engine: Engine, src_engine: Engine) -> None:
     """Make ``dst``'s local attach say what ``src``'s peer said in its attach."""
+    name = ffi.string(lib.pn_link_name(src)).decode(errors="replace")
+    # Keyed by the role each attach frame states: the peer's is the opposite of ``src``'s.
+    extras = src_engine.peer_attach_extras((name, bool(lib.pn_link_is_sender(src))))
+    if extras is not None:
+        dst_engine.complete_attach((name, bool(lib.pn_link_is_receiver(dst))), extras)
     lib.pn_terminus_copy(lib.pn_link_source(dst), lib.pn_link_remote_source(src))
     lib.pn_terminus_copy(lib.pn_link_target(dst), lib.pn_link_remote_target(src))
     lib.pn_link_set_snd_settle_mode(dst, lib.pn_link_remote_snd_settle_mode(src))

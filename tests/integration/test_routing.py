@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proton import Message
+from proton import UNDESCRIBED, Array, Data, Described, Message, symbol, ulong
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 from connector.guest.client import AmqpError, Disconnected, LinkRefused
+from connector.routing.attach_frames import LinkExtras
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
+from tests.support.attach_peer import AttachPeer
 from tests.support.connector import Routed, routed, wait_for
 
 pytestmark = pytest.mark.broker
@@ -186,6 +188,28 @@ def _peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_link_capabilities_and_default_outcome_cross_both_ways(ctx: Routed) -> None:
+    # Artemis offers DELAYED_DELIVERY on a link only when the client's attach desired it, so
+    # its answer shows the guest's desired-capabilities reached it, and the guest seeing the
+    # offer shows the broker's offered-capabilities came back. Artemis echoes a receiver's
+    # source, so the default-outcome makes the same round trip.
+    delayed = Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY"))
+    released = Described(ulong(0x26), [])
+    queue = _queue("caps")
+    peer = AttachPeer(ctx.channels["unix"].fd(), "caps-guest")
+    try:
+        _, answer = peer.attach("s", queue, sending=True, extras=LinkExtras(desired=delayed))
+        assert answer is not None and list(answer.offered.elements) == [delayed.elements[0]]
+        _, plain = peer.attach("p", queue, sending=True, extras=LinkExtras())
+        assert plain is None  # without the wish, no offer
+        _, echoed = peer.attach(
+            "r", queue, sending=False, extras=LinkExtras(default_outcome=released)
+        )
+        assert echoed is not None and echoed.default_outcome == released
+    finally:
+        peer.close()
 
 
 def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:

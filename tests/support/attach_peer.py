@@ -1,0 +1,88 @@
+"""A minimal AMQP peer over any file descriptor that attaches one link with the attach fields
+proton's Python API cannot set (link offered/desired capabilities, a source's default
+outcome) and reports what the other side's attach said in them.
+
+It is the routing core's own ``Engine`` driven with ``select``: the fields go out through
+the engine's attach writer and come back through its attach reader. The point of the tests
+that use it is what the far side does with them: Artemis only offers ``DELAYED_DELIVERY`` on
+a link whose attach desired it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from typing import Any
+
+from cproton_ffi import ffi, lib
+
+from connector.routing.attach_frames import LinkExtras
+from connector.routing.engine import Engine
+
+
+class AttachPeer:
+    """A client connection on ``fd`` (a socket or a pty master) that attaches links."""
+
+    def __init__(
+        self,
+        fd: int | socket.socket,
+        container: str = "attach-peer",
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self._fd = fd.fileno() if isinstance(fd, socket.socket) else fd
+        self.engine = Engine(server=False, user=user, password=password)
+        conn = self.engine.connection
+        lib.pn_connection_set_container(conn, container.encode())
+        lib.pn_connection_open(conn)
+        self._session = lib.pn_session(conn)
+        lib.pn_session_open(self._session)
+
+    def attach(
+        self,
+        name: str,
+        address: str,
+        *,
+        sending: bool,
+        extras: LinkExtras,
+        timeout: float = 30.0,
+    ) -> tuple[Any, LinkExtras | None]:
+        """Attach a link with ``extras`` in its attach; wait for the answer and return the
+        link and what the answer said in those fields."""
+        make = lib.pn_sender if sending else lib.pn_receiver
+        link = make(self._session, name.encode())
+        term = lib.pn_link_target(link) if sending else lib.pn_link_source(link)
+        lib.pn_terminus_set_address(term, address.encode())
+        self.engine.complete_attach((name, not sending), extras)
+        lib.pn_link_open(link)
+        self.pump_until(lambda: lib.pn_link_state(link) & lib.PN_REMOTE_ACTIVE, timeout)
+        return link, self.engine.peer_attach_extras((name, sending))
+
+    def pump_until(self, done: Any, timeout: float) -> None:
+        """Move bytes both ways until ``done()`` or the deadline."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the peer did not answer in {timeout}s")
+            while out := self.engine.peek_output():
+                self.engine.pop_output(os.write(self._fd, out))
+            ready, _, _ = select.select([self._fd], [], [], 0.1)
+            if ready:
+                data = os.read(self._fd, 65536)
+                if not data:
+                    raise AssertionError("the peer closed the connection")
+                self.engine.push(data)
+            collector = self.engine.collector
+            while lib.pn_collector_peek(collector) != ffi.NULL:
+                lib.pn_collector_pop(collector)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the connection and wait for the peer's close; the fd stays open."""
+        conn = self.engine.connection
+        lib.pn_connection_close(conn)
+        self.pump_until(lambda: lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED, timeout)
+        while out := self.engine.peek_output():  # our close, if the peer's came first
+            self.engine.pop_output(os.write(self._fd, out))
+        self.engine.free()

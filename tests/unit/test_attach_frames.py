@@ -1,0 +1,148 @@
+"""The attach fields proton drops: read from a peer's frames, written into ours.
+
+Streams come from a real proton engine. What the writer produced is checked with proton's
+frame tracer on a receiving transport, a decoder that shares no code with the walker here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cproton_ffi import lib
+from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, symbol, ulong
+
+from connector.routing.attach_frames import AttachReader, LinkExtras
+from connector.routing.engine import IO_CHUNK, Engine
+
+DELAYED = Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY"))
+SHARED = Array(UNDESCRIBED, Data.SYMBOL, symbol("SHARED-SUBS"))
+RELEASED = Described(ulong(0x26), [])
+WANTED = LinkExtras(offered=SHARED, desired=DELAYED, default_outcome=RELEASED)
+
+
+def _client(*links: tuple[str, bool, LinkExtras | None], sasl: bool = False) -> Engine:
+    """A client engine that has opened, begun and attached ``links`` (name, sending, extras)."""
+    engine = Engine(server=False, user="u" if sasl else None, password="p" if sasl else None)
+    conn = engine.connection
+    lib.pn_connection_open(conn)
+    ssn = lib.pn_session(conn)
+    lib.pn_session_open(ssn)
+    for name, sending, extras in links:
+        link = (lib.pn_sender if sending else lib.pn_receiver)(ssn, name.encode())
+        lib.pn_terminus_set_address(lib.pn_link_source(link), b"q")
+        if extras is not None:
+            engine.complete_attach((name, not sending), extras)
+        lib.pn_link_open(link)
+    return engine
+
+
+def _drain(engine: Engine, most: int = 1 << 30) -> bytes:
+    """All the engine's output, popped ``most`` bytes at a time (a short socket write)."""
+    out = bytearray()
+    while view := engine.peek_output():
+        n = min(len(view), most)
+        out += view[:n]
+        engine.pop_output(n)
+    return bytes(out)
+
+
+def _traced(stream: bytes) -> list[str]:
+    """The frames a proton server transport decodes from ``stream``, as its tracer says."""
+    lines: list[str] = []
+    transport = Transport(Transport.SERVER)
+    transport.tracer = lambda _t, line: lines.append(line)
+    transport.trace(Transport.TRACE_FRM)
+    transport.max_frame_size = 1 << 20
+    transport.bind(Connection())
+    while stream:
+        n = transport.capacity()
+        transport.push(stream[:n])
+        stream = stream[n:]
+    return [line for line in lines if "@attach" in line]
+
+
+def test_the_writer_completes_the_asked_attach_and_leaves_the_others() -> None:
+    stream = _drain(_client(("a", True, WANTED), ("b", False, None)))
+    a, b = _traced(stream)
+    assert "offered-capabilities=@<symbol>[:SHARED-SUBS]" in a
+    assert 'desired-capabilities=@<symbol>[:"DELAYED_DELIVERY"]' in a
+    assert "default-outcome=@released(38) []" in a
+    assert 'name="b"' in b and "capabilities" not in b and "default-outcome" not in b
+
+
+@pytest.mark.parametrize("most", [1, 7, 100])
+def test_short_writes_give_the_same_stream(most: int) -> None:
+    whole = _drain(_client(("a", True, WANTED), ("b", True, WANTED)))
+    assert _drain(_client(("a", True, WANTED), ("b", True, WANTED)), most) == whole
+
+
+def test_an_attach_larger_than_a_peek_is_completed() -> None:
+    engine = _client()
+    opening = _drain(engine)
+    ssn = lib.pn_session_head(engine.connection, 0)
+    link = lib.pn_sender(ssn, b"big")
+    props = Data(lib.pn_link_properties(link))
+    props.put_object({symbol("k"): "v" * (2 * IO_CHUNK)})
+    engine.complete_attach(("big", False), WANTED)
+    lib.pn_link_open(link)
+    (attach,) = _traced(opening + _drain(engine))
+    assert 'desired-capabilities=@<symbol>[:"DELAYED_DELIVERY"]' in attach
+
+
+def _read(stream: bytes, cuts: list[int]) -> dict[Any, LinkExtras]:
+    reader = AttachReader()
+    last = 0
+    for cut in [*cuts, len(stream)]:
+        reader.feed(memoryview(stream)[last:cut])
+        last = cut
+    return reader.found
+
+
+def test_the_reader_finds_the_fields_however_the_stream_is_cut() -> None:
+    stream = _drain(_client(("a", True, WANTED), ("b", False, None)), 5)
+    expected = {("a", False): WANTED}
+    assert _read(stream, []) == expected
+    for cut in range(1, len(stream)):
+        assert _read(stream, [cut]) == expected, cut
+    assert _read(stream, list(range(1, len(stream)))) == expected
+
+
+def test_the_reader_walks_sasl_headers_frames_and_large_transfers() -> None:
+    # What a SASL ANONYMOUS client sends a server, recorded through the whole exchange.
+    client = _client(("a", True, WANTED))
+    lib.pn_sasl_allowed_mechs(lib.pn_sasl(client.transport), b"ANONYMOUS")
+    server = Engine(server=True)
+    server.configure_sasl("ANONYMOUS")
+    stream = bytearray()
+    while out := _drain(client):
+        stream += out
+        server.push(out)
+        client.push(_drain(server))
+    assert stream.startswith(b"AMQP\x03") and stream.count(b"AMQP\x00\x01\x00\x00") == 1
+    # Then a transfer whose payload is full of attach descriptors, and a heartbeat.
+    transfer = Data()
+    transfer.put_object(Described(ulong(0x14), [0, 0, b"t"]))
+    body = transfer.encode() + b"\x00\x53\x12" * 40_000
+    stream += (8 + len(body)).to_bytes(4, "big") + b"\x02\x00\x00\x00" + body
+    stream += b"\x00\x00\x00\x08\x02\x00\x00\x00"
+    expected = {("a", False): WANTED}
+    assert _read(bytes(stream), list(range(0, len(stream), 999))) == expected
+    assert _read(bytes(stream), list(range(0, len(stream), 4096))) == expected
+
+
+def test_the_reader_survives_bytes_that_are_not_frames() -> None:
+    # Proton ends such a connection; the walk must only not hang or fail first.
+    for junk in (b"\x00" * 64, b"\x00\x00\x00\x04" * 16, b"\xff" * 64):
+        assert _read(junk, [3, 17]) == {}
+
+
+def test_the_reader_ignores_an_attach_proton_will_refuse() -> None:
+    # A name that is not a string, and a list too short for a role: proton ends such a
+    # connection with a decode error; the reader must keep nothing and raise nothing.
+    for fields in ([[1], 0, False, *[None] * 8, DELAYED], ["x"]):
+        body = Data()
+        body.put_object(Described(ulong(0x12), fields))
+        encoded = body.encode()
+        frame = (8 + len(encoded)).to_bytes(4, "big") + b"\x02\x00\x00\x00" + encoded
+        assert _read(frame, []) == {}
