@@ -8,9 +8,11 @@ subprocess with two channels, and plays qemu for both: it holds the master of a 
 slave the connector opens, and it listens on the unix socket the connector connects to. The
 same client code (bench/client.py on connector.guest's Driver) then runs three ways:
 
-    direct  TCP straight to the broker
-    pty     through the connector, over the pty master
-    unix    through the connector, over the accepted unix socket
+    direct     TCP straight to the broker
+    pty        through the connector, over the pty master
+    unix       through the connector, over the accepted unix socket
+    socat-pty  through socat relaying the pty's bytes to the broker: the ceiling of any byte
+               relay on a pty (no AMQP is terminated; its CPU shows in the connector column)
 
 Each round runs every path: N messages sent at-least-once to a fresh queue, the same N
 received and accepted, then request/response round trips to a responder attached directly to
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tty
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +77,9 @@ WARMUP_REQUESTS = 20
 # The daemon and its channels come up in well under a second; a loaded box may be slower.
 DAEMON_TIMEOUT = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PATHS = ("direct", "pty", "unix")
-VIA = ("pty", "unix")
+PATHS = ("direct", "pty", "unix", "socat-pty")
+CHANNELS = ("pty", "unix")  # the connector's channels
+VIA = (*CHANNELS, "socat-pty")  # the paths with a ratio to direct
 
 
 # ---- machine and process facts --------------------------------------------------------
@@ -182,7 +186,7 @@ class Connector:
     channel whose qemu ends the bench holds."""
 
     def __init__(self, work: Path, broker: Broker) -> None:
-        self.qemu = {kind: support.Qemu(kind, work, f"bench-{kind}") for kind in VIA}
+        self.qemu = {kind: support.Qemu(kind, work, f"bench-{kind}") for kind in CHANNELS}
         self.daemon = support.Connector(
             work, broker, list(self.qemu.values()), "--log-level", "warning"
         )
@@ -263,6 +267,7 @@ class Bench:
     requests: int
     responder_pid: int | None = None
     remote_properties: dict[str, Any] | None = None
+    relay_cpu: float = 0.0  # CPU seconds of the last phase's socat
 
     @contextlib.contextmanager
     def channel(self, path: str) -> Iterator[tuple[int, str | None]]:
@@ -272,6 +277,9 @@ class Bench:
         and ANONYMOUS (both brokers allow it; the connector is the one that authenticates).
         Through the connector the guest speaks no SASL, as a guest application may.
         """
+        if path == "socat-pty":
+            yield from self._socat_pty()
+            return
         if path != "direct":
             yield self.connector.fd(path), None
             return
@@ -282,6 +290,26 @@ class Bench:
             yield sock.fileno(), "ANONYMOUS"
         finally:
             sock.close()
+
+    def _socat_pty(self) -> Iterator[tuple[int, str | None]]:
+        """A pty whose slave socat relays to the broker, as a byte relay would; the client
+        holds the master (as qemu does) and speaks to the broker through it."""
+        master, slave = os.openpty()
+        tty.setraw(slave)  # before the client's first byte, which a cooked tty would echo
+        relay = subprocess.Popen(
+            ["socat", "-b65536", f"{os.ttyname(slave)},rawer",
+             f"TCP:{self.broker.host}:{self.broker.port},nodelay"],
+        )  # fmt: skip
+        # The slave stays open here too: a master whose slave nobody holds reads EIO.
+        os.set_blocking(master, False)
+        try:
+            yield master, "ANONYMOUS"
+        finally:
+            self.relay_cpu = proc_cpu(relay.pid)
+            os.close(master)
+            os.close(slave)
+            relay.terminate()
+            relay.wait()
 
     def meters(self) -> dict[str, float]:
         """CPU seconds so far of everything taking part, and of the whole machine."""
@@ -313,7 +341,9 @@ class Bench:
             "broker_us": d["broker"] / routed * 1e6,
             "other_cores": max(0.0, d["machine"] - ours) / d["wall"],
         }
-        if path != "direct":
+        if path == "socat-pty":
+            out["connector_us"] = self.relay_cpu / routed * 1e6
+        elif path != "direct":
             out["connector_us"] = d["connector"] / routed * 1e6
             out["connector_us_stat"] = d["connector_stat"] / routed * 1e6
         return out
