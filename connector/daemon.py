@@ -133,7 +133,7 @@ class Daemon:
             except TimeoutError:
                 log.warning("some upstreams did not finish closing in %ss", SHUTDOWN_GRACE_S)
         if self._control is not None:
-            self._control.close()
+            await self._control.close()
         if self._metrics is not None:
             self._metrics.close()
         if self._prune is not None:

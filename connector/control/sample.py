@@ -202,7 +202,7 @@ class ServedState:
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
-            self.control.close()
+            await self.control.close()
             if self.metrics is not None:
                 self.metrics.close()
 

@@ -80,13 +80,19 @@ class ControlServer:
             os.chown(self.path, -1, gid)
         log.info("control socket listening on %s (mode %04o)", self.path, self.mode)
 
-    def close(self) -> None:
-        """Stop listening, drop connected clients, and remove the socket file."""
+    async def close(self) -> None:
+        """Stop listening, drop connected clients, and remove the socket file.
+
+        Waits for the dropped clients' tasks to finish, so none is left pending (and later
+        finished against a closed loop) when the loop stops.
+        """
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in self._clients:
+        clients = list(self._clients)
+        for task in clients:
             task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -122,6 +128,11 @@ class ControlServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if self._server is None:
+            # Accepted just before close() but first run after it: close() could not cancel
+            # this task, and a loop stopping now would leave it pending for good.
+            writer.close()
+            return
         self._clients.add(task)
         try:
             await self._conversation(reader, writer)
