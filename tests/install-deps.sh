@@ -9,6 +9,8 @@
 # - Apache ActiveMQ Artemis, fetched from Maven Central with Maven into a cache OUTSIDE the
 #   repository (${QVC_CACHE:-$HOME/.cache/qpid-virtio-connector}) and unpacked there, where
 #   tests/brokers/artemis.py looks for it.
+# - The Qpid JMS client (a real guest application for test_jms.py), resolved with Maven from
+#   tests/jms/pom.xml; its class path is written to the same cache.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,7 +21,8 @@ PYTHON=${PYTHON:-python3}
 
 APT_PACKAGES=(rabbitmq-server socat amqp-specs qemu-system-x86 qemu-system-data debootstrap
               busybox-static cpio xz-utils openssl gcc libqpid-proton11-dev)
-command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jre-headless)
+# A JDK, not a JRE: test_jms.py runs a single-file Java program, which needs the compiler.
+command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || APT_PACKAGES+=(maven)
 
 as_root() {
@@ -72,8 +75,22 @@ install_artemis() {
     rm -rf "$work"
 }
 
+install_jms_client() {
+    local cp="$CACHE/jms-classpath.txt" stamp="$CACHE/jms-classpath.stamp" want
+    want=$(sha256sum "$REPO/tests/jms/pom.xml" | cut -d' ' -f1)
+    if [ -f "$cp" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return
+    fi
+    echo "install-deps: resolving the Qpid JMS client with Maven"
+    (cd "$CACHE" && mvn -B -q -Dstyle.color=never -f "$REPO/tests/jms/pom.xml" \
+        dependency:build-classpath -Dmdep.outputFile="$cp.tmp")
+    mv "$cp.tmp" "$cp"
+    echo "$want" > "$stamp"
+}
+
 mkdir -p "$CACHE"
 install_debian_packages
 install_python_package
 install_artemis
+install_jms_client
 echo "install-deps: ready (cache $CACHE)"
