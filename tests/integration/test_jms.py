@@ -26,11 +26,23 @@ from tests.support.connector import Routed, routed
 
 pytestmark = pytest.mark.broker
 
-PROGRAM = Path(__file__).resolve().parents[1] / "jms" / "DelayedDelivery.java"
+PROGRAMS = Path(__file__).resolve().parents[1] / "jms"
 # A JVM compiling and running a single-file program takes a few seconds; a loaded CI
 # machine may take many times that.
 JAVA_TIMEOUT = 120.0
 DELAY_MS = 500
+
+
+def _java(program: str, *args: str) -> str:
+    """Run one of tests/jms/'s programs; its output, or the test fails with it."""
+    run = subprocess.run(
+        ["java", "-cp", _classpath(), str(PROGRAMS / f"{program}.java"), *args],
+        capture_output=True,
+        text=True,
+        timeout=JAVA_TIMEOUT,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    return run.stdout
 
 
 def _classpath() -> str:
@@ -65,15 +77,21 @@ def test_qpid_jms_delayed_delivery_through_the_connector(bridged: tuple[Routed, 
     # cross too, or Artemis would not hold the message back.
     ctx, url = bridged
     queue = f"jms-{uuid.uuid4().hex[:8]}"
-    run = subprocess.run(
-        ["java", "-cp", _classpath(), str(PROGRAM), url, queue, str(DELAY_MS)],
-        capture_output=True,
-        text=True,
-        timeout=JAVA_TIMEOUT,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    words = run.stdout.split()
-    assert words[:2] == ["received", "later"], run.stdout
+    words = _java("DelayedDelivery", url, queue, str(DELAY_MS)).split()
+    assert words[:2] == ["received", "later"], words
     assert int(words[3]) >= DELAY_MS  # Artemis held it back as asked
     entry = ctx.daemon.channel("jms-unix")
     assert entry["deliveries_in"] == 1 and entry["deliveries_out"] == 1
+
+
+def test_a_jms_durable_subscription_survives_the_guest_reconnecting(
+    bridged: tuple[Routed, str],
+) -> None:
+    # Artemis names a durable subscription's queue after the JMS client ID, which Qpid JMS
+    # sends as the AMQP container-id: the message published while the subscriber was away
+    # is found again only if the connector passes the guest's container-id through.
+    ctx, url = bridged
+    client_id = f"guest-app-{uuid.uuid4().hex[:8]}"
+    out = _java("DurableSubscription", url, f"news-{uuid.uuid4().hex[:8]}", client_id)
+    assert out.split() == ["received", "kept"], out
+    assert ctx.daemon.channel("jms-unix")["deliveries_out"] == 1
