@@ -16,9 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cproton_ffi import lib
-from proton import Delivery, Endpoint, Event, Message
+from proton import (
+    UNDESCRIBED,
+    Array,
+    Data,
+    Delivery,
+    Described,
+    Endpoint,
+    Event,
+    Message,
+    symbol,
+    ulong,
+)
 
 from connector.channels.framing import HEADER_SIZE, HeaderScanner
+from connector.routing.attach_frames import AttachWriter, LinkExtras
 from connector.routing.engine import Engine, read_condition
 from connector.routing.router import RouterState
 from tests.support.routing import Harness
@@ -195,6 +207,32 @@ def record_stream(script: Callable[[Harness], None], *, sasl: bool = False) -> b
     script(h)
     h.pump()
     return bytes(tap.out)
+
+
+# The attach fields proton cannot send, as a Qpid JMS guest would send them.
+LINK_EXTRAS = LinkExtras(
+    offered=Array(UNDESCRIBED, Data.SYMBOL, symbol("SHARED-SUBS")),
+    desired=Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY")),
+    default_outcome=Described(ulong(0x26), []),
+)
+
+
+def with_link_extras(stream: bytes, links: list[tuple[str, bool]]) -> bytes:
+    """``stream`` with the attach frames of ``links`` (name, receiver?) carrying
+    ``LINK_EXTRAS``, written by the connector's own attach writer."""
+    writer = AttachWriter()
+    for key in links:
+        writer.complete(key, LINK_EXTRAS)
+    out = bytearray()
+    view = memoryview(stream)
+    while view:
+        n = writer.sendable(view, lambda size, whole=view: bytes(whole[:size]))
+        if n == 0:
+            break
+        out += writer.staged if n < 0 else view[:n]
+        view = view[abs(n) :]
+        writer.popped(abs(n))
+    return bytes(out)
 
 
 def full_session(h: Harness) -> None:

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from connector.routing.attach_frames import AttachReader
 from tests.reliability import amqp, rig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,9 +45,15 @@ FUZZ_SETTINGS = settings(
 
 
 @cache
-def seeds() -> tuple[bytes, bytes]:
-    """The recorded guest streams: plain AMQP and AMQP after SASL ANONYMOUS."""
-    return rig.record_stream(rig.full_session), rig.record_stream(rig.full_session, sasl=True)
+def seeds() -> tuple[bytes, bytes, bytes]:
+    """The recorded guest streams: plain AMQP, AMQP after SASL ANONYMOUS, and plain AMQP
+    whose attaches carry the fields proton drops (so mutations reach that decoding)."""
+    plain = rig.record_stream(rig.full_session)
+    return (
+        plain,
+        rig.record_stream(rig.full_session, sasl=True),
+        rig.with_link_extras(plain, [("rec-snd", False), ("rec-rcv", True)]),
+    )
 
 
 @cache
@@ -112,7 +119,7 @@ def _hostile(data: bytes, chunk: int) -> None:
 
 @FUZZ_SETTINGS
 @given(
-    which=st.sampled_from([0, 1]),
+    which=st.sampled_from([0, 1, 2]),
     mutations=st.lists(mutation, min_size=1, max_size=6),
     chunk=st.integers(min_value=1, max_value=4096),
 )
@@ -167,6 +174,9 @@ def test_seeds_are_valid_streams() -> None:
         assert result.condition is None, result
         assert h.broker_received == 3
         assert h.counters.deliveries_out == 2
+    reader = AttachReader()  # the fields are there to mutate
+    reader.feed(seeds()[2])
+    assert list(reader.found.values()) == [rig.LINK_EXTRAS, rig.LINK_EXTRAS]
 
 
 def test_atheris(tmp_path: Path) -> None:
