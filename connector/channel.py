@@ -287,7 +287,8 @@ class Channel:
     def _on_guest_readable(self) -> None:
         # A pty hands out at most about 4 KiB per read, so one read per wakeup would cost a
         # whole pump per three or four messages: read until the fd is empty (bounded, so
-        # one flooding guest cannot hold the loop) and pump once.
+        # one flooding guest cannot hold the loop) and pump once. A socket's short read
+        # already says it is empty.
         now = time.monotonic()
         self._silence = now - self._last_read
         self._last_read = now
@@ -307,6 +308,8 @@ class Channel:
                 break
             chunks.append(data)
             total += len(data)
+            if self._sock is not None and len(data) < IO_CHUNK:
+                break  # a socket hands over all it has: it is empty now, skip the EAGAIN read
         if chunks:
             self._guest_bytes(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if eof is not None and self._fd is not None:
