@@ -17,7 +17,8 @@ import cffi
 import cproton_ffi
 from cproton_ffi import ffi, lib
 
-from .attach_frames import AttachReader, AttachWriter, LinkExtras, LinkKey
+from .echo import EchoAnswers
+from .frames import FrameReader, FrameWriter, LinkExtras, LinkKey
 
 # Proton's input buffer starts at 8 KiB and grows; we read in larger chunks and push them in
 # a loop. 64 KiB keeps a 1 KiB-message stream to a handful of syscalls per hundred messages.
@@ -65,8 +66,7 @@ class Engine:
     """A proton transport bound to a connection, driven by pushing and pulling bytes."""
 
     __slots__ = (
-        "_attach_in",
-        "_attach_out",
+        "_echo",
         "_outbuf",
         "_outfull",
         "_outptr",
@@ -74,7 +74,9 @@ class Engine:
         "collector",
         "connection",
         "is_server",
+        "reader",
         "transport",
+        "writer",
     )
 
     def __init__(
@@ -105,9 +107,11 @@ class Engine:
         self._outview = memoryview(self._outbuf)
         self._outptr = ffi.from_buffer(self._outbuf)  # proton copies pending output here
         self._outfull = _OUTPUT_INITIAL  # the most pending output seen: proton's buffer size
-        # The attach fields proton drops: read from the peer's bytes, written into ours.
-        self._attach_in = AttachReader()
-        self._attach_out = AttachWriter()
+        # What proton's engine leaves undone (frames.py): the attach fields it drops, read
+        # from the peer's bytes and written into ours, and answers to the peer's flow echo.
+        self.reader = FrameReader()
+        self.writer = FrameWriter()
+        self._echo = EchoAnswers()
 
     # -- configuration -------------------------------------------------------------------
 
@@ -162,7 +166,8 @@ class Engine:
         total = len(data)
         if not total:
             return 0
-        self._attach_in.feed(data)
+        reader = self.reader
+        reader.feed(data)
         buf = ffi.from_buffer(data)
         done = 0
         while done < total:
@@ -170,6 +175,8 @@ class Engine:
             if n <= 0:
                 break
             done += n
+        if reader.flows:  # the peer asked for an echo, or moved a link that owes one
+            self._echo.note_peer_flows(self)
         return done
 
     @property
@@ -188,27 +195,41 @@ class Engine:
     def output_pending(self) -> int:
         """Bytes proton wants written; negative once the output side is closed for good."""
         n = lib.pn_transport_pending(self.transport)
-        out = self._attach_out
-        return n + len(out.staged) - out.staged_pos if out.staged else n
+        out = self.writer
+        if n < 0 or not (out.staged or out.edits):
+            return n
+        n += len(out.staged) - out.staged_pos
+        return n + sum(len(new) - size for _, size, new in out.edits)
 
     def peek_output(self) -> memoryview:
         """Up to ``IO_CHUNK`` bytes of pending output, valid until the next call."""
-        out = self._attach_out
+        out = self.writer
         if out.staged:
             return memoryview(out.staged)[out.staged_pos :]
+        if self._echo.due:
+            self._echo.answer(self)
         n = lib.pn_transport_pending(self.transport)
-        if n <= 0:
+        if n < 0:
             return self._outview[:0]
-        n = min(n, IO_CHUNK)
-        got = lib.pn_transport_peek(self.transport, self._outptr, n)
-        if got < 0:
+        if n:
+            n = min(n, IO_CHUNK)
+            if lib.pn_transport_peek(self.transport, self._outptr, n) < 0:
+                return self._outview[:0]
+            ok = out.sendable(self._outview[:n], self._peek_frame)
+            if ok:
+                return self._outview[:ok]
+        edit = out.head_edit()
+        if edit is None:
             return self._outview[:0]
-        ok = out.sendable(self._outview[:n], self._peek_frame)
-        if ok < 0:  # an attach of ours was rewritten with the fields proton drops
-            lib.pn_transport_pop(self.transport, -ok)
-            out.popped(-ok)
-            return memoryview(out.staged)
-        return self._outview[:ok]
+        # An attach of ours completed with the fields proton drops (it replaces proton's
+        # frame), or a frame of ours put in (an echo answer).
+        size, new = edit
+        if size:
+            lib.pn_transport_pop(self.transport, size)
+            out.popped(size)
+        out.staged = new
+        out.staged_pos = 0
+        return memoryview(new)
 
     def _peek_frame(self, size: int) -> bytes | None:
         """``size`` bytes of pending output, more than a peek holds (a large attach)."""
@@ -225,7 +246,7 @@ class Engine:
 
     def pop_output(self, n: int) -> None:
         """``n`` bytes of the peeked output were written."""
-        out = self._attach_out
+        out = self.writer
         if out.staged:
             out.staged_pos += n
             if out.staged_pos >= len(out.staged):
@@ -234,22 +255,27 @@ class Engine:
         lib.pn_transport_pop(self.transport, n)
         out.popped(n)
 
+    def output_hidden(self, pending: int) -> bool:
+        """Whether frames proton produced may sit out of sight behind ``pending`` bytes of
+        output: its output buffer is as full as it has ever been (see ``OUTPUT_FULL``)."""
+        return pending >= self._outfull
+
     # -- the attach fields proton drops --------------------------------------------------
 
     def peer_attach_extras(self, key: LinkKey) -> LinkExtras | None:
         """What the peer's attach for ``key`` said in the fields proton does not decode."""
-        return self._attach_in.take(key)
+        return self.reader.take(key)
 
     def complete_attach(self, key: LinkKey, extras: LinkExtras) -> None:
         """Put ``extras`` into our attach for ``key`` when proton writes it."""
-        self._attach_out.complete(key, extras)
+        self.writer.complete(key, extras)
 
     def backlog(self) -> int:
         """Bytes waiting to go to the peer: framed output plus message bytes that proton
         holds in sessions until the peer's window opens, or ``OUTPUT_FULL`` while proton's
         output buffer is full (more may be hidden behind it). Backpressure watches this."""
         total = lib.pn_transport_pending(self.transport)
-        if total >= self._outfull:
+        if self.output_hidden(total):
             # The buffer is at the largest size it has had: full, or just grown because it
             # was full. (Equal by chance costs one pause until the next write drains it.)
             self._outfull = total

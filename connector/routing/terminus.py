@@ -6,7 +6,7 @@ dynamic-node-properties, distribution-mode, filter, outcomes, capabilities, and 
 coordinator type with its capabilities), both settle modes, link properties and
 max-message-size. Proton 0.40's engine neither decodes nor writes the attach's link-level
 offered and desired capabilities, nor the source's default-outcome; the engines read those
-from the peer's attach frame and write them into ours (``attach_frames``).
+from the peer's attach frame and write them into ours (``frames``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 from connector.guest.client import AmqpError, Disconnected, LinkRefused
-from connector.routing.attach_frames import LinkExtras
+from connector.routing.frames import LinkExtras
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
 from tests.support.attach_peer import AttachPeer
 from tests.support.connector import Routed, routed, wait_for

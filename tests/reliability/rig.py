@@ -30,8 +30,8 @@ from proton import (
 )
 
 from connector.channels.framing import HEADER_SIZE, HeaderScanner
-from connector.routing.attach_frames import AttachWriter, LinkExtras
 from connector.routing.engine import Engine, read_condition
+from connector.routing.frames import FrameWriter, LinkExtras
 from connector.routing.router import RouterState
 from tests.support.routing import Harness
 
@@ -220,18 +220,23 @@ LINK_EXTRAS = LinkExtras(
 def with_link_extras(stream: bytes, links: list[tuple[str, bool]]) -> bytes:
     """``stream`` with the attach frames of ``links`` (name, receiver?) carrying
     ``LINK_EXTRAS``, written by the connector's own attach writer."""
-    writer = AttachWriter()
+    writer = FrameWriter()
     for key in links:
         writer.complete(key, LINK_EXTRAS)
     out = bytearray()
     view = memoryview(stream)
     while view:
         n = writer.sendable(view, lambda size, whole=view: bytes(whole[:size]))
-        if n == 0:
+        edit = None if n else writer.head_edit()
+        if edit is not None:
+            n, new = edit
+            out += new
+        elif n:
+            out += view[:n]
+        else:
             break
-        out += writer.staged if n < 0 else view[:n]
-        view = view[abs(n) :]
-        writer.popped(abs(n))
+        view = view[n:]
+        writer.popped(n)
     return bytes(out)
 
 

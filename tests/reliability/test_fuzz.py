@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from connector.routing.attach_frames import AttachReader
+from connector.routing.frames import FrameReader
 from tests.reliability import amqp, rig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -174,7 +174,7 @@ def test_seeds_are_valid_streams() -> None:
         assert result.condition is None, result
         assert h.broker_received == 3
         assert h.counters.deliveries_out == 2
-    reader = AttachReader()  # the fields are there to mutate
+    reader = FrameReader()  # the fields are there to mutate
     reader.feed(seeds()[2])
     assert list(reader.found.values()) == [rig.LINK_EXTRAS, rig.LINK_EXTRAS]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from cproton_ffi import ffi, lib
 
-from connector.routing.attach_frames import LinkExtras
 from connector.routing.engine import Engine
+from connector.routing.frames import LinkExtras
 
 
 class AttachPeer:

@@ -12,8 +12,8 @@ import pytest
 from cproton_ffi import lib
 from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, symbol, ulong
 
-from connector.routing.attach_frames import AttachReader, LinkExtras
 from connector.routing.engine import IO_CHUNK, Engine
+from connector.routing.frames import FrameReader, LinkExtras
 
 DELAYED = Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY"))
 SHARED = Array(UNDESCRIBED, Data.SYMBOL, symbol("SHARED-SUBS"))
@@ -91,7 +91,7 @@ def test_an_attach_larger_than_a_peek_is_completed() -> None:
 
 
 def _read(stream: bytes, cuts: list[int]) -> dict[Any, LinkExtras]:
-    reader = AttachReader()
+    reader = FrameReader()
     last = 0
     for cut in [*cuts, len(stream)]:
         reader.feed(memoryview(stream)[last:cut])

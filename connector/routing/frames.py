@@ -1,0 +1,467 @@
+"""The frame-level work proton 0.40's engine leaves undone, done on the bytes around it.
+
+Two things a router must carry that proton's engine cannot:
+
+- **Attach fields it drops.** Proton neither decodes nor encodes a link's offered- and
+  desired-capabilities, nor its source's default-outcome (``pn_do_attach`` skips them and the
+  attach it writes has nulls there). Clients use them: Qpid JMS asks for
+  ``DELAYED_DELIVERY`` and ``SHARED-SUBS`` through desired-capabilities, and a broker says
+  what a link supports through offered-capabilities.
+- **Flow echo.** A peer may set ``echo`` on a flow to ask for our link's flow state. Proton
+  ignores the flag and has no call that sends a flow for a given link, so it never answers.
+
+So each engine walks the bytes on both sides of proton:
+
+- :class:`FrameReader` walks what the peer sends, before proton sees it. It keeps the
+  dropped attach fields of each attach that has any, which link each of the peer's
+  (channel, handle) pairs names, and the flows that ask for an echo;
+- :class:`FrameWriter` walks what proton writes. It knows which (channel, handle) each of
+  our links has, re-encodes an attach it has been asked to complete, and puts extra frames
+  (our echo answers, built in ``echo.py``) at a given place in proton's output.
+
+Only frame headers are read (a size, a data offset, a type and a channel, as in AMQP 1.0
+§2.3), plus the two bytes that tell a flow's field count. The few frames that matter
+(attach, detach, end, and a flow that may carry echo) are decoded and encoded by proton's
+own codec (``Data``). Every other frame is skipped by its size, so the walk costs a few
+bytecodes per frame on the message path.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from proton import Data, Described, ulong
+
+# Performatives (AMQP 1.0 §2.7), by the code of their descriptor.
+ATTACH = 0x12
+FLOW = 0x13
+_TRANSFER = 0x14
+_DISPOSITION = 0x15
+DETACH = 0x16
+END = 0x17
+_DESCRIPTORS = {code: ulong(code) for code in (ATTACH, FLOW, DETACH, END)}
+# Positions in the attach, flow and source lists (§2.7.3, §2.7.4, §3.5.3).
+_NAME = 0
+_HANDLE = 1
+_ROLE = 2
+_SOURCE = 5
+_OFFERED = 11
+_DESIRED = 12
+_DEFAULT_OUTCOME = 8
+_SOURCE_DESCRIPTOR = ulong(0x28)
+FLOW_HANDLE = 4
+FLOW_DELIVERY_COUNT = 5
+FLOW_LINK_CREDIT = 6
+FLOW_DRAIN = 8
+_FLOW_ECHO = 9
+# A frame header: size (4 bytes), data offset in 4-byte words, type (0 for AMQP), channel.
+_HEADER = 8
+_frame_header = struct.Struct(">IBBH").unpack_from
+# A flow body: the descriptor (3 bytes), then its list: list0 (0x45, no fields), list8
+# (0xc0, size and count one byte each) or list32 (0xd0, four bytes each).
+_LIST8 = 0xC0
+_LIST32 = 0xD0
+_FLOW_TELLS = 12  # body bytes enough to read any flow's field count
+# Protocol headers ("AMQP" and 4 version bytes) come first and again after SASL; at a frame
+# boundary they read as a frame of 0x414D5150 bytes, which no frame size limit allows.
+_PROTOCOL = int.from_bytes(b"AMQP", "big")
+# The most bytes it can take to tell a frame of interest from its start: a header of 255
+# words and the first bytes of a flow body.
+_TELLS = 255 * 4 + _FLOW_TELLS
+# An attach is a few hundred bytes; one with kilobytes of filters or properties still fits.
+# A bigger frame is left as proton wrote it (proton itself refuses what exceeds
+# max-frame-size).
+MAX_DECODED = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LinkExtras:
+    """The attach fields proton drops, as proton's codec decodes them (None: absent)."""
+
+    offered: Any = None
+    desired: Any = None
+    default_outcome: Any = None
+
+
+LinkKey = tuple[str, bool]  # (link name, role: True for a receiver), as in the attach frame
+Where = tuple[int, int]  # (channel, handle) of a link, in one direction
+
+
+class PeerFlow(NamedTuple):
+    """A flow the peer sent for a link, decoded."""
+
+    where: Where
+    delivery_count: int  # 0 when absent, as proton takes it
+    link_credit: int
+    echo: bool
+
+
+def _next_frame(buf: Any, pos: int, end: int, every_flow: bool) -> tuple[int, int]:
+    """Walk whole frames from the boundary at ``pos``: (start, size) of the first frame of
+    interest, or (boundary, 0) where the walk stopped: at or past ``end``, or before ``end``
+    at a frame whose start is too short to tell.
+
+    Of interest: attach, detach, end, and a flow that may carry echo (more than nine
+    fields), or every flow when ``every_flow``. The message path: a struct unpack and a few
+    comparisons per frame. A body starts with a descriptor that proton and every peer we
+    know write as the smallulong ``00 53 xx``; a peer writing the 8-byte or the symbolic
+    form would just not have its attach fields carried nor its echo answered.
+    """
+    while pos < end:
+        if end - pos < _HEADER:
+            return pos, 0
+        size, doff, ftype, _ = _frame_header(buf, pos)
+        if size == _PROTOCOL:
+            pos += _HEADER
+            continue
+        if size < _HEADER:  # not a frame: proton ends the connection; stop walking this read
+            return end, 0
+        body = pos + 4 * doff
+        if ftype == 0 and size > 4 * doff:  # an AMQP frame with a body, not a heartbeat
+            if body + 3 > end:
+                return pos, 0
+            code = buf[body + 2]
+            # Transfers and dispositions, nearly every frame, leave at the first test.
+            if _TRANSFER <= code <= _DISPOSITION or buf[body + 1] != 0x53 or buf[body]:
+                pos += size
+                continue
+            if code == FLOW and not every_flow:
+                if body + _FLOW_TELLS > end and pos + size > end:
+                    return pos, 0
+                if _flow_fields(buf, body + 3) > _FLOW_ECHO:
+                    return pos, size
+            elif code in _DESCRIPTORS:
+                return pos, size
+        pos += size
+    return pos, 0
+
+
+def _flow_fields(buf: Any, at: int) -> int:
+    """How many fields a flow's list has, from its constructor at ``at``."""
+    kind = buf[at]
+    if kind == _LIST8:
+        return buf[at + 2]
+    if kind == _LIST32:
+        return int.from_bytes(buf[at + 5 : at + 9], "big")
+    return 0
+
+
+def channel_of(frame: Any) -> int:
+    """The channel a whole frame travels on."""
+    return _frame_header(frame, 0)[3]
+
+
+def decode(frame: Any) -> tuple[int, list[Any]] | None:
+    """(performative code, fields) of a whole frame, or None if proton cannot decode it as
+    one of the performatives walked here (proton's own decoding of the same frame then ends
+    the connection with the error)."""
+    data = Data()
+    try:
+        data.decode(bytes(frame[4 * frame[4] :]))
+        data.rewind()
+        data.next()
+        described = data.get_object()
+    except Exception:  # proton's codec raises several error types; all mean "undecodable"
+        return None
+    if not isinstance(described, Described) or not isinstance(described.value, list):
+        return None
+    code = int(described.descriptor) if isinstance(described.descriptor, ulong) else -1
+    if _DESCRIPTORS.get(code) is None:
+        return None
+    return code, described.value
+
+
+def encode(code: int, channel: int, fields: list[Any]) -> bytes:
+    """A whole AMQP frame on ``channel`` carrying performative ``code`` with ``fields``."""
+    data = Data()
+    data.put_object(Described(_DESCRIPTORS[code], fields))
+    body = data.encode()
+    header = (_HEADER + len(body)).to_bytes(4, "big") + bytes((2, 0)) + channel.to_bytes(2, "big")
+    return header + body
+
+
+def _handle(fields: list[Any], index: int) -> int | None:
+    value = _field(fields, index)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class _LinkTable:
+    """Which link each (channel, handle) of one direction names, kept from the attach,
+    detach and end frames of that direction, so it is exact and as large as the live links."""
+
+    __slots__ = ("by_key", "by_where")
+
+    def __init__(self) -> None:
+        self.by_where: dict[Where, LinkKey] = {}
+        self.by_key: dict[LinkKey, Where] = {}
+
+    def note(self, code: int, channel: int, fields: list[Any]) -> None:
+        if code == ATTACH:
+            handle = _handle(fields, _HANDLE)
+            if handle is None or not isinstance(fields[_NAME], str) or len(fields) <= _ROLE:
+                return
+            key = (fields[_NAME], bool(fields[_ROLE]))
+            self._forget((channel, handle))
+            self.by_where[(channel, handle)] = key
+            self.by_key[key] = (channel, handle)
+        elif code == DETACH:
+            handle = _handle(fields, 0)
+            if handle is not None:
+                self._forget((channel, handle))
+        elif code == END:
+            for where in [w for w in self.by_where if w[0] == channel]:
+                self._forget(where)
+
+    def _forget(self, where: Where) -> None:
+        key = self.by_where.pop(where, None)
+        if key is not None and self.by_key.get(key) == where:
+            del self.by_key[key]
+
+
+class FrameReader:
+    """Walks a peer's bytes: the dropped attach fields, the peer's links, its echo flows."""
+
+    __slots__ = ("_held", "_skip", "every_flow", "flows", "found", "links")
+
+    def __init__(self) -> None:
+        self._skip = 0  # bytes of the current frame still to pass
+        self._held = bytearray()  # the start of a frame split across reads
+        self.found: dict[LinkKey, LinkExtras] = {}
+        self.links = _LinkTable()
+        # Flows that ask for an echo; every flow while ``every_flow`` is set (an echo
+        # answer is due, and the peer's later flows change what it must say).
+        self.flows: list[PeerFlow] = []
+        self.every_flow = False
+
+    def feed(self, data: Any) -> None:
+        """Walk bytes the peer sent (call before pushing them into proton)."""
+        end = len(data)
+        pos = self._feed_held(data) if self._held else self._skip
+        while pos < end:
+            pos, size = _next_frame(data, pos, end, self.every_flow)
+            if not size:
+                if pos < end:  # a frame start split across reads
+                    self._held += data[pos:]
+                    pos = end
+                break
+            if size > MAX_DECODED:
+                pos += size
+            elif pos + size > end:  # a frame of interest split across reads
+                self._held += data[pos:]
+                pos = end
+            else:
+                self._keep(data[pos : pos + size])
+                pos += size
+        self._skip = pos - end
+
+    def _feed_held(self, data: Any) -> int:
+        """Complete the frame start held from the last read; the offset in ``data`` after
+        that frame (past the end when it goes on)."""
+        held = self._held
+        had = len(held)
+        joined = held + data[:_TELLS]
+        pos, size = _next_frame(joined, 0, len(joined), self.every_flow)
+        if pos == 0 and not size:  # still too short to tell
+            held += data
+            return len(data)
+        if pos == 0 and size <= MAX_DECODED:  # a frame of interest
+            if had + len(data) < size:
+                held += data
+                return len(data)
+            self._keep(held + data[: size - had])
+        self._held = bytearray()
+        size = _frame_header(joined, 0)[0]
+        # (Not a frame at all: proton ends the connection; walk on from here.)
+        return max(_HEADER if size == _PROTOCOL else size, had) - had
+
+    def _keep(self, frame: Any) -> None:
+        decoded = decode(frame)
+        if decoded is None:
+            return
+        code, fields = decoded
+        if code == FLOW:
+            self._flow(channel_of(frame), fields)
+            return
+        self.links.note(code, channel_of(frame), fields)
+        if code != ATTACH or len(fields) <= _ROLE or not isinstance(fields[_NAME], str):
+            return
+        if len(fields) <= _OFFERED and not _source_outcome(fields):
+            return
+        extras = LinkExtras(
+            offered=_field(fields, _OFFERED),
+            desired=_field(fields, _DESIRED),
+            default_outcome=_source_outcome(fields),
+        )
+        if extras != LinkExtras():
+            self.found[(fields[_NAME], bool(fields[_ROLE]))] = extras
+
+    def _flow(self, channel: int, fields: list[Any]) -> None:
+        handle = _handle(fields, FLOW_HANDLE)
+        if handle is None:
+            return  # a session's flow: echo asks for link state, so there is none to give
+        echo = bool(_field(fields, _FLOW_ECHO))
+        self.flows.append(
+            PeerFlow(
+                (channel, handle),
+                int(_field(fields, FLOW_DELIVERY_COUNT) or 0),
+                int(_field(fields, FLOW_LINK_CREDIT) or 0),
+                echo,
+            )
+        )
+        if echo:
+            self.every_flow = True
+
+    def take(self, key: LinkKey) -> LinkExtras | None:
+        """The dropped fields of the peer's attach for ``key``, once."""
+        return self.found.pop(key, None) if self.found else None
+
+
+class FrameWriter:
+    """Walks the bytes proton writes: completes the attach frames it was asked to, keeps
+    which (channel, handle) each of our links has, and puts extra frames in.
+
+    Positions are counted in proton's output from its head (what the next peek returns
+    first), before any of these edits.
+    """
+
+    __slots__ = ("_next", "edits", "links", "pending", "staged", "staged_pos")
+
+    def __init__(self) -> None:
+        self._next = 0  # where the next unexamined frame starts
+        self.pending: dict[LinkKey, LinkExtras] = {}
+        self.links = _LinkTable()
+        # (position, proton bytes replaced, bytes to send instead), in position order.
+        self.edits: list[tuple[int, int, bytes]] = []
+        # An edit being sent; replaced, never resized, because a caller may still hold a
+        # view of it.
+        self.staged = b""
+        self.staged_pos = 0
+
+    def complete(self, key: LinkKey, extras: LinkExtras) -> None:
+        """Fill in ``extras`` when our attach for ``key`` goes out."""
+        self.pending[key] = extras
+
+    def insert(self, frame: bytes, at: int) -> None:
+        """Send ``frame`` after the first ``at`` bytes of proton's output (at or after every
+        other edit)."""
+        self.edits.append((at, 0, frame))
+
+    def sendable(self, out: Any, more: Any) -> int:
+        """How much of ``out`` (proton's output head) may go out as it is: up to the next
+        edit or the first frame not yet examined in whole. ``more(n)`` returns ``n`` bytes
+        of proton's output, or None, for a frame of interest longer than ``out``."""
+        self.scan(out, more)
+        edge = min(self._next, len(out))
+        return min(self.edits[0][0], edge) if self.edits else edge
+
+    def head_edit(self) -> tuple[int, bytes] | None:
+        """Take the edit due at the head of proton's output, if there is one: (how many of
+        proton's bytes it replaces, the bytes to send instead)."""
+        if not self.edits or self.edits[0][0]:
+            return None
+        _, size, new = self.edits.pop(0)
+        return size, new
+
+    def scan(self, out: Any, more: Any, frames: list[tuple[int, Any]] | None = None) -> None:
+        """Examine the frames of ``out`` not yet examined. With ``frames``, every frame
+        walked is added to it as (position, the frame for a flow, else (its code, channel))."""
+        end = len(out)
+        pos = self._next
+        every = frames is not None
+        while pos < end:
+            if every:
+                at, size = _next_any(out, pos, end)
+            else:
+                at, size = _next_frame(out, pos, end, False)
+            if not size:
+                pos = at
+                break
+            if size > MAX_DECODED:
+                pos = at + size
+                continue
+            if at + size <= end:
+                frame = out[at : at + size]
+            elif at == 0:
+                frame = more(size)
+            else:
+                frame = None
+            if frame is None:
+                pos = at
+                break
+            self._examine(at, frame, frames)
+            pos = at + size
+        self._next = pos
+
+    def _examine(self, at: int, frame: Any, frames: list[tuple[int, Any]] | None) -> None:
+        code = frame[4 * frame[4] + 2] if len(frame) > 4 * frame[4] + 2 else -1
+        if frames is not None:
+            frames.append((at, bytes(frame) if code == FLOW else (code, channel_of(frame))))
+        if code not in (ATTACH, DETACH, END):
+            return
+        decoded = decode(frame)
+        if decoded is None:
+            return
+        code, fields = decoded
+        self.links.note(code, channel_of(frame), fields)
+        if code == ATTACH and self.pending:
+            extras = self.pending.pop((fields[_NAME], bool(fields[_ROLE])), None)
+            if extras is not None:
+                self.edits.append((at, len(frame), _completed(frame, fields, extras)))
+                self.edits.sort(key=lambda edit: edit[0])
+
+    def popped(self, n: int) -> None:
+        """``n`` of proton's output bytes went out (or were replaced)."""
+        self._next -= n
+        if self.edits:
+            self.edits = [(at - n, size, new) for at, size, new in self.edits]
+
+
+def _next_any(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    """(start, size) of the next whole AMQP frame with a body, as ``_next_frame``."""
+    while pos < end:
+        if end - pos < _HEADER:
+            return pos, 0
+        size, doff, ftype, _ = _frame_header(buf, pos)
+        if size == _PROTOCOL:
+            pos += _HEADER
+            continue
+        if size < _HEADER:
+            return end, 0
+        if ftype == 0 and size > 4 * doff:
+            if pos + 4 * doff + 3 > end:
+                return pos, 0
+            return pos, size
+        pos += size
+    return pos, 0
+
+
+def _completed(frame: Any, fields: list[Any], extras: LinkExtras) -> bytes:
+    """Our attach ``frame`` re-encoded with the fields proton dropped."""
+    fields.extend([None] * (_DESIRED + 1 - len(fields)))
+    fields[_OFFERED] = extras.offered
+    fields[_DESIRED] = extras.desired
+    source = fields[_SOURCE]
+    if extras.default_outcome is not None and isinstance(source, Described):
+        terms = list(source.value)
+        terms.extend([None] * (_DEFAULT_OUTCOME + 1 - len(terms)))
+        terms[_DEFAULT_OUTCOME] = extras.default_outcome
+        fields[_SOURCE] = Described(source.descriptor, terms)
+    data = Data()
+    data.put_object(Described(_DESCRIPTORS[ATTACH], fields))
+    body = data.encode()
+    head = 4 * frame[4]
+    return (head + len(body)).to_bytes(4, "big") + bytes(frame[4:head]) + body
+
+
+def _field(fields: list[Any], index: int) -> Any:
+    return fields[index] if len(fields) > index else None
+
+
+def _source_outcome(fields: list[Any]) -> Any:
+    """The source's default-outcome, if the attach has a source that names one."""
+    source = _field(fields, _SOURCE)
+    if not isinstance(source, Described) or source.descriptor != _SOURCE_DESCRIPTOR:
+        return None
+    return _field(source.value, _DEFAULT_OUTCOME) if isinstance(source.value, list) else None
