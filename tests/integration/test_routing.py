@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cproton_ffi import ffi, lib
 from proton import UNDESCRIBED, Array, Data, Described, Message, symbol, ulong
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
@@ -21,7 +22,7 @@ from proton.reactor import Container
 from connector.guest.client import AmqpError, Disconnected, LinkRefused
 from connector.routing.frames import LinkExtras
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
-from tests.support.attach_peer import AttachPeer
+from tests.support.attach_peer import AttachPeer, link_flows
 from tests.support.connector import Routed, routed, wait_for
 
 pytestmark = pytest.mark.broker
@@ -210,6 +211,48 @@ def test_link_capabilities_and_default_outcome_cross_both_ways(ctx: Routed) -> N
         assert echoed is not None and echoed.default_outcome == released
     finally:
         peer.close()
+
+
+def test_a_guests_echo_is_answered_with_the_links_end_to_end_state(ctx: Routed) -> None:
+    # A flow with echo asks the connector for its end of the link's state; proton alone
+    # never answers. The credit in the answer is what the broker granted, and the link
+    # goes on consistently afterwards: exactly the messages the credit allows arrive.
+    queue = _queue("echo")
+    with ctx.client("unix") as guest:
+        guest.send(queue, [f"e{i}" for i in range(10)])
+    peer = AttachPeer(ctx.channels["unix"].fd(), "echo-guest")
+    try:
+        rcv, _ = peer.attach("r", queue, sending=False, extras=LinkExtras())
+        lib.pn_link_flow(rcv, 4)
+        peer.pump_until(lambda: lib.pn_link_queued(rcv) == 4, TIMEOUT)
+        peer.ask_echo(rcv, incoming=4, outgoing=0, delivery_count=4, credit=0)
+        peer.pump_until(lambda: link_flows(peer.received), TIMEOUT)
+        (answer,) = link_flows(peer.received)
+        assert answer["delivery-count"] == 4 and answer["link-credit"] == 0
+        lib.pn_link_flow(rcv, 6)
+        peer.pump_until(lambda: lib.pn_link_queued(rcv) == 10, TIMEOUT)
+
+        snd, _ = peer.attach("s", _queue("echo-in"), sending=True, extras=LinkExtras())
+        peer.pump_until(lambda: lib.pn_link_credit(snd) > 3, TIMEOUT)
+        granted = lib.pn_link_credit(snd)
+        sent = []
+        for i in range(3):
+            tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"%d" % i)})
+            sent.append(lib.pn_delivery(snd, tag[0]))
+            body = bytes(Message(body=f"s{i}").encode())
+            lib.pn_link_send(snd, body, len(body))
+            lib.pn_link_advance(snd)
+        peer.pump_until(lambda: all(lib.pn_delivery_remote_state(d) for d in sent), TIMEOUT)
+        before = len(link_flows(peer.received))  # the connector's grants so far
+        peer.ask_echo(snd, incoming=10, outgoing=3, delivery_count=3, credit=granted - 3)
+        peer.pump_until(lambda: len(link_flows(peer.received)) > before, TIMEOUT)
+        answer = link_flows(peer.received)[-1]
+        assert answer["delivery-count"] == 3 and answer["link-credit"] == lib.pn_link_credit(snd)
+        assert answer["link-credit"] >= granted - 3
+    finally:
+        peer.close()
+    with ctx.client("unix") as guest:  # never settled, so the broker still has all ten
+        assert sorted(m.body for m in guest.receive(queue, 10)) == [f"e{i}" for i in range(10)]
 
 
 def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:

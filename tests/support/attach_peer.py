@@ -1,25 +1,39 @@
-"""A minimal AMQP peer over any file descriptor that attaches one link with the attach fields
-proton's Python API cannot set (link offered/desired capabilities, a source's default
-outcome) and reports what the other side's attach said in them.
+"""A minimal AMQP peer over any file descriptor for what proton's Python API cannot do: it
+attaches links with the attach fields proton drops (link offered/desired capabilities, a
+source's default outcome) and reports what the other side's attach said in them, and it
+sends flows that ask for an echo.
 
 It is the routing core's own ``Engine`` driven with ``select``: the fields go out through
-the engine's attach writer and come back through its attach reader. The point of the tests
+the engine's frame writer and come back through its frame reader. The point of the tests
 that use it is what the far side does with them: Artemis only offers ``DELAYED_DELIVERY`` on
-a link whose attach desired it.
+a link whose attach desired it; the connector answers an echo with the link's state.
+Proton's frame tracer records every frame the peer receives (``received``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import time
 from typing import Any
 
 from cproton_ffi import ffi, lib
+from proton import Transport, uint
 
 from connector.routing.engine import Engine
-from connector.routing.frames import LinkExtras
+from connector.routing.frames import FLOW, LinkExtras, encode
+
+_WINDOW = uint(2**31 - 1)
+
+
+def link_flows(lines: list[str]) -> list[dict[str, Any]]:
+    """The link flows among frames traced by proton (``<- @flow(19) [... handle=0x0 ...]``),
+    each as its fields, numbers as ints."""
+    found = (re.findall(r"([a-z-]+)=(\w+)", line) for line in lines if "@flow" in line)
+    flows = [{k: int(v, 0) if v[0].isdigit() else v for k, v in fields} for fields in found]
+    return [flow for flow in flows if "handle" in flow]
 
 
 class AttachPeer:
@@ -39,6 +53,10 @@ class AttachPeer:
         lib.pn_connection_open(conn)
         self._session = lib.pn_session(conn)
         lib.pn_session_open(self._session)
+        self.received: list[str] = []  # the frames that came in, as proton's tracer shows them
+        traced = Transport.wrap(self.engine.transport)
+        traced.tracer = lambda _t, line: self.received.append(line) if "<-" in line else None
+        traced.trace(Transport.TRACE_FRM)
 
     def attach(
         self,
@@ -59,6 +77,22 @@ class AttachPeer:
         lib.pn_link_open(link)
         self.pump_until(lambda: lib.pn_link_state(link) & lib.PN_REMOTE_ACTIVE, timeout)
         return link, self.engine.peer_attach_extras((name, sending))
+
+    def ask_echo(
+        self, link: Any, *, incoming: int, outgoing: int, delivery_count: int, credit: int
+    ) -> None:
+        """Send a flow for ``link`` that asks for an echo, with the session and link fields
+        given (proton cannot send one: the caller counts the transfers each way)."""
+        key = (ffi.string(lib.pn_link_name(link)).decode(), bool(lib.pn_link_is_receiver(link)))
+        channel, handle = self.engine.writer.links.by_key[key]
+        fields = [
+            uint(incoming), _WINDOW, uint(outgoing), _WINDOW,
+            uint(handle), uint(delivery_count), uint(credit), None, False, True,
+        ]  # fmt: skip
+        while out := self.engine.peek_output():  # what proton has written goes first
+            self.engine.pop_output(os.write(self._fd, out))
+        frame = encode(FLOW, channel, fields)
+        assert os.write(self._fd, frame) == len(frame)
 
     def pump_until(self, done: Any, timeout: float) -> None:
         """Move bytes both ways until ``done()`` or the deadline."""

@@ -9,13 +9,13 @@ the answer without error and keep its own credit where it was.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from cproton_ffi import ffi, lib
 from proton import Data, Described, Transport, uint, ulong
 
 from connector.routing.engine import Engine
+from tests.support.attach_peer import link_flows
 
 WINDOW = uint(2**31 - 1)
 
@@ -87,13 +87,9 @@ def _echo(incoming: int, outgoing: int, count: int, credit: int, echo: bool = Tr
     ])  # fmt: skip
 
 
-def _server_flows(lines: list[str]) -> list[dict[str, str]]:
+def _server_flows(lines: list[str]) -> list[dict[str, Any]]:
     """The link flows the client received, as its proton's frame tracer shows them."""
-    flows = [line for line in lines if "<- @flow" in line and "handle=" in line]
-    return [
-        {key: int(value, 0) if value[0].isdigit() else value for key, value in fields}
-        for fields in (re.findall(r"([a-z-]+)=(\w+)", line) for line in flows)
-    ]
+    return link_flows([line for line in lines if "<-" in line])
 
 
 def _send(server: Engine, link: Any, n: int) -> None:
