@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import functools
 import os
@@ -41,6 +42,7 @@ from .logs import guest_logger
 from .routing.engine import IO_CHUNK, Engine
 from .routing.route import LinkPolicy
 from .routing.router import Counters, Router, RouterState
+from .tls import OutputSource, TLSError, TLSSession
 from .upstream import CLOSE_TIMEOUT_S, CONNECT_TIMEOUT_S, BrokerPool, BrokerURL, open_socket
 
 # Reconnect backoff for a missing or refusing endpoint: quick at first (qemu is starting),
@@ -109,13 +111,28 @@ def make_endpoint(spec: ChannelSpec) -> Endpoint:
 
 
 class _Upstream:
-    """The socket under one router's upstream engine, and its timers."""
+    """The socket under one router's upstream engine, its TLS session, and its timers."""
 
-    __slots__ = ("closing_timer", "connect_timer", "connected", "paused", "sock", "url", "writing")
+    __slots__ = (
+        "closing_timer",
+        "connect_timer",
+        "connected",
+        "out",
+        "paused",
+        "sock",
+        "tls",
+        "url",
+        "writing",
+    )
 
-    def __init__(self, sock: socket.socket, url: BrokerURL) -> None:
+    def __init__(
+        self, sock: socket.socket, url: BrokerURL, engine: Engine, tls: TLSSession | None
+    ) -> None:
         self.sock = sock
         self.url = url
+        self.tls = tls
+        # What the socket is written from: the engine itself, or TLS encrypting its output.
+        self.out: OutputSource = engine if tls is None else tls
         self.connected = False
         self.writing = False
         self.paused = False
@@ -444,7 +461,7 @@ class Channel:
             self._brokers.failed(url)
             router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
             return
-        up = _Upstream(sock, url)
+        up = _Upstream(sock, url, router.upstream, self._brokers.tls_session(url, router.upstream))
         self._up = up
         self._loop.add_writer(sock.fileno(), self._on_upstream_connected, router, up)
         up.writing = True
@@ -481,9 +498,28 @@ class Channel:
             return
         if not data:
             router.upstream.close_input()
-        else:
+        elif up.tls is None:
             router.upstream.push(data)
+        elif not self._upstream_tls_input(router, up, up.tls, data):
+            return
         self._pump_router(router, up)
+
+    def _upstream_tls_input(
+        self, router: Router, up: _Upstream, tls: TLSSession, data: bytes
+    ) -> bool:
+        """Decrypt what the broker sent into the upstream engine; False when TLS failed
+        (the upstream is then dropped). The broker's close_notify ends its stream as a
+        TCP EOF does."""
+        try:
+            plain = tls.receive(data)
+        except TLSError as err:
+            self._upstream_broken(router, up, f"{up.url}: {err}")
+            return False
+        if plain:
+            router.upstream.push(plain)
+        if tls.peer_closed:
+            router.upstream.close_input()
+        return True
 
     def _upstream_broken(self, router: Router, up: _Upstream, reason: str) -> None:
         if router.state is RouterState.OPENING:
@@ -495,10 +531,14 @@ class Channel:
     def _write_upstream(self, router: Router, up: _Upstream) -> None:
         if not up.connected:
             return
-        eng = router.upstream
+        src = up.out  # the engine, or TLS over it: ciphertext it has not sent comes first
         fd = up.sock.fileno()
         while True:
-            out = eng.peek_output()
+            try:
+                out = src.peek_output()
+            except TLSError as err:
+                self._upstream_broken(router, up, f"{up.url}: {err}")
+                return
             if not out:
                 break
             try:
@@ -509,7 +549,7 @@ class Channel:
                 self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
                 return
             if n:
-                eng.pop_output(n)
+                src.pop_output(n)
             if n < len(out):
                 if not up.writing:
                     self._loop.add_writer(fd, self._on_upstream_writable, router, up)
@@ -545,6 +585,9 @@ class Channel:
         if fd >= 0:
             if up.connected:
                 self._loop.remove_reader(fd)
+                if up.tls is not None:  # best effort: close_notify, or why the handshake failed
+                    with contextlib.suppress(OSError):
+                        up.sock.send(up.tls.close())
             if up.writing:
                 self._loop.remove_writer(fd)
             up.sock.close()
@@ -580,7 +623,7 @@ class Channel:
             self._write_guest()
         if up is not None:
             self._write_upstream(router, up)
-            if router.upstream_closed() and router.upstream.output_pending() <= 0:
+            if router.upstream_closed() and up.out.output_pending() <= 0:
                 self._drop_upstream(router, up)
                 up = None
             elif live:

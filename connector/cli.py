@@ -67,10 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     from .daemon import Daemon  # after logging is set up
 
-    daemon = Daemon(cfg, flags)
     try:
-        return asyncio.run(daemon.run())
-    except ConfigError as err:  # found while starting: control socket path, group...
+        return asyncio.run(Daemon(cfg, flags).run())
+    except ConfigError as err:  # found while starting: TLS files, control socket path, group...
         print(f"qpid-virtio-connector: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -1,21 +1,24 @@
 """The broker side: URLs with failover, SASL and TLS settings, and the socket to the broker.
 
 Each guest connection gets its own upstream connection (so each guest is its own peer on
-the broker). This module builds the proton client engine for it and opens the TCP socket
-without blocking; the channel drives both.
+the broker). This module builds the proton client engine for it, the TLS session for an
+amqps URL (``tls.py``: TLS is ours, not proton's, so the engine sees plaintext frames), and
+opens the TCP socket without blocking; the channel drives all three.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from cproton_ffi import ffi, lib
+from cproton_ffi import lib
 
 from .errors import ConfigError
 from .routing.engine import Engine
+from .tls import OutputSource, TLSSession, ssl_reason
 
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 
@@ -103,8 +106,12 @@ class BrokerPool:
     """
 
     def __init__(self, settings: UpstreamSettings) -> None:
+        """Raises ConfigError when a TLS file cannot be used (not PEM, key not matching)."""
         self.settings = settings
         self._index = 0
+        # Loading the trust store and our key is done once, not per guest connection.
+        amqps = any(url.scheme == "amqps" for url in settings.urls)
+        self._tls_context = tls_context(settings.tls) if amqps else None
 
     @property
     def current(self) -> BrokerURL:
@@ -117,33 +124,46 @@ class BrokerPool:
             self._index = (self._index + 1) % len(self.settings.urls)
 
     def make_engine(self, url: BrokerURL) -> Engine:
-        """A proton client engine configured for ``url``: SASL, TLS, hostname, heartbeats."""
+        """A proton client engine configured for ``url``: SASL, hostname, heartbeats."""
         s = self.settings
         user = url.user or s.user
         password = url.password or s.password
         engine = Engine(server=False, user=user, password=password, hostname=s.hostname or url.host)
         mechs = s.sasl_mechanisms or ("PLAIN" if password else "ANONYMOUS")
-        engine.configure_sasl(mechs, allow_insecure=url.scheme == "amqp")
+        # Proton's SASL client refuses PLAIN on a transport it does not see encrypted, and
+        # it never sees our TLS (tls.py); plain amqp has always allowed PLAIN too.
+        engine.configure_sasl(mechs, allow_insecure=True)
         lib.pn_transport_set_idle_timeout(engine.transport, UPSTREAM_IDLE_TIMEOUT_MS)
-        if url.scheme == "amqps":
-            _configure_tls(engine, s.tls, url.host)
         return engine
 
+    def tls_session(self, url: BrokerURL, plaintext: OutputSource) -> TLSSession | None:
+        """The TLS session between ``plaintext`` (the upstream engine) and the socket to
+        ``url``, or None for plain amqp."""
+        if url.scheme != "amqps" or self._tls_context is None:
+            return None
+        return TLSSession(self._tls_context, url.host, plaintext)
 
-def _configure_tls(engine: Engine, tls: TLSSettings, host: str) -> None:
-    domain = lib.pn_ssl_domain(lib.PN_SSL_MODE_CLIENT)
-    if tls.ca_file:
-        lib.pn_ssl_domain_set_trusted_ca_db(domain, tls.ca_file.encode())
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """The client context for every amqps connection: the broker's certificate verified
+    against ``ca_file`` (else the system's trust store), its host name checked unless
+    ``verify_hostname`` is false, our certificate offered if one is set.
+
+    Raises ConfigError naming the key whose file cannot be used.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    except OSError as err:  # ssl.SSLError included
+        raise ConfigError("broker.tls.ca_file", f"{tls.ca_file}: {ssl_reason(err)}") from err
+    context.check_hostname = tls.verify_hostname
     if tls.cert_file:
-        key = (tls.key_file or tls.cert_file).encode()
-        lib.pn_ssl_domain_set_credentials(domain, tls.cert_file.encode(), key, ffi.NULL)
-    mode = lib.PN_SSL_VERIFY_PEER_NAME if tls.verify_hostname else lib.PN_SSL_VERIFY_PEER
-    if tls.ca_file:
-        lib.pn_ssl_domain_set_peer_authentication(domain, mode, tls.ca_file.encode())
-    ssl = lib.pn_ssl(engine.transport)
-    lib.pn_ssl_init(ssl, domain, ffi.NULL)
-    lib.pn_ssl_set_peer_hostname(ssl, host.encode())
-    lib.pn_ssl_domain_free(domain)
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except OSError as err:
+            files = f"{tls.cert_file} and {tls.key_file}" if tls.key_file else tls.cert_file
+            why = f"{files}: not a usable PEM certificate and key: {ssl_reason(err)}"
+            raise ConfigError("broker.tls.cert_file", why) from err
+    return context
 
 
 def open_socket(url: BrokerURL) -> socket.socket:
