@@ -72,6 +72,12 @@ class EchoAnswers:
                 limit = (flow.delivery_count + flow.link_credit) & _SEQUENCE
                 self.due[ours] = None if receiver else limit
         reader.flows.clear()
+        if reader.flows_skipped:
+            # A flood of flows: some went unread, so the credit limit an answer for one of
+            # our sender links would be built from may be stale. Those answers are dropped;
+            # a receiver link's answer is proton's own and stays right.
+            reader.flows_skipped = False
+            self.due = {key: None for key, limit in self.due.items() if limit is None}
         reader.every_flow = bool(self.due)
 
     def answer(self, engine: Engine) -> None:

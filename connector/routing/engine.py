@@ -175,7 +175,7 @@ class Engine:
             if n <= 0:
                 break
             done += n
-        if reader.flows:  # the peer asked for an echo, or moved a link that owes one
+        if reader.flows or reader.flows_skipped:  # an echo asked for, or a link owing one moved
             self._echo.note_peer_flows(self)
         return done
 

@@ -14,7 +14,9 @@ from typing import Any
 from cproton_ffi import ffi, lib
 from proton import Data, Described, Transport, uint, ulong
 
+from connector.routing import frames
 from connector.routing.engine import Engine
+from connector.routing.frames import FLOW_DECODES_PER_READ
 from tests.support.attach_peer import link_flows
 
 WINDOW = uint(2**31 - 1)
@@ -205,3 +207,29 @@ def test_an_answer_waits_for_frames_hidden_behind_a_full_output_buffer() -> None
     assert lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) == 9
     # It waited without asking proton for a session flow at every try.
     assert sum("<- @flow" in line for line in lines) <= 3
+
+
+def test_a_flood_of_echo_flows_is_not_decoded_past_the_limit() -> None:
+    # Decoding a flow costs far more than proton's taking it, so a guest that sends nothing
+    # but echo requests must not make the shared loop pay that for each.
+    client, server, rcv, lines = _pair(receiving=True)
+    _open_link(server)
+    lib.pn_link_flow(rcv, 5)
+    _pump(server, client)
+    flood = _echo(incoming=0, outgoing=0, count=0, credit=5) * (FLOW_DECODES_PER_READ * 10)
+    decoded = []
+    real = frames.decode
+    frames.decode = lambda frame: decoded.append(1) or real(frame)  # type: ignore[assignment]
+    try:
+        server.push(flood)
+    finally:
+        frames.decode = real  # type: ignore[assignment]
+    assert len(decoded) == FLOW_DECODES_PER_READ
+    _pump(server, client)
+    # Some of it went unread, so the sender's answer (built from the peer's last flow) is
+    # not given; the next echo, read in whole, is answered.
+    assert _server_flows(lines) == [] and server.condition() is None
+    server.push(_echo(incoming=0, outgoing=0, count=0, credit=5))
+    _pump(server, client)
+    (answer,) = _server_flows(lines)
+    assert answer["delivery-count"] == 0 and answer["link-credit"] == 5
