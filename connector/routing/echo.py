@@ -36,7 +36,17 @@ from typing import TYPE_CHECKING, Any
 from cproton_ffi import ffi, lib
 from proton import uint
 
-from .frames import FLOW, FLOW_HANDLE, LinkKey, channel_of, decode, encode
+from .frames import (
+    ECHO_FLOWS,
+    EVERY_FLOW,
+    FLOW,
+    FLOW_HANDLE,
+    FrameReader,
+    LinkKey,
+    channel_of,
+    decode,
+    encode,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -78,7 +88,7 @@ class EchoAnswers:
             # a receiver link's answer is proton's own and stays right.
             reader.flows_skipped = False
             self.due = {key: None for key, limit in self.due.items() if limit is None}
-        reader.every_flow = bool(self.due)
+        self._watch(reader)
 
     def answer(self, engine: Engine) -> None:
         """Put out the answers that can go now (call before taking the engine's output)."""
@@ -98,7 +108,7 @@ class EchoAnswers:
         buf = ffi.new("char[]", total)
         lib.pn_transport_peek(transport, buf, total)
         frames: list[tuple[int, Any]] = []
-        engine.writer.scan(ffi.buffer(buf), lambda _n: None, frames)
+        engine.writer.scan(memoryview(ffi.buffer(buf)), lambda _n: None, frames)
         written = [(at, frame) for at, frame in frames if at >= before]
         for key, link in ready:
             where = engine.writer.links.by_key.get(key)
@@ -112,7 +122,11 @@ class EchoAnswers:
             if session is None:
                 continue
             engine.writer.insert(self._sender_flow(link, self.due.pop(key), session, where), total)
-        engine.reader.every_flow = bool(self.due)
+        self._watch(engine.reader)
+
+    def _watch(self, reader: FrameReader) -> None:
+        """Have the reader decode every flow while an answer is due, else only echo ones."""
+        reader.stop = EVERY_FLOW if self.due else ECHO_FLOWS
 
     def _mark_ready(self, engine: Engine) -> list[tuple[LinkKey, Any]]:
         """Have proton write a flow for the session of each link whose answer can go now."""

@@ -104,16 +104,22 @@ class PeerFlow(NamedTuple):
     echo: bool
 
 
-def _next_frame(buf: Any, pos: int, end: int, every_flow: bool) -> tuple[int, int]:
+# What a walk stops at (besides attach, detach and end frames).
+ECHO_FLOWS = 0  # flows that may carry echo (more than nine fields)
+EVERY_FLOW = 1
+EVERY_FRAME = 2  # every AMQP frame with a body
+
+
+def _next_frame(buf: Any, pos: int, end: int, stop: int) -> tuple[int, int]:
     """Walk whole frames from the boundary at ``pos``: (start, size) of the first frame of
     interest, or (boundary, 0) where the walk stopped: at or past ``end``, or before ``end``
     at a frame whose start is too short to tell.
 
-    Of interest: attach, detach, end, and a flow that may carry echo (more than nine
-    fields), or every flow when ``every_flow``. The message path: a struct unpack and a few
-    comparisons per frame. A body starts with a descriptor that proton and every peer we
-    know write as the smallulong ``00 53 xx``; a peer writing the 8-byte or the symbolic
-    form would just not have its attach fields carried nor its echo answered.
+    Of interest: attach, detach, end, and flows or frames as ``stop`` says. The message
+    path: a struct unpack and a few comparisons per frame. A body starts with a descriptor
+    that proton and every peer we know write as the smallulong ``00 53 xx``; a peer writing
+    the 8-byte or the symbolic form would just not have its attach fields carried nor its
+    echo answered.
     """
     while pos < end:
         if end - pos < _HEADER:
@@ -131,14 +137,16 @@ def _next_frame(buf: Any, pos: int, end: int, every_flow: bool) -> tuple[int, in
             code = buf[body + 2]
             # Transfers and dispositions, nearly every frame, leave at the first test.
             if _TRANSFER <= code <= _DISPOSITION or buf[body + 1] != 0x53 or buf[body]:
+                if stop == EVERY_FRAME:
+                    return pos, size
                 pos += size
                 continue
-            if code == FLOW and not every_flow:
+            if code == FLOW and stop == ECHO_FLOWS:
                 if body + _FLOW_TELLS > end and pos + size > end:
                     return pos, 0
                 if _flow_fields(buf, body + 3) > _FLOW_ECHO:
                     return pos, size
-            elif code in _DESCRIPTORS:
+            elif code in _DESCRIPTORS or stop == EVERY_FRAME:
                 return pos, size
         pos += size
     return pos, 0
@@ -233,11 +241,11 @@ class FrameReader:
         "_budget",
         "_held",
         "_skip",
-        "every_flow",
         "flows",
         "flows_skipped",
         "found",
         "links",
+        "stop",
     )
 
     def __init__(self) -> None:
@@ -245,10 +253,10 @@ class FrameReader:
         self._held = bytearray()  # the start of a frame split across reads
         self.found: dict[LinkKey, LinkExtras] = {}
         self.links = _LinkTable()
-        # Flows that ask for an echo; every flow while ``every_flow`` is set (an echo
+        # Flows that ask for an echo; every flow while ``stop`` is EVERY_FLOW (an echo
         # answer is due, and the peer's later flows change what it must say).
         self.flows: list[PeerFlow] = []
-        self.every_flow = False
+        self.stop = ECHO_FLOWS
         self.flows_skipped = False  # some flows went unread (FLOW_DECODES_PER_READ)
         self._budget = FLOW_DECODES_PER_READ
 
@@ -258,7 +266,7 @@ class FrameReader:
         self._budget = FLOW_DECODES_PER_READ
         pos = self._feed_held(data) if self._held else self._skip
         while pos < end:
-            pos, size = _next_frame(data, pos, end, self.every_flow)
+            pos, size = _next_frame(data, pos, end, self.stop)
             if not size:
                 if pos < end:  # a frame start split across reads
                     self._held += data[pos:]
@@ -280,7 +288,7 @@ class FrameReader:
         held = self._held
         had = len(held)
         joined = held + data[:_TELLS]
-        pos, size = _next_frame(joined, 0, len(joined), self.every_flow)
+        pos, size = _next_frame(joined, 0, len(joined), self.stop)
         if pos == 0 and not size:  # still too short to tell
             held += data
             return len(data)
@@ -334,7 +342,7 @@ class FrameReader:
             )
         )
         if echo:
-            self.every_flow = True
+            self.stop = EVERY_FLOW
 
     def take(self, key: LinkKey) -> LinkExtras | None:
         """The dropped fields of the peer's attach for ``key``, once."""
@@ -392,12 +400,9 @@ class FrameWriter:
         walked is added to it as (position, the frame for a flow, else (its code, channel))."""
         end = len(out)
         pos = self._next
-        every = frames is not None
+        stop = ECHO_FLOWS if frames is None else EVERY_FRAME
         while pos < end:
-            if every:
-                at, size = _next_any(out, pos, end)
-            else:
-                at, size = _next_frame(out, pos, end, False)
+            at, size = _next_frame(out, pos, end, stop)
             if not size:
                 pos = at
                 break
@@ -439,25 +444,6 @@ class FrameWriter:
         self._next -= n
         if self.edits:
             self.edits = [(at - n, size, new) for at, size, new in self.edits]
-
-
-def _next_any(buf: Any, pos: int, end: int) -> tuple[int, int]:
-    """(start, size) of the next whole AMQP frame with a body, as ``_next_frame``."""
-    while pos < end:
-        if end - pos < _HEADER:
-            return pos, 0
-        size, doff, ftype, _ = _frame_header(buf, pos)
-        if size == _PROTOCOL:
-            pos += _HEADER
-            continue
-        if size < _HEADER:
-            return end, 0
-        if ftype == 0 and size > 4 * doff:
-            if pos + 4 * doff + 3 > end:
-                return pos, 0
-            return pos, size
-        pos += size
-    return pos, 0
 
 
 def _completed(frame: Any, fields: list[Any], extras: LinkExtras) -> bytes:

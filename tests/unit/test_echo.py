@@ -9,7 +9,7 @@ the answer without error and keep its own credit where it was.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from cproton_ffi import ffi, lib
 from proton import Data, Described, Transport, uint, ulong
@@ -52,9 +52,18 @@ def _open_link(server: Engine) -> Any:
     return link
 
 
-def _pair(receiving: bool) -> tuple[Engine, Engine, Any, list[str]]:
+class _Pair(NamedTuple):
+    client: Engine
+    server: Engine
+    theirs: Any  # the client's link
+    ours: Any  # the server's end of it (None until attached)
+    lines: list[str]  # what the client's frame tracer wrote
+
+
+def _pair(receiving: bool, credit: int = 0, *, attach: bool = True) -> _Pair:
     """A client with one link (receiving from or sending to "q") and our server engine,
-    connected; the lines the client's frame tracer writes."""
+    connected; the server's end attached (unless not ``attach``), ``credit`` granted by
+    whichever end receives."""
     client = Engine(server=False)
     lines: list[str] = []
     traced = Transport.wrap(client.transport)
@@ -70,7 +79,11 @@ def _pair(receiving: bool) -> tuple[Engine, Engine, Any, list[str]]:
     lib.pn_link_open(link)
     _pump(server, client)
     _accept_all(server)
-    return client, server, link, lines
+    ours = _open_link(server) if attach else None
+    if credit:
+        lib.pn_link_flow(link if receiving else ours, credit)
+    _pump(server, client)
+    return _Pair(client, server, link, ours, lines)
 
 
 def _flow(fields: list[Any]) -> bytes:
@@ -89,147 +102,115 @@ def _echo(incoming: int, outgoing: int, count: int, credit: int, echo: bool = Tr
     ])  # fmt: skip
 
 
-def _server_flows(lines: list[str]) -> list[dict[str, Any]]:
-    """The link flows the client received, as its proton's frame tracer shows them."""
-    return link_flows([line for line in lines if "<-" in line])
-
-
-def _send(server: Engine, link: Any, n: int) -> None:
+def _send(pair: _Pair, link: Any, n: int, size: int = 1) -> None:
+    """Send ``n`` messages of ``size`` bytes on ``link`` and move them across."""
     for i in range(n):
         tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"%d" % i)})
         lib.pn_delivery(link, tag[0])
-        lib.pn_link_send(link, b"m", 1)
+        lib.pn_link_send(link, b"m" * size, size)
         lib.pn_link_advance(link)
+    _pump(pair.server, pair.client)
+
+
+def _ask(pair: _Pair, *flows: bytes) -> list[dict[str, Any]]:
+    """Push the client's ``flows`` into the server; the link flows the client has received."""
+    pair.server.push(b"".join(flows))
+    _pump(pair.server, pair.client)
+    return link_flows([line for line in pair.lines if "<-" in line])
 
 
 def test_a_sender_answers_a_receivers_echo_with_its_delivery_count_and_credit() -> None:
-    client, server, rcv, lines = _pair(receiving=True)
-    snd = _open_link(server)
-    lib.pn_link_flow(rcv, 10)
-    _pump(server, client)
-    _send(server, snd, 3)
-    _pump(server, client)
-    assert _server_flows(lines) == []  # proton's sender never writes a flow by itself
-    server.push(_echo(incoming=3, outgoing=0, count=3, credit=7))
-    _pump(server, client)
-    (answer,) = _server_flows(lines)
+    pair = _pair(receiving=True, credit=10)
+    _send(pair, pair.ours, 3)
+    assert _ask(pair) == []  # proton's sender never writes a flow by itself
+    (answer,) = _ask(pair, _echo(incoming=3, outgoing=0, count=3, credit=7))
     assert answer["handle"] == 0
     assert answer["delivery-count"] == 3 and answer["link-credit"] == 7
     assert answer["next-outgoing-id"] == 3 and "echo" not in answer
-    assert lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) == 7 and client.condition() is None
-    # The link goes on as before.
-    _send(server, snd, 7)
-    _pump(server, client)
+    rcv = pair.theirs
+    assert lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) == 7
+    assert pair.client.condition() is None
+    _send(pair, pair.ours, 7)  # the link goes on as before
     assert lib.pn_link_queued(rcv) == 10 and lib.pn_link_credit(rcv) == 10
 
 
 def test_a_receiver_answers_a_senders_echo_with_its_own_state() -> None:
-    client, server, snd, lines = _pair(receiving=False)
-    rcv = _open_link(server)
-    lib.pn_link_flow(rcv, 5)
-    _pump(server, client)
-    _send(client, snd, 2)
-    _pump(server, client)
-    while lib.pn_link_current(rcv) != ffi.NULL:
-        lib.pn_link_advance(rcv)
-    before = len(_server_flows(lines))
-    server.push(_echo(incoming=0, outgoing=2, count=2, credit=3))
-    _pump(server, client)
-    flows = _server_flows(lines)
+    pair = _pair(receiving=False, credit=5)
+    _send(pair, pair.theirs, 2)
+    while lib.pn_link_current(pair.ours) != ffi.NULL:
+        lib.pn_link_advance(pair.ours)
+    before = len(_ask(pair))
+    flows = _ask(pair, _echo(incoming=0, outgoing=2, count=2, credit=3))
     assert len(flows) == before + 1
     assert flows[-1]["delivery-count"] == 2 and flows[-1]["link-credit"] == 3
-    assert client.condition() is None and lib.pn_link_credit(snd) == 3
+    assert pair.client.condition() is None and lib.pn_link_credit(pair.theirs) == 3
 
 
 def test_an_echo_before_our_attach_is_answered_after_it() -> None:
-    client, server, rcv, lines = _pair(receiving=True)
-    lib.pn_link_flow(rcv, 4)
-    _pump(client, server)
-    server.push(_echo(incoming=0, outgoing=0, count=0, credit=4))
-    _pump(server, client)
-    assert _server_flows(lines) == []  # no link of ours to answer for yet
-    _open_link(server)
-    _pump(server, client)
-    (answer,) = _server_flows(lines)
+    pair = _pair(receiving=True, credit=4, attach=False)
+    assert _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=4)) == []  # no link yet
+    _open_link(pair.server)
+    (answer,) = _ask(pair)
     assert answer["delivery-count"] == 0 and answer["link-credit"] == 4
-    received = [line for line in lines if "<- @" in line]
+    received = [line for line in pair.lines if "<- @" in line]
     answered = next(i for i, line in enumerate(received) if "handle=" in line and "@flow" in line)
     assert any("@attach" in line for line in received[:answered])
 
 
 def test_a_later_flow_in_the_same_read_moves_the_answer() -> None:
-    client, server, rcv, lines = _pair(receiving=True)
-    snd = _open_link(server)
-    lib.pn_link_flow(rcv, 2)
-    _pump(server, client)
-    _send(server, snd, 2)
-    _pump(server, client)
+    pair = _pair(receiving=True, credit=2)
+    _send(pair, pair.ours, 2)
     # The echo, then more credit before the server writes anything.
-    server.push(
-        _echo(incoming=2, outgoing=0, count=2, credit=0)
-        + _echo(incoming=2, outgoing=0, count=2, credit=5, echo=False)
+    (answer,) = _ask(
+        pair,
+        _echo(incoming=2, outgoing=0, count=2, credit=0),
+        _echo(incoming=2, outgoing=0, count=2, credit=5, echo=False),
     )
-    _pump(server, client)
-    (answer,) = _server_flows(lines)
     assert answer["delivery-count"] == 2 and answer["link-credit"] == 5
 
 
 def test_flows_without_echo_get_no_answer() -> None:
-    client, server, _, lines = _pair(receiving=True)
-    _open_link(server)
-    _pump(server, client)
-    server.push(_echo(incoming=0, outgoing=0, count=0, credit=3, echo=False))
-    server.push(_flow([uint(0), WINDOW, uint(0), WINDOW, None, None, None, None, False, True]))
-    _pump(server, client)
-    assert _server_flows(lines) == []
-    assert server.condition() is None
+    pair = _pair(receiving=True)
+    session_echo = _flow([uint(0), WINDOW, uint(0), WINDOW, None, None, None, None, False, True])
+    assert _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=3, echo=False)) == []
+    assert _ask(pair, session_echo) == []
+    assert pair.server.condition() is None
 
 
 def test_an_answer_waits_for_frames_hidden_behind_a_full_output_buffer() -> None:
     # A message far larger than proton's output buffer: most of its frames wait unseen
     # inside proton. An answer put in at the visible end would count the delivery before
     # its frames arrive, and the client would count it twice.
-    client, server, rcv, lines = _pair(receiving=True)
-    snd = _open_link(server)
-    lib.pn_link_flow(rcv, 10)
-    _pump(server, client)
+    pair = _pair(receiving=True, credit=10)
     tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"b")})
-    lib.pn_delivery(snd, tag[0])
-    lib.pn_link_send(snd, b"x" * 2_000_000, 2_000_000)
-    lib.pn_link_advance(snd)
-    first = server.peek_output()
-    client.push(bytes(first))
-    server.pop_output(len(first))
-    server.push(_echo(incoming=0, outgoing=0, count=0, credit=10))
-    _pump(server, client)
-    (answer,) = _server_flows(lines)
+    lib.pn_delivery(pair.ours, tag[0])
+    lib.pn_link_send(pair.ours, b"x" * 2_000_000, 2_000_000)
+    lib.pn_link_advance(pair.ours)
+    first = pair.server.peek_output()
+    pair.client.push(bytes(first))
+    pair.server.pop_output(len(first))
+    (answer,) = _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=10))
     assert answer["delivery-count"] == 1 and answer["link-credit"] == 9
-    assert lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) == 9
+    assert lib.pn_link_credit(pair.theirs) - lib.pn_link_queued(pair.theirs) == 9
     # It waited without asking proton for a session flow at every try.
-    assert sum("<- @flow" in line for line in lines) <= 3
+    assert sum("<- @flow" in line for line in pair.lines) <= 3
 
 
 def test_a_flood_of_echo_flows_is_not_decoded_past_the_limit() -> None:
     # Decoding a flow costs far more than proton's taking it, so a guest that sends nothing
     # but echo requests must not make the shared loop pay that for each.
-    client, server, rcv, lines = _pair(receiving=True)
-    _open_link(server)
-    lib.pn_link_flow(rcv, 5)
-    _pump(server, client)
-    flood = _echo(incoming=0, outgoing=0, count=0, credit=5) * (FLOW_DECODES_PER_READ * 10)
+    pair = _pair(receiving=True, credit=5)
+    echo = _echo(incoming=0, outgoing=0, count=0, credit=5)
     decoded = []
     real = frames.decode
     frames.decode = lambda frame: decoded.append(1) or real(frame)  # type: ignore[assignment]
     try:
-        server.push(flood)
+        flows = _ask(pair, echo * (FLOW_DECODES_PER_READ * 10))
     finally:
         frames.decode = real  # type: ignore[assignment]
     assert len(decoded) == FLOW_DECODES_PER_READ
-    _pump(server, client)
     # Some of it went unread, so the sender's answer (built from the peer's last flow) is
     # not given; the next echo, read in whole, is answered.
-    assert _server_flows(lines) == [] and server.condition() is None
-    server.push(_echo(incoming=0, outgoing=0, count=0, credit=5))
-    _pump(server, client)
-    (answer,) = _server_flows(lines)
+    assert flows == [] and pair.server.condition() is None
+    (answer,) = _ask(pair, echo)
     assert answer["delivery-count"] == 0 and answer["link-credit"] == 5
