@@ -41,6 +41,7 @@ from .frames import (
     EVERY_FLOW,
     FLOW,
     FLOW_HANDLE,
+    TRANSFER,
     FrameReader,
     LinkKey,
     channel_of,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 _SEQUENCE = 0xFFFFFFFF  # delivery-count and credit are 32-bit serial numbers (RFC 1982)
 _SESSION_FIELDS = 4  # next-incoming-id, incoming-window, next-outgoing-id, outgoing-window
 _CLOSED = lib.PN_LOCAL_CLOSED | lib.PN_REMOTE_CLOSED
-_TRANSFER = 0x14
 
 
 class EchoAnswers:
@@ -204,7 +204,7 @@ def _session_flow(written: list[tuple[int, Any]], channel: int) -> list[Any] | N
         if isinstance(frame, bytes):
             if channel_of(frame) == channel:
                 last = frame
-        elif frame == (_TRANSFER, channel):
+        elif frame == (TRANSFER, channel):
             last = None
     if last is None:
         return None

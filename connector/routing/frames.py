@@ -38,7 +38,7 @@ from proton import Data, Described, ulong
 # Performatives (AMQP 1.0 §2.7), by the code of their descriptor.
 ATTACH = 0x12
 FLOW = 0x13
-_TRANSFER = 0x14
+TRANSFER = 0x14
 _DISPOSITION = 0x15
 DETACH = 0x16
 END = 0x17
@@ -53,9 +53,8 @@ _DESIRED = 12
 _DEFAULT_OUTCOME = 8
 _SOURCE_DESCRIPTOR = ulong(0x28)
 FLOW_HANDLE = 4
-FLOW_DELIVERY_COUNT = 5
-FLOW_LINK_CREDIT = 6
-FLOW_DRAIN = 8
+_FLOW_DELIVERY_COUNT = 5
+_FLOW_LINK_CREDIT = 6
 _FLOW_ECHO = 9
 # A frame header: size (4 bytes), data offset in 4-byte words, type (0 for AMQP), channel.
 _HEADER = 8
@@ -138,7 +137,7 @@ def _next_frame(buf: Any, pos: int, end: int, stop: int) -> tuple[int, int]:
                 return pos, 0
             code = buf[body + 2]
             # Transfers and dispositions, nearly every frame, leave at the first test.
-            if _TRANSFER <= code <= _DISPOSITION or buf[body + 1] != 0x53 or buf[body]:
+            if TRANSFER <= code <= _DISPOSITION or buf[body + 1] != 0x53 or buf[body]:
                 if stop == EVERY_FRAME:
                     return pos, size
                 pos += size
@@ -364,8 +363,8 @@ class FrameReader:
         self.flows.append(
             PeerFlow(
                 (channel, handle),
-                int(_field(fields, FLOW_DELIVERY_COUNT) or 0),
-                int(_field(fields, FLOW_LINK_CREDIT) or 0),
+                int(_field(fields, _FLOW_DELIVERY_COUNT) or 0),
+                int(_field(fields, _FLOW_LINK_CREDIT) or 0),
                 echo,
             )
         )
