@@ -144,7 +144,13 @@ class Router:
                 busy = self._drain(self.upstream.collector, from_guest=False) or busy
 
     def _drain(self, collector: Any, *, from_guest: bool) -> bool:
-        """Dispatch one collector's events. The first two branches are the per-message path."""
+        """Dispatch one collector's events; whether any was handled. The first two branches
+        are the per-message path.
+
+        A PN_TRANSPORT event (proton has output to write) is only popped: it changes
+        nothing, so it does not count as handled, and ``process`` does not go round again
+        for it. Most calls after the first find nothing else.
+        """
         routes = self.routes
         counters = self._counters
         seen = False
@@ -156,11 +162,11 @@ class Router:
             ev = peek(collector)
             if ev == NULL:
                 return seen
-            seen = True
             etype = event_type(ev)
             if etype == _TRANSPORT:
                 pop(collector)
                 continue
+            seen = True
             if etype == _DELIVERY:
                 dlv = _event_delivery(ev)
                 route = routes.get(_delivery_link(dlv))
