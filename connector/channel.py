@@ -24,9 +24,12 @@ import asyncio
 import collections
 import contextlib
 import enum
+import fcntl
 import functools
 import os
 import socket
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +102,14 @@ class ChannelState(enum.Enum):
 def _should_pause(paused: bool, backlog: int) -> bool:
     """Reading a side pauses above BACKLOG_HIGH and resumes only below BACKLOG_LOW."""
     return backlog >= BACKLOG_LOW if paused else backlog > BACKLOG_HIGH
+
+
+def _bytes_waiting(fd: int) -> bool:
+    """Whether bytes wait to be read on a socket or pty (FIONREAD serves both)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder) > 0
+    except OSError:
+        return True  # let the read that follows find out what is wrong
 
 
 def make_endpoint(spec: ChannelSpec) -> Endpoint:
@@ -648,8 +659,10 @@ class Channel:
         if paused != self._paused:
             if paused:
                 self._loop.remove_reader(self._fd)
+                router.guest.input_paused()
             else:
                 self._loop.add_reader(self._fd, self._on_guest_readable)
+                router.guest.input_resumed(_bytes_waiting(self._fd))
             self._paused = paused
 
     def _apply_backpressure(self, router: Router, up: _Upstream) -> None:
@@ -659,8 +672,10 @@ class Channel:
             fd = up.sock.fileno()
             if paused:
                 self._loop.remove_reader(fd)
+                router.upstream.input_paused()
             else:
                 self._loop.add_reader(fd, self._on_upstream_readable, router, up)
+                router.upstream.input_resumed(_bytes_waiting(fd))
             up.paused = paused
 
     @_guarded

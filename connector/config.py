@@ -19,14 +19,23 @@ from .errors import ConfigError
 from .identity import DEFAULT_PORT, ChannelKind, ChannelSpec, GuestIdentity
 from .limits import GuestLimits
 from .policy import Policy
-from .upstream import BrokerURL, TLSSettings, UpstreamSettings
+from .upstream import UPSTREAM_IDLE_TIMEOUT_S, BrokerURL, TLSSettings, UpstreamSettings
 
 DEFAULT_CONTROL_SOCKET = "/run/qpid-virtio-connector/control.sock"
 DEFAULT_BROKER = "amqp://127.0.0.1:5672"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _TOP_KEYS = {"broker", "channel", "control", "metrics", "log", "limits", "discovery", "policy"}
-_BROKER_KEYS = {"urls", "user", "password", "password_file", "sasl_mechanisms", "hostname", "tls"}
+_BROKER_KEYS = {
+    "urls",
+    "user",
+    "password",
+    "password_file",
+    "sasl_mechanisms",
+    "hostname",
+    "idle_timeout_s",
+    "tls",
+}
 _TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify_hostname"}
 _CHANNEL_KEYS = {"kind", "path", "guest", "port", "uuid"}
 
@@ -158,6 +167,9 @@ def _broker_from_table(table: dict[str, Any]) -> UpstreamSettings:
     for key in ("ca_file", "cert_file", "key_file"):
         if key in tls_table and not os.access(tls_table[key], os.R_OK):
             raise ConfigError(f"broker.tls.{key}", f"{tls_table[key]}: not readable")
+    idle = table.get("idle_timeout_s", UPSTREAM_IDLE_TIMEOUT_S)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle < 0:
+        raise ConfigError("broker.idle_timeout_s", f"must be a number of seconds, not {idle!r}")
     return UpstreamSettings(
         urls=tuple(BrokerURL.parse(str(u)) for u in urls),
         user=table.get("user"),
@@ -165,6 +177,7 @@ def _broker_from_table(table: dict[str, Any]) -> UpstreamSettings:
         sasl_mechanisms=table.get("sasl_mechanisms"),
         tls=TLSSettings(**tls_table),
         hostname=table.get("hostname"),
+        idle_timeout_s=float(idle),
     )
 
 

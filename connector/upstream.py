@@ -30,9 +30,10 @@ CLOSE_TIMEOUT_S = 5.0
 # How long a TCP connect plus AMQP open may take before the guest is told to retry.
 CONNECT_TIMEOUT_S = 10.0
 
-# Our idle timeout towards the broker: proton sends heartbeats at half the broker's, and
-# declares the broker dead after this much silence.
-UPSTREAM_IDLE_TIMEOUT_MS = 60_000
+# Our idle timeout towards the broker, by default: the broker is presumed dead after this
+# much silence (proton heartbeats at half the broker's own). A minute rides out a broker's
+# garbage-collection pause; `[broker] idle_timeout_s` sets it.
+UPSTREAM_IDLE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class UpstreamSettings:
     sasl_mechanisms: str | None = None  # None: PLAIN with a password, else ANONYMOUS
     tls: TLSSettings = TLSSettings()
     hostname: str | None = None  # the open frame's hostname (a virtual host); default: URL's
+    idle_timeout_s: float = UPSTREAM_IDLE_TIMEOUT_S  # 0: the broker is never presumed dead
 
 
 class BrokerPool:
@@ -133,7 +135,7 @@ class BrokerPool:
         # Proton's SASL client refuses PLAIN on a transport it does not see encrypted, and
         # it never sees our TLS (tls.py); plain amqp has always allowed PLAIN too.
         engine.configure_sasl(mechs, allow_insecure=True)
-        lib.pn_transport_set_idle_timeout(engine.transport, UPSTREAM_IDLE_TIMEOUT_MS)
+        lib.pn_transport_set_idle_timeout(engine.transport, int(s.idle_timeout_s * 1000))
         return engine
 
     def tls_session(self, url: BrokerURL, plaintext: OutputSource) -> TLSSession | None:

@@ -67,6 +67,8 @@ class Engine:
 
     __slots__ = (
         "_echo",
+        "_idle_ms",
+        "_idle_on_input",
         "_outbuf",
         "_outfull",
         "_outptr",
@@ -112,6 +114,10 @@ class Engine:
         self.reader = FrameReader()
         self.writer = FrameWriter()
         self._echo = EchoAnswers()
+        # Our idle timeout while its check is suspended (``input_paused``), else None;
+        # and whether the check comes back with the peer's next bytes.
+        self._idle_ms: int | None = None
+        self._idle_on_input = False
 
     # -- configuration -------------------------------------------------------------------
 
@@ -166,6 +172,8 @@ class Engine:
         total = len(data)
         if not total:
             return 0
+        if self._idle_on_input:
+            self._restore_idle_check()
         reader = self.reader
         reader.feed(data)
         buf = ffi.from_buffer(data)
@@ -286,6 +294,41 @@ class Engine:
             total += lib.pn_session_outgoing_bytes(ssn)
             ssn = lib.pn_session_next(ssn, 0)
         return total
+
+    # -- idle timeout while the loop does not read the peer ------------------------------
+
+    def input_paused(self) -> None:
+        """The loop stopped reading this peer (backpressure: the far side is slow).
+
+        From now on the peer's bytes, heartbeats included, wait unread in the socket, so
+        its silence is ours: proton, which takes a peer silent past our idle timeout for
+        dead, would cut a live peer. Its check is suspended until the peer is read again;
+        our heartbeats to the peer go on (proton checks the two apart).
+        """
+        if self._idle_ms is None:
+            self._idle_ms = lib.pn_transport_get_idle_timeout(self.transport)
+            lib.pn_transport_set_idle_timeout(self.transport, 0)
+        self._idle_on_input = False
+
+    def input_resumed(self, waiting: bool) -> None:
+        """The loop reads this peer again; ``waiting``: bytes of it are ready to read.
+
+        With bytes waiting, the check comes back as they are pushed: proton then counts
+        the peer's silence from them. With none, the peer sent nothing while it was not
+        read, so proton rightly counts its silence from the last bytes it did read.
+        """
+        if self._idle_ms is None:
+            return
+        if waiting:
+            self._idle_on_input = True
+        else:
+            self._restore_idle_check()
+
+    def _restore_idle_check(self) -> None:
+        if self._idle_ms is not None:
+            lib.pn_transport_set_idle_timeout(self.transport, self._idle_ms)
+        self._idle_ms = None
+        self._idle_on_input = False
 
     def tick(self, now_ms: int) -> int:
         """Advance proton's clock (heartbeats, idle timeout); returns the next deadline in ms.

@@ -50,6 +50,7 @@ def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str) -> None:
     ("toml", "names"),
     [
         ("[broker]\nurls = ['amqp://h']\ncolour = 1\n", "broker.colour"),
+        ("[broker]\nidle_timeout_s = 'long'\n", "broker.idle_timeout_s"),
         ("[limits]\nmax_frame_size = 10\n", "limits.max_frame_size"),
         ("[policy.default]\nrelay = 'yes'\n", "policy.default.relay"),
         ("[[channel]]\nkind = 'pty'\n", "channel[0].path"),
