@@ -23,6 +23,8 @@ from cproton_ffi import ffi, lib
 from proton import Data, Delivery, Described, Endpoint, Link, Message, uint, ulong
 
 from connector.guest.client import AmqpError, Disconnected, GuestClient
+from connector.limits import GuestLimits
+from connector.routing.engine import read_condition
 from connector.routing.frames import FLOW, TRANSFER, LinkExtras, encode
 from tests.support.attach_peer import AttachPeer, link_flows
 from tests.support.connector import Connector, Qemu, Routed, routed, wait_for
@@ -34,6 +36,7 @@ TIMEOUT = 30.0
 BIG = 2 * 1024 * 1024  # many frames at the guest's 64 KiB max-frame-size
 HUGE = 20 * 1024 * 1024
 WINDOW = uint(2**31 - 1)
+BEGIN = 0x11
 
 
 def _queue(stem: str) -> str:
@@ -81,10 +84,13 @@ def _accept_all(guest: GuestClient, link: Link) -> list[Any]:
     return [m.body for m, _ in got]
 
 
-def _drain_queue(ctx: Routed, queue: str) -> list[Any]:
-    """Everything left on ``queue`` (accepted), read through the unix channel."""
+def _drain_queue(ctx: Routed, queue: str, expect: int = 0) -> list[Any]:
+    """Everything on ``queue`` (accepted), read through the unix channel: ``expect``
+    messages waited for (the broker puts back what a closed connection held
+    asynchronously), then whatever else is there."""
     with ctx.client("unix", f"reader-{uuid.uuid4().hex[:6]}") as reader:
-        return [m.body for m in reader.receive(queue, 1000, drain=True)]
+        got = reader.receive(queue, expect) if expect else []
+        return [m.body for m in got + reader.receive(queue, 1000, drain=True)]
 
 
 def _polled(daemon: Connector, guest: str, key: str, above: int) -> Callable[[], bool]:
@@ -148,6 +154,14 @@ def _barrier(peer: AttachPeer, link: Any, *, delivery_count: int, credit: int) -
     peer.pump_until(lambda: len(link_flows(peer.received)) > before, TIMEOUT)
 
 
+def _frame(code: int, channel: int, fields: list[Any], payload: bytes = b"") -> bytes:
+    """A raw frame carrying performative ``code`` (any, unlike ``frames.encode``)."""
+    data = Data()
+    data.put_object(Described(ulong(code), fields))
+    body = data.encode() + payload
+    return (8 + len(body)).to_bytes(4, "big") + bytes((2, 0)) + channel.to_bytes(2, "big") + body
+
+
 def _transfer(
     where: tuple[int, int],
     delivery_id: int,
@@ -161,10 +175,7 @@ def _transfer(
     channel, handle = where
     fields = [uint(handle), uint(delivery_id), tag, uint(0), False, more]
     fields += [None, None, False, aborted]
-    data = Data()
-    data.put_object(Described(ulong(TRANSFER), fields))
-    body = data.encode() + payload
-    return (8 + len(body)).to_bytes(4, "big") + bytes((2, 0)) + channel.to_bytes(2, "big") + body
+    return _frame(TRANSFER, channel, fields, payload)
 
 
 def _revoked_receiver(ctx: Routed, queue: str, held: int) -> tuple[AttachPeer, Any, int]:
@@ -279,7 +290,7 @@ def test_credit_taken_back_is_honoured_and_held_messages_are_not_lost(ctx: Route
     finally:
         peer.close()
     # Two were sent but never settled, three never left the connector: all five come back.
-    assert sorted(_drain_queue(ctx, queue)) == [f"m{i}" for i in range(5)]
+    assert sorted(_drain_queue(ctx, queue, 5)) == [f"m{i}" for i in range(5)]
 
 
 @pytest.mark.xfail(
@@ -464,11 +475,6 @@ STALL_S = 4.0
 STALL_IDLE_TIMEOUT_S = 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="while the broker does not read, the daemon stops reading the guest (backpressure) "
-    "and then cuts it for local-idle-timeout, though the guest is live",
-)
 def test_a_stalled_broker_does_not_get_a_live_guest_cut_for_idleness(
     artemis: Any, tmp_path: Path
 ) -> None:
@@ -501,3 +507,49 @@ def test_a_stalled_broker_does_not_get_a_live_guest_cut_for_idleness(
     finally:
         assert daemon.stop() == 0
         channel.hang_up()
+
+
+# ---- limits --------------------------------------------------------------------------------
+
+
+def test_sessions_up_to_the_limit_work_and_one_past_it_ends_only_that_connection(
+    ctx: Routed,
+) -> None:
+    """A guest may begin ``max_sessions`` (32) sessions, each routed with a link that works;
+    a begin on one channel past the limit ends that guest's connection with a framing error
+    (the limit is its channel-max), and the channel serves the next connection."""
+    queue = _queue("sessions")
+    max_sessions = GuestLimits().max_sessions
+    with ctx.client("pty", "sessions-f") as filler:
+        filler.send(queue, [f"m{i}" for i in range(max_sessions)])
+    peer = AttachPeer(ctx.channels["pty"].fd(), "sessions")
+    links = [peer.attach("r0", queue, sending=False, extras=LinkExtras())[0]]
+    conn = peer.engine.connection
+    for n in range(1, max_sessions):
+        ssn = lib.pn_session(conn)
+        lib.pn_session_open(ssn)
+        rcv = lib.pn_receiver(ssn, f"r{n}".encode())
+        lib.pn_terminus_set_address(lib.pn_link_source(rcv), queue.encode())
+        lib.pn_link_open(rcv)
+        links.append(rcv)
+    peer.pump_until(
+        lambda: all(lib.pn_link_state(lk) & lib.PN_REMOTE_ACTIVE for lk in links), TIMEOUT
+    )
+    for rcv in links:
+        lib.pn_link_flow(rcv, 1)
+    peer.pump_until(lambda: sum(lib.pn_link_queued(lk) for lk in links) == max_sessions, TIMEOUT)
+    entry = ctx.daemon.channel("h-pty")
+    assert (entry["sessions"], entry["links"]) == (max_sessions, max_sessions)
+    # Channels are numbered from 0: a begin on channel 32 is the 33rd session.
+    _write_raw(peer, _frame(BEGIN, max_sessions, [None, uint(0), WINDOW, WINDOW]))
+    peer.pump_until(lambda: lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED, TIMEOUT)
+    cond = read_condition(lib.pn_connection_remote_condition(conn))
+    peer.engine.free()
+    assert cond is not None and cond[0] == "amqp:connection:framing-error"
+    assert "channel_max 31" in cond[1]
+    entry = ctx.daemon.wait_state("h-pty", "waiting")
+    assert (entry["sessions"], entry["links"]) == (0, 0)
+    assert "amqp:connection:framing-error" in (entry["last_error"] or "")
+    # Each session's link held one message unsettled: all come back.
+    expected = sorted(f"m{i}" for i in range(max_sessions))
+    assert sorted(_drain_queue(ctx, queue, max_sessions)) == expected
