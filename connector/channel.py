@@ -800,6 +800,17 @@ class Channel:
         """The live guest connection's router, if a guest is connected."""
         return self._router
 
+    def routed_deliveries(self) -> tuple[int, int]:
+        """(to the broker, to the guest): deliveries routed so far. Those proton still holds
+        for want of credit count once they go, so that neither number ever goes back, as
+        an interface's counters do not."""
+        held_in = held_out = 0
+        for router in (self._router, *self._lingering):
+            if router is not None:
+                held_in += router.unsent(upstream=True)
+                held_out += router.unsent(upstream=False)
+        return self.counters.deliveries_in - held_in, self.counters.deliveries_out - held_out
+
     @property
     def upstream_url(self) -> str | None:
         """The broker this channel's guest connection goes to, while it has one."""

@@ -48,7 +48,9 @@ def channel_entry(ch: Channel) -> dict[str, Any]:
                     "name": route.name,
                     "direction": route.direction,
                     "address": route.address,
-                    "credit": lib.pn_link_credit(route.link),
+                    # Proton nets a sender's credit of what it holds for want of credit,
+                    # which can take it below zero; what the guest has granted cannot.
+                    "credit": max(0, lib.pn_link_credit(route.link)),
                     "unsettled": lib.pn_link_unsettled(route.link),
                     "deliveries": route.deliveries + (route.peer.deliveries if route.peer else 0),
                     "bytes": route.bytes + (route.peer.bytes if route.peer else 0),
@@ -60,6 +62,7 @@ def channel_entry(ch: Channel) -> dict[str, Any]:
             for n in range(max(session_total, len(numbers)))
         ]
     c = ch.counters
+    deliveries_in, deliveries_out = ch.routed_deliveries()
     return {
         "guest": ident.name,
         "port": ident.port,
@@ -70,8 +73,8 @@ def channel_entry(ch: Channel) -> dict[str, Any]:
         "upstream": ch.upstream_url,
         "sessions": len(sessions),
         "links": len(links),
-        "deliveries_in": c.deliveries_in,
-        "deliveries_out": c.deliveries_out,
+        "deliveries_in": deliveries_in,
+        "deliveries_out": deliveries_out,
         "bytes_in": c.bytes_in,
         "bytes_out": c.bytes_out,
         "discarded_bytes": c.discarded_bytes,

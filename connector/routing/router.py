@@ -413,21 +413,30 @@ class Router:
         state = lib.pn_connection_state(self.upstream.connection)
         return bool(state & _LOCAL_CLOSED) and bool(state & _REMOTE_CLOSED)
 
+    def unsent(self, *, upstream: bool) -> int:
+        """Deliveries counted as routed towards one side (``upstream``: the broker) that
+        proton still holds, mostly for want of credit. What the channel shows leaves them
+        out until they go, so its counters never go back (``Channel.routed_deliveries``)."""
+        if upstream in self._uncounted:
+            return 0
+        return sum(
+            lib.pn_link_queued(r.link)
+            for r in self.routes.values()
+            if not r.receiving and r.from_guest != upstream  # our senders on that side
+        )
+
     def uncount_unsent(self, *, upstream: bool) -> None:
         """One side's engine is being dropped: deliveries advanced to it but never written
         were not routed after all, so they come off the channel's counters."""
-        if upstream in self._uncounted:
-            return
+        unsent = self.unsent(upstream=upstream)
         self._uncounted.add(upstream)
-        counters = self._counters
-        for route in self.routes.values():
-            if route.receiving or route.from_guest == upstream:
-                continue  # only our senders on that side hold unsent deliveries
-            unsent = lib.pn_link_queued(route.link)
-            if upstream:
-                counters.deliveries_in -= unsent
-            else:
-                counters.deliveries_out -= unsent
+        self._uncount(upstream, unsent)
+
+    def _uncount(self, upstream: bool, n: int) -> None:
+        if upstream:
+            self._counters.deliveries_in -= n
+        else:
+            self._counters.deliveries_out -= n
 
     def awaiting_guest_close(self) -> bool:
         """We closed the guest's connection and its answering close has not come yet."""
@@ -631,6 +640,11 @@ class Router:
         for r in (route, route.peer):
             if r is None:
                 continue
+            upstream = not r.from_guest
+            if not r.receiving and upstream not in self._uncounted:
+                # Held beyond the credit our sender has (its credit is net of what it
+                # holds): the link is going, so these never go, and were not routed.
+                self._uncount(upstream, max(0, -lib.pn_link_credit(r.link)))
             self.routes.pop(r.link, None)
             state = lib.pn_link_state(r.link)
             if state & _LOCAL_CLOSED and state & _REMOTE_CLOSED:

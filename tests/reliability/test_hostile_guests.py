@@ -180,9 +180,9 @@ def _transfer(
 
 def _revoked_receiver(ctx: Routed, queue: str, held: int) -> tuple[AttachPeer, Any, int]:
     """A raw guest on the pty channel whose receiver was granted 10 credits, then took them
-    all back; then ``held`` messages are put on ``queue``. Returns the peer, its receiver and
-    the channel's ``deliveries_out`` once the connector has taken the messages from the
-    broker (it cannot take credit back upstream, so it holds them for the guest)."""
+    all back; then ``held`` messages are put on ``queue``, and the connector takes them from
+    the broker (it cannot take credit back upstream, so it holds them for the guest).
+    Returns the peer, its receiver and the channel's ``deliveries_out`` before all this."""
     daemon = ctx.daemon
     base = daemon.channel("h-pty")["deliveries_out"]
     peer = AttachPeer(ctx.channels["pty"].fd(), f"revoker-{uuid.uuid4().hex[:6]}")
@@ -198,11 +198,14 @@ def _revoked_receiver(ctx: Routed, queue: str, held: int) -> tuple[AttachPeer, A
         outcomes = filler.send(queue, [f"m{i}" for i in range(held)])
         assert {o.state for o in outcomes} == {"accepted"}
     wait_for(
-        lambda: daemon.channel("h-pty")["deliveries_out"] >= base + held,
+        lambda: any(
+            lk["name"] == "r" and lk["deliveries"] >= held
+            for lk in daemon.channel("h-pty")["detail"]["links"]
+        ),
         TIMEOUT,
         "the connector to take the messages from the broker",
     )
-    return peer, rcv, daemon.channel("h-pty")["deliveries_out"]
+    return peer, rcv, base
 
 
 # ---- link recovery, sessions, settlement ---------------------------------------------------
@@ -293,25 +296,41 @@ def test_credit_taken_back_is_honoured_and_held_messages_are_not_lost(ctx: Route
     assert sorted(_drain_queue(ctx, queue, 5)) == [f"m{i}" for i in range(5)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deliveries_out counts deliveries held for a guest without credit, then subtracts "
-    "them when it leaves: the counter goes down",
-)
-def test_the_deliveries_counter_never_goes_down(ctx: Routed) -> None:
+def test_the_deliveries_counter_counts_what_reached_the_guest_and_never_goes_down(
+    ctx: Routed,
+) -> None:
     """``deliveries_out`` is a counter (``qpid_virtio_deliveries_total`` in Prometheus): it
     adds up over the channel's life and never decreases, whatever the guest did. A decrease
-    reads as a counter reset, so rate() and increase() jump by the whole count."""
+    reads as a counter reset, so rate() and increase() jump by the whole count. Messages the
+    connector holds for a guest without credit count once they reach it, not before."""
     queue = _queue("counter")
-    peer, rcv, peak = _revoked_receiver(ctx, queue, held=5)
+    daemon = ctx.daemon
+    peer, rcv, base = _revoked_receiver(ctx, queue, held=5)
     try:
+        assert daemon.channel("h-pty")["deliveries_out"] == base  # five held, none delivered
         _flow(peer, rcv, delivery_count=0, credit=2)
         peer.pump_until(lambda: lib.pn_link_queued(rcv) >= 2, TIMEOUT)
+        assert daemon.channel("h-pty")["deliveries_out"] == base + 2
     finally:
         peer.close()
-    after = ctx.daemon.wait_state("h-pty", "waiting")["deliveries_out"]
-    _drain_queue(ctx, queue)
-    assert after >= peak
+    assert daemon.wait_state("h-pty", "waiting")["deliveries_out"] == base + 2
+    _drain_queue(ctx, queue, 5)
+
+
+def test_messages_held_for_a_receiver_that_detaches_are_not_counted(ctx: Routed) -> None:
+    """Messages held for a receiver without credit never reach the guest when it closes
+    the link: they go back to the broker and are not counted as delivered, then or later."""
+    queue = _queue("held-detach")
+    daemon = ctx.daemon
+    peer, rcv, base = _revoked_receiver(ctx, queue, held=5)
+    try:
+        lib.pn_link_close(rcv)
+        peer.pump_until(lambda: lib.pn_link_state(rcv) & lib.PN_REMOTE_CLOSED, TIMEOUT)
+        assert daemon.channel("h-pty")["deliveries_out"] == base
+    finally:
+        peer.close()
+    assert daemon.wait_state("h-pty", "waiting")["deliveries_out"] == base
+    assert sorted(_drain_queue(ctx, queue, 5)) == [f"m{i}" for i in range(5)]
 
 
 # ---- multi-frame messages given up half way -----------------------------------------------
