@@ -216,6 +216,10 @@ class Channel:
         if self._router is not None:
             self._router.shutdown(reason)
             self._pump()
+            if self._router is not None:
+                # The fd goes next, so the guest's answering close can never be read: its
+                # connection ends here, and only the upstream's close exchange is left.
+                self._end_connection()
         self._release_fd()
         if self._listening:
             self._loop.remove_reader(self._endpoint.listen_fd())
