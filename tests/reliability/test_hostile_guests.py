@@ -75,13 +75,14 @@ def _inbox(guest: GuestClient, link: Link) -> list[tuple[Message, Delivery]]:
 
 
 def _accept_all(guest: GuestClient, link: Link) -> list[Any]:
-    """Accept and settle what ``link`` has received; return the bodies."""
+    """Accept and settle what ``link`` has received; return the bodies (a binary body as
+    bytes: proton's is a view into the message, gone with it)."""
     got = _inbox(guest, link)[:]
     _inbox(guest, link).clear()
     for _, dlv in got:
         dlv.update(Delivery.ACCEPTED)
         dlv.settle()
-    return [m.body for m, _ in got]
+    return [bytes(m.body) if isinstance(m.body, memoryview) else m.body for m, _ in got]
 
 
 def _drain_queue(ctx: Routed, queue: str, expect: int = 0) -> list[Any]:
@@ -523,6 +524,37 @@ def test_a_stalled_broker_does_not_get_a_live_guest_cut_for_idleness(
             _until(guest, lambda: dlv.remote_state, "the outcome", snd)
             assert dlv.remote_state == Delivery.ACCEPTED
             dlv.settle()
+    finally:
+        assert daemon.stop() == 0
+        channel.hang_up()
+
+
+def test_a_guest_slow_to_read_does_not_get_its_broker_cut_for_idleness(
+    artemis: Any, tmp_path: Path
+) -> None:
+    """A guest that stops reading for a while (its VM paused; here its client is simply not
+    driven) while a 20 MB message comes to it: the daemon stops reading the broker
+    (backpressure), so the broker's heartbeats wait unread behind the message. The broker
+    is live, so our idle timeout towards it (how a dead broker is noticed) must not cut it:
+    when the guest reads again, the message arrives whole."""
+    queue = _queue("slowreader")
+    conf = tmp_path / "connector.toml"
+    conf.write_text(f"[broker]\nidle_timeout_s = {STALL_IDLE_TIMEOUT_S}\n")
+    channel = Qemu("unix", tmp_path, "r-unix")
+    daemon = Connector(tmp_path, artemis, [channel], "--config", str(conf)).start()
+    try:
+        with GuestClient(channel.fd(), container_id="slowreader", timeout=TIMEOUT) as guest:
+            body = b"\x5a" * HUGE
+            assert guest.send(queue, [body])[0].state == "accepted"
+            rcv = _link(guest, queue, "slow-r", sending=False)
+            rcv.flow(1)
+            base = daemon.channel("r-unix")["bytes_out"]
+            _until(guest, _polled(daemon, "r-unix", "bytes_out", base), "the message", rcv)
+            # The guest not reading is the fault under test, its length the point.
+            time.sleep(STALL_S)
+            _until(guest, lambda: _inbox(guest, rcv), "the whole message", rcv)
+            assert _accept_all(guest, rcv) == [body]
+        assert daemon.channel("r-unix")["last_error"] is None
     finally:
         assert daemon.stop() == 0
         channel.hang_up()
