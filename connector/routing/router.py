@@ -632,10 +632,12 @@ class Router:
         if not lib.pn_link_state(link) & _LOCAL_CLOSED:
             end(link)
         if route is not None:
-            self._drop_route(route)
+            self._drop_route(route, ended=link)
 
-    def _drop_route(self, route: Route) -> None:
-        """Forget a link pair; free each link once both its ends are closed."""
+    def _drop_route(self, route: Route, ended: Any = None) -> None:
+        """Forget a link pair; free each link once both its ends are closed, or detached:
+        ``ended`` is a link whose peer's detach just came and that we have ended too (a
+        detach without closing leaves no state that tells it apart later)."""
         forget_route(route)
         for r in (route, route.peer):
             if r is None:
@@ -647,7 +649,7 @@ class Router:
                 self._uncount(upstream, max(0, -lib.pn_link_credit(r.link)))
             self.routes.pop(r.link, None)
             state = lib.pn_link_state(r.link)
-            if state & _LOCAL_CLOSED and state & _REMOTE_CLOSED:
+            if r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
                 lib.pn_link_free(r.link)
             else:
                 # Still waiting for the far end's detach; free it when that arrives.

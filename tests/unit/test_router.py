@@ -449,3 +449,39 @@ def test_deliveries_never_written_upstream_are_not_counted() -> None:
     h.router.uncount_unsent(upstream=True)
     h.router.uncount_unsent(upstream=True)  # however often the engine's end is seen
     assert h.counters.deliveries_in == 0
+
+
+def _links(conn) -> int:
+    """Link objects proton still holds on a connection."""
+    count, link = 0, lib.pn_link_head(conn, 0)
+    while link:
+        count += 1
+        link = lib.pn_link_next(link, 0)
+    return count
+
+
+def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
+    """A guest that detaches links (closed=false) and attaches new ones on one long-lived
+    session leaves no link objects behind on either side of the connector."""
+    h = Harness()
+
+    def broker(ev) -> None:
+        if ev.type.name == "PN_LINK_REMOTE_DETACH":
+            ev.link.detach()
+        else:
+            h.broker_hook = None
+            h._broker_default(ev)
+            h.broker_hook = broker
+
+    h.broker_hook = broker
+    _, ssn = h.guest_session()
+    for i in range(5):
+        snd = attach(ssn, f"s{i}", "q")
+        h.pump()
+        snd.detach()
+        h.pump()
+        assert h.guest.types().count("PN_LINK_REMOTE_DETACH") == i + 1  # answered in kind
+        assert snd.state & Endpoint.REMOTE_ACTIVE  # never closed
+    assert h.router.routes == {}
+    assert _links(h.router.guest.connection) == 0
+    assert _links(h.router.upstream.connection) == 0
