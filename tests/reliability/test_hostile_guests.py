@@ -10,6 +10,7 @@ acknowledged early, nothing is lost, the connection or the channel goes on, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -495,6 +496,22 @@ STALL_S = 4.0
 STALL_IDLE_TIMEOUT_S = 2.0
 
 
+@contextlib.contextmanager
+def _own_daemon(
+    artemis: Any, tmp_path: Path, toml: str, guest: str
+) -> Iterator[tuple[Connector, Qemu]]:
+    """A daemon of the test's own, configured by ``toml``, with one unix channel."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text(toml)
+    channel = Qemu("unix", tmp_path, guest)
+    daemon = Connector(tmp_path, artemis, [channel], "--config", str(conf)).start()
+    try:
+        yield daemon, channel
+    finally:
+        assert daemon.stop() == 0
+        channel.hang_up()
+
+
 def test_a_stalled_broker_does_not_get_a_live_guest_cut_for_idleness(
     artemis: Any, tmp_path: Path
 ) -> None:
@@ -504,29 +521,25 @@ def test_a_stalled_broker_does_not_get_a_live_guest_cut_for_idleness(
     timeout (how a dead guest is noticed) must not cut it: when the broker is back, the
     message is accepted."""
     queue = _queue("stall")
-    conf = tmp_path / "connector.toml"
-    conf.write_text(f"[limits]\nidle_timeout_s = {STALL_IDLE_TIMEOUT_S}\n")
-    channel = Qemu("unix", tmp_path, "s-unix")
-    daemon = Connector(tmp_path, artemis, [channel], "--config", str(conf)).start()
-    try:
-        with GuestClient(channel.fd(), container_id="stall", timeout=TIMEOUT) as guest:
-            snd = _link(guest, queue, "stall-s", sending=True)
-            _until(guest, lambda: snd.credit > 0, "credit", snd)
-            artemis.pause()
-            try:
-                dlv = Message(body=b"\x5a" * HUGE).send(snd)
-                stalled = time.monotonic()
-                # The stall is the fault under test, its length the point: drive the guest
-                # (writing, heartbeating) for that long.
-                _until(guest, lambda: time.monotonic() - stalled > STALL_S, "the stall", snd)
-            finally:
-                artemis.resume()
-            _until(guest, lambda: dlv.remote_state, "the outcome", snd)
-            assert dlv.remote_state == Delivery.ACCEPTED
-            dlv.settle()
-    finally:
-        assert daemon.stop() == 0
-        channel.hang_up()
+    toml = f"[limits]\nidle_timeout_s = {STALL_IDLE_TIMEOUT_S}\n"
+    with (
+        _own_daemon(artemis, tmp_path, toml, "s-unix") as (_, channel),
+        GuestClient(channel.fd(), container_id="stall", timeout=TIMEOUT) as guest,
+    ):
+        snd = _link(guest, queue, "stall-s", sending=True)
+        _until(guest, lambda: snd.credit > 0, "credit", snd)
+        artemis.pause()
+        try:
+            dlv = Message(body=b"\x5a" * HUGE).send(snd)
+            stalled = time.monotonic()
+            # The stall is the fault under test, its length the point: drive the guest
+            # (writing, heartbeating) for that long.
+            _until(guest, lambda: time.monotonic() - stalled > STALL_S, "the stall", snd)
+        finally:
+            artemis.resume()
+        _until(guest, lambda: dlv.remote_state, "the outcome", snd)
+        assert dlv.remote_state == Delivery.ACCEPTED
+        dlv.settle()
 
 
 def test_a_guest_slow_to_read_does_not_get_its_broker_cut_for_idleness(
@@ -538,11 +551,8 @@ def test_a_guest_slow_to_read_does_not_get_its_broker_cut_for_idleness(
     is live, so our idle timeout towards it (how a dead broker is noticed) must not cut it:
     when the guest reads again, the message arrives whole."""
     queue = _queue("slowreader")
-    conf = tmp_path / "connector.toml"
-    conf.write_text(f"[broker]\nidle_timeout_s = {STALL_IDLE_TIMEOUT_S}\n")
-    channel = Qemu("unix", tmp_path, "r-unix")
-    daemon = Connector(tmp_path, artemis, [channel], "--config", str(conf)).start()
-    try:
+    toml = f"[broker]\nidle_timeout_s = {STALL_IDLE_TIMEOUT_S}\n"
+    with _own_daemon(artemis, tmp_path, toml, "r-unix") as (daemon, channel):
         with GuestClient(channel.fd(), container_id="slowreader", timeout=TIMEOUT) as guest:
             body = b"\x5a" * HUGE
             assert guest.send(queue, [body])[0].state == "accepted"
@@ -555,9 +565,6 @@ def test_a_guest_slow_to_read_does_not_get_its_broker_cut_for_idleness(
             _until(guest, lambda: _inbox(guest, rcv), "the whole message", rcv)
             assert _accept_all(guest, rcv) == [body]
         assert daemon.channel("r-unix")["last_error"] is None
-    finally:
-        assert daemon.stop() == 0
-        channel.hang_up()
 
 
 # ---- limits --------------------------------------------------------------------------------

@@ -87,6 +87,12 @@ def move_bytes(src: Any, dst: Any) -> int:
     return len(out)
 
 
+def pump(a: Any, b: Any) -> None:
+    """Move bytes both ways between two transports until both are quiet."""
+    while move_bytes(a, b) + move_bytes(b, a):
+        pass
+
+
 class Harness:
     """guest (client) <-> Router(guest engine | upstream engine) <-> broker (server)."""
 

@@ -19,20 +19,9 @@ from connector.routing import frames
 from connector.routing.engine import Engine
 from connector.routing.frames import FLOW_DECODES_PER_READ
 from tests.support.attach_peer import link_flows
+from tests.support.routing import pump
 
 WINDOW = uint(2**31 - 1)
-
-
-def _pump(a: Engine, b: Engine) -> None:
-    """Move bytes both ways until both are quiet."""
-    moved = True
-    while moved:
-        moved = False
-        for src, dst in ((a, b), (b, a)):
-            while out := src.peek_output():
-                dst.push(bytes(out))
-                src.pop_output(len(out))
-                moved = True
 
 
 def _accept_all(server: Engine) -> None:
@@ -78,12 +67,12 @@ def _pair(receiving: bool, credit: int = 0, *, attach: bool = True) -> _Pair:
     term = lib.pn_link_source(link) if receiving else lib.pn_link_target(link)
     lib.pn_terminus_set_address(term, b"q")
     lib.pn_link_open(link)
-    _pump(server, client)
+    pump(server, client)
     _accept_all(server)
     ours = _open_link(server) if attach else None
     if credit:
         lib.pn_link_flow(link if receiving else ours, credit)
-    _pump(server, client)
+    pump(server, client)
     return _Pair(client, server, link, ours, lines)
 
 
@@ -110,13 +99,13 @@ def _send(pair: _Pair, link: Any, n: int, size: int = 1) -> None:
         lib.pn_delivery(link, tag[0])
         lib.pn_link_send(link, b"m" * size, size)
         lib.pn_link_advance(link)
-    _pump(pair.server, pair.client)
+    pump(pair.server, pair.client)
 
 
 def _ask(pair: _Pair, *flows: bytes) -> list[dict[str, Any]]:
     """Push the client's ``flows`` into the server; the link flows the client has received."""
     pair.server.push(b"".join(flows))
-    _pump(pair.server, pair.client)
+    pump(pair.server, pair.client)
     return link_flows([line for line in pair.lines if "<-" in line])
 
 

@@ -11,23 +11,13 @@ from __future__ import annotations
 from cproton_ffi import lib
 
 from connector.routing.engine import Engine
+from tests.support.routing import pump
 
 IDLE_MS = 1000  # our idle timeout towards the peer
 PEER_IDLE_MS = 400  # the peer's, so we owe it a heartbeat every 200 ms
 T0 = 1_000_000
 # An AMQP empty frame: a heartbeat, as a peer's proton writes one.
 HEARTBEAT = b"\x00\x00\x00\x08\x02\x00\x00\x00"
-
-
-def _pump(a: Engine, b: Engine) -> None:
-    moved = True
-    while moved:
-        moved = False
-        for src, dst in ((a, b), (b, a)):
-            while out := src.peek_output():
-                dst.push(bytes(out))
-                src.pop_output(len(out))
-                moved = True
 
 
 def _open_pair() -> tuple[Engine, Engine]:
@@ -38,9 +28,9 @@ def _open_pair() -> tuple[Engine, Engine]:
     ours = Engine(server=True)
     ours.set_limits(max_frame=65536, channel_max=16, idle_timeout_ms=IDLE_MS)
     lib.pn_connection_open(peer.connection)
-    _pump(peer, ours)
+    pump(peer, ours)
     lib.pn_connection_open(ours.connection)
-    _pump(peer, ours)
+    pump(peer, ours)
     ours.tick(T0)
     assert ours.condition() is None
     return ours, peer
