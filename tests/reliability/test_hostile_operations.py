@@ -571,3 +571,35 @@ def test_sighups_with_a_broken_file_keep_serving_then_a_kind_change_applies(
     finally:
         assert daemon.stop() == 0
     assert not path.exists()  # the daemon's own listening socket goes with it
+
+
+@pytest.mark.broker
+def test_a_channel_removed_by_sighup_tells_its_connected_guest(
+    artemis: Any, short_dir: Path
+) -> None:
+    """An operator takes a channel out of the file and sends SIGHUP while its guest is
+    connected: the guest is told (``amqp:connection:forced``) rather than left hanging, and
+    the channel is listed as ``gone``."""
+    from connector.guest.client import AmqpError, Disconnected, GuestClient
+    from tests.support.connector import Qemu
+
+    qemu = Qemu("unix", short_dir, "rm")
+    entry = f"[[channel]]\nkind = 'unix'\npath = '{qemu.path}'\nguest = 'rm'\n"
+    conf = short_dir / "connector.toml"
+    conf.write_text(entry)
+    daemon = Connector(short_dir, artemis, [], "--config", str(conf)).start()
+    assert daemon.proc is not None
+    try:
+        guest = GuestClient(qemu.fd(), container_id="removed", timeout=WAIT_S)
+        assert guest.send("hostile.removed", ["x"])[0].state == "accepted"
+        conf.write_text("")
+        daemon.proc.send_signal(signal.SIGHUP)
+        with pytest.raises((AmqpError, Disconnected)) as told:
+            guest.receive("hostile.removed", 5)
+        assert "amqp:connection:forced" in str(told.value)
+        assert daemon.channel("rm")["state"] == "gone"
+        guest.driver.close_fd()
+        qemu.detach_fd()
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
