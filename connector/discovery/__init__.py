@@ -134,11 +134,20 @@ class Discovery:
         self._processes.clear()
 
     def stats(self) -> dict[str, int]:
-        """Counters for metrics: events per source, channels found and gone, errors."""
-        stats = dict(self._counters)
-        stats["channels"] = len(self._owners)
-        stats["processes"] = len(self._processes)
-        return stats
+        """Event counters: events per source, channels found and gone, retries, errors.
+
+        Only counters belong here, values that never go down while the daemon runs: the
+        metrics endpoint exports every one as the Prometheus counter family
+        ``qpid_virtio_discovery_events_total``, and a counter that goes down reads as a
+        restart to ``rate()``. What discovery knows *now* rises and falls with the VMs, so
+        it is in :meth:`gauges` instead.
+        """
+        return dict(self._counters)
+
+    def gauges(self) -> dict[str, int]:
+        """What discovery holds now: ``channels`` reported and not gone, qemu ``processes``
+        taken up and not exited. Values go down as VMs go, unlike :meth:`stats`."""
+        return {"channels": len(self._owners), "processes": len(self._processes)}
 
     def _open_watch(
         self, patterns: list[str], accept: Callable[[os.stat_result], bool]
