@@ -66,17 +66,21 @@ class Daemon:
     # -- DiscoverySink -------------------------------------------------------------------
 
     def channel_appeared(self, spec: ChannelSpec) -> None:
-        """Discovery found a channel; serve it unless the configuration names that path."""
+        """Discovery found a channel; serve it unless the configuration names that path.
+
+        The spec is kept even then: discovery reports a path once, so if a reload later
+        takes the path out of the configuration, this is what serves the running VM.
+        """
+        self._discovered[spec.path] = spec
         if spec.path in self._static:
             return
-        self._discovered[spec.path] = spec
         ch = self.channels.get(spec.path)
         gone = ch is not None and ch.state is ChannelState.GONE
         self._apply(frozenset({spec.path}) if gone else frozenset())
 
     def channel_gone(self, path: str, reason: str) -> None:
-        """Discovery says the VM behind ``path`` is gone."""
-        if self._discovered.pop(path, None) is None:
+        """Discovery says the VM behind ``path`` is gone (a configured path is left alone)."""
+        if self._discovered.pop(path, None) is None or path in self._static:
             return
         ch = self.channels.get(path)
         if ch is not None and ch.state is not ChannelState.GONE:
