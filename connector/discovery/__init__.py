@@ -29,6 +29,7 @@ from typing import Protocol
 
 from connector.discovery.kvm import KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
+from connector.discovery.reading import decode, is_text
 from connector.discovery.resolve import (
     Resolution,
     is_qemu,
@@ -170,6 +171,13 @@ class Discovery:
     # -- reporting -----------------------------------------------------------------------
 
     def _appear(self, spec: ChannelSpec, process: _Process | None) -> None:
+        if not is_text(spec.path):
+            # Only a directory entry can be such a path (``reading`` decodes what it reads):
+            # it could be opened, but not named in the status, logs or metrics.
+            self._counters["errors"] += 1
+            shown = decode(os.fsencode(spec.path))
+            self._log.warning("discovery: %s: the path is not UTF-8; ignored", shown)
+            return
         if spec.path in self._owners:
             if process is not None and self._owners[spec.path] is None:
                 self._owners[spec.path] = process.pid  # the socket's qemu is known now

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from connector.discovery.reading import read_text, readlink
+
 PTMX_TARGETS = frozenset({"/dev/ptmx", "/dev/pts/ptmx"})
 
 
@@ -22,13 +24,6 @@ def _fd_numbers(pid: int, proc_root: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
 def pty_indices(pid: int, proc_root: str = "/proc") -> list[int]:
     """The pty index of each ``/dev/ptmx`` descriptor ``pid`` holds, in descriptor order.
 
@@ -37,7 +32,7 @@ def pty_indices(pid: int, proc_root: str = "/proc") -> list[int]:
     """
     indices: list[int] = []
     for fd in _fd_numbers(pid, proc_root):
-        if _readlink(f"{proc_root}/{pid}/fd/{fd}") not in PTMX_TARGETS:
+        if readlink(f"{proc_root}/{pid}/fd/{fd}") not in PTMX_TARGETS:
             continue
         index = _tty_index(f"{proc_root}/{pid}/fdinfo/{fd}")
         if index is not None:
@@ -46,30 +41,26 @@ def pty_indices(pid: int, proc_root: str = "/proc") -> list[int]:
 
 
 def _tty_index(fdinfo_path: str) -> int | None:
-    try:
-        with open(fdinfo_path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == "tty-index":
-                    return int(value.strip())
-    except (OSError, ValueError):
-        return None
+    for line in (read_text(fdinfo_path) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key == "tty-index":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
     return None
 
 
 def unix_socket_path(pid: int, fd: int, proc_root: str = "/proc") -> str | None:
     """The path a unix socket descriptor of ``pid`` is bound to, or ``None``."""
-    target = _readlink(f"{proc_root}/{pid}/fd/{fd}")
+    target = readlink(f"{proc_root}/{pid}/fd/{fd}")
     if not target or not target.startswith("socket:[") or not target.endswith("]"):
         return None
     inode = target[len("socket:[") : -1]
-    try:
-        with open(f"{proc_root}/{pid}/net/unix") as f:
-            next(f, None)  # header: Num RefCount Protocol Flags Type St Inode Path
-            for line in f:
-                fields = line.split(None, 7)
-                if len(fields) == 8 and fields[6] == inode and fields[7].startswith("/"):
-                    return fields[7].rstrip("\n")
-    except OSError:
-        return None
+    table = read_text(f"{proc_root}/{pid}/net/unix") or ""
+    # After a header line (Num RefCount Protocol Flags Type St Inode Path), one line each.
+    for line in table.split("\n")[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[6] == inode and fields[7].startswith("/"):
+            return fields[7]
     return None

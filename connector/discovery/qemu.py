@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from connector.discovery.reading import decode, is_text
+
 # qemu's boolean spellings (qapi_bool_parse).
 _TRUE = frozenset({"on", "yes", "true", "y"})
 _FALSE = frozenset({"off", "no", "false", "n"})
@@ -56,8 +58,8 @@ class QemuCommandLine:
 
 
 def split_cmdline(raw: bytes) -> list[str]:
-    """``/proc/PID/cmdline`` is NUL-separated and NUL-terminated."""
-    return [arg.decode("utf-8", "surrogateescape") for arg in raw.split(b"\0")[:-1]]
+    """``/proc/PID/cmdline`` is NUL-separated and NUL-terminated; see ``reading.decode``."""
+    return [decode(arg) for arg in raw.split(b"\0")[:-1]]
 
 
 def parse_keyval(text: str, implied_key: str) -> dict[str, str]:
@@ -114,6 +116,18 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _json_object(arg: str) -> dict[str, Any] | None:
+    """A JSON option's object, or ``None``: not JSON, not an object, or holding a string
+    that is not text (a ``\\ud800`` escape decodes to a lone surrogate)."""
+    try:
+        obj = json.loads(arg)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not is_text(json.dumps(obj, ensure_ascii=False)):
+        return None
+    return obj
+
+
 def parse_chardev(arg: str) -> Chardev | None:
     """One ``-chardev`` argument, keyval or JSON; ``None`` when it has no id."""
     if arg.lstrip().startswith("{"):
@@ -135,11 +149,8 @@ def _chardev_from_json(arg: str) -> Chardev | None:
 
     A flat variant (``{"id":..,"backend":"socket","path":..}``) is accepted as well.
     """
-    try:
-        obj = json.loads(arg)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+    obj = _json_object(arg)
+    if obj is None or not isinstance(obj.get("id"), str):
         return None
     backend = obj.get("backend")
     if isinstance(backend, str):
@@ -169,11 +180,8 @@ def _chardev_from_json(arg: str) -> Chardev | None:
 def parse_device(arg: str) -> SerialPort | None:
     """One ``-device`` argument; a ``SerialPort`` only for a named virtio-serial port."""
     if arg.lstrip().startswith("{"):
-        try:
-            opts = json.loads(arg)
-        except ValueError:
-            return None
-        if not isinstance(opts, dict):
+        opts = _json_object(arg)
+        if opts is None:
             return None
     else:
         opts = parse_keyval(arg, "driver")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
 from connector.discovery.qemu import QemuCommandLine, parse_cmdline, split_cmdline
+from connector.discovery.reading import read_bytes, readlink
 from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
@@ -36,9 +37,8 @@ class Resolution:
 
 def exe_name(pid: int, proc_root: str) -> str | None:
     """Basename of the process's executable, or ``None`` if it is gone or unreadable."""
-    try:
-        target = os.readlink(f"{proc_root}/{pid}/exe")
-    except OSError:
+    target = readlink(f"{proc_root}/{pid}/exe")
+    if target is None:
         return None
     target = target.removesuffix(_DELETED)
     return os.path.basename(target)
@@ -68,21 +68,14 @@ def port_wanted(port: str | None, settings: DiscoverySettings) -> bool:
 
 
 def read_cmdline(pid: int, proc_root: str) -> QemuCommandLine | None:
-    try:
-        with open(f"{proc_root}/{pid}/cmdline", "rb") as f:
-            return parse_cmdline(split_cmdline(f.read()))
-    except OSError:
-        return None
+    raw = read_bytes(f"{proc_root}/{pid}/cmdline")
+    return None if raw is None else parse_cmdline(split_cmdline(raw))
 
 
 def read_status(path: str) -> LibvirtDomain | None:
     """One status file, or ``None`` if it is missing, too big, or half-written."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATUS_XML_BYTES + 1)
-    except OSError:
-        return None
-    if len(data) > MAX_STATUS_XML_BYTES:
+    data = read_bytes(path, MAX_STATUS_XML_BYTES + 1)
+    if data is None or len(data) > MAX_STATUS_XML_BYTES:
         return None
     try:
         return parse_status_xml(data)

@@ -165,6 +165,22 @@ def test_split_cmdline() -> None:
     assert split_cmdline(b"") == []
 
 
+def test_bytes_that_are_not_utf8_read_as_escapes_never_as_surrogates() -> None:
+    """A name in latin-1 (``caf\\xe9``) must come out as text that encodes as UTF-8."""
+    argv = split_cmdline("qemu\0-name\0guest=café,debug-threads=on\0".encode() + b"caf\xe9\0")
+    assert argv[2:] == ["guest=café,debug-threads=on", "caf\\xe9"]
+    assert parse_cmdline(["qemu", "-name", argv[3]]).name == "caf\\xe9"
+
+
+def test_json_escapes_to_lone_surrogates_are_refused() -> None:
+    """JSON's ``\\udXXX`` escapes can spell a lone surrogate in plain ASCII."""
+    port = '{"driver":"virtserialport","chardev":"c0","name":"org.qpid.amqp.\\udce9"}'
+    chardev = '{"id":"c0","backend":"socket","path":"/run/\\ud800.sock","server":true}'
+    assert parse_device(port) is None
+    assert parse_chardev(chardev) is None
+    assert parse_device(port.replace("\\udce9", "\\u00e9")) == SerialPort("org.qpid.amqp.é", "c0")
+
+
 _IDS = st.text(st.characters(blacklist_characters=",=\0", blacklist_categories=("Cs",)), min_size=1)
 _PATHS = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1)
 

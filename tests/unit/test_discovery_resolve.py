@@ -224,6 +224,22 @@ def test_libvirt_status_wins_over_cmdline(proc: FakeProc, settings: DiscoverySet
     assert resolution.problems == ("port org.qpid.amqp.2: channel type 'file' is not unix or pty",)
 
 
+def test_what_proc_holds_that_is_not_utf8_reads_as_text(
+    proc: FakeProc, settings: DiscoverySettings
+) -> None:
+    """A VM named (and a socket bound) in latin-1: every string read is valid Unicode."""
+    base = proc.process(50, QEMU, [])
+    argv = [b"qemu", b"-name", b"guest=caf\xe9", b"-chardev", b"socket,id=c0,fd=9,server=on"]
+    argv += [b"-device", b"virtserialport,chardev=c0,name=org.qpid.amqp.0"]
+    (base / "cmdline").write_bytes(b"".join(a + b"\0" for a in argv))
+    proc.socket(50, 9, 4242, "/run/x.sock")
+    unix = (base / "net" / "unix").read_bytes().replace(b"/run/x.sock", b"/run/\xe9.sock")
+    (base / "net" / "unix").write_bytes(unix)
+    (spec,) = resolve_pid(50, settings).specs
+    assert (spec.identity.name, spec.path) == ("caf\\xe9", "/run/\\xe9.sock")
+    assert unix_socket_path(50, 9, str(proc.root)) == "/run/\\xe9.sock"
+
+
 def test_find_status(settings: DiscoverySettings) -> None:
     status = Path(settings.libvirt_status_dir)
     (status / "a.xml").write_text(STATUS.format(pid=40, name="a"))

@@ -1,4 +1,4 @@
-"""``Discovery.stats()`` and ``gauges()``: counters only grow, what is known now is apart.
+"""What ``Discovery`` reports: counters that only grow, and only paths it can name.
 
 A fake /proc names this test's own process as a qemu (so its pidfd is real and never
 fires) whose listening socket the directory watch sees; removing the socket makes the
@@ -91,3 +91,43 @@ def test_counters_never_go_down_when_a_vm_goes_away(short_tmp: Path) -> None:
             listener.close()
 
     asyncio.run(scenario())
+
+
+def test_a_watched_socket_whose_name_is_not_utf8_is_refused_with_a_warning(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch reads directory entries, whose names may hold any bytes; such a path could
+    be opened but not shown in the status, logs or metrics, so it is not served."""
+    target = os.fsencode(short_tmp / "target")
+    listeners = []
+    for guest in (b"vm1", b"caf\xe9"):
+        os.makedirs(target + b"/domain-1-" + guest)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(target + b"/domain-1-" + guest + b"/" + PORT.encode())
+        listeners.append(listener)
+    (short_tmp / "proc").mkdir()
+    settings = DiscoverySettings(
+        sources=frozenset({"watch"}),
+        watch_globs=(f"{short_tmp}/target/*/{PORT}",),
+        proc_root=str(short_tmp / "proc"),
+        libvirt_status_dir=str(short_tmp / "no-libvirt"),
+        watch_libvirt_status=False,
+    )
+
+    sink = Sink()
+
+    async def scenario() -> dict[str, int]:
+        discovery = Discovery(settings, sink, asyncio.get_running_loop(), logging.getLogger())
+        discovery.start()
+        discovery.stop()
+        return discovery.stats()
+
+    try:
+        stats = asyncio.run(scenario())
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert [spec.identity.name for spec in sink.live.values()] == ["vm1"]
+    assert stats["errors"] == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "domain-1-caf\\xe9" in warning and "not UTF-8" in warning

@@ -1,0 +1,62 @@
+"""How discovery reads what other programs wrote: /proc and files, always as valid Unicode.
+
+Whoever may run qemu chooses its command line, and so a guest's name, port names and
+paths, as arbitrary bytes. Those strings end up in logs, the control socket's JSON, the
+metrics page and ``qpid-virtio-status``; a lone surrogate (what ``surrogateescape`` makes
+of a byte that is not UTF-8) breaks each of them when it is encoded. So every byte string
+discovery reads is decoded here, once, as UTF-8 with ``backslashreplace``: valid UTF-8 reads
+as itself, and a stray byte reads as ``\\xNN``, visible and harmless. Every reader in
+``connector.discovery`` goes through these functions.
+
+A path decoded this way is not the file's real name when it held such a byte; see
+:func:`is_text` for the paths that come from the file system itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENCODING = "utf-8"
+ERRORS = "backslashreplace"
+
+
+def decode(raw: bytes) -> str:
+    """Bytes from /proc or a file as text: UTF-8, a byte that is not shown as ``\\xNN``."""
+    return raw.decode(ENCODING, ERRORS)
+
+
+def read_bytes(path: str, limit: int = -1) -> bytes | None:
+    """A file's bytes (at most ``limit``, or all), or ``None`` if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def read_text(path: str) -> str | None:
+    """A file's text (see :func:`decode`), or ``None`` if it cannot be read."""
+    raw = read_bytes(path)
+    return None if raw is None else decode(raw)
+
+
+def readlink(path: str) -> str | None:
+    """A symlink's target as text (see :func:`decode`), or ``None``."""
+    try:
+        return decode(os.readlink(os.fsencode(path)))
+    except OSError:
+        return None
+
+
+def is_text(text: str) -> bool:
+    """Whether a string holds no lone surrogate, i.e. can be written out as UTF-8.
+
+    Strings that did not come through :func:`decode` may: a directory entry the ``os``
+    module read (a byte that is not UTF-8 becomes a surrogate, which must stay to open the
+    file, so such a path is refused rather than decoded), or a JSON ``\\udXXX`` escape.
+    """
+    try:
+        text.encode(ENCODING)
+    except UnicodeEncodeError:
+        return False
+    return True
