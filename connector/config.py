@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .discovery.settings import DiscoverySettings
+from .control.metrics import parse_listen_address
+from .discovery.settings import DiscoverySettings, seconds
 from .errors import ConfigError
 from .identity import DEFAULT_PORT, ChannelKind, ChannelSpec, GuestIdentity
 from .limits import GuestLimits
@@ -38,6 +39,9 @@ _BROKER_KEYS = {
 }
 _TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify_hostname"}
 _CHANNEL_KEYS = {"kind", "path", "guest", "port", "uuid"}
+_CONTROL_KEYS = {"socket", "mode", "group"}
+_METRICS_KEYS = {"listen"}
+_LOG_KEYS = {"level"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,26 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     discovery: DiscoverySettings | None = None  # None: discovery off
     file: str | None = None  # the TOML file, re-read on SIGHUP
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    """A TOML table, or ConfigError naming it (``broker = 5`` instead of ``[broker]``)."""
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"must be a table ([{where}]), not {value!r}")
+    return value
+
+
+def _text(table: dict[str, Any], key: str, where: str) -> str | None:
+    """An optional string key: ``None`` when absent, else it must be a string.
+
+    TOML has no null, so a key is either absent or has a value of its own type; a
+    forgotten pair of quotes (``group = 0``) must fail here, naming the key, rather than
+    deep inside whatever uses it.
+    """
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(where, f"must be a string, not {value!r}")
+    return value
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -106,11 +130,11 @@ def channel_from_table(table: dict[str, Any], where: str) -> ChannelSpec:
     if not isinstance(path, str) or not path.startswith("/"):
         raise ConfigError(f"{where}.path", f"{path!r}: must be an absolute path")
     _check_channel_path(kind, path)
-    guest = table.get("guest") or default_guest_name(path)
+    guest = _text(table, "guest", f"{where}.guest") or default_guest_name(path)
     identity = GuestIdentity(
-        name=str(guest),
-        port=str(table.get("port") or DEFAULT_PORT),
-        uuid=table.get("uuid"),
+        name=guest,
+        port=_text(table, "port", f"{where}.port") or DEFAULT_PORT,
+        uuid=_text(table, "uuid", f"{where}.uuid"),
         found_by="config",
     )
     return ChannelSpec(kind, path, identity)
@@ -155,39 +179,52 @@ def _broker_from_table(table: dict[str, Any]) -> UpstreamSettings:
     urls = table.get("urls", [DEFAULT_BROKER])
     if isinstance(urls, str):
         urls = [u for u in urls.split(",") if u]
-    if not isinstance(urls, list) or not urls:
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
         raise ConfigError("broker.urls", "must be a non-empty list of URLs")
-    password = table.get("password")
-    if "password_file" in table:
-        password = _read_password_file(table["password_file"], "broker.password_file")
-    tls_table = table.get("tls", {})
+    password = _text(table, "password", "broker.password")
+    password_file = _text(table, "password_file", "broker.password_file")
+    if password_file is not None:
+        password = _read_password_file(password_file, "broker.password_file")
+    tls_table = _table(table.get("tls", {}), "broker.tls")
     for key in tls_table:
         if key not in _TLS_KEYS:
             raise ConfigError(f"broker.tls.{key}", "unknown key")
     for key in ("ca_file", "cert_file", "key_file"):
-        if key in tls_table and not os.access(tls_table[key], os.R_OK):
-            raise ConfigError(f"broker.tls.{key}", f"{tls_table[key]}: not readable")
+        file = _text(tls_table, key, f"broker.tls.{key}")
+        if file is not None and not os.access(file, os.R_OK):
+            raise ConfigError(f"broker.tls.{key}", f"{file}: not readable")
+    if not isinstance(tls_table.get("verify_hostname", True), bool):
+        raise ConfigError("broker.tls.verify_hostname", "must be true or false")
     idle = table.get("idle_timeout_s", UPSTREAM_IDLE_TIMEOUT_S)
-    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle < 0:
-        raise ConfigError("broker.idle_timeout_s", f"must be a number of seconds, not {idle!r}")
     return UpstreamSettings(
-        urls=tuple(BrokerURL.parse(str(u)) for u in urls),
-        user=table.get("user"),
+        urls=tuple(BrokerURL.parse(u) for u in urls),
+        user=_text(table, "user", "broker.user"),
         password=password,
-        sasl_mechanisms=table.get("sasl_mechanisms"),
+        sasl_mechanisms=_text(table, "sasl_mechanisms", "broker.sasl_mechanisms"),
         tls=TLSSettings(**tls_table),
-        hostname=table.get("hostname"),
-        idle_timeout_s=float(idle),
+        hostname=_text(table, "hostname", "broker.hostname"),
+        idle_timeout_s=seconds(idle, "broker.idle_timeout_s"),
     )
 
 
 def _mode(value: Any) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return int(str(value), 8)
-    except ValueError as err:
-        raise ConfigError("control.mode", f'{value!r}: an octal mode such as "0660"') from err
+    """``control.mode``: an octal string (``"0660"``) or a TOML octal integer (``0o660``).
+
+    A decimal ``660`` is refused rather than read as 0o1224, which would not be a mode.
+    """
+    wrong = ConfigError("control.mode", f'{value!r}: an octal mode such as "0660", at most 0777')
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError as err:
+            raise wrong from err
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise wrong
+    if not 0 <= mode <= 0o777:
+        raise wrong
+    return mode
 
 
 def build(data: dict[str, Any], file: str | None = None) -> Config:
@@ -195,34 +232,51 @@ def build(data: dict[str, Any], file: str | None = None) -> Config:
     for key in data:
         if key not in _TOP_KEYS:
             raise ConfigError(key, "unknown section")
-    control = data.get("control", {})
-    for key in control:
-        if key not in {"socket", "mode", "group"}:
-            raise ConfigError(f"control.{key}", "unknown key")
-    metrics = data.get("metrics", {})
-    log = data.get("log", {})
-    level = str(log.get("level", "info")).lower()
+    control = _known_keys(data, "control", _CONTROL_KEYS)
+    metrics = _known_keys(data, "metrics", _METRICS_KEYS)
+    log = _known_keys(data, "log", _LOG_KEYS)
+    level = (_text(log, "level", "log.level") or "info").lower()
     if level not in LOG_LEVELS:
         raise ConfigError("log.level", f"{level!r}: one of {', '.join(LOG_LEVELS)}")
+    channel_list = data.get("channel", [])
+    if not isinstance(channel_list, list):
+        raise ConfigError("channel", "must be a list of [[channel]] tables")
     channels = tuple(
-        channel_from_table(t, f"channel[{i}]") for i, t in enumerate(data.get("channel", []))
+        channel_from_table(_table(t, f"channel[{i}]"), f"channel[{i}]")
+        for i, t in enumerate(channel_list)
     )
     discovery = None
     if "discovery" in data:
-        discovery = DiscoverySettings.from_table(data["discovery"])
+        discovery = DiscoverySettings.from_table(_table(data["discovery"], "discovery"))
+    socket = _text(control, "socket", "control.socket")
+    if socket == "":
+        raise ConfigError("control.socket", "must be a path, not empty")
+    listen = _text(metrics, "listen", "metrics.listen")
+    if listen is not None:
+        parse_listen_address(listen, "metrics.listen")
     return Config(
-        upstream=_broker_from_table(data.get("broker", {})),
+        upstream=_broker_from_table(_table(data.get("broker", {}), "broker")),
         channels=channels,
-        control_socket=control.get("socket", DEFAULT_CONTROL_SOCKET),
+        control_socket=socket or DEFAULT_CONTROL_SOCKET,
         control_mode=_mode(control.get("mode", 0o600)),
-        control_group=control.get("group"),
-        metrics=metrics.get("listen"),
+        control_group=_text(control, "group", "control.group"),
+        metrics=listen,
         log_level=level,
-        limits=GuestLimits.from_table(data.get("limits", {})),
-        policy=Policy.from_table(data.get("policy", {})),
+        limits=GuestLimits.from_table(_table(data.get("limits", {}), "limits")),
+        policy=Policy.from_table(_table(data.get("policy", {}), "policy")),
         discovery=discovery,
         file=file,
     )
+
+
+def _known_keys(data: dict[str, Any], section: str, known: set[str]) -> dict[str, Any]:
+    """A small section's table, every key in it known."""
+    table = _table(data.get(section, {}), section)
+    for key in table:
+        if key not in known:
+            names = ", ".join(sorted(known))
+            raise ConfigError(f"{section}.{key}", f"unknown key (known: {names})")
+    return table
 
 
 def with_flags(config: Config, flags: dict[str, Any]) -> Config:

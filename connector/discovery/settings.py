@@ -7,6 +7,7 @@ Every field has a default that fits a stock libvirt host, so an operator who wri
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ DEFAULT_LIBVIRT_STATUS_DIR = "/run/libvirt/qemu"
 DEFAULT_LIBVIRT_RETRY_SECONDS = 5.0
 # How often to look again within that window.
 DEFAULT_LIBVIRT_RETRY_INTERVAL = 0.2
+# Each look re-reads the process's /proc files and libvirt's status file on the daemon's
+# loop; much more often than this (0 above all) would keep the loop busy doing only that.
+MIN_LIBVIRT_RETRY_INTERVAL = 0.01
 DEFAULT_PROC_ROOT = "/proc"
 
 
@@ -73,15 +77,24 @@ def _convert(where: str, key: str, value: Any) -> Any:
         return _sources(where, _strings(where, value))
     if key in ("watch_globs", "port_patterns", "qemu_executables"):
         items = _strings(where, value)
+        if not items and key != "watch_globs":
+            raise ConfigError(where, "must name at least one pattern, or nothing is ever found")
         if key == "watch_globs":
             for glob in items:
                 if not glob.startswith("/"):
                     raise ConfigError(where, f"{glob!r} is not an absolute path pattern")
         return tuple(items)
-    if key in ("libvirt_retry_seconds", "libvirt_retry_interval"):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(where, "must be a number of seconds, 0 or more")
-        return float(value)
+    if key == "libvirt_retry_seconds":
+        return seconds(value, where)
+    if key == "libvirt_retry_interval":
+        interval = seconds(value, where)
+        if interval < MIN_LIBVIRT_RETRY_INTERVAL:
+            raise ConfigError(
+                where,
+                f"must be at least {MIN_LIBVIRT_RETRY_INTERVAL}s, not {value!r}: each look "
+                "re-reads /proc, and a shorter interval keeps the event loop busy doing it",
+            )
+        return interval
     if key == "watch_libvirt_status":
         if not isinstance(value, bool):
             raise ConfigError(where, "must be true or false")
@@ -93,6 +106,16 @@ def _convert(where: str, key: str, value: Any) -> Any:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ConfigError(where, "must be an absolute path")
     return value
+
+
+def seconds(value: Any, where: str) -> float:
+    """A duration from TOML: a finite number, 0 or more (TOML also spells ``inf`` and
+    ``nan``); ConfigError naming ``where`` otherwise. Also used by ``connector.config``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(where, f"must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(where, f"must be a number of seconds, 0 or more, not {value!r}")
+    return float(value)
 
 
 def _strings(where: str, value: Any) -> list[str]:

@@ -61,6 +61,12 @@ def test_with_sources_from_the_flag() -> None:
         ({"qemu_executables": [1]}, "discovery.qemu_executables"),
         ({"libvirt_retry_seconds": -1}, "discovery.libvirt_retry_seconds"),
         ({"libvirt_retry_seconds": True}, "discovery.libvirt_retry_seconds"),
+        ({"libvirt_retry_seconds": float("inf")}, "discovery.libvirt_retry_seconds"),
+        ({"libvirt_retry_interval": 0}, "discovery.libvirt_retry_interval"),  # a spinning timer
+        ({"libvirt_retry_interval": 0.001}, "discovery.libvirt_retry_interval"),
+        ({"libvirt_retry_interval": float("nan")}, "discovery.libvirt_retry_interval"),
+        ({"port_patterns": []}, "discovery.port_patterns"),  # nothing would ever match
+        ({"qemu_executables": []}, "discovery.qemu_executables"),  # no process trusted
         ({"proc_root": "proc"}, "discovery.proc_root"),
         ({"watch_libvirt_status": "yes"}, "discovery.watch_libvirt_status"),
         ({"udev_source": "systemd"}, "discovery.udev_source"),
