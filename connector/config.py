@@ -81,6 +81,35 @@ def _text(table: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
+# SIGHUP applies the channel list only (the daemon's other parts are built once, at start).
+# Every other Config field, by the file section it comes from, so that a reload can say
+# which of the operator's changes wait for a restart instead of ignoring them silently.
+RELOADED_FIELDS = frozenset({"channels", "file"})
+RESTART_SECTIONS: dict[str, str] = {
+    "upstream": "broker",
+    "control_socket": "control",
+    "control_mode": "control",
+    "control_group": "control",
+    "metrics": "metrics",
+    "log_level": "log",
+    "limits": "limits",
+    "policy": "policy",
+    "discovery": "discovery",
+}
+
+
+def sections_needing_restart(running: Config, fresh: Config) -> list[str]:
+    """The sections whose settings differ between ``running`` and ``fresh`` (re-read on
+    SIGHUP) and which a reload does not apply, sorted."""
+    return sorted(
+        {
+            section
+            for name, section in RESTART_SECTIONS.items()
+            if getattr(running, name) != getattr(fresh, name)
+        }
+    )
+
+
 def load_file(path: str) -> dict[str, Any]:
     """Read and parse a TOML file; refuse one that lets others read a password."""
     try:

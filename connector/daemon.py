@@ -148,12 +148,23 @@ class Daemon:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configured channels; keep unchanged ones connected."""
+        """SIGHUP: re-read the configured channels; keep unchanged ones connected.
+
+        Only the channel list is applied; a change anywhere else is named in one warning
+        (and again on each reload until the restart that applies it), never dropped silently.
+        """
         try:
             fresh = config_mod.load(self._flags)
         except ConfigError as err:
             log.error("reload failed, keeping the old configuration: %s", err)
             return
+        waiting = config_mod.sections_needing_restart(self.config, fresh)
+        if waiting:
+            log.warning(
+                "reload: %s changed: not applied until the next restart "
+                "(a reload applies only the channel list)",
+                ", ".join(f"[{section}]" for section in waiting),
+            )
         self._static = {spec.path: spec for spec in fresh.channels}
         self._apply()
         log.info("reloaded: %d configured channel(s)", len(self._static))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -106,6 +107,31 @@ def test_sighup_reloads_channels_without_dropping_unchanged_ones(
         assert daemon.stop(signal.SIGTERM) == 0
         keep.hang_up()
         add.hang_up()
+
+
+def test_sighup_names_the_changed_sections_it_does_not_apply(tmp_path: Path) -> None:
+    """A reload applies the channel list only; a change to another section is not dropped
+    silently but named in one warning that says it waits for a restart. No broker is
+    needed: the channel only waits for its qemu."""
+    no_broker = SimpleNamespace(url=f"amqp://127.0.0.1:{free_port()}", user=None, password=None)
+    vm = tmp_path / "vm.sock"
+    channel = f"[[channel]]\nkind = 'unix-listen'\npath = '{vm}'\nguest = 'vm'\n"
+    conf = tmp_path / "connector.toml"
+    conf.write_text("[limits]\nmax_sessions = 32\n" + channel)
+    daemon = Connector(tmp_path, no_broker, [], "--config", str(conf)).start()
+    assert daemon.proc is not None
+    try:
+        daemon.wait_state("vm", "waiting")
+        conf.write_text("[limits]\nmax_sessions = 8\n[policy.default]\nrelay = false\n" + channel)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded: 1 configured" in daemon.log_text(), 30, "the reload")
+        warnings = [line for line in daemon.log_text().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, warnings
+        assert "[limits], [policy] changed" in warnings[0]
+        assert "next restart" in warnings[0]
+        assert daemon.channel("vm")["state"] == "waiting"  # the unchanged channel untouched
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.broker

@@ -6,6 +6,7 @@ included; the daemon prints ``ConfigError`` as that line, so raising it is the p
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -76,3 +77,22 @@ def test_well_typed_values_are_taken() -> None:
     assert (cfg.metrics, cfg.log_level, cfg.upstream.idle_timeout_s) == ("[::1]:9187", "debug", 0)
     assert build("[control]\nmode = '0640'\n").control_mode == 0o640
     assert [(c.identity.name, c.identity.port) for c in cfg.channels] == [("vm", "p")]
+
+
+def test_every_setting_is_either_reloaded_or_named_as_needing_a_restart() -> None:
+    """A new Config field must be given a section, or a reload would ignore it silently."""
+    names = {field.name for field in dataclasses.fields(config.Config)}
+    assert names == config.RELOADED_FIELDS | config.RESTART_SECTIONS.keys()
+
+
+def test_a_reload_names_the_sections_it_does_not_apply() -> None:
+    running = build("[limits]\nmax_sessions = 32\n[[channel]]\nkind = 'pty'\npath = '/dev/null'\n")
+    channels_only = build("[limits]\nmax_sessions = 32\n")
+    assert config.sections_needing_restart(running, channels_only) == []
+    fresh = build(
+        "[limits]\nmax_sessions = 8\n[policy.default]\nrelay = false\n[log]\nlevel = 'debug'\n"
+        "[control]\nmode = '0660'\n[discovery]\nsources = ['watch']\n"
+    )
+    assert config.sections_needing_restart(running, fresh) == [
+        "control", "discovery", "limits", "log", "policy",
+    ]  # fmt: skip
