@@ -2,7 +2,8 @@
 
 An asyncio unix stream server on the daemon's own loop. Each client sends newline-delimited
 JSON requests and gets one JSON line back per request. Nothing a client sends can raise out
-of here: a malformed request gets an error reply, and a broken client is dropped, because
+of here: a malformed request (too long, too deeply nested, not JSON at all) gets an error
+reply and the connection goes on, and only a broken or silent client is dropped, because
 the daemon routing a hundred guests must not die for an inspection tool.
 """
 
@@ -149,15 +150,41 @@ class ControlServer:
     ) -> None:
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), REQUEST_IDLE_TIMEOUT)
-            except ValueError:  # the line exceeded MAX_REQUEST_BYTES
-                await self._send(writer, error_reply("request too long"))
-                return
-            if not line:
-                return
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_IDLE_TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                line = exc.partial  # the stream ended: a last request without its newline
+                if not line:
+                    return
+            except asyncio.LimitOverrunError as exc:
+                # A line over MAX_REQUEST_BYTES is one bad request like any other: it is
+                # answered, the rest of it is read and thrown away, and the next line is
+                # the next request. Only the stream ending or falling silent ends this.
+                await self._send(
+                    writer, error_reply(f"request too long (over {MAX_REQUEST_BYTES} bytes)")
+                )
+                await asyncio.wait_for(self._skip_line(reader, exc), REQUEST_IDLE_TIMEOUT)
+                continue
             if not line.strip():
                 continue
             await self._send(writer, self.reply_to(line))
+
+    @staticmethod
+    async def _skip_line(reader: asyncio.StreamReader, overrun: asyncio.LimitOverrunError) -> None:
+        """Throw away the rest of an overlong line, through its newline, a buffer at a time.
+
+        ``readuntil`` leaves the overlong data buffered and says how much of it to consume
+        (up to the newline when it has arrived), so memory stays bounded by the limit however
+        long the line is. Returns at the end of the stream too: the next read sees it.
+        """
+        while True:
+            await reader.readexactly(overrun.consumed)
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as again:
+                overrun = again
 
     def reply_to(self, line: bytes) -> dict[str, object]:
         """The reply to one raw request line; never raises."""
@@ -165,6 +192,8 @@ class ControlServer:
             request = json.loads(line)
         except ValueError as exc:
             return error_reply(f"malformed request: {exc}")
+        except RecursionError:  # json's decoder recurses once per nested [ or {
+            return error_reply("malformed request: nested too deeply")
         try:
             return answer(request, self.source.snapshot())
         except Exception as exc:

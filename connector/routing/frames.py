@@ -51,6 +51,8 @@ _SOURCE = 5
 _OFFERED = 11
 _DESIRED = 12
 _DEFAULT_OUTCOME = 8
+_ADDRESS = 0
+_DYNAMIC = 4
 _SOURCE_DESCRIPTOR = ulong(0x28)
 FLOW_HANDLE = 4
 _FLOW_DELIVERY_COUNT = 5
@@ -90,6 +92,9 @@ class LinkExtras:
     offered: Any = None
     desired: Any = None
     default_outcome: Any = None
+    # A source with neither an address nor dynamic set, which proton takes for no source at
+    # all (every sender of proton's own clients attaches one), with all its fields.
+    source: Any = None
 
 
 LinkKey = tuple[str, bool]  # (link name, role: True for a receiver), as in the attach frame
@@ -345,12 +350,14 @@ class FrameReader:
         self.links.note(code, channel_of(frame), fields)
         if code != ATTACH or len(fields) <= _ROLE or not isinstance(fields[_NAME], str):
             return
-        if len(fields) <= _OFFERED and not _source_outcome(fields):
+        dropped = _source_dropped(fields)
+        if len(fields) <= _OFFERED and not _source_outcome(fields) and dropped is None:
             return
         extras = LinkExtras(
             offered=_field(fields, _OFFERED),
             desired=_field(fields, _DESIRED),
             default_outcome=_source_outcome(fields),
+            source=dropped,
         )
         if extras != LinkExtras():
             self.found[(fields[_NAME], bool(fields[_ROLE]))] = extras
@@ -478,6 +485,8 @@ def _completed(frame: Any, fields: list[Any], extras: LinkExtras) -> bytes:
     fields.extend([None] * (_DESIRED + 1 - len(fields)))
     fields[_OFFERED] = extras.offered
     fields[_DESIRED] = extras.desired
+    if fields[_SOURCE] is None:
+        fields[_SOURCE] = extras.source
     source = fields[_SOURCE]
     if extras.default_outcome is not None and isinstance(source, Described):
         terms = list(source.value)
@@ -495,9 +504,24 @@ def _field(fields: list[Any], index: int) -> Any:
     return fields[index] if len(fields) > index else None
 
 
-def _source_outcome(fields: list[Any]) -> Any:
-    """The source's default-outcome, if the attach has a source that names one."""
+def _source_terms(fields: list[Any]) -> list[Any] | None:
+    """The fields of the attach's source, if it has one."""
     source = _field(fields, _SOURCE)
     if not isinstance(source, Described) or source.descriptor != _SOURCE_DESCRIPTOR:
         return None
-    return _field(source.value, _DEFAULT_OUTCOME) if isinstance(source.value, list) else None
+    return source.value if isinstance(source.value, list) else None
+
+
+def _source_outcome(fields: list[Any]) -> Any:
+    """The source's default-outcome, if the attach has a source that names one."""
+    terms = _source_terms(fields)
+    return _field(terms, _DEFAULT_OUTCOME) if terms is not None else None
+
+
+def _source_dropped(fields: list[Any]) -> Any:
+    """The attach's source, whole, if proton's engine will take it for none: one with
+    neither an address nor dynamic set (pn_do_attach, proton 0.40)."""
+    terms = _source_terms(fields)
+    if terms is None or _field(terms, _ADDRESS) is not None or _field(terms, _DYNAMIC):
+        return None
+    return fields[_SOURCE]

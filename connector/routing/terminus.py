@@ -5,8 +5,9 @@ their terminus fields (address, durable, expiry-policy, timeout, dynamic and
 dynamic-node-properties, distribution-mode, filter, outcomes, capabilities, and the
 coordinator type with its capabilities), both settle modes, link properties and
 max-message-size. Proton 0.40's engine neither decodes nor writes the attach's link-level
-offered and desired capabilities, nor the source's default-outcome; the engines read those
-from the peer's attach frame and write them into ours (``frames``).
+offered and desired capabilities, nor the source's default-outcome, and it drops a source
+that has neither an address nor dynamic set; the engines read those from the peer's attach
+frame and write them into ours (``frames``).
 """
 
 from __future__ import annotations

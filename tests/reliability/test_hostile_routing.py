@@ -372,11 +372,6 @@ def test_a_selector_filter_reaches_the_broker(art: Routed) -> None:
         assert _inbox(guest, rcv) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an address-less source is dropped from the upstream attach (proton decodes it "
-    "as no source); Artemis then fails rejecting the message and closes the connection",
-)
 def test_the_anonymous_relay_refusing_a_missing_address_carries_the_brokers_error(
     art: Routed,
 ) -> None:

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import pytest
 from cproton_ffi import lib
-from proton import Condition, Data, Delivery, Endpoint, Link, Message, Terminus, symbol
+from proton import (
+    Condition,
+    Data,
+    Delivery,
+    Endpoint,
+    Link,
+    Message,
+    Terminus,
+    Transport,
+    symbol,
+)
 
 from connector.channel import BACKLOG_HIGH
 from connector.routing.router import FORCED, RouterState
@@ -485,3 +495,28 @@ def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
     assert h.router.routes == {}
     assert _links(h.router.guest.connection) == 0
     assert _links(h.router.upstream.connection) == 0
+
+
+def _trace(side) -> list[str]:
+    """The frames a harness side's proton receives, as its frame tracer writes them."""
+    lines: list[str] = []
+    side.transport.tracer = lambda _t, line: lines.append(line)
+    side.transport.trace(Transport.TRACE_FRM)
+    return lines
+
+
+def test_a_source_without_an_address_reaches_the_broker() -> None:
+    """Proton's clients attach every sender with a source that has no address; proton's
+    engine takes such a source for none. Artemis then fails on the missing source (it
+    closes the connection when it refuses a relayed message), so the source is carried
+    whole: the attach frame the broker receives has it, with its fields."""
+    h = Harness()
+    _, ssn = h.guest_session()
+    received = _trace(h.broker)
+    snd = ssn.sender("s")
+    snd.target.address = "q"
+    snd.source.durability = Terminus.DELIVERIES  # a field proton drops with the source
+    snd.open()
+    h.pump()
+    (upstream,) = [line for line in received if "<- @attach" in line]
+    assert "source=@source(40) [durable=0x2, timeout=0x0, dynamic=false]" in upstream
