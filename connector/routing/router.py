@@ -492,9 +492,18 @@ class Router:
             lib.pn_session_open(ssn)
         if not lib.pn_session_state(ssn) & _LOCAL_CLOSED:
             lib.pn_session_close(ssn)
-        lib.pn_session_free(ssn)
+        self._free_session(ssn)
         if twin is not None and lib.pn_session_state(twin) & _REMOTE_CLOSED:
-            lib.pn_session_free(twin)
+            self._free_session(twin)
+
+    def _free_session(self, ssn: Any) -> None:
+        """Free a session ended both ways. Its links go with it, so none of them is awaited
+        any more: no detach comes for them, and a freed link's address, once proton reuses
+        it for a new link, would make that link's detach look like the awaited one."""
+        awaiting = self._awaiting_detach
+        if awaiting:
+            awaiting -= {link for link in awaiting if lib.pn_link_session(link) == ssn}
+        lib.pn_session_free(ssn)
 
     # -- links ---------------------------------------------------------------------------
 

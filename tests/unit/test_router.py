@@ -520,3 +520,32 @@ def test_a_source_without_an_address_reaches_the_broker() -> None:
     h.pump()
     (upstream,) = [line for line in received if "<- @attach" in line]
     assert "source=@source(40) [durable=0x2, timeout=0x0, dynamic=false]" in upstream
+
+
+def test_links_of_an_ended_session_are_not_awaited_after_it_is_freed() -> None:
+    """A session ended with links still attached takes its links with it: none is left
+    waiting for a detach that will never come (the set would grow for the connection's
+    life, and a freed link's address, reused by a new link, would swallow its detach)."""
+    h = Harness()
+
+    def broker(ev) -> None:
+        if ev.type.name == "PN_SESSION_REMOTE_CLOSE":
+            ev.session.close()
+        else:
+            h.broker_hook = None
+            h._broker_default(ev)
+            h.broker_hook = broker
+
+    h.broker_hook = broker
+    conn = h.open_guest()
+    for i in range(3):
+        ssn = conn.session()
+        ssn.open()
+        attach(ssn, f"s{i}", "q")
+        attach(ssn, f"r{i}", "q", sending=False)
+        h.pump()
+        ssn.close()
+        h.pump()
+        assert ssn.state & Endpoint.REMOTE_CLOSED
+    assert h.router.routes == {}
+    assert h.router._awaiting_detach == set()
