@@ -13,6 +13,7 @@ reply per line. A request is ``{"command": NAME, ...}``; a reply is ``{"ok": tru
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 # Bumped whenever a reply loses a key or a key changes meaning; adding a key does not bump
@@ -22,6 +23,11 @@ PROTOCOL_VERSION = 1
 # Longest request line the server reads. Requests are a few dozen bytes; the cap stops a
 # confused client (or `cat /dev/zero | socat`) from growing the daemon's memory.
 MAX_REQUEST_BYTES = 64 * 1024
+
+# Longest path a unix socket can have: sockaddr_un's sun_path is 108 bytes on Linux, the
+# terminating NUL included. A longer path can be neither bound nor connected to, and Python
+# says so with an OSError that has no errno or strerror, so both ends check it themselves.
+MAX_SOCKET_PATH_BYTES = 107
 
 # How many recent errors a channel keeps for `qpid-virtio-status guest`: enough to see a
 # pattern, small enough that a flapping guest cannot grow the snapshot without bound.
@@ -185,6 +191,30 @@ class StateSource(Protocol):
     def snapshot(self) -> Snapshot | dict[str, Any]:
         """The whole current state, in the shape of ``Snapshot``."""
         ...
+
+
+def socket_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a unix socket, or None when it can.
+
+    The daemon (binding) and qpid-virtio-status (connecting) both ask, so an operator who
+    put the control socket deep in a tree reads the same reason from either.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        return (
+            f"the path is too long for a unix socket ({size} bytes; "
+            f"at most {MAX_SOCKET_PATH_BYTES})"
+        )
+    return None
+
+
+def socket_error_text(path: str, exc: OSError) -> str:
+    """The reason an OSError about the unix socket at ``path`` gives a person.
+
+    Never "None": an OSError raised by Python itself rather than the kernel has no
+    strerror, and the path's own problem (or the exception's text) says more.
+    """
+    return exc.strerror or socket_path_problem(path) or str(exc)
 
 
 def channel_row(entry: ChannelEntry | dict[str, Any]) -> ChannelRow:

@@ -18,7 +18,14 @@ import os
 import socket
 import stat
 
-from connector.control.protocol import MAX_REQUEST_BYTES, StateSource, answer, error_reply
+from connector.control.protocol import (
+    MAX_REQUEST_BYTES,
+    StateSource,
+    answer,
+    error_reply,
+    socket_error_text,
+    socket_path_problem,
+)
 from connector.errors import ConfigError
 
 log = logging.getLogger("connector.control")
@@ -50,6 +57,9 @@ class ControlServer:
 
         Raises ConfigError naming the path or group when that is the operator's mistake.
         """
+        problem = socket_path_problem(self.path)
+        if problem is not None:
+            raise ConfigError(self.path, f"cannot listen on control socket: {problem}")
         gid = self._group_id()
         # The default path is under /run, which is empty after boot unless systemd's
         # RuntimeDirectory= made it; a daemon started by hand makes it itself.
@@ -72,7 +82,7 @@ class ControlServer:
             )
         except OSError as exc:
             raise ConfigError(
-                self.path, f"cannot listen on control socket: {exc.strerror}"
+                self.path, f"cannot listen on control socket: {socket_error_text(self.path, exc)}"
             ) from exc
         finally:
             os.umask(old_umask)

@@ -15,7 +15,7 @@ import socket
 import stat
 from typing import Any
 
-from connector.control.protocol import PROTOCOL_VERSION
+from connector.control.protocol import PROTOCOL_VERSION, socket_error_text, socket_path_problem
 
 DEFAULT_CONTROL_SOCKET = "/run/qpid-virtio-connector/control.sock"
 CONTROL_SOCKET_ENV = "QPID_VIRTIO_CONTROL"
@@ -129,6 +129,9 @@ class ControlClient:
         return reply
 
     def _connect(self, sock: socket.socket) -> None:
+        problem = socket_path_problem(self.path)
+        if problem is not None:
+            raise ConnectorUnreachable(f"cannot connect to control socket {self.path}: {problem}")
         try:
             sock.connect(self.path)
         except FileNotFoundError:
@@ -147,7 +150,7 @@ class ControlClient:
             ) from None
         except OSError as exc:
             raise ConnectorUnreachable(
-                f"cannot connect to control socket {self.path}: {exc.strerror}"
+                f"cannot connect to control socket {self.path}: {socket_error_text(self.path, exc)}"
             ) from None
 
     def _read_line(self, sock: socket.socket) -> bytes:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import socket
 from pathlib import Path
+
+import pytest
 
 from connector.control import protocol
 from connector.control.sample import sample_snapshot
@@ -99,3 +104,32 @@ def test_docs_list_exactly_the_row_and_detail_keys() -> None:
     detail = sample_snapshot(NOW)["channels"][0]["detail"]
     assert documented_keys("### `guest NAME --json`") == list(detail)
     assert list(detail) == list(protocol.ChannelDetail.__annotations__)
+
+
+def test_the_socket_path_limit_is_the_one_sockets_have(tmp_path: Path) -> None:
+    """A path of MAX_SOCKET_PATH_BYTES binds; one byte more is named too long, in bytes."""
+    room = protocol.MAX_SOCKET_PATH_BYTES - len(os.fsencode(tmp_path)) - 1
+    if room < 1:
+        pytest.skip(f"the temporary directory's path is too long: {tmp_path}")
+    longest = str(tmp_path / ("x" * room))
+    assert protocol.socket_path_problem(longest) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(longest)
+    over = protocol.MAX_SOCKET_PATH_BYTES + 1
+    assert protocol.socket_path_problem(longest + "x") == (
+        f"the path is too long for a unix socket ({over} bytes; at most "
+        f"{protocol.MAX_SOCKET_PATH_BYTES})"
+    )
+    assert protocol.socket_path_problem("/" + "é" * 60) is not None  # 121 bytes, 61 characters
+
+
+def test_a_socket_error_always_has_a_reason() -> None:
+    long_path = "/" + "x" * 200
+    assert protocol.socket_error_text("/s", OSError(errno.EACCES, "Permission denied")) == (
+        "Permission denied"
+    )
+    # what Python raises itself: no errno, no strerror
+    assert "too long for a unix socket" in protocol.socket_error_text(
+        long_path, OSError("AF_UNIX path too long")
+    )
+    assert protocol.socket_error_text("/s", OSError("something odd")) == "something odd"

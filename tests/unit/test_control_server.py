@@ -122,6 +122,14 @@ def test_default_mode_is_owner_only_in_a_directory_made_for_it(tmp_path: Path) -
         assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o755
 
 
+def test_a_path_too_long_for_a_unix_socket_is_named_as_such(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120) / "control.sock"
+    with pytest.raises(ConfigError, match="the path is too long for a unix socket") as info:
+        asyncio.run(ControlServer(str(deep), None).start())  # type: ignore[arg-type]
+    assert info.value.where == str(deep)
+    assert not deep.parent.exists()  # refused before anything was made for it
+
+
 def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sock_path))

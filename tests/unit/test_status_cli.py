@@ -212,6 +212,15 @@ def test_missing_socket_exits_2_with_one_clear_line(tmp_path: Path) -> None:
     )
 
 
+def test_a_socket_path_too_long_says_so(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / ("d" * 120) / "control.sock"
+    assert cli.main(["--control-socket", str(path)]) == cli.EXIT_UNREACHABLE
+    assert capsys.readouterr().err == (
+        f"qpid-virtio-status: cannot connect to control socket {path}: the path is too long "
+        f"for a unix socket ({len(str(path))} bytes; at most 107)\n"
+    )
+
+
 def test_the_environment_names_the_socket(served: ServedState) -> None:
     result = status_subprocess("--json", env={"QPID_VIRTIO_CONTROL": served.control.path})
     assert result.returncode == cli.EXIT_UNHEALTHY
