@@ -51,6 +51,9 @@ class ControlServer:
         self.group = group
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        # (st_dev, st_ino) of the socket file we bound: close() removes that file only,
+        # never one another daemon bound at the same path after ours was removed.
+        self._bound: tuple[int, int] | None = None
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one), set its mode and group, and listen.
@@ -86,16 +89,20 @@ class ControlServer:
             ) from exc
         finally:
             os.umask(old_umask)
+        st = os.lstat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
         os.chmod(self.path, self.mode)
         if gid is not None:
             os.chown(self.path, -1, gid)
         log.info("control socket listening on %s (mode %04o)", self.path, self.mode)
 
     async def close(self) -> None:
-        """Stop listening, drop connected clients, and remove the socket file.
+        """Stop listening, drop connected clients, and remove the socket file we bound.
 
         Waits for the dropped clients' tasks to finish, so none is left pending (and later
-        finished against a closed loop) when the loop stops.
+        finished against a closed loop) when the loop stops. A file at the path that is not
+        the one we bound (ours was removed, and a newer daemon bound its own there) is left
+        alone: removing it would cut that daemon off from qpid-virtio-status.
         """
         if self._server is not None:
             self._server.close()
@@ -104,8 +111,10 @@ class ControlServer:
         for task in clients:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
+        bound, self._bound = self._bound, None
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == bound:
                 os.unlink(self.path)
 
     def _group_id(self) -> int | None:

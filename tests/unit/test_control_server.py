@@ -122,6 +122,22 @@ def test_default_mode_is_owner_only_in_a_directory_made_for_it(tmp_path: Path) -
         assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o755
 
 
+def test_close_leaves_a_socket_another_daemon_bound_at_the_path(sock_path: Path) -> None:
+    """Our file was removed (a tmp cleaner, an operator's rm) and a newer daemon bound the
+    path: stopping must not cut that one off from qpid-virtio-status."""
+    newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with ServedState(str(sock_path), sample_snapshot()):
+            sock_path.unlink()
+            newer.bind(str(sock_path))
+            newer.listen()
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(sock_path))
+    finally:
+        newer.close()
+
+
 def test_a_path_too_long_for_a_unix_socket_is_named_as_such(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120) / "control.sock"
     with pytest.raises(ConfigError, match="the path is too long for a unix socket") as info:
