@@ -31,6 +31,7 @@ _copy = bytearray(COPY_CHUNK)
 _copy_ptr = ffi.from_buffer(_copy)
 
 _ACCEPTED = lib.PN_ACCEPTED
+_RECEIVED = lib.PN_RECEIVED
 _recv = lib.pn_link_recv
 _send = lib.pn_link_send
 _aborted = lib.pn_delivery_aborted
@@ -205,8 +206,9 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
 def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
     """The peer of ``dlv`` sent a disposition: say the same on ``twin``; settle if it did."""
     state = _remote_state(dlv)
-    if state and state != _local_state(twin):
-        # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare).
+    if state and (state != _local_state(twin) or state == _RECEIVED):
+        # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare), or
+        # more progress: received is the one state a peer sends again with new fields.
         if state != _ACCEPTED:  # accepted has no fields; everything else carries some
             copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
         _update(twin, state)

@@ -549,3 +549,23 @@ def test_links_of_an_ended_session_are_not_awaited_after_it_is_freed() -> None:
         assert ssn.state & Endpoint.REMOTE_CLOSED
     assert h.router.routes == {}
     assert h.router._awaiting_detach == set()
+
+
+def test_each_received_progress_reaches_the_guest() -> None:
+    """``received`` is the one state a receiver sends again and again (how far it has
+    got with a large message); each update crosses, not only the first."""
+    h = Harness()
+    snd, brcv = _sender_pair(h)
+    brcv.flow(1)
+    h.pump()
+    dlv = snd.delivery("t")
+    snd.send(Message(body="x" * 1000).encode())
+    snd.advance()
+    h.pump()
+    (bdlv, _), *_ = _receive_all(brcv)
+    for offset in (10, 20):
+        bdlv.local.section_offset = offset
+        bdlv.update(Delivery.RECEIVED)
+        h.pump()
+        assert dlv.remote_state == Delivery.RECEIVED
+        assert dlv.remote.section_offset == offset
