@@ -7,6 +7,7 @@ the reason for the default next to it, in the manner of h11's buffer limit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
@@ -56,6 +57,8 @@ class GuestLimits:
                 raise ConfigError(f"{where}.{key}", f"must be a whole number, not {value!r}")
             if value < 0:
                 raise ConfigError(f"{where}.{key}", "must not be negative")
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}.{key}", f"must be a finite number, not {value!r}")
             values[key] = value
         limits = cls(**values)
         if limits.max_frame_size < 512:

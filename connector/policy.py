@@ -42,6 +42,8 @@ class Rule:
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> Rule:
         """A rule from TOML; unknown keys and wrong types name themselves."""
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table of rule settings")
         for key, value in table.items():
             if key not in _RULE_KEYS:
                 raise ConfigError(f"{where}.{key}", "unknown key")
@@ -51,7 +53,7 @@ class Rule:
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ConfigError(f"{where}.addresses", "must be a list of address patterns")
         return cls(
-            guests=str(table.get("guests", "*")),
+            guests=_string(table.get("guests", "*"), f"{where}.guests"),
             addresses=tuple(addresses),
             dynamic=table.get("dynamic", True),
             relay=table.get("relay", True),
@@ -85,9 +87,10 @@ class Policy:
             if key not in {"default", "rule"}:
                 raise ConfigError(f"policy.{key}", "unknown key")
         default = Rule.from_table(table.get("default", {}), "policy.default")
-        rules = tuple(
-            Rule.from_table(t, f"policy.rule[{i}]") for i, t in enumerate(table.get("rule", []))
-        )
+        listed = table.get("rule", [])
+        if not isinstance(listed, list):
+            raise ConfigError("policy.rule", "must be a list of rules ([[policy.rule]] tables)")
+        rules = tuple(Rule.from_table(t, f"policy.rule[{i}]") for i, t in enumerate(listed))
         return cls(rules, default)
 
     def rule_for(self, guest: str) -> Rule:

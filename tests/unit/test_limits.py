@@ -143,6 +143,8 @@ def test_attach_rate_limit() -> None:
         ({"max_links": 2.5}, "limits.max_links"),
         ({"no_such": 1}, "limits.no_such"),
         ({"idle_timeout_s": -1}, "limits.idle_timeout_s"),
+        ({"idle_timeout_s": float("nan")}, "limits.idle_timeout_s"),
+        ({"open_timeout_s": float("inf")}, "limits.open_timeout_s"),
     ],
 )
 def test_bad_limits_name_the_key(table: dict, where: str) -> None:

@@ -64,6 +64,10 @@ def test_the_default_policy_allows_everything_but_management() -> None:
         ({"default": {"addresses": "guests.#"}}, "policy.default.addresses"),
         ({"rule": [{"guest": "x"}]}, "policy.rule[0].guest"),
         ({"rules": []}, "policy.rules"),
+        ({"default": 5}, "policy.default"),
+        ({"rule": 5}, "policy.rule"),
+        ({"rule": [5]}, "policy.rule[0]"),
+        ({"rule": [{"guests": 5}]}, "policy.rule[0].guests"),
     ],
 )
 def test_bad_policy_names_the_key(table: dict, where: str) -> None:
