@@ -9,12 +9,12 @@ its only client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from connector.control.capacity import ConnectionCap
 from connector.control.protocol import CHANNEL_STATES, StateSource
 from connector.errors import ConfigError
 
@@ -26,8 +26,15 @@ PREFIX = "qpid_virtio"
 # A scrape request is a request line and a few headers. Anything longer is not Prometheus,
 # and reading it would let any local process grow the daemon's memory.
 MAX_REQUEST_BYTES = 16 * 1024
-# A scraper that has not finished its request in this long is dropped.
+# A scraper that has not sent its request and read the whole response in this long is
+# dropped; on loopback a real one takes milliseconds.
 REQUEST_TIMEOUT = 10.0
+# Connections held at once. Prometheus opens one per scrape and we close it after the
+# response, so even an HA pair of servers and an operator's curl need three. The port is
+# TCP, open to any local user: without a cap, idle connections (each held REQUEST_TIMEOUT)
+# use up the descriptors the guests' channels and the control socket need. One over the cap
+# is closed at once.
+MAX_CONNECTIONS = 8
 
 # (name, type, help) of every metric, in output order. Counters end in _total.
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -126,6 +133,7 @@ class MetricsServer:
         self.port = port
         self.source = source
         self._server: asyncio.base_events.Server | None = None
+        self._cap = ConnectionCap(MAX_CONNECTIONS, f"metrics on {host}:{port}", log)
 
     @property
     def bound_port(self) -> int:
@@ -152,14 +160,13 @@ class MetricsServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._cap.admit():
+            writer.transport.abort()  # nothing to flush: the descriptor goes right away
+            return
         try:
-            status, body = await asyncio.wait_for(self._respond(reader), REQUEST_TIMEOUT)
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
+            # The whole exchange is bounded, the response's flush included: a scraper that
+            # stops reading a large page holds its place no longer than one that never asks.
+            await asyncio.wait_for(self._exchange(reader, writer), REQUEST_TIMEOUT)
         except (
             ConnectionError,
             TimeoutError,
@@ -170,9 +177,19 @@ class MetricsServer:
         except Exception:
             log.exception("metrics request failed")
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            writer.transport.abort()  # closed already, unless the scraper stalled
+            self._cap.release()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read one request, write its response, and close once the response is sent."""
+        status, body = await self._respond(reader)
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        writer.close()
+        await writer.wait_closed()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
         request = await reader.readuntil(b"\r\n\r\n")

@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 
+from connector.control.capacity import ConnectionCap
 from connector.control.protocol import (
     MAX_REQUEST_BYTES,
     StateSource,
@@ -33,6 +34,13 @@ log = logging.getLogger("connector.control")
 # A client that has not sent a full request line in this long is dropped, so that a stuck
 # `socat` left open in a terminal does not hold a server task forever.
 REQUEST_IDLE_TIMEOUT = 300.0
+
+# Clients connected at once. qpid-virtio-status holds a connection for one request; a few
+# operators watching and a monitoring script's checks need a handful, a burst of parallel
+# scripts a few dozen. Each held client is a descriptor the guests' channels need too, and
+# a silent one is held for REQUEST_IDLE_TIMEOUT, so a client over this gets an error reply
+# and is closed at once.
+MAX_CLIENTS = 64
 
 
 class ControlServer:
@@ -51,6 +59,7 @@ class ControlServer:
         self.group = group
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._cap = ConnectionCap(MAX_CLIENTS, f"control socket {path}", log)
         # (st_dev, st_ino) of the socket file we bound: close() removes that file only,
         # never one another daemon bound at the same path after ours was removed.
         self._bound: tuple[int, int] | None = None
@@ -153,6 +162,12 @@ class ControlServer:
             # this task, and a loop stopping now would leave it pending for good.
             writer.close()
             return
+        if not self._cap.admit():
+            # Said before the client's request is read, so it is the reply the client reads.
+            busy = f"too many control clients connected at once ({MAX_CLIENTS}); try again"
+            writer.write(self._encode(error_reply(busy)))
+            writer.close()
+            return
         self._clients.add(task)
         try:
             await self._conversation(reader, writer)
@@ -162,6 +177,7 @@ class ControlServer:
             log.exception("control client failed")
         finally:
             self._clients.discard(task)
+            self._cap.release()
             writer.close()
 
     async def _conversation(
@@ -219,7 +235,12 @@ class ControlServer:
             log.exception("control request %r failed", request)
             return error_reply(f"internal error: {exc}")
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, reply: dict[str, object]) -> None:
-        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    @classmethod
+    async def _send(cls, writer: asyncio.StreamWriter, reply: dict[str, object]) -> None:
+        writer.write(cls._encode(reply))
         await writer.drain()
+
+    @staticmethod
+    def _encode(reply: dict[str, object]) -> bytes:
+        """One reply as its wire line."""
+        return json.dumps(reply, separators=(",", ":")).encode() + b"\n"

@@ -7,6 +7,7 @@ join), and the connector speaks an older protocol than this tool needs.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -112,7 +113,10 @@ class ControlClient:
         sock.settimeout(self.timeout)
         try:
             self._connect(sock)
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            # A connector that turns us away (too many clients) says why and hangs up, maybe
+            # before our request is sent: what it said is still there to read.
+            with contextlib.suppress(BrokenPipeError):
+                sock.sendall(json.dumps(request).encode() + b"\n")
             line = self._read_line(sock)
         except TimeoutError:
             raise ConnectorUnreachable(

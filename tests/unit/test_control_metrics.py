@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import socket
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from connector.control import metrics as metrics_module
 from connector.control.metrics import parse_listen_address, render
 from connector.control.sample import ServedState, sample_snapshot
 from connector.errors import ConfigError
+from tests.support.connector import wait_for
 
 NOW = 1_800_000_000.0
 
@@ -109,6 +112,39 @@ def test_a_junk_request_does_not_hurt_the_endpoint(tmp_path: Path) -> None:
             junk.sendall(b"GET " + b"a" * 20000)  # no end of headers, past the limit
             assert junk.recv(100) == b""  # dropped
         assert scrape(f"http://127.0.0.1:{port}/metrics")[0] == 200
+
+
+def test_connections_over_the_cap_are_closed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle connections hold at most MAX_CONNECTIONS descriptors; one more is closed long
+    before REQUEST_TIMEOUT, and a place freed serves the next scrape."""
+    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 2)
+    with ServedState(
+        str(tmp_path / "c.sock"), sample_snapshot(NOW), metrics=("127.0.0.1", 0)
+    ) as served:
+        assert served.metrics is not None
+        port = served.metrics.bound_port
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as over:
+                over.settimeout(metrics_module.REQUEST_TIMEOUT / 2)
+                # closed with nothing said: a reset is as good as an end
+                with contextlib.suppress(ConnectionResetError):
+                    assert over.recv(100) == b""
+            idle[0].close()
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_for(lambda: _scrape_status(url) == 200, 10, "a place to free up")
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def _scrape_status(url: str) -> int | None:
+    try:
+        return scrape(url)[0]
+    except (OSError, urllib.error.URLError):
+        return None
 
 
 def test_one_series_per_guest_and_port_even_with_a_gone_twin() -> None:

@@ -1,4 +1,5 @@
-"""The control server on a real unix socket: replies, bad input, permissions, stale files."""
+"""The control server on a real unix socket: replies, bad input, permissions, stale files,
+and how many clients it holds."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from connector.control import server as server_module
 from connector.control.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION, error_reply
 from connector.control.sample import ServedState, sample_snapshot
 from connector.control.server import ControlServer
 from connector.errors import ConfigError
+from tests.support.connector import wait_for
 
 TOO_LONG = error_reply(f"request too long (over {MAX_REQUEST_BYTES} bytes)")
 
@@ -144,6 +147,26 @@ def test_a_path_too_long_for_a_unix_socket_is_named_as_such(tmp_path: Path) -> N
         asyncio.run(ControlServer(str(deep), None).start())  # type: ignore[arg-type]
     assert info.value.where == str(deep)
     assert not deep.parent.exists()  # refused before anything was made for it
+
+
+def test_clients_over_the_cap_are_told_and_closed_at_once(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "MAX_CLIENTS", 2)
+    with ServedState(str(sock_path), sample_snapshot()):
+        silent = [Conversation(sock_path), Conversation(sock_path)]
+        try:
+            with Conversation(sock_path) as third:
+                assert third.reply() == error_reply(
+                    "too many control clients connected at once (2); try again"
+                )
+                assert third.file.readline() == b""  # closed, not held
+            silent[0].sock.shutdown(socket.SHUT_WR)  # one of the silent clients goes away
+            wait_for(lambda: answered(sock_path, "channels"), 10, "a place to free up")
+            assert silent[1].ask(b'{"command": "links"}\n')["ok"] is True
+        finally:
+            for conv in silent:
+                conv.__exit__()
 
 
 def test_a_stale_socket_is_replaced(sock_path: Path) -> None:

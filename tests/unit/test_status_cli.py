@@ -221,6 +221,24 @@ def test_a_socket_path_too_long_says_so(tmp_path: Path, capsys: Any) -> None:
     )
 
 
+def test_a_connector_with_too_many_clients_says_so(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.control import server
+
+    monkeypatch.setattr(server, "MAX_CLIENTS", 1)
+    with (
+        ServedState(str(tmp_path / "control.sock"), sample_snapshot()) as served,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent,
+    ):
+        silent.connect(served.control.path)
+        status, out, err = run(served, capsys=capsys)
+    assert status == cli.EXIT_UNREACHABLE and out == ""
+    assert err == (
+        "qpid-virtio-status: too many control clients connected at once (1); try again\n"
+    )
+
+
 def test_the_environment_names_the_socket(served: ServedState) -> None:
     result = status_subprocess("--json", env={"QPID_VIRTIO_CONTROL": served.control.path})
     assert result.returncode == cli.EXIT_UNHEALTHY
