@@ -173,6 +173,11 @@ class ControlServer:
             await self._conversation(reader, writer)
         except (TimeoutError, ConnectionError):
             pass  # the client went away or fell silent; nothing to tell anyone
+        except asyncio.CancelledError:
+            # close() ends a connected client's task this way. Ending quietly keeps Python
+            # 3.11's stream callback (task.exception() on a cancelled task) from logging a
+            # traceback each time the daemon stops under a `qpid-virtio-status --watch`.
+            pass
         except Exception:
             log.exception("control client failed")
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import json
+import logging
 import os
 import socket
 import stat
@@ -167,6 +168,23 @@ def test_clients_over_the_cap_are_told_and_closed_at_once(
         finally:
             for conv in silent:
                 conv.__exit__()
+
+
+def test_stopping_with_a_client_connected_logs_no_error(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `qpid-virtio-status --watch` connected while the daemon stops: its task is
+    cancelled, which must not read as a failure in the daemon's log."""
+    with caplog.at_level(logging.ERROR):
+        with ServedState(str(sock_path), sample_snapshot()):
+            conv = Conversation(sock_path)
+            assert conv.ask(b'{"command": "links"}\n')["ok"] is True
+        # the daemon has stopped with the client still connected
+        try:
+            assert conv.file.readline() == b""
+        finally:
+            conv.__exit__()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
