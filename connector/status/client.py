@@ -122,6 +122,11 @@ class ControlClient:
             raise ConnectorUnreachable(
                 f"the connector at {self.path} did not answer within {self.timeout:g}s"
             ) from None
+        except ConnectionError as exc:  # it hung up on a request it had not read
+            raise ConnectorUnreachable(
+                f"the connector at {self.path} dropped the connection without a reply: "
+                f"{exc.strerror or exc}"
+            ) from None
         finally:
             sock.close()
         try:

@@ -287,6 +287,34 @@ def test_a_connector_that_hangs_up_without_reply_is_too_old(tmp_path: Path, caps
     assert "closed the connection without a reply" in capsys.readouterr().err
 
 
+def test_a_connector_that_drops_the_connection_is_one_clear_line(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Closing with the request unread resets the connection: no traceback for that."""
+    path = tmp_path / "rude.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def drop() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1)  # the request has arrived; the rest of it stays unread
+        conn.close()
+
+    thread = threading.Thread(target=drop)
+    thread.start()
+    try:
+        status = cli.main(["--control-socket", str(path)])
+    finally:
+        thread.join()
+        listener.close()
+    assert status == cli.EXIT_UNREACHABLE
+    assert capsys.readouterr().err == (
+        f"qpid-virtio-status: the connector at {path} dropped the connection without a "
+        "reply: Connection reset by peer\n"
+    )
+
+
 def python_for_nobody() -> str | None:
     """An interpreter the user nobody may run (this one may live under /root)."""
     for python in (sys.executable, "/usr/bin/python3"):
