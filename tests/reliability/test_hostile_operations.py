@@ -171,11 +171,6 @@ def test_a_deeply_nested_request_gets_an_error_reply_and_the_connection_lives_on
 # -- the metrics endpoint ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Discovery.stats() puts the gauges 'channels' and 'processes' among the events "
-    "that metrics export as the counter qpid_virtio_discovery_events_total: it goes down",
-)
 def test_no_counter_goes_down_when_a_vm_goes_away(short_dir: Path, no_broker: NoBroker) -> None:
     """Prometheus reads a counter that goes down as a restart of the process (``rate()``
     and ``increase()`` then invent a jump). Every ``*_total`` series must only grow while
@@ -211,11 +206,6 @@ def test_no_counter_goes_down_when_a_vm_goes_away(short_dir: Path, no_broker: No
 # -- SIGHUP and discovery naming the same path ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Daemon.channel_appeared drops a discovered spec whose path is configured, so "
-    "after SIGHUP unpins the path the running VM's channel stays gone",
-)
 def test_a_path_unpinned_from_the_config_is_served_again_from_discovery(
     short_dir: Path, no_broker: NoBroker
 ) -> None:
@@ -293,11 +283,6 @@ def odd_named_vm(short_dir: Path, no_broker: NoBroker) -> Iterator[OddVm]:
         fake.stdin.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a guest name decoded with surrogateescape makes metrics.render().encode() raise: "
-    "every scrape is dropped without a response",
-)
 def test_a_vm_named_in_latin1_does_not_break_the_metrics_endpoint(odd_named_vm: OddVm) -> None:
     """Any user who may run qemu names the VM; the connector trusts qemu's name. One VM
     whose name is not UTF-8 must not take the metrics of every other guest down with it."""
@@ -306,11 +291,6 @@ def test_a_vm_named_in_latin1_does_not_break_the_metrics_endpoint(odd_named_vm: 
     assert "qpid_virtio_channels{guest=" in body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qpid-virtio-status prints a surrogate-escaped guest name to a UTF-8 stdout: "
-    "UnicodeEncodeError traceback",
-)
 def test_a_vm_named_in_latin1_is_listed_by_qpid_virtio_status(odd_named_vm: OddVm) -> None:
     """``qpid-virtio-status`` lists every channel with exit 0 (all healthy here), even one
     whose VM has a name that is not valid UTF-8; it never answers with a traceback. The
@@ -325,11 +305,6 @@ def test_a_vm_named_in_latin1_is_listed_by_qpid_virtio_status(odd_named_vm: OddV
 # -- configuration mistakes found at start-up --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.build() never checks the types of control.socket, control.group and "
-    "metrics.listen: the daemon dies with a TypeError/AttributeError traceback",
-)
 @pytest.mark.parametrize(
     ("toml", "names"),
     [
