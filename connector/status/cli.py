@@ -38,6 +38,9 @@ EXIT_USAGE = 64  # sysexits EX_USAGE: kept apart from 2, which means "connector 
 DEFAULT_WATCH_INTERVAL = 2.0
 # Below this, refreshing costs the daemon more than an operator can read.
 MIN_WATCH_INTERVAL = 0.1
+# Above this, it is a job for cron, not a screen left open; it also keeps the interval far
+# inside what time.sleep() accepts (about 292 years, where its nanoseconds overflow).
+MAX_WATCH_INTERVAL = 86400.0
 
 COMMANDS = ("channels", "guest", "links")
 # The adapters in connector.status.brokers.registry, named here so that the tool starts
@@ -141,8 +144,13 @@ def parse_options(argv: Sequence[str] | None) -> Options:
             # `--watch links`: argparse gave the command to --watch's optional value.
             words.insert(0, args.watch)
             watch = DEFAULT_WATCH_INTERVAL
-        if watch < MIN_WATCH_INTERVAL:
-            parser.error(f"--watch: at least {MIN_WATCH_INTERVAL:g} seconds")
+        # "nan" and "inf" parse as floats too. Asking for the range, rather than ruling out
+        # what lies outside it, refuses both: nan compares false with everything.
+        if not MIN_WATCH_INTERVAL <= watch <= MAX_WATCH_INTERVAL:
+            parser.error(
+                f"--watch: a number of seconds from {MIN_WATCH_INTERVAL:g} to "
+                f"{MAX_WATCH_INTERVAL:g}, not {args.watch!r}"
+            )
     if args.count is not None and (args.count < 1 or watch is None):
         parser.error("--count needs --watch and a positive number")
     command = words[0] if words else "channels"

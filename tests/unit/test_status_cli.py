@@ -202,6 +202,20 @@ def test_usage_errors_exit_64(capsys: Any) -> None:
     assert "guest needs exactly one NAME" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("interval", ["nan", "inf", "1e400", "86401", "1e10"])
+def test_a_watch_interval_out_of_range_or_not_a_number_is_a_usage_error(
+    interval: str, capsys: Any
+) -> None:
+    """float() takes nan and inf, and time.sleep() would raise on them (or on a huge one)."""
+    with pytest.raises(SystemExit) as info:
+        cli.parse_options(["--watch", interval, "--count", "2"])
+    assert info.value.code == cli.EXIT_USAGE
+    assert f"--watch: a number of seconds from 0.1 to 86400, not {interval!r}" in (
+        capsys.readouterr().err
+    )
+    assert cli.parse_options(["--watch", "86400"]).watch == 86400.0
+
+
 def test_missing_socket_exits_2_with_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "nope.sock"
     result = status_subprocess("--control-socket", str(path))
