@@ -206,10 +206,19 @@ def build_report(
 ) -> Report:
     """Render one refresh of the chosen command from a snapshot."""
     now = time.time()
-    view = protocol.guest_view(snapshot, opts.guest or "") if opts.command == "guest" else None
+    # Guests, and whoever runs a VM, choose many of the strings shown: a table shows them
+    # inert (JSON escapes them itself). The broker check matches the connector's strings
+    # as they are against the broker's.
+    shown: Callable[[Any], Any] = _as_is if opts.json else views.printable_data
+    raw, snapshot = snapshot, shown(snapshot)
+    view = (
+        protocol.guest_view(snapshot, shown(guest_name(raw, opts.guest or "")))
+        if opts.command == "guest"
+        else None
+    )
     if opts.command == "guest" and view is None:
         return Report(f"qpid-virtio-status: no guest named {opts.guest!r}", EXIT_UNHEALTHY)
-    check = run_broker_check(opts, snapshot) if opts.broker_check else None
+    check = shown(run_broker_check(opts, raw)) if opts.broker_check else None
     status = EXIT_OK
     if check is not None and (
         check.get("error") or check.get("missing_on_broker") or check.get("unknown_to_connector")
@@ -245,6 +254,21 @@ def build_report(
     if opts.json:
         text = json.dumps(document, indent=None if watching else 2, sort_keys=False)
     return Report(text, status, sample)
+
+
+def guest_name(snapshot: dict[str, Any], asked: str) -> str:
+    """The name of the guest ``asked`` for, as the connector knows it.
+
+    An operator may type a name as it is or copy it from a table, where its control
+    characters are escaped (``views.printable``): either finds the guest.
+    """
+    wanted = views.printable(asked)
+    names = (c["guest"] for c in snapshot["channels"])
+    return next((name for name in names if views.printable(name) == wanted), asked)
+
+
+def _as_is(data: Any) -> Any:
+    return data
 
 
 def _rates(
@@ -299,7 +323,7 @@ def run_once(opts: Options, colour: bool, previous: Report | None, interval: flo
     try:
         snapshot = fetch(opts)
     except ControlError as exc:
-        return Report(f"qpid-virtio-status: {exc}", EXIT_UNREACHABLE)
+        return Report(views.printable(f"qpid-virtio-status: {exc}"), EXIT_UNREACHABLE)
     return build_report(opts, snapshot, colour, previous, interval)
 
 
@@ -322,7 +346,7 @@ def watch(opts: Options, out: TextIO, colour: bool) -> int:
             else:
                 header = (
                     f"Every {opts.watch:g}s: qpid-virtio-status {opts.command}"
-                    f"{' ' + opts.guest if opts.guest else ''}    "
+                    f"{' ' + views.printable(opts.guest) if opts.guest else ''}    "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
                 )
                 out.write(

@@ -3,14 +3,20 @@
 Pure functions from protocol data to text. Colour is a parameter, decided once by the CLI
 (on only for a terminal), so nothing here looks at the environment and every view can be
 tested for its exact content.
+
+Guests choose many of the strings shown (container-ids, link names, addresses, error
+descriptions), and whoever runs a VM chooses its name and ports. The renderers trust their
+input to be safe for a terminal: the CLI passes everything through ``printable_data()``
+first, once, so no field can be forgotten.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from connector.control.protocol import ChannelRow, GuestView, Link, LinkView
 
@@ -23,6 +29,35 @@ _DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 _STATE_COLOUR = {"connected": "32", "waiting": "33", "error": "1;31", "gone": "2"}
 _BOLD = "1"
+
+# What a string must not put on an operator's terminal as it is: the C0 controls (escape
+# sequences, bell, carriage return and newline, which forge lines), DEL, the C1 controls
+# (0x9b is a one-byte CSI for some terminals), the Unicode line and paragraph separators
+# (lines to str.splitlines()), and the bidirectional overrides and isolates (which reorder
+# the rest of a line for terminals that implement bidi).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+_Data = TypeVar("_Data")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character in _UNPRINTABLE written as Python writes it in a
+    string literal (``\\x1b``, ``\\n``, ``\\u202e``): inert, yet still telling what was
+    there. Idempotent, since what it writes is printable, so applying it twice is harmless.
+    """
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def printable_data(data: _Data) -> _Data:
+    """A copy of protocol data (dicts, lists, strings, numbers) with every string, keys
+    included, made ``printable()``: what the text views render."""
+    if isinstance(data, str):
+        return printable(data)  # type: ignore[return-value]
+    if isinstance(data, Mapping):
+        return {printable_data(k): printable_data(v) for k, v in data.items()}  # type: ignore[return-value]
+    if isinstance(data, list | tuple):
+        return type(data)(printable_data(v) for v in data)  # type: ignore[return-value]
+    return data
 
 
 def human_duration(seconds: float) -> str:
@@ -383,4 +418,5 @@ def _field(name: str, value: str) -> str:
 
 
 def _indent(text: str) -> str:
-    return "\n".join("  " + line if line else line for line in text.splitlines())
+    # split("\n"), not splitlines(): the latter also breaks at characters a table cell may hold.
+    return "\n".join("  " + line if line else line for line in text.split("\n"))

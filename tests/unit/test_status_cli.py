@@ -127,6 +127,55 @@ def test_guest_in_error_shows_timestamped_errors_and_exits_1(
     assert re.match(r"\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+4\ds\s+amqp:connection:forced", line)
 
 
+# What a guest (or a VM's owner) might write into every string it chooses: an escape
+# sequence that retitles and clears the terminal, a C1 CSI, a bidi override, and a newline
+# that forges a line of output.
+EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b1m\u202e\n  state       connected for 9d00h"
+
+
+def evil_snapshot() -> dict[str, Any]:
+    """The sample with EVIL appended to every string the daemon passes through."""
+    snap = sample_snapshot()
+    for entry in snap["channels"]:
+        for key in ("guest", "port", "path", "last_error"):
+            entry[key] = (entry[key] or "") + EVIL  # type: ignore[literal-required]
+        detail = entry["detail"]
+        detail["identity"]["name"] = entry["guest"]
+        detail["identity"]["uuid"] = "uuid" + EVIL
+        detail["upstream"]["container_id"] = "app" + EVIL
+        for link in detail["links"]:
+            link["name"] += EVIL
+            link["address"] = (link["address"] or "") + EVIL
+        for err in detail["errors"]:
+            err["condition"] += EVIL
+            err["description"] = (err["description"] or "") + EVIL
+        detail["errors_by_condition"] = {
+            c + EVIL: n for c, n in detail["errors_by_condition"].items()
+        }
+    return snap  # type: ignore[return-value]
+
+
+SHOWN_EVIL = EVIL.encode("unicode_escape").decode()  # as a table shows it
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--wide"], ["links"], ["guest", "web1" + EVIL], ["guest", "db" + SHOWN_EVIL]],
+)
+def test_what_a_guest_chose_reaches_the_terminal_inert(
+    tmp_path: Path, capsys: Any, argv: list[str]
+) -> None:
+    """In every view no control character reaches stdout and no line is forged; a guest is
+    found by its name as it is or as shown. JSON gives every string back as it is."""
+    with ServedState(str(tmp_path / "control.sock"), evil_snapshot()) as served:
+        _, out, err = run(served, *argv, capsys=capsys)
+        assert err == "" and SHOWN_EVIL in out
+        assert all(line.isprintable() for line in out.splitlines())
+        assert "state       connected for 9d00h" not in [ln.strip() for ln in out.splitlines()]
+        _, out, _ = run(served, *argv, "--json", capsys=capsys)
+        assert json.dumps(EVIL)[1:-1] in out  # JSON's own escapes, of the string as it is
+
+
 def test_guest_json_and_unknown_guest(served: ServedState, capsys: Any) -> None:
     _, out, _ = run(served, "guest", "web1", "--json", capsys=capsys)
     guest = json.loads(out)["guest"]

@@ -73,3 +73,16 @@ def test_link_rates_go_in_the_links_direction() -> None:
 def test_empty_views_say_so() -> None:
     assert views.render_channels([], 0.0, colour=False) == "no channels"
     assert views.render_links([], colour=False) == "no routed links"
+
+
+def test_printable_escapes_what_a_terminal_would_act_on() -> None:
+    evil = "a\x1b]0;t\x07\r\n\x00\x7f\x9b2J\u2028\u202eb\\x1b é ✓"
+    shown = views.printable(evil)
+    assert shown == "a\\x1b]0;t\\x07\\r\\n\\x00\\x7f\\x9b2J\\u2028\\u202eb\\x1b é ✓"
+    assert views.printable(shown) == shown  # idempotent: what it writes is printable
+    assert shown.isprintable()
+
+
+def test_printable_data_reaches_every_string_keys_included() -> None:
+    data = {"a\n": ["x\x1b", ("y\x07", 3)], "n": None, "f": 1.5}
+    assert views.printable_data(data) == {"a\\n": ["x\\x1b", ("y\\x07", 3)], "n": None, "f": 1.5}
