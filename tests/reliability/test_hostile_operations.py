@@ -141,11 +141,6 @@ def run_daemon(*argv: str) -> subprocess.CompletedProcess[str]:
 # -- the control socket ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a deeply nested JSON request raises RecursionError past reply_to(): "
-    "the client is dropped with no reply",
-)
 def test_a_deeply_nested_request_gets_an_error_reply_and_the_connection_lives_on(
     short_dir: Path,
 ) -> None:
@@ -327,11 +322,6 @@ def test_a_wrongly_typed_control_or_metrics_key_is_one_clear_line(
     assert len(lines) == 1 and names in lines[0], result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlServer.start() and ControlClient._connect() print exc.strerror, which is "
-    "None for 'AF_UNIX path too long'",
-)
 def test_a_control_socket_path_too_long_for_unix_sockets_is_named_as_such(
     short_dir: Path,
 ) -> None:
@@ -354,11 +344,6 @@ def test_a_control_socket_path_too_long_for_unix_sockets_is_named_as_such(
 
 
 @pytest.mark.broker
-@pytest.mark.xfail(
-    strict=True,
-    reason="views.render_guest prints the guest's container-id raw: a guest writes escape "
-    "sequences and fake lines into the operator's terminal",
-)
 def test_a_guest_cannot_write_control_characters_to_the_operators_terminal(
     artemis: Any, short_dir: Path
 ) -> None:
@@ -376,19 +361,15 @@ def test_a_guest_cannot_write_control_characters_to_the_operators_terminal(
             assert shown.returncode == 0, shown.stderr
             assert "app" in shown.stdout  # the container-id is shown...
             assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout  # ...inert
-            assert "9d00h" not in "".join(
-                line for line in shown.stdout.splitlines() if "container-id" not in line
-            ), shown.stdout
+            # The forged line shows only inside the fields that carry it (the container-id,
+            # and the link names the client derives from it), never as a line of its own.
+            forged = "state       connected for 9d00h"
+            assert not [ln for ln in shown.stdout.split("\n") if ln.strip().startswith(forged)]
         finally:
             client.close()
             r.channels["unix"].detach_fd()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlServer.close() unlinks whatever socket is at its path, even one another "
-    "daemon bound after this one's file was removed",
-)
 def test_a_stopping_daemon_leaves_a_newer_daemons_control_socket_alone(
     short_dir: Path, no_broker: NoBroker
 ) -> None:
@@ -428,11 +409,6 @@ class LimitedConnector(Connector):
         return ["prlimit", f"--nofile={self.NOFILE}:{self.NOFILE}", "--", *super().argv()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MetricsServer accepts any number of idle connections and holds each for 10 s: "
-    "they use up the daemon's descriptors, and the control socket stops answering",
-)
 def test_idle_metrics_connections_do_not_starve_the_control_socket(
     short_dir: Path, no_broker: NoBroker
 ) -> None:
@@ -465,11 +441,6 @@ def test_idle_metrics_connections_do_not_starve_the_control_socket(
 # -- qpid-virtio-status's own command line -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_options() accepts --watch nan (nan < 0.1 is false); time.sleep(nan) then "
-    "(or inf) raises: a traceback, exit 1",
-)
 @pytest.mark.parametrize("interval", ["nan", "inf"])
 def test_a_watch_interval_that_is_not_a_number_is_a_usage_error(
     short_dir: Path, interval: str
