@@ -14,18 +14,7 @@ from typing import Any
 import pytest
 
 from tests.brokers.common import free_port
-from tests.support.connector import REPO, Connector, Qemu, wait_for
-
-
-def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+from tests.support.connector import Connector, Qemu, run_daemon, wait_for
 
 
 @pytest.mark.parametrize(
@@ -40,7 +29,7 @@ def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
     ],
 )
 def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str) -> None:
-    result = _run(*argv)
+    result = run_daemon(*argv)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # never a traceback
@@ -62,7 +51,7 @@ def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str) -> None:
 def test_config_file_errors_name_the_key(tmp_path: Path, toml: str, names: str) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text(toml)
-    result = _run("--config", str(conf))
+    result = run_daemon("--config", str(conf))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert names in result.stderr
@@ -72,7 +61,7 @@ def test_a_password_readable_by_others_is_refused(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[broker]\nurls = ['amqp://127.0.0.1']\npassword = 'secret'\n")
     conf.chmod(0o644)
-    result = _run("--config", str(conf))
+    result = run_daemon("--config", str(conf))
     assert result.returncode == 2
     assert "readable by others" in result.stderr
     assert "secret" not in result.stderr

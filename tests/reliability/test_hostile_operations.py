@@ -29,7 +29,7 @@ import pytest
 from connector.control.sample import ServedState, sample_snapshot
 from tests.brokers.common import free_port
 from tests.integration.discovery_helpers import FAKE_QEMU
-from tests.support.connector import REPO, Connector, wait_for
+from tests.support.connector import REPO, Connector, run_daemon, wait_for
 
 # Every wait ends as soon as its condition holds; this only bounds a broken run.
 WAIT_S = 20.0
@@ -124,17 +124,6 @@ def status(control: str, *args: str, **env: str) -> subprocess.CompletedProcess[
         errors="backslashreplace",
         timeout=60,
         env={**ENV, **env},
-    )
-
-
-def run_daemon(*argv: str) -> subprocess.CompletedProcess[str]:
-    """The daemon run to completion (for start-up errors)."""
-    return subprocess.run(
-        [sys.executable, "-m", "connector", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV,
     )
 
 

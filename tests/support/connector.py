@@ -30,6 +30,18 @@ START_TIMEOUT = 60.0
 POLL = 0.02
 
 
+def run_daemon(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The daemon run to completion, for start-up errors (it exits before serving)."""
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll a condition with a deadline (the daemon is another process: no event to await)."""
     deadline = time.monotonic() + timeout

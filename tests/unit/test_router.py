@@ -6,6 +6,9 @@ cover the same paths against Artemis and RabbitMQ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from cproton_ffi import lib
 from proton import (
@@ -461,6 +464,21 @@ def test_deliveries_never_written_upstream_are_not_counted() -> None:
     assert h.counters.deliveries_in == 0
 
 
+def _broker_answering(h: Harness, event: str, answer: Callable[[Any], None]) -> None:
+    """Have the scripted broker answer ``event`` (a proton event type's name) with
+    ``answer``, and everything else as it does by default."""
+
+    def hook(ev: Any) -> None:
+        if ev.type.name == event:
+            answer(ev)
+        else:
+            h.broker_hook = None
+            h._broker_default(ev)
+            h.broker_hook = hook
+
+    h.broker_hook = hook
+
+
 def _links(conn) -> int:
     """Link objects proton still holds on a connection."""
     count, link = 0, lib.pn_link_head(conn, 0)
@@ -474,16 +492,7 @@ def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
     """A guest that detaches links (closed=false) and attaches new ones on one long-lived
     session leaves no link objects behind on either side of the connector."""
     h = Harness()
-
-    def broker(ev) -> None:
-        if ev.type.name == "PN_LINK_REMOTE_DETACH":
-            ev.link.detach()
-        else:
-            h.broker_hook = None
-            h._broker_default(ev)
-            h.broker_hook = broker
-
-    h.broker_hook = broker
+    _broker_answering(h, "PN_LINK_REMOTE_DETACH", lambda ev: ev.link.detach())
     _, ssn = h.guest_session()
     for i in range(5):
         snd = attach(ssn, f"s{i}", "q")
@@ -527,16 +536,7 @@ def test_links_of_an_ended_session_are_not_awaited_after_it_is_freed() -> None:
     waiting for a detach that will never come (the set would grow for the connection's
     life, and a freed link's address, reused by a new link, would swallow its detach)."""
     h = Harness()
-
-    def broker(ev) -> None:
-        if ev.type.name == "PN_SESSION_REMOTE_CLOSE":
-            ev.session.close()
-        else:
-            h.broker_hook = None
-            h._broker_default(ev)
-            h.broker_hook = broker
-
-    h.broker_hook = broker
+    _broker_answering(h, "PN_SESSION_REMOTE_CLOSE", lambda ev: ev.session.close())
     conn = h.open_guest()
     for i in range(3):
         ssn = conn.session()

@@ -328,24 +328,29 @@ def test_an_older_connector_is_named_too_old(
         in err  # fmt: skip
 
 
-def test_a_connector_that_hangs_up_without_reply_is_too_old(tmp_path: Path, capsys: Any) -> None:
-    path = tmp_path / "old.sock"
+def _status_against(path: Path, read: int) -> int:
+    """Run the tool against a stand-in connector on ``path`` that reads ``read`` bytes of
+    the request and closes the connection without a reply."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
 
-    def hang_up() -> None:
+    def close_unanswered() -> None:
         conn, _ = listener.accept()
-        conn.recv(1000)
+        conn.recv(read)
         conn.close()
 
-    thread = threading.Thread(target=hang_up)
+    thread = threading.Thread(target=close_unanswered)
     thread.start()
     try:
-        status = cli.main(["--control-socket", str(path)])
+        return cli.main(["--control-socket", str(path)])
     finally:
         thread.join()
         listener.close()
+
+
+def test_a_connector_that_hangs_up_without_reply_is_too_old(tmp_path: Path, capsys: Any) -> None:
+    status = _status_against(tmp_path / "old.sock", 1000)
     assert status == cli.EXIT_UNREACHABLE
     assert "closed the connection without a reply" in capsys.readouterr().err
 
@@ -355,22 +360,7 @@ def test_a_connector_that_drops_the_connection_is_one_clear_line(
 ) -> None:
     """Closing with the request unread resets the connection: no traceback for that."""
     path = tmp_path / "rude.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen()
-
-    def drop() -> None:
-        conn, _ = listener.accept()
-        conn.recv(1)  # the request has arrived; the rest of it stays unread
-        conn.close()
-
-    thread = threading.Thread(target=drop)
-    thread.start()
-    try:
-        status = cli.main(["--control-socket", str(path)])
-    finally:
-        thread.join()
-        listener.close()
+    status = _status_against(path, 1)  # the request has arrived; the rest stays unread
     assert status == cli.EXIT_UNREACHABLE
     assert capsys.readouterr().err == (
         f"qpid-virtio-status: the connector at {path} dropped the connection without a "
