@@ -204,7 +204,9 @@ def test_link_capabilities_and_default_outcome_cross_both_ways(ctx: Routed) -> N
         _, answer = peer.attach("s", queue, sending=True, extras=LinkExtras(desired=delayed))
         assert answer is not None and list(answer.offered.elements) == [delayed.elements[0]]
         _, plain = peer.attach("p", queue, sending=True, extras=LinkExtras())
-        assert plain is None  # without the wish, no offer
+        # Without the wish, no offer. (Artemis answers a sender with a source that has no
+        # address, which proton drops and the connector carries: that may come back.)
+        assert plain is None or (plain.offered, plain.desired) == (None, None)
         _, echoed = peer.attach(
             "r", queue, sending=False, extras=LinkExtras(default_outcome=released)
         )
