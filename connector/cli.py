@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channel",
         action="append",
-        metavar="KIND:PATH[,guest=NAME][,port=PORT]",
+        metavar="KIND:PATH[,guest=NAME][,port=PORT][,uuid=UUID]",
         help="serve this channel (kind unix, unix-listen or pty); repeatable",
     )
     p.add_argument("--control-socket", metavar="PATH", help="unix socket for qpid-virtio-status")

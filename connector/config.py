@@ -326,6 +326,7 @@ def with_flags(config: Config, flags: dict[str, Any]) -> Config:
     if flags.get("control_socket"):
         changes["control_socket"] = flags["control_socket"]
     if flags.get("metrics"):
+        parse_listen_address(flags["metrics"])  # a bad value fails here, before anything binds
         changes["metrics"] = flags["metrics"]
     if flags.get("log_level"):
         changes["log_level"] = flags["log_level"]

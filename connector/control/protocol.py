@@ -88,7 +88,7 @@ class Identity(TypedDict):
     name: str
     uuid: str | None
     pid: int | None  # qemu's pid
-    found_by: str  # config | libvirt | cmdline | watch | scan
+    found_by: str  # config | libvirt | cmdline | watch
 
 
 class Upstream(TypedDict):
@@ -103,7 +103,8 @@ class Upstream(TypedDict):
 
 
 class Session(TypedDict):
-    """An open session, numbered by the guest-side channel number."""
+    """An open session, numbered 0, 1, 2... in the order the connector first saw a link on
+    it (sessions without links last), not by the guest's own channel numbers."""
 
     channel: int
     links: int

@@ -26,14 +26,16 @@ from tests.support.connector import Connector, Qemu, run_daemon, wait_for
         (["--channel", "pty:/no/such/pty"], "/no/such/pty"),
         (["--channel", "unix:/no/such/dir/sock"], "/no/such/dir/sock"),
         (["--channel", "unix:/tmp/x.sock,colour=red"], "--channel"),
+        (["--channel", "pty:/dev/null", "--metrics", "bogus"], "--metrics"),
     ],
 )
-def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str) -> None:
-    result = run_daemon(*argv)
+def test_a_user_mistake_is_one_clear_line(argv: list[str], names: str, tmp_path: Path) -> None:
+    result = run_daemon(*argv, "--control-socket", str(tmp_path / "control.sock"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # never a traceback
     assert names in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing was bound before the mistake was found
 
 
 @pytest.mark.parametrize(
