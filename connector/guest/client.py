@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Delivery, Endpoint, Handler, Link, Message
+from proton import Array, Delivery, Described, Endpoint, Handler, Link, Message
 
 from .driver import DEFAULT_IDLE_TIMEOUT, Driver, Opener
 
@@ -94,6 +94,7 @@ class _Tracker(Handler):
         if link.is_receiver and dlv.readable and not dlv.partial:
             msg = Message()
             msg.decode(link.recv(dlv.pending))
+            _own_binaries(msg)
             link.advance()
             self.inbox.setdefault(link.name, []).append((msg, dlv))
 
@@ -103,6 +104,40 @@ class _Tracker(Handler):
 
     def on_disconnected(self, event: Any) -> None:
         self.disconnected = self.disconnected or "channel closed"
+
+
+def _own_binaries(msg: Message) -> None:
+    """Replace every binary value decoded into ``msg`` by ``bytes`` of its own.
+
+    proton 0.40 decodes an AMQP binary as a ``memoryview`` over the message's C buffer
+    (0.37 copies it into ``bytes``): a body or property kept after the ``Message`` is freed
+    would read freed memory. The ids (``id``, ``correlation_id``) are read from that buffer
+    on each access, so they stay valid while the message lives and need nothing here.
+    """
+    msg.body = _owned(msg.body)
+    msg.properties = _owned(msg.properties)
+    msg.annotations = _owned(msg.annotations)
+    msg.instructions = _owned(msg.instructions)
+
+
+def _owned(value: Any) -> Any:
+    """``value`` with every ``memoryview`` in it, however nested, copied into ``bytes``.
+
+    Lists and maps are changed in place so that proton's own subclasses (``SymbolList``,
+    ``PropertyDict``...) keep their type.
+    """
+    if isinstance(value, memoryview):
+        return value.tobytes()
+    if isinstance(value, list):
+        value[:] = [_owned(v) for v in value]
+    elif isinstance(value, dict):
+        for key, v in list(value.items()):
+            value[key] = _owned(v)
+    elif isinstance(value, Described):
+        return Described(value.descriptor, _owned(value.value))
+    elif isinstance(value, Array):
+        return Array(value.descriptor, value.type, *[_owned(v) for v in value.elements])
+    return value
 
 
 def _to_message(item: Any) -> Message:

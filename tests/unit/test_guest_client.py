@@ -105,6 +105,22 @@ def test_request_uses_a_dynamic_reply_address(client: GuestClient) -> None:
     assert client.request("upper", "again").body == "AGAIN"
 
 
+def test_received_binaries_are_bytes_of_their_own(client: GuestClient) -> None:
+    """proton 0.40 decodes binaries as views into the message's C buffer: the client copies
+    every one of them, however nested, so none outlives the memory it points into."""
+    sent = Message(
+        body=[b"in a list", {"k": b"in a map"}],
+        properties={"p": b"a property"},
+        annotations={"x-opt-a": b"an annotation"},
+    )
+    client.send("q", [sent])
+    got = client.receive("q", 1)[0]
+    assert got.body == [b"in a list", {"k": b"in a map"}]
+    assert type(got.body[0]) is bytes and type(got.body[1]["k"]) is bytes
+    assert type(got.properties["p"]) is bytes
+    assert type(got.annotations["x-opt-a"]) is bytes
+
+
 def test_twenty_megabyte_message(client: GuestClient) -> None:
     body = b"\x5a" * (20 * 1024 * 1024)
     assert client.send("big", [body])[0].state == "accepted"
