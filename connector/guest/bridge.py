@@ -15,8 +15,16 @@ stream clean even though virtio-serial never tells the host that the guest close
 * When a client goes away the bridge writes one AMQP ``close`` frame to the port, so the
   host ends that connection even if the client vanished without closing. If the client had
   already closed cleanly, the host is waiting for a new protocol header and discards it.
+  A client that died in the middle of a frame has that frame completed with padding first,
+  or the host would read the close frame as the rest of it.
 
-Bytes are relayed as they are; the bridge never parses AMQP beyond that one frame.
+When a session ends, what is still buffered goes out before its fds are closed (the
+client's last bytes and the close frame to the port, the host's last frames, such as its
+close with an error, to the client), in a short-lived thread if a side is slow, so that
+the other sessions are not held up; the port stays busy until that is done.
+
+Bytes are relayed as they are; the bridge reads nothing of AMQP but the size of each frame
+(and the protocol headers between them) in the client's direction.
 """
 
 from __future__ import annotations
@@ -24,8 +32,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import selectors
 import socket
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +56,59 @@ CHUNK = 256 * 1024
 HIGH_WATER = 1024 * 1024
 # Pending client connections the kernel keeps while every port is busy.
 BACKLOG = 16
+# How long an ended session may take to hand over what is still buffered. A host or client
+# that reads nothing for this long is stuck; the port must become free for the next client.
+END_TIMEOUT = 5.0
+# AMQP framing, as far as the bridge follows it: a protocol header is "AMQP" and 4 more
+# bytes; a frame starts with its size (4 bytes, big-endian, counting itself) and is at
+# least 8 bytes long (size, data offset, type, channel).
+PROTOCOL_HEADER_SIZE = 8
+FRAME_SIZE_BYTES = 4
+MIN_FRAME_SIZE = 8
+# Source of the padding that completes a client's unfinished frame, sliced, never copied.
+ZEROS = memoryview(bytes(CHUNK))
+
+
+class _FrameEdge:
+    """Where the client's byte stream stands in AMQP's framing.
+
+    Only sizes are read: at each boundary the next 4 bytes are either ``AMQP`` (a protocol
+    header; SASL is followed by a second one) or a frame's size. :meth:`missing` says how
+    many bytes would complete the unit the client stopped in.
+    """
+
+    def __init__(self) -> None:
+        self.head = bytearray()  # the current unit's first bytes while fewer than 4 are known
+        self.left = 0  # bytes still to come of the current unit once its size is known
+
+    def feed(self, data: bytes) -> None:
+        """Follow ``data``, the next bytes the client sent."""
+        pos = 0
+        while pos < len(data):
+            if self.left:
+                step = min(self.left, len(data) - pos)
+                self.left -= step
+                pos += step
+                continue
+            take = data[pos : pos + FRAME_SIZE_BYTES - len(self.head)]
+            self.head += take
+            pos += len(take)
+            if len(self.head) == FRAME_SIZE_BYTES:
+                self.left = self._unit_size() - FRAME_SIZE_BYTES
+                self.head.clear()
+
+    def missing(self) -> int:
+        """Bytes that complete the current unit (0 at a boundary)."""
+        return self._unit_size() - len(self.head) if self.head else self.left
+
+    def _unit_size(self) -> int:
+        # Size bytes not yet sent count as zeros, which is what the padding will make them.
+        # A size under the minimum is a framing error at the host, which ends the
+        # connection anyway; the minimum just keeps the count sane.
+        if b"AMQP".startswith(self.head):
+            return PROTOCOL_HEADER_SIZE
+        size = int.from_bytes(bytes(self.head).ljust(FRAME_SIZE_BYTES, b"\0"), "big")
+        return max(size, MIN_FRAME_SIZE)
 
 
 @dataclass
@@ -56,6 +121,74 @@ class _Session:
     to_port: bytearray = field(default_factory=bytearray)
     to_client: bytearray = field(default_factory=bytearray)
     client_sent: bool = False
+    frames: _FrameEdge = field(default_factory=_FrameEdge)
+
+
+class _LastWords:
+    """What an ended session still owes each side, written out before its fds are closed."""
+
+    def __init__(self, s: _Session, to_port: list[bytes | memoryview]) -> None:
+        self.port = s.port
+        self.client = s.client
+        self.fd = s.fd
+        self.out: dict[int, deque[memoryview]] = {
+            self.fd: deque(memoryview(b) for b in to_port if b),
+            s.client.fileno(): deque([memoryview(bytes(s.to_client))] if s.to_client else []),
+        }
+
+    def flush(self, deadline: float) -> bool:
+        """Write until everything is out (True) or ``deadline`` passes (False); a side
+        that fails or hangs up is given up, with the reason logged."""
+        while True:
+            for fd, chunks in list(self.out.items()):
+                try:
+                    _write_chunks(fd, chunks)
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    self._give_up(fd, str(e))
+                if not chunks:
+                    self.out.pop(fd, None)
+            left = deadline - time.monotonic()
+            if not self.out or left <= 0:
+                return not self.out
+            poller = select.poll()
+            for fd in self.out:
+                poller.register(fd, select.POLLOUT)
+            for fd, revents in poller.poll(left * 1000):
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLOUT:
+                    self._give_up(fd, "hung up")  # no write can succeed: do not spin on it
+
+    def finish(self) -> None:
+        """Close both sides (whatever could not be written is lost)."""
+        for fd, chunks in self.out.items():
+            unsent = sum(len(c) for c in chunks)
+            log.info("%d bytes for %s not written in time", unsent, self._side(fd))
+        self.client.close()
+        os.close(self.fd)
+
+    def _give_up(self, fd: int, why: str) -> None:
+        log.info("could not hand over the last bytes to %s: %s", self._side(fd), why)
+        self.out.pop(fd, None)
+
+    def _side(self, fd: int) -> str:
+        return f"the {'port' if fd == self.fd else 'client'} of {self.port}"
+
+
+def _write_chunks(fd: int, chunks: deque[memoryview]) -> None:
+    """Write ``chunks`` in order until done or the fd would block (BlockingIOError)."""
+    while chunks:
+        n = os.write(fd, chunks[0])
+        if n < len(chunks[0]):
+            chunks[0] = chunks[0][n:]
+        else:
+            chunks.popleft()
+
+
+def _padding(size: int) -> list[memoryview]:
+    """``size`` zero bytes as slices of :data:`ZEROS`, however large ``size`` is."""
+    whole, rest = divmod(size, CHUNK)
+    return [ZEROS] * whole + [ZEROS[:rest]]
 
 
 class Bridge:
@@ -76,6 +209,13 @@ class Bridge:
         self.listener.setblocking(False)
         self.address = self.listener.getsockname()[:2]
         self.sessions: dict[str, _Session] = {}
+        # Ports whose ended session is still writing its last bytes in a thread: busy
+        # until the thread removes them and wakes the loop through ``_wake_w``.
+        self._closing: dict[str, threading.Thread] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ)
         self._accepting = False
         self._update_accepting()
         self._stopped = False
@@ -91,20 +231,29 @@ class Bridge:
         self._stopped = True
 
     def close(self) -> None:
-        """End every session and stop listening."""
+        """End every session (waiting for their last bytes) and stop listening."""
         for s in list(self.sessions.values()):
             self._end(s, "bridge closing")
+        for thread in list(self._closing.values()):
+            thread.join()  # each is bounded by END_TIMEOUT
         if self._accepting:
             self.sel.unregister(self.listener)
             self._accepting = False
         self.listener.close()
         self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def poll(self, timeout: float | None) -> None:
         """One round of the relay loop."""
         for key, mask in self.sel.select(timeout):
             if key.fileobj is self.listener:
                 self._accept()
+                continue
+            if key.fileobj is self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(CHUNK)
+                self._update_accepting()  # a port has become free
                 continue
             session: _Session = key.data
             if session.port not in self.sessions:
@@ -118,8 +267,11 @@ class Bridge:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def _free_ports(self) -> list[str]:
+        return [p for p in self.ports if p not in self.sessions and p not in self._closing]
+
     def _update_accepting(self) -> None:
-        free = len(self.sessions) < len(self.ports)
+        free = bool(self._free_ports())
         if free and not self._accepting:
             self.sel.register(self.listener, selectors.EVENT_READ)
         elif not free and self._accepting:
@@ -131,11 +283,14 @@ class Bridge:
             client, peer = self.listener.accept()
         except BlockingIOError:
             return
-        name = next(p for p in self.ports if p not in self.sessions)
-        try:
-            fd = self._open(name)
-        except OSError as e:
-            log.warning("client %s refused: cannot open %s: %s", peer, name, e)
+        for name in self._free_ports():  # a port that cannot be opened leaves the others
+            try:
+                fd = self._open(name)
+                break
+            except OSError as e:
+                log.warning("cannot open %s for client %s: %s", name, peer, e)
+        else:
+            log.warning("client %s refused: no free port could be opened", peer)
             client.close()
             return
         client.setblocking(False)
@@ -147,47 +302,55 @@ class Bridge:
         log.info("client %s on %s", peer, name)
 
     def _client_io(self, s: _Session, mask: int) -> None:
+        # Any error but "would block" (reset, ETIMEDOUT...) ends this session only.
         if mask & selectors.EVENT_READ:
             try:
                 data = s.client.recv(CHUNK)
-            except ConnectionError:
-                data = b""
             except BlockingIOError:
                 data = None
+            except OSError as e:
+                self._end(s, f"client failed ({e})")
+                return
             if data == b"":
                 self._end(s, "client closed")
                 return
             if data:
                 s.client_sent = True
                 s.to_port += data
+                s.frames.feed(data)
         if mask & selectors.EVENT_WRITE and s.to_client:
             try:
                 n = s.client.send(s.to_client)
             except BlockingIOError:
                 n = 0
-            except ConnectionError:
-                self._end(s, "client closed")
+            except OSError as e:
+                self._end(s, f"client failed ({e})")
                 return
             del s.to_client[:n]
 
     def _port_io(self, s: _Session, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
-            try:
-                data = _port.read_some(s.fd, CHUNK)
-            except OSError as e:
-                log.info("port %s read failed: %s", s.port, e)
-                data = b""
-            if data == b"":
-                self._end(s, "host side went away")
-                return
-            if data:
-                s.to_client += data
+        # Any error but "would block" (EPIPE, ENODEV once unplugged...) ends this session
+        # only. Writing comes first, so a port that fails it is not read any further.
         if mask & selectors.EVENT_WRITE and s.to_port:
             try:
                 n = os.write(s.fd, s.to_port)
             except BlockingIOError:
                 n = 0
+            except OSError as e:
+                self._end(s, f"port write failed ({e})")
+                return
             del s.to_port[:n]
+        if mask & selectors.EVENT_READ:
+            try:
+                data = _port.read_some(s.fd, CHUNK)
+            except OSError as e:
+                self._end(s, f"port read failed ({e})")
+                return
+            if data == b"":
+                self._end(s, "host side went away")
+                return
+            if data:
+                s.to_client += data
 
     def _update(self, s: _Session) -> None:
         """Register interest so that each side is read only while the other keeps up."""
@@ -201,19 +364,35 @@ class Bridge:
         _modify(self.sel, s.fd, pmask, s)
 
     def _end(self, s: _Session, why: str) -> None:
+        """Stop relaying ``s``; hand over what is buffered for each side, then close both."""
         log.info("%s on %s", why, s.port)
         self.sessions.pop(s.port, None)
         for obj in (s.client, s.fd):
             with contextlib.suppress(KeyError):
                 self.sel.unregister(obj)
+        to_port: list[bytes | memoryview] = [bytes(s.to_port)]
         if s.client_sent:
-            try:
-                os.write(s.fd, bytes(s.to_port) + CLOSE_FRAME)
-            except OSError as e:
-                log.info("could not end the connection on %s: %s", s.port, e)
-        s.client.close()
-        os.close(s.fd)
+            to_port += [*_padding(s.frames.missing()), CLOSE_FRAME]
+        last = _LastWords(s, to_port)
+        if last.flush(time.monotonic()):  # the usual case: all of it written at once
+            last.finish()
+        else:
+            thread = threading.Thread(
+                target=self._finish, args=(last,), name=f"bridge-end-{s.port}", daemon=True
+            )
+            self._closing[s.port] = thread
+            thread.start()
         self._update_accepting()
+
+    def _finish(self, last: _LastWords) -> None:
+        """In a thread: finish writing an ended session's last bytes, then free its port."""
+        try:
+            last.flush(time.monotonic() + END_TIMEOUT)
+        finally:
+            last.finish()
+            self._closing.pop(last.port, None)
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
 
 
 def _modify(
