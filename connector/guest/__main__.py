@@ -9,8 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from .bridge import Bridge, parse_listen
+from .port import port_path
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Exit status of a command that was understood but could not start (argparse uses 2 for
+# usage errors).
+EXIT_CANNOT_START = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     bridge.add_argument(
         "--port", action="append", required=True, help="virtio-serial port name or path"
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -36,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         listen = parse_listen(args.listen)
     except ValueError as e:
         parser.error(str(e))
-    server = Bridge(listen, args.port)
+
+    def cannot_start(why: str) -> NoReturn:
+        parser.exit(EXIT_CANNOT_START, f"{parser.prog}: {why}\n")
+
+    for name in args.port:  # each must exist now; one unplugged later is skipped then
+        try:
+            port_path(name)
+        except FileNotFoundError as e:
+            cannot_start(f"--port {name}: {e.strerror} ({e.filename})")
+    try:
+        server = Bridge(listen, args.port)
+    except OSError as e:  # address in use or not ours, unknown host name
+        cannot_start(f"cannot listen on {args.listen}: {e.strerror or e}")
     logging.getLogger(__name__).info("bridge listening on %s:%d for %s", *server.address, args.port)
     try:
         server.serve_forever()

@@ -54,6 +54,8 @@ CHUNK = 256 * 1024
 # Bytes buffered towards one side before the bridge stops reading the other side
 # (backpressure rather than unbounded memory when the host or the client is slow).
 HIGH_WATER = 1024 * 1024
+# The largest TCP port number (16 bits).
+MAX_TCP_PORT = 65535
 # Pending client connections the kernel keeps while every port is busy.
 BACKLOG = 16
 # How long an ended session may take to hand over what is still buffered. A host or client
@@ -417,4 +419,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
+    if int(port) > MAX_TCP_PORT:
+        raise ValueError(f"--listen: port {port} is over {MAX_TCP_PORT}")
     return host.strip("[]") or "127.0.0.1", int(port)

@@ -76,8 +76,17 @@ def open_port(port: str, **roots: str) -> int:
     Non-blocking so one loop can serve it with ``select``; ``O_NOCTTY`` so that a pty used
     in its place (tests) never becomes the controlling terminal.
     """
-    path = port if "/" in port else find_port(port, **roots)
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+    return os.open(port_path(port, **roots), os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+
+
+def port_path(port: str, **roots: str) -> str:
+    """The device path of a port given by name or by path (anything with a ``/``); raise
+    :class:`FileNotFoundError` (:class:`PortNotFound` for a name) if there is none."""
+    if "/" not in port:
+        return find_port(port, **roots)
+    if not os.path.exists(port):
+        raise FileNotFoundError(errno.ENOENT, "no such port", port)
+    return port
 
 
 def read_some(fd: int, size: int = READ_SIZE) -> bytes | None:

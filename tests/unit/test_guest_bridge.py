@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import threading
@@ -234,3 +235,16 @@ def test_command_line_requires_a_port(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["bridge", "--listen", "127.0.0.1:0"])
     assert "--port" in capsys.readouterr().err
+
+
+def test_command_line_refuses_a_port_that_does_not_exist(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/guest.md: each --port must exist; a typo fails at start, not at the first client."""
+    monkeypatch.setattr(logging, "basicConfig", lambda **_kw: None)  # leave pytest's alone
+    with pytest.raises(SystemExit) as done:
+        main(["bridge", "--listen", "127.0.0.1:0", "--port", "/dev/null", "--port", "no.such"])
+    assert done.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith("python3 -m connector.guest: --port no.such: no virtio-serial port")
