@@ -192,7 +192,15 @@ class GuestClient:
         self._receivers: dict[str, Link] = {}
         self._reply: Link | None = None
         self.connection = self.driver.connect()
-        self._wait(lambda: bool(self.connection.state & Endpoint.REMOTE_ACTIVE), None, "open", list)
+        try:
+            self._wait(
+                lambda: bool(self.connection.state & Endpoint.REMOTE_ACTIVE), None, "open", list
+            )
+        except BaseException:
+            # No one gets a client to close: release the port here, or (a virtio port
+            # allowing one opener) every retry would fail with EBUSY.
+            self.driver.close_fd()
+            raise
 
     def __enter__(self) -> GuestClient:
         return self
