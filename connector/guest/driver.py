@@ -354,11 +354,12 @@ class Driver:
             address = Url(context).path if "://" in context else context
         return self.connect(), address or None
 
-    def _bind(self) -> None:
-        """Open the fd and bind a fresh transport to the connection."""
+    def _bind(self, fd: int | None = None) -> None:
+        """Open the fd (unless given the one to keep) and bind a fresh transport to the
+        connection."""
         assert self.connection is not None
         try:
-            self.fd = self._opener()
+            self.fd = self._opener() if fd is None else fd
         except OSError as e:
             log.info("cannot open the channel: %s", e)
             if not self.reconnect:
@@ -416,6 +417,7 @@ class Driver:
             return
         except OSError as e:
             log.info("write failed: %s", e)
+            self.eof = True  # the other side is gone as surely as after end of stream
             t.close_head()
             t.close_tail()
             return
@@ -443,11 +445,14 @@ class Driver:
         A host-side peer can answer our header with the end of an older connection it still
         believed open (it never saw the guest close the port). It then drops that one and
         waits for a header again, so draining and sending the header once more succeeds.
+        A channel that ended (end of stream, failed write) is no such answer, even before
+        the peer's open: proton reports that as a framing error too ("connection aborted").
         """
         cond = transport.condition
         return (
             not self.server
             and not self._spoke
+            and not self.eof
             and self._handshakes < HANDSHAKE_RETRIES
             and cond is not None
             and cond.name == "amqp:connection:framing-error"
@@ -465,11 +470,13 @@ class Driver:
             self._restart_handshake = False
             self._handshakes += 1
             log.info("stale bytes answered our protocol header; starting over")
-            if self._close_fd:
-                self.close_fd()  # the opener reopens and drains
-            else:
+            if self._close_fd and self.reconnect:
+                self.close_fd()
+                self._bind()  # the opener reopens and drains
+            else:  # not ours to reopen, or no reconnecting wanted: the same fd, drained
+                assert self.fd is not None
                 _port.drain(self.fd)
-            self._bind()
+                self._bind(self.fd)
             return
         self.close_fd()
         self._dispatch_collected()

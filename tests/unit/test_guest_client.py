@@ -6,6 +6,7 @@ end, so every frame crosses a real fd through the same driver a guest uses.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -147,10 +148,21 @@ def test_silent_peer_fails_on_idle_timeout() -> None:
     b.close()
 
 
-def test_header_answered_by_leftovers_is_retried() -> None:
+@pytest.mark.parametrize("target", ["fd", "opener"])
+def test_header_answered_by_leftovers_is_retried(target: str) -> None:
     """A host that still believed an older connection open answers our header with that
-    connection's last frame, then waits for a header again: the client starts over."""
+    connection's last frame, then waits for a header again: the client starts over on the
+    same fd (it never reconnects, so it never reopens a port it opened itself)."""
     a, b = socket.socketpair()
+    opens = 0
+
+    def opener() -> int:
+        nonlocal opens
+        opens += 1
+        if opens > 1:
+            raise ConnectionRefusedError("host side of p is not connected")
+        return os.dup(a.fileno())
+
     c, d = socket.socketpair()
     header = b"AMQP\x00\x01\x00\x00"
     peer = PeerThread(d.fileno(), MemoryBroker())
@@ -166,8 +178,9 @@ def test_header_answered_by_leftovers_is_retried() -> None:
 
     t = threading.Thread(target=host, daemon=True)
     t.start()
-    with GuestClient(a.fileno(), timeout=10) as client:
+    with GuestClient(a.fileno() if target == "fd" else opener, timeout=10) as client:
         assert client.send("q", ["after retry"])[0].state == "accepted"
+    assert opens == (1 if target == "opener" else 0)
     a.close()
     t.join(10)
     peer.close()
