@@ -2,7 +2,7 @@
 
 proton's ``Container`` only knows TCP URLs. Inside a guest the AMQP peer is a virtio-serial
 port, so this module drives proton's engine (``Connection``, ``Transport``, ``Collector``)
-itself with ``select`` over a raw fd, and dispatches the collector's events to the
+itself with ``poll`` over a raw fd, and dispatches the collector's events to the
 application's handler exactly as the container would. It stands in for the container in
 the places a handler touches it (``event.container``): ``connect``, ``create_sender``,
 ``create_receiver``, ``schedule``, ``declare_transaction``, ``stop``, ``container_id``.
@@ -119,7 +119,7 @@ def port_opener(name: str, **roots: str) -> Opener:
                     raise ConnectionRefusedError(f"host side of {name} is not connected")
                 # POLLHUP is a level, not an event: poll() returns at once while the host
                 # is absent, so there is nothing to wait on but the clock.
-                select.select([], [], [], HOST_POLL)
+                time.sleep(HOST_POLL)
             discarded = _port.drain(fd)
             if discarded:
                 log.info("discarded %d stale bytes from %s", discarded, name)
@@ -132,7 +132,7 @@ def port_opener(name: str, **roots: str) -> Opener:
 
 
 class Driver:
-    """One AMQP connection over a file descriptor, driven with ``select``.
+    """One AMQP connection over a file descriptor, driven with ``poll``.
 
     ``target`` is a port name or path (``str``, reopened on reconnect), an fd (``int``,
     used once and never closed by the driver unless ``close_fd``), or an opener callable
@@ -290,8 +290,7 @@ class Driver:
         waits = [] if timeout is None else [timeout]
         if self._timers:
             waits.append(max(0.0, self._timers[0].deadline - now))
-        rlist: list[int] = []
-        wlist: list[int] = []
+        events = 0
         t = self.transport
         if t is not None and self.fd is not None:
             deadline = t.tick(now)
@@ -299,10 +298,10 @@ class Driver:
             if deadline:
                 waits.append(max(0.0, deadline - now))
             if t.capacity() > 0 and not self.eof:
-                rlist.append(self.fd)
+                events |= select.POLLIN
             pending = t.pending()
             if pending > 0:
-                wlist.append(self.fd)
+                events |= select.POLLOUT
             elif pending < 0 and (self.eof or t.condition is not None):
                 # Output is finished and the peer is gone or the transport failed (for
                 # example an idle timeout): nothing more can arrive that matters.
@@ -310,16 +309,22 @@ class Driver:
             if t.closed:
                 self._transport_done()
                 return self._has_work()
-        if not rlist and not wlist and not waits and not self._has_work():
+        if not events and not waits and not self._has_work():
             return False
         wait = min(waits) if waits else None
         try:
-            readable, writable, _ = select.select(rlist, wlist, [], wait)
+            revents = _port.wait_fd(self.fd, events, wait)
         except InterruptedError:
             return True
-        if readable:
-            self._read()
-        if writable:
+        gone = revents & (select.POLLHUP | select.POLLERR)
+        if events & select.POLLIN and revents & (select.POLLIN | gone):
+            self._read()  # data, or the end of stream / error that the read reports
+        elif gone and not revents & select.POLLOUT:
+            # Hung up with nothing to read (or no room to read it) and no write possible:
+            # a virtio port whose host side left blocks writes until a new host side
+            # comes, which must not get this connection's bytes. The channel is gone.
+            self._channel_gone("hung up")
+        if revents & select.POLLOUT:
             self._write()
         self._dispatch_collected()
         return True
@@ -416,12 +421,17 @@ class Driver:
         except BlockingIOError:
             return
         except OSError as e:
-            log.info("write failed: %s", e)
-            self.eof = True  # the other side is gone as surely as after end of stream
-            t.close_head()
-            t.close_tail()
+            self._channel_gone(f"write failed: {e}")
             return
         t.pop(n)
+
+    def _channel_gone(self, why: str) -> None:
+        """End the transport both ways: nothing more can be read or written on the fd."""
+        assert self.transport is not None
+        log.info("channel lost: %s", why)
+        self.eof = True  # the other side is gone as surely as after end of stream
+        self.transport.close_head()
+        self.transport.close_tail()
 
     def _dispatch_collected(self) -> None:
         """Hand every event the engine produced to its handler (link's, or the driver's)."""

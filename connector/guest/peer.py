@@ -23,7 +23,7 @@ from proton import Condition, Delivery, Endpoint, Handler, Message
 
 from .client import STATE_NAMES
 from .driver import Driver
-from .port import read_some
+from .port import read_some, wait_fd
 
 # Credit the peer grants each incoming link, topped up as messages arrive: enough to keep
 # a sender streaming without letting a runaway sender queue unbounded memory.
@@ -201,7 +201,7 @@ class PeerThread:
         noticed its host side was replaced goes on sending its old connection's frames."""
         seen = b""
         while not self._stop.is_set():
-            if not select.select([self.fd], [], [], POLL)[0]:
+            if not wait_fd(self.fd, select.POLLIN, POLL):
                 continue
             data = read_some(self.fd)
             if data == b"":

@@ -73,7 +73,7 @@ def find_port(
 def open_port(port: str, **roots: str) -> int:
     """Open a port given by name (``org.qpid.amqp.0``) or by path (anything with a ``/``).
 
-    Non-blocking so one loop can serve it with ``select``; ``O_NOCTTY`` so that a pty used
+    Non-blocking so one loop can serve it with ``poll``; ``O_NOCTTY`` so that a pty used
     in its place (tests) never becomes the controlling terminal.
     """
     return os.open(port_path(port, **roots), os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
@@ -117,13 +117,32 @@ def drain(fd: int, quiet: float = DRAIN_QUIET, limit: float = DRAIN_LIMIT) -> in
         wait = min(quiet, end - time.monotonic())
         if wait <= 0:
             return discarded
-        readable, _, _ = select.select([fd], [], [], wait)
-        if not readable:
+        if not wait_fd(fd, select.POLLIN, wait):
             return discarded
         data = read_some(fd)
         if not data:
             return discarded
         discarded += len(data)
+
+
+def wait_fd(fd: int | None, events: int, timeout: float | None) -> int:
+    """Wait until ``fd`` shows one of ``events`` (``select.POLLIN``, ``POLLOUT``), a hang-up
+    or an error, or ``timeout`` seconds pass (``None``: no limit); return the events seen,
+    0 on timeout. Without an ``fd`` or ``events`` it only sleeps.
+
+    ``poll``, not ``select``: select refuses fd numbers of 1024 and over (FD_SETSIZE), which
+    a process with many files open gets. Unlike select, poll reports ``POLLHUP`` whatever
+    was asked for, so a caller must act on it (read the end of stream, or give the channel
+    up) rather than wait again at once.
+    """
+    poller = select.poll()
+    if fd is not None and events:
+        poller.register(fd, events)
+    for _, revents in poller.poll(None if timeout is None else timeout * 1000):
+        if revents & select.POLLNVAL:  # as select would fail on it
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return revents
+    return 0
 
 
 def host_connected(fd: int) -> bool:

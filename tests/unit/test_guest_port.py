@@ -6,6 +6,7 @@ for the guest's udev link and sysfs entries.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from connector.guest.port import PortNotFound, drain, find_port, host_connected, open_port
+from connector.guest.port import (
+    PortNotFound,
+    drain,
+    find_port,
+    host_connected,
+    open_port,
+    wait_fd,
+)
 
 
 def fake_sysfs(root: Path, ports: dict[str, str]) -> dict[str, str]:
@@ -102,3 +110,30 @@ def test_host_connected_follows_the_peer() -> None:
     os.close(slave)
     assert not host_connected(master)  # a pty master shows POLLHUP with no slave open
     os.close(master)
+
+
+def test_drain_and_wait_work_on_a_high_fd() -> None:
+    """select() refuses fd numbers of 1024 and over; a guest process with many files open
+    still drains its port and waits on it."""
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD, 1100)
+    try:
+        os.set_blocking(high, False)
+        b.sendall(b"stale")
+        assert drain(high, quiet=0.05) == 5
+        assert wait_fd(high, select.POLLIN, 0.01) == 0  # nothing more: a timeout, not an error
+        b.close()
+        assert wait_fd(high, select.POLLIN, 1.0) & (select.POLLIN | select.POLLHUP)
+    finally:
+        os.close(high)
+        a.close()
+        b.close()
+
+
+def test_wait_on_a_closed_fd_fails_as_select_would() -> None:
+    r, w = os.pipe()
+    fd = fcntl.fcntl(r, fcntl.F_DUPFD, 1200)  # a number nothing else will take meanwhile
+    for each in (fd, r, w):
+        os.close(each)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        wait_fd(fd, select.POLLIN, 0.01)
