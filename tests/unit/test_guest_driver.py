@@ -6,6 +6,7 @@ so these tests show that a guest application changes one line to run over a port
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from proton import Message
 from proton.handlers import MessagingHandler
 
+from connector.guest import port as guest_port
 from connector.guest.driver import Driver
 from connector.guest.peer import MemoryBroker, PeerThread
 
@@ -143,3 +145,34 @@ def test_reconnects_and_reopens_links_after_hangup() -> None:
     for _, b, peer in peers:
         peer.close()
         b.close()
+
+
+def test_hang_up_with_writes_blocked_ends_the_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtio port whose host side left shows POLLHUP, which poll reports whether asked
+    or not, while writes block until a new host side comes: with nothing left to read,
+    the driver ends the channel instead of waking up at once for ever."""
+    a, b = socket.socketpair()  # b never reads: our header stays pending
+    waits: list[int] = []
+
+    def hung_up(_fd: int | None, events: int, _timeout: float | None) -> int:
+        waits.append(events)
+        return select.POLLHUP
+
+    class Lost(MessagingHandler):
+        disconnected = False
+
+        def on_disconnected(self, event: Any) -> None:
+            self.disconnected = True
+
+    handler = Lost()
+    driver = Driver(handler, a.fileno(), idle_timeout=None)
+    driver.connect()
+    driver.eof = True  # the end of stream was read: only the write is waited for
+    monkeypatch.setattr(guest_port, "wait_fd", hung_up)
+    for _ in range(5):
+        if not driver.process(1.0):
+            break
+    assert handler.disconnected
+    assert waits == [select.POLLOUT]  # one wake-up, not a spin
+    a.close()
+    b.close()
