@@ -67,6 +67,10 @@ END_TIMEOUT = 5.0
 PROTOCOL_HEADER_SIZE = 8
 FRAME_SIZE_BYTES = 4
 MIN_FRAME_SIZE = 8
+# Where a frame's performative code is: every AMQP peer writes data offset 2 (an 8-byte
+# header), then the descriptor 0x00 0x53 CODE. A transfer is code 0x14.
+_DOFF_AT, _USUAL_DOFF, _CODE_AT, _TRANSFER = 4, 2, 10, 0x14
+_CODE_KNOWN = _CODE_AT + 1
 # Source of the padding that completes a client's unfinished frame, sliced, never copied.
 ZEROS = memoryview(bytes(CHUNK))
 
@@ -82,6 +86,7 @@ class _FrameEdge:
     def __init__(self) -> None:
         self.head = bytearray()  # the current unit's first bytes while fewer than 4 are known
         self.left = 0  # bytes still to come of the current unit once its size is known
+        self.start = bytearray()  # the current frame's first bytes, up to its performative
 
     def feed(self, data: bytes) -> None:
         """Follow ``data``, the next bytes the client sent."""
@@ -89,6 +94,8 @@ class _FrameEdge:
         while pos < len(data):
             if self.left:
                 step = min(self.left, len(data) - pos)
+                if len(self.start) < _CODE_KNOWN:
+                    self.start += data[pos : pos + min(step, _CODE_KNOWN - len(self.start))]
                 self.left -= step
                 pos += step
                 continue
@@ -97,7 +104,23 @@ class _FrameEdge:
             pos += len(take)
             if len(self.head) == FRAME_SIZE_BYTES:
                 self.left = self._unit_size() - FRAME_SIZE_BYTES
+                self.start[:] = self.head
                 self.head.clear()
+
+    def may_complete_a_message(self) -> bool:
+        """Whether padding the unfinished frame could make it a valid transfer: one whose
+        performative is known to be a transfer, or cannot be found at the usual place.
+        Zeros in a transfer's payload would hand the host a message the client never
+        finished; zeros in a frame's size, data offset or performative code make the
+        frame invalid, which ends the connection at the host as a close would."""
+        if self.head or not self.left:  # at a boundary, or inside a size
+            return False
+        start = self.start
+        if start.startswith(b"AMQP") or len(start) <= _DOFF_AT:
+            return False
+        if start[_DOFF_AT] != _USUAL_DOFF:
+            return True
+        return len(start) >= _CODE_KNOWN and start[_CODE_AT] == _TRANSFER
 
     def missing(self) -> int:
         """Bytes that complete the current unit (0 at a boundary)."""
@@ -373,7 +396,13 @@ class Bridge:
             with contextlib.suppress(KeyError):
                 self.sel.unregister(obj)
         to_port: list[bytes | memoryview] = [bytes(s.to_port)]
-        if s.client_sent:
+        if s.client_sent and s.frames.may_complete_a_message():
+            # Completing it could deliver a message the client never finished; without it
+            # a close frame would be swallowed as the rest of the frame. So nothing more:
+            # the host ends that connection when the next client's header arrives after a
+            # pause, or at its idle timeout.
+            log.info("the client died inside a transfer frame on %s; no close is sent", s.port)
+        elif s.client_sent:
             to_port += [*_padding(s.frames.missing()), CLOSE_FRAME]
         last = _LastWords(s, to_port)
         if last.flush(time.monotonic()):  # the usual case: all of it written at once
