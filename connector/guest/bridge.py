@@ -30,6 +30,7 @@ Bytes are relayed as they are; the bridge reads nothing of AMQP but the size of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -210,6 +211,16 @@ def _write_chunks(fd: int, chunks: deque[memoryview]) -> None:
             chunks.popleft()
 
 
+def _write_some(write: Callable[[bytearray], int], buf: bytearray) -> None:
+    """Write what ``write`` takes of ``buf`` now and drop that from ``buf``. "Would block"
+    writes nothing; any other OSError is the caller's to handle."""
+    try:
+        n = write(buf)
+    except BlockingIOError:
+        return
+    del buf[:n]
+
+
 def _padding(size: int) -> list[memoryview]:
     """``size`` zero bytes as slices of :data:`ZEROS`, however large ``size`` is."""
     whole, rest = divmod(size, CHUNK)
@@ -345,26 +356,20 @@ class Bridge:
                 s.frames.feed(data)
         if mask & selectors.EVENT_WRITE and s.to_client:
             try:
-                n = s.client.send(s.to_client)
-            except BlockingIOError:
-                n = 0
+                _write_some(s.client.send, s.to_client)
             except OSError as e:
                 self._end(s, f"client failed ({e})")
                 return
-            del s.to_client[:n]
 
     def _port_io(self, s: _Session, mask: int) -> None:
         # Any error but "would block" (EPIPE, ENODEV once unplugged...) ends this session
         # only. Writing comes first, so a port that fails it is not read any further.
         if mask & selectors.EVENT_WRITE and s.to_port:
             try:
-                n = os.write(s.fd, s.to_port)
-            except BlockingIOError:
-                n = 0
+                _write_some(functools.partial(os.write, s.fd), s.to_port)
             except OSError as e:
                 self._end(s, f"port write failed ({e})")
                 return
-            del s.to_port[:n]
         if mask & selectors.EVENT_READ:
             try:
                 data = _port.read_some(s.fd, CHUNK)

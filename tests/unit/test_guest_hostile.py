@@ -173,13 +173,29 @@ def test_pool_serves_clients_on_a_working_port_when_one_is_unplugged(host: HostE
         b.close()
 
 
-def test_port_write_error_ends_that_session_not_the_bridge() -> None:
+@contextlib.contextmanager
+def _one_port_bridge(
+    sndbuf: int | None = None,
+) -> Iterator[tuple[Bridge, socket.socket, socket.socket]]:
+    """A bridge with one port (a socketpair whose ``far`` end plays the host) and a client
+    it has paired with that port; ``sndbuf`` makes the port's buffer small."""
     near, far = socket.socketpair()
     near.setblocking(False)
+    if sndbuf is not None:
+        near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     b = Bridge(("127.0.0.1", 0), ["p"], lambda _name: near.detach())
     client = socket.create_connection(b.address)
     try:
         poll_until(b, lambda: bool(b.sessions))
+        yield b, client, far
+    finally:
+        client.close()
+        far.close()
+        b.close()
+
+
+def test_port_write_error_ends_that_session_not_the_bridge() -> None:
+    with _one_port_bridge() as (b, client, far):
         session = b.sessions["p"]
         client.sendall(HEADER)
         poll_until(b, lambda: session.client_sent)
@@ -192,40 +208,23 @@ def test_port_write_error_ends_that_session_not_the_bridge() -> None:
         far.close()
         poll_until(b, lambda: not b.sessions)
         assert read_to_eof(client) == b""  # the client was let go, the bridge still runs
-    finally:
-        client.close()
-        b.close()
 
 
 def test_host_bytes_before_end_of_stream_reach_the_client() -> None:
-    near, far = socket.socketpair()
-    near.setblocking(False)
-    b = Bridge(("127.0.0.1", 0), ["p"], lambda _name: near.detach())
-    client = socket.create_connection(b.address)
-    try:
-        poll_until(b, lambda: bool(b.sessions))
+    with _one_port_bridge() as (b, client, far):
         last = frame(100, b"\x00" * 92)  # e.g. the host's close with its error condition
         far.sendall(last)
         far.close()
         poll_until(b, lambda: not b.sessions)
         assert read_to_eof(client) == last
-    finally:
-        client.close()
-        b.close()
 
 
 # ---- bridge: clients that vanish ---------------------------------------------------------
 
 
 def test_slow_port_gets_all_client_bytes_and_the_close_frame() -> None:
-    near, far = socket.socketpair()
-    near.setblocking(False)
-    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # a small port buffer
-    b = Bridge(("127.0.0.1", 0), ["p"], lambda _name: near.detach())
-    client = socket.create_connection(b.address)
     sent = HEADER + frame(600_000, b"\x00" * (600_000 - 8))  # complete frames only
-    try:
-        poll_until(b, lambda: bool(b.sessions))
+    with _one_port_bridge(sndbuf=16384) as (b, client, far):  # a small port buffer
 
         def send_and_leave() -> None:
             client.sendall(sent)
@@ -239,19 +238,10 @@ def test_slow_port_gets_all_client_bytes_and_the_close_frame() -> None:
         got = read_to_eof(far)
         assert len(got) == len(sent) + len(CLOSE_FRAME)
         assert got == sent + CLOSE_FRAME
-    finally:
-        client.close()
-        far.close()
-        b.close()
 
 
 def test_client_dying_mid_frame_still_gets_its_connection_closed() -> None:
-    near, far = socket.socketpair()
-    near.setblocking(False)
-    b = Bridge(("127.0.0.1", 0), ["p"], lambda _name: near.detach())
-    client = socket.create_connection(b.address)
-    try:
-        poll_until(b, lambda: bool(b.sessions))
+    with _one_port_bridge() as (b, client, far):
         client.sendall(HEADER + frame(64, b"\x00\x53\x10"))  # 11 of the frame's 64 bytes
         session = b.sessions["p"]
         poll_until(b, lambda: session.client_sent)
@@ -262,22 +252,13 @@ def test_client_dying_mid_frame_still_gets_its_connection_closed() -> None:
         frames, left_over = walk_frames(got[len(HEADER) :])
         assert left_over == 0, f"{left_over} bytes of an unfinished frame swallow the close"
         assert frames[-1] == CLOSE_FRAME
-    finally:
-        client.close()
-        far.close()
-        b.close()
 
 
 def test_client_dying_inside_a_transfer_frame_gets_no_padding() -> None:
     """Zeros completing a transfer frame could hand the host a message the client never
     finished, so the bridge sends nothing after it: the host ends that connection when the
     next client's header arrives after a pause, or at its idle timeout."""
-    near, far = socket.socketpair()
-    near.setblocking(False)
-    b = Bridge(("127.0.0.1", 0), ["p"], lambda _name: near.detach())
-    client = socket.create_connection(b.address)
-    try:
-        poll_until(b, lambda: bool(b.sessions))
+    with _one_port_bridge() as (b, client, far):
         cut = HEADER + frame(64, b"\x00\x53\x14\xc0")  # 12 of a transfer frame's 64 bytes
         client.sendall(cut)
         session = b.sessions["p"]
@@ -285,10 +266,6 @@ def test_client_dying_inside_a_transfer_frame_gets_no_padding() -> None:
         client.close()
         poll_until(b, lambda: not b.sessions)
         assert read_to_eof(far) == cut
-    finally:
-        client.close()
-        far.close()
-        b.close()
 
 
 # ---- the command line --------------------------------------------------------------------
