@@ -537,8 +537,6 @@ class Channel:
         return True
 
     def _upstream_broken(self, router: Router, up: _Upstream, reason: str) -> None:
-        if router.state is RouterState.OPENING:
-            self._brokers.failed(up.url)
         router.upstream_failed(reason)
         self._drop_upstream(router, up)
         self._pump_router(router, None)
@@ -610,6 +608,8 @@ class Channel:
         if self._up is up:
             self._up = None
         router.uncount_unsent(upstream=True)
+        if router.failed_opening:  # refused, unreachable, or hung up before its open
+            self._brokers.failed(up.url)
         if self._lingering.pop(router, None) is not None:
             router.guest.free()
             if router.upstream is not None:

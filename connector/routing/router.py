@@ -107,6 +107,9 @@ class Router:
         self._counters = counters
         self._policy = policy or LinkPolicy()
         self._upstream_dead = False
+        # The upstream failed before the broker's open: the next guest connection tries
+        # the next broker of the failover list (Channel).
+        self.failed_opening = False
         self._limits = limits or GuestLimits()
         # Token bucket for attaches: a guest may burst, then attach at the set rate.
         self._attach_tokens = float(self._limits.attach_burst)
@@ -309,7 +312,10 @@ class Router:
             self.state = RouterState.CLOSING
         else:
             cond = self.upstream.condition()
-            self.upstream_failed(f"{cond[0]}: {cond[1]}" if cond else "upstream transport failed")
+            why = f"{cond[0]}: {cond[1]}" if cond else "upstream transport failed"
+            if self.state is RouterState.OPENING:  # proton's words alone do not say whose
+                why = f"no AMQP open from the broker: {why}"
+            self.upstream_failed(why)
 
     def _on_transport_closed(self, ev: Any, from_guest: bool) -> None:
         if not from_guest and not self._upstream_dead:
@@ -326,6 +332,7 @@ class Router:
         if self._upstream_dead:
             return
         self._upstream_dead = True
+        self.failed_opening = self.state is RouterState.OPENING
         self._counters.upstream_failures += 1
         self._counters.last_upstream_failed = True
         self.error = (FORCED, reason)
