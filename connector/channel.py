@@ -512,6 +512,12 @@ class Channel:
             self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
             return
         if not data:
+            if up.tls is not None:
+                try:
+                    up.tls.stream_ended()
+                except TLSError as err:
+                    self._upstream_broken(router, up, f"{up.url}: {err}")
+                    return
             router.upstream.close_input()
         elif up.tls is None:
             router.upstream.push(data)

@@ -119,6 +119,22 @@ class TLSSession:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def stream_ended(self) -> None:
+        """The socket read end of stream. After the broker's close_notify that is its clean
+        end; before it, the TLS stream was cut short (in the handshake or inside a record),
+        which raises ``TLSError`` in ssl's words, so the reason says TLS rather than what
+        the AMQP engine makes of the missing bytes."""
+        if self.peer_closed or self._failed:
+            return
+        self._in.write_eof()
+        try:
+            if self.established:
+                self._ssl.read(_READ_SIZE)
+            else:
+                self._ssl.do_handshake()
+        except ssl.SSLError as err:
+            raise self._fail(err) from err
+
     # -- to the socket -------------------------------------------------------------------
 
     def peek_output(self) -> memoryview:

@@ -706,11 +706,6 @@ def test_a_broker_that_hangs_up_before_its_open_moves_the_failover_list_on(
     _works(conn, backend, "via the next url")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upstream EOF (TCP or close_notify) is reported as proton's framing-error, "
-    "without the broker's URL and, in a TLS handshake or mid-record, without saying TLS",
-)
 @pytest.mark.parametrize("when", ["during-handshake", "mid-record"])
 def test_a_tls_stream_cut_short_is_named_as_such(
     fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect, when: str

@@ -194,6 +194,34 @@ def test_the_brokers_close_notify_ends_its_stream(certs: dict) -> None:
     server.ssl.unwrap()
 
 
+@pytest.mark.parametrize("when", ["in-the-handshake", "inside-a-record"])
+def test_an_end_of_stream_before_close_notify_is_a_tls_error(certs: dict, when: str) -> None:
+    """A stream cut short is named as TLS's failure, not left to the AMQP engine to read
+    as missing bytes; after a close_notify the end of stream is the broker's clean end."""
+    client = _client(certs, _Plain())
+    server = _Server(_server_context(certs))
+    if when == "inside-a-record":
+        _handshake(client, server)
+        server.ssl.write(b"x" * 1000)
+        record = server.outgoing.read()
+        client.receive(record[: len(record) // 2])
+    else:
+        client.peek_output()  # the ClientHello, never answered
+    with pytest.raises(TLSError, match=r"^TLS: "):
+        client.stream_ended()
+
+
+def test_an_end_of_stream_after_close_notify_is_clean(certs: dict) -> None:
+    client = _client(certs, _Plain())
+    server = _Server(_server_context(certs))
+    _handshake(client, server)
+    with pytest.raises(ssl.SSLWantReadError):
+        server.ssl.unwrap()
+    _answer(client, server)
+    assert client.peer_closed
+    client.stream_ended()  # no error
+
+
 def test_our_close_sends_close_notify(certs: dict) -> None:
     client = _client(certs, _Plain())
     server = _Server(_server_context(certs))
