@@ -710,28 +710,30 @@ def test_a_broker_that_hangs_up_before_its_open_moves_the_failover_list_on(
 def test_a_tls_stream_cut_short_is_named_as_such(
     fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect, when: str
 ) -> None:
-    # Every other upstream failure names the URL (docs/configuration.md: "last_error says
-    # why, e.g. amqps://broker:5671: TLS: ..."). A TCP FIN inside a TLS handshake or a
-    # record is a truncated TLS stream (ssl raises SSLEOFError when told of the EOF); here
-    # it reads "amqp:connection:framing-error: Expected SASL protocol header: no protocol
-    # header found (connection aborted)", or "...: connection aborted".
-    def torn(peer: _Peer, data: bytes) -> None:
-        assert peer.tls is not None
-        peer.tls.write(data)
-        record = peer.outgoing.read()
-        peer.raw.sendall(record[: len(record) // 2])
-        peer.raw.shutdown(socket.SHUT_WR)
-        peer.closed_by_us = True
-
+    # Like every other upstream failure, it names the URL (docs/configuration.md:
+    # "last_error says why, e.g. amqps://broker:5671: TLS: ..."). A TCP FIN inside a TLS
+    # handshake or a record is a truncated TLS stream (ssl raises SSLEOFError when told of
+    # the end); it once reached the guest as proton's framing-error (connection aborted).
     if when == "during-handshake":
         front = fronts(lambda peer: peer.raw.recv(65536), _server_context(certs["good"]))
         conn = connect(front.url)
         failed: BaseException = conn.refused()
     else:
-        conn, failed, front = _mid_stream(fronts, backend, certs, connect, torn)
+        conn, failed, front = _mid_stream(fronts, backend, certs, connect, _tear_record)
     assert isinstance(failed, AmqpError) and failed.name == FORCED, failed
     assert front.url in (failed.description or ""), failed.description
     assert "TLS" in (failed.description or ""), failed.description
+    assert "forced" in conn.last_error
+
+
+def _tear_record(peer: _Peer, data: bytes) -> None:
+    """Send half of the record carrying ``data``, then hang up (TCP FIN)."""
+    assert peer.tls is not None
+    peer.tls.write(data)
+    record = peer.outgoing.read()
+    peer.raw.sendall(record[: len(record) // 2])
+    peer.raw.shutdown(socket.SHUT_WR)
+    peer.closed_by_us = True
 
 
 # -- mid-stream: the guest told, never left hanging ----------------------------------------
@@ -775,22 +777,6 @@ def test_close_notify_mid_stream_ends_the_guests_connection(
         peer.close_notify()
 
     conn, failed, _ = _mid_stream(fronts, backend, certs, connect, close_notify)
-    assert isinstance(failed, AmqpError) and failed.name == FORCED, failed
-    assert "forced" in conn.last_error
-
-
-def test_a_record_torn_by_a_hang_up_ends_the_guests_connection(
-    fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect
-) -> None:
-    def torn(peer: _Peer, data: bytes) -> None:
-        assert peer.tls is not None
-        peer.tls.write(data)
-        record = peer.outgoing.read()
-        peer.raw.sendall(record[: len(record) // 2])
-        peer.raw.shutdown(socket.SHUT_WR)
-        peer.closed_by_us = True
-
-    conn, failed, _ = _mid_stream(fronts, backend, certs, connect, torn)
     assert isinstance(failed, AmqpError) and failed.name == FORCED, failed
     assert "forced" in conn.last_error
 
