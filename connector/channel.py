@@ -511,34 +511,34 @@ class Channel:
         except OSError as err:
             self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
             return
-        if not data:
-            if up.tls is not None:
-                try:
-                    up.tls.stream_ended()
-                except TLSError as err:
-                    self._upstream_broken(router, up, f"{up.url}: {err}")
-                    return
-            router.upstream.close_input()
-        elif up.tls is None:
+        if up.tls is not None:
+            if not self._upstream_tls_input(router, up, up.tls, data):
+                return
+        elif data:
             router.upstream.push(data)
-        elif not self._upstream_tls_input(router, up, up.tls, data):
-            return
+        else:
+            router.upstream.close_input()
         self._pump_router(router, up)
 
     def _upstream_tls_input(
         self, router: Router, up: _Upstream, tls: TLSSession, data: bytes
     ) -> bool:
-        """Decrypt what the broker sent into the upstream engine; False when TLS failed
-        (the upstream is then dropped). The broker's close_notify ends its stream as a
-        TCP EOF does."""
+        """Decrypt what the broker sent (``data``, empty at the socket's end of stream) into
+        the upstream engine; False when TLS failed (the upstream is then dropped). The
+        broker's close_notify ends its stream as a TCP EOF does; an EOF before it is a TLS
+        stream cut short."""
         try:
-            plain = tls.receive(data)
+            if data:
+                plain = tls.receive(data)
+            else:
+                tls.stream_ended()
+                plain = b""
         except TLSError as err:
             self._upstream_broken(router, up, f"{up.url}: {err}")
             return False
         if plain:
             router.upstream.push(plain)
-        if tls.peer_closed:
+        if not data or tls.peer_closed:
             router.upstream.close_input()
         return True
 
