@@ -603,31 +603,24 @@ def test_a_certificate_that_must_not_pass_is_named_and_the_next_url_tried(
     assert any(isinstance(err, ssl.SSLError) for err in bad.errors), bad.errors
 
 
-def test_garbage_instead_of_a_server_hello(
-    fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", id="http"),
+        # The usual misconfiguration: port 5672 named amqps://. The broker answers the
+        # ClientHello with its AMQP protocol header.
+        pytest.param(b"AMQP\x03\x01\x00\x00", id="plain-amqp-broker"),
+    ],
+)
+def test_something_else_than_a_server_hello(
+    fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect, answer: bytes
 ) -> None:
-    def http(peer: _Peer) -> None:
+    def reply(peer: _Peer) -> None:
         peer.raw.recv(65536)  # the ClientHello
-        peer.raw.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        peer.raw.sendall(answer)
         peer.hold()
 
-    bad = fronts(http, None)
-    good = _good(fronts, backend, certs)
-    conn = connect(bad.url, good.url)
-    _assert_forced_and_failover(conn, bad, good, backend, "TLS: ")
-
-
-def test_a_plain_amqp_broker_behind_an_amqps_url(
-    fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect
-) -> None:
-    # The usual misconfiguration: port 5672 named amqps://. The broker answers the
-    # ClientHello with its AMQP protocol header.
-    def amqp(peer: _Peer) -> None:
-        peer.raw.recv(65536)
-        peer.raw.sendall(b"AMQP\x03\x01\x00\x00")
-        peer.hold()
-
-    bad = fronts(amqp, None)
+    bad = fronts(reply, None)
     good = _good(fronts, backend, certs)
     conn = connect(bad.url, good.url)
     _assert_forced_and_failover(conn, bad, good, backend, "TLS: ")
