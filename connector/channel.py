@@ -99,6 +99,13 @@ class ChannelState(enum.Enum):
     GONE = "gone"
 
 
+def _free_engines(router: Router) -> None:
+    """Free both sides' proton objects once neither the guest nor the broker needs them."""
+    router.guest.free()
+    if router.upstream is not None:
+        router.upstream.free()
+
+
 def _should_pause(paused: bool, backlog: int) -> bool:
     """Reading a side pauses above BACKLOG_HIGH and resumes only below BACKLOG_LOW."""
     return backlog >= BACKLOG_LOW if paused else backlog > BACKLOG_HIGH
@@ -547,9 +554,14 @@ class Channel:
         self._drop_upstream(router, up)
         self._pump_router(router, None)
 
-    def _write_upstream(self, router: Router, up: _Upstream) -> None:
+    def _write_upstream(self, router: Router, up: _Upstream) -> bool:
+        """Write what the upstream has to send, as much as its socket takes.
+
+        False when writing failed (TLS or the socket): the upstream has then been dropped
+        and the router pumped without it, so the caller must not touch ``up`` again.
+        """
         if not up.connected:
-            return
+            return True
         src = up.out  # the engine, or TLS over it: ciphertext it has not sent comes first
         fd = up.sock.fileno()
         while True:
@@ -557,7 +569,7 @@ class Channel:
                 out = src.peek_output()
             except TLSError as err:
                 self._upstream_broken(router, up, f"{up.url}: {err}")
-                return
+                return False
             if not out:
                 break
             try:
@@ -566,17 +578,18 @@ class Channel:
                 n = 0
             except OSError as err:
                 self._upstream_broken(router, up, f"{up.url}: {err.strerror or err}")
-                return
+                return False
             if n:
                 src.pop_output(n)
             if n < len(out):
                 if not up.writing:
                     self._loop.add_writer(fd, self._on_upstream_writable, router, up)
                     up.writing = True
-                return
+                return True
         if up.writing:
             self._loop.remove_writer(fd)
             up.writing = False
+        return True
 
     @_guarded
     def _on_upstream_writable(self, router: Router, up: _Upstream) -> None:
@@ -617,9 +630,7 @@ class Channel:
         if router.failed_opening:  # refused, unreachable, or hung up before its open
             self._brokers.failed(up.url)
         if self._lingering.pop(router, None) is not None:
-            router.guest.free()
-            if router.upstream is not None:
-                router.upstream.free()
+            _free_engines(router)
         self._update_idle()
 
     # -- the pump: after any I/O -----------------------------------------------------------
@@ -643,7 +654,8 @@ class Channel:
         if live:
             self._write_guest()
         if up is not None:
-            self._write_upstream(router, up)
+            if not self._write_upstream(router, up):
+                return  # the upstream failed and was dropped; that pump did the rest
             if router.upstream_closed() and up.out.output_pending() <= 0:
                 self._drop_upstream(router, up)
                 up = None
@@ -732,19 +744,19 @@ class Channel:
         if up is not None and not router.upstream_dead:
             router.close_upstream()
             router.process()
-            self._write_upstream(router, up)
-            self._lingering[router] = up
-            up.closing_timer = self._loop.call_later(
-                CLOSE_TIMEOUT_S, self._drop_upstream, router, up
-            )
+            if self._write_upstream(router, up):
+                self._lingering[router] = up
+                up.closing_timer = self._loop.call_later(
+                    CLOSE_TIMEOUT_S, self._drop_upstream, router, up
+                )
+            else:  # writing our close failed, and dropped the upstream
+                _free_engines(router)
         else:
             if up is not None:
                 self._drop_upstream(router, up)
             else:
                 router.uncount_unsent(upstream=True)
-            router.guest.free()
-            if router.upstream is not None:
-                router.upstream.free()
+            _free_engines(router)
         if self.state is ChannelState.CONNECTED:
             self._set_state(ChannelState.WAITING, None)
         self._update_idle()

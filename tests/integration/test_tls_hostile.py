@@ -41,6 +41,7 @@ from connector.channel import Channel
 from connector.guest.client import AmqpError, Disconnected, GuestClient
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
+from connector.tls import TLSError, TLSSession
 from connector.upstream import BrokerPool, BrokerURL, TLSSettings, UpstreamSettings
 from tests.brokers.common import free_port
 from tests.support.connector import Qemu
@@ -844,3 +845,42 @@ def test_a_tls12_renegotiation_while_data_flows(
     (peer,) = front.peers
     assert peer.tls is not None and peer.tls.version() == "TLSv1.2"
     assert peer.renegotiations >= 3
+
+
+# -- TLS failing on the write side ----------------------------------------------------------
+
+
+def test_tls_failing_while_writing_to_the_broker_ends_only_that_connection(
+    fronts: Fronts, backend: _Backend, certs: dict[str, Path], connect: Connect,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # No broker makes our side's encryption fail, so the fault is injected: once the guest
+    # is connected, TLS raises when the connector asks it for ciphertext to send (the
+    # guest's attach). That drops the upstream in the middle of a pump, which must then
+    # stop there: the guest is told why, nothing reaches the broker, no internal error,
+    # and the channel serves the next guest.
+    armed = threading.Event()
+    peek = TLSSession.peek_output
+
+    def failing(self: TLSSession) -> memoryview:
+        if armed.is_set():
+            raise TLSError(ssl.SSLError(1, "injected write failure"))
+        return peek(self)
+
+    monkeypatch.setattr(TLSSession, "peek_output", failing)
+    conn = connect(_good(fronts, backend, certs).url)
+    guest = conn.guest()
+    try:
+        armed.set()
+        with pytest.raises(AmqpError) as failed:
+            guest.send("inbox", ["never"])
+    finally:
+        with contextlib.suppress(Exception):
+            guest.close(timeout=1)
+    conn.wait_idle()
+    assert failed.value.name == FORCED, failed.value
+    assert "injected write failure" in (failed.value.description or "")
+    assert "injected write failure" in conn.last_error
+    assert backend.messages == []
+    armed.clear()
+    _works(conn, backend, "after a write-side TLS failure")
