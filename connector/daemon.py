@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import time
 from typing import Any
@@ -32,6 +33,30 @@ log = logging.getLogger("connector")
 SHUTDOWN_GRACE_S = 5.0
 # How long a gone channel stays listed, so an operator sees that a guest went away.
 GONE_RETENTION_S = 600.0
+# The kernel's ceiling on a process's open files (fs.nr_open's default), used when the hard
+# limit is "unlimited", which setrlimit does not accept as a soft limit.
+NR_OPEN_DEFAULT = 1 << 20
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Lift the soft limit on open files to the hard limit; returns (before, after).
+
+    Each connected guest costs the daemon two descriptors (its channel and its broker
+    connection), a unix-listen channel one more. systemd and most shells start a service at
+    a soft limit of 1024 for the sake of ``select()``, which the daemon does not use (its
+    loop is epoll), so without this a host with a few hundred guests would run out and
+    refuse guests with EMFILE while the hard limit allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NR_OPEN_DEFAULT if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as err:  # e.g. fs.nr_open set below the hard limit
+            log.warning("could not raise the open-file limit from %d: %s", soft, err)
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 class Daemon:
@@ -92,6 +117,9 @@ class Daemon:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status."""
         self._loop = asyncio.get_running_loop()
+        before, after = raise_fd_limit()
+        if after != before:
+            log.info("open-file limit raised from %d to %d", before, after)
         cfg = self.config
         self._control = ControlServer(
             cfg.control_socket, self, mode=cfg.control_mode, group=cfg.control_group

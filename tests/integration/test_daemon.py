@@ -316,3 +316,35 @@ def test_heartbeats_keep_a_quiet_guest_connected(artemis: Any, tmp_path: Path) -
     finally:
         assert daemon.stop() == 0
         ch.hang_up()
+
+
+def test_a_low_open_file_limit_is_lifted_for_many_channels(tmp_path: Path) -> None:
+    """systemd starts a service at a soft limit of 1024 open files while a host can have
+    more guests than that allows (each costs two). Started here at a soft limit of 64, the
+    daemon must serve 80 unix-listen channels (a listening socket each): it lifts the soft
+    limit to the hard one."""
+    count = 80
+    broker = SimpleNamespace(url=f"amqp://127.0.0.1:{free_port()}", user=None)
+    specs = [
+        a for i in range(count) for a in ("--channel", f"unix-listen:{tmp_path}/g{i},guest=g{i}")
+    ]
+    daemon = Connector(tmp_path, broker, [], *specs)
+    with open(daemon.log, "a") as log:
+        daemon.proc = subprocess.Popen(["prlimit", "--nofile=64:", *daemon.argv()], stderr=log)
+    try:
+
+        def all_waiting() -> bool:
+            snap = daemon.snapshot() or {"channels": []}
+            states = [c["state"] for c in snap["channels"]]
+            assert "error" not in states, daemon.log_text()
+            return states.count("waiting") == count
+
+        wait_for(all_waiting, 60, f"{count} channels waiting")
+        limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text()
+        soft, hard = next(
+            ln for ln in limits.splitlines() if ln.startswith("Max open files")
+        ).split()[3:5]
+        assert soft == hard, limits
+        assert "open-file limit raised from 64" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
