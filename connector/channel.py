@@ -196,6 +196,8 @@ class Channel:
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._tick_due = 0  # the deadline (monotonic ms) the armed tick timer serves
+        self._deadline_ms = 0  # the nearest deadline the engines' last tick returned
         self._close_wait: asyncio.TimerHandle | None = None  # our close awaits the guest's
         self._open_wait: asyncio.TimerHandle | None = None  # the guest's open is due
         self._backoff = BACKOFF_FIRST_S
@@ -642,8 +644,10 @@ class Channel:
             self._pump_router(router, self._up)
 
     def _pump_router(self, router: Router, up: _Upstream | None) -> None:
-        router.process()
         live = router is self._router
+        if live:
+            self._tick_engines(router)
+        router.process()
         if router.upstream is not None and up is None and not router.upstream_dead and live:
             self._connect_upstream(router)
             up = self._up
@@ -763,22 +767,40 @@ class Channel:
 
     # -- timers ----------------------------------------------------------------------------
 
-    def _schedule_tick(self) -> None:
-        if self._tick is not None or self._router is None:
-            return
+    def _tick_engines(self, router: Router) -> None:
+        """Advance both engines' clocks before their events are processed, so that what a
+        tick produces (a heartbeat due to a peer, a peer's idle timeout) is handled and
+        written by this same pump; note the nearest deadline for the timer.
+
+        Every pump ticks, not only the timer: a deadline can come nearer at any time (the
+        broker's open brings its idle timeout long after the guest's open armed the timer),
+        and a heartbeat that waits for a far timer lets the broker cut a quiet guest."""
         now_ms = int(time.monotonic() * 1000)
-        deadlines = [self._router.guest.tick(now_ms)]
-        if self._router.upstream is not None:
-            deadlines.append(self._router.upstream.tick(now_ms))
-        nearest = min((d for d in deadlines if d > 0), default=0)
-        if nearest:
-            delay = max(MIN_TICK_S, (nearest - now_ms) / 1000)
-            self._tick = self._loop.call_later(delay, self._on_tick)
+        nearest = router.guest.tick(now_ms)
+        if router.upstream is not None:
+            due = router.upstream.tick(now_ms)
+            if due > 0 and (nearest <= 0 or due < nearest):
+                nearest = due
+        self._deadline_ms = nearest
+
+    def _schedule_tick(self) -> None:
+        """Arm the timer for the nearest deadline the last tick found, unless it is already
+        armed for that or earlier."""
+        due = self._deadline_ms
+        if not due or self._router is None:
+            return
+        if self._tick is not None:
+            if self._tick_due <= due:
+                return
+            self._tick.cancel()
+        delay = max(MIN_TICK_S, (due - time.monotonic() * 1000) / 1000)
+        self._tick = self._loop.call_later(delay, self._on_tick)
+        self._tick_due = due
 
     @_guarded
     def _on_tick(self) -> None:
         self._tick = None
-        self._pump()  # _pump ticks the engines again and re-arms the timer
+        self._pump()  # the pump ticks the engines, writes what that produced, re-arms
 
     # -- state and errors ------------------------------------------------------------------
 

@@ -57,7 +57,6 @@ def _daemon(broker: Any, workdir: Path, guests: list[Qemu], *extra: str) -> Conn
     return Connector(workdir, broker, guests, *extra).start()
 
 
-@pytest.mark.xfail(strict=True, reason="the upstream's heartbeats wait for the guest's timer")
 def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
     strict_artemis: Artemis, tmp_path: Path
 ) -> None:
