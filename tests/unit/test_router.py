@@ -569,3 +569,52 @@ def test_each_received_progress_reaches_the_guest() -> None:
         h.pump()
         assert dlv.remote_state == Delivery.RECEIVED
         assert dlv.remote.section_offset == offset
+
+
+def _sessions_with_senders(h: Harness, first: int, count: int) -> list[tuple[Any, Link]]:
+    """Open ``count`` guest sessions, each with a sender ``s{i}`` to ``q{i}`` from
+    ``i = first``, without pumping."""
+    opened = []
+    for i in range(first, first + count):
+        ssn = h.guest.connection.session()
+        ssn.open()
+        opened.append((ssn, attach(ssn, f"s{i}", f"q{i}")))
+    return opened
+
+
+@pytest.mark.xfail(strict=True, reason="a begin over the broker's channel-max wedges proton")
+@pytest.mark.parametrize("pipelined", [False, True], ids=["after-open", "before-open"])
+def test_sessions_over_the_brokers_channel_max_are_refused_alone(pipelined: bool) -> None:
+    """A broker allowing two sessions (channel-max 1; RabbitMQ 4 allows 64): the guest's
+    third begin, whether it came before the broker's open or after, is ended with
+    resource-limit-exceeded, and the other two sessions go on. Proton's upstream engine
+    stops writing anything at all once asked for a begin it has no channel for."""
+    h = Harness()
+    h.broker.transport.channel_max = 1
+    if pipelined:
+        h.guest.connection.open()  # the begins follow before the broker's open
+    else:
+        h.open_guest()
+    opened = _sessions_with_senders(h, 0, 3)
+    h.pump()
+    assert h.broker.transport.condition is None  # no begin above its channel-max
+    (ssn0, snd0), (ssn1, snd1), (ssn2, _) = opened
+    assert ssn2.state & Endpoint.REMOTE_CLOSED
+    assert ssn2.remote_condition.name == "amqp:resource-limit-exceeded"
+    assert "2 sessions" in ssn2.remote_condition.description
+    for ssn, snd in ((ssn0, snd0), (ssn1, snd1)):
+        assert ssn.state & Endpoint.REMOTE_ACTIVE and snd.state & Endpoint.REMOTE_ACTIVE
+    brcv = h.broker_link("s0")
+    brcv.flow(1)
+    h.pump()
+    snd0.delivery("d")
+    snd0.send(Message(body="through").encode())
+    snd0.advance()
+    h.pump()
+    assert len(_receive_all(brcv)) == 1
+    # Once a session ends, its channel serves the guest's next begin.
+    ssn1.close()
+    h.pump()
+    [(ssn3, snd3)] = _sessions_with_senders(h, 3, 1)
+    h.pump()
+    assert ssn3.state & Endpoint.REMOTE_ACTIVE and snd3.state & Endpoint.REMOTE_ACTIVE
