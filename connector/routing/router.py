@@ -264,12 +264,13 @@ class Router:
             _copy_capabilities(g, up)
             copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
             lib.pn_connection_open(g)
-            for ssn in self._sessions:
+            for ssn, twin in list(self._sessions.items()):  # in the order the guest began them
                 guest_side = lib.pn_session_connection(ssn) == g
                 if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
-                    lib.pn_session_open(ssn)
+                    self._begin(ssn, twin)
             for glink, refusal in self._deferred_refusals:
-                self._refuse(glink, refusal)
+                if not lib.pn_session_state(lib.pn_link_session(glink)) & _LOCAL_CLOSED:
+                    self._refuse(glink, refusal)
             self._deferred_refusals.clear()
         if self.state is RouterState.OPENING:
             self.state = RouterState.OPEN
@@ -469,14 +470,53 @@ class Router:
             up = lib.pn_session(self.upstream.connection)
             self._sessions[ssn] = up
             self._sessions[up] = ssn
-            lib.pn_session_open(up)
-            # Answer the guest's begin without waiting for the broker's: a begin carries
-            # nothing end to end (windows are per hop), and proton sends nothing for a link,
-            # not even a refusal, on a session it has not begun. A broker that ends the
-            # session ends the guest's. Proton also drops work on a session opened before
-            # its connection, so before the guest's open is answered this waits for it.
+            # Before the broker's open (which answers the guest's) both wait for it: proton
+            # drops work on a session opened before its connection, and only the broker's
+            # open says how many sessions it allows.
             if lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
-                lib.pn_session_open(ssn)
+                self._begin(ssn, up)
+
+    def _begin(self, ssn: Any, up: Any) -> None:
+        """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest, or end
+        the guest's session when the broker allows no more (its channel-max).
+
+        The guest's begin is answered without waiting for the broker's: a begin carries
+        nothing end to end (windows are per hop), and proton sends nothing for a link, not
+        even a refusal, on a session it has not begun. A broker that ends the session ends
+        the guest's. Past the broker's channel-max proton's engine would not refuse the
+        begin: it stops writing anything at all, which would hang every link of the guest.
+        """
+        allowed = lib.pn_transport_get_channel_max(self.upstream.transport) + 1
+        if self._upstream_sessions() < allowed:
+            lib.pn_session_open(up)
+            lib.pn_session_open(ssn)
+            for route in self.routes.values():  # links the guest attached before the open
+                link = route.link
+                if lib.pn_link_session(link) == up and lib.pn_link_state(link) & _LOCAL_UNINIT:
+                    lib.pn_link_open(link)
+            return
+        why = f"the broker allows {allowed} sessions on a connection"
+        self._log.warning("refused a session: %s", why)
+        del self._sessions[ssn], self._sessions[up]
+        for route in [r for r in self.routes.values() if lib.pn_link_session(r.link) == ssn]:
+            self._drop_route(route)  # links attached before the broker's open
+        self._free_session(up)
+        lib.pn_session_open(ssn)
+        set_condition(lib.pn_session_condition(ssn), "amqp:resource-limit-exceeded", why)
+        lib.pn_session_close(ssn)
+
+    def _upstream_sessions(self) -> int:
+        """Sessions begun on the upstream connection and not yet freed: each holds one of
+        the broker's channels until its end has been exchanged (counting those still
+        ending keeps proton, which frees a channel as its end goes out, from ever running
+        short)."""
+        count = 0
+        ssn = lib.pn_session_head(self.upstream.connection, 0)
+        while ssn != ffi.NULL:
+            if not lib.pn_session_state(ssn) & _LOCAL_UNINIT:
+                count += 1
+            ssn = lib.pn_session_next(ssn, 0)
+        return count
 
     def _on_session_remote_close(self, ev: Any, from_guest: bool) -> None:
         ssn = lib.pn_event_session(ev)
@@ -557,7 +597,8 @@ class Router:
         groute.address = uroute.address = _guest_address(glink)
         self.routes[glink] = groute
         self.routes[ulink] = uroute
-        lib.pn_link_open(ulink)
+        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE:
+            lib.pn_link_open(ulink)  # else _begin opens it: proton drops it before its begin
         self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
 
     def _attach_allowed(self) -> bool:
