@@ -34,6 +34,7 @@ from connector.discovery.resolve import (
     Resolution,
     is_qemu,
     qemu_pids,
+    read_cmdline,
     read_status,
     resolve_pid,
     specs_from_libvirt,
@@ -168,6 +169,29 @@ class Discovery:
             self._counters["errors"] += 1
             self._log.exception("discovery: %s failed", getattr(handler, "__name__", handler))
 
+    def _for_process(self, handler: Callable[..., None], pid: int, *args: object) -> None:
+        """Run one VM's share of a scan or a batch of events: a failure costs that VM only
+        (not the VMs after it) and is logged with the guest's name."""
+        try:
+            handler(pid, *args)
+        except Exception:
+            self._counters["errors"] += 1
+            self._log.exception(
+                "discovery: guest %s (qemu pid %d): %s failed; other guests go on",
+                self._guest_name(pid),
+                pid,
+                handler.__name__,
+            )
+
+    def _guest_name(self, pid: int) -> str:
+        """The name to log a failure under: qemu's ``-name``, or ``?`` when even reading
+        it fails (the failure being logged may be in the parser)."""
+        try:
+            cmdline = read_cmdline(pid, self.settings.proc_root)
+        except Exception:
+            return "?"
+        return cmdline.name if cmdline is not None and cmdline.name else "?"
+
     # -- reporting -----------------------------------------------------------------------
 
     def _appear(self, spec: ChannelSpec, process: _Process | None) -> None:
@@ -215,7 +239,7 @@ class Discovery:
         """Take up every running qemu not known yet."""
         for pid in qemu_pids(self.settings):
             if pid not in self._processes:
-                self._take_process(pid, trigger)
+                self._for_process(self._take_process, pid, trigger)
 
     def _take_process(self, pid: int, trigger: str) -> None:
         if not is_qemu(pid, self.settings):
@@ -255,7 +279,7 @@ class Discovery:
         )
         if (resolution.problems or libvirt_may_come) and time.monotonic() < process.deadline:
             process.retry = self._loop.call_later(
-                self.settings.libvirt_retry_interval, self._guarded, self._retry, process.pid
+                self.settings.libvirt_retry_interval, self._for_process, self._retry, process.pid
             )
             return
         for problem in resolution.problems:
@@ -269,12 +293,13 @@ class Discovery:
         self._counters["retries"] += 1
         self._resolve(process)
 
-    def _apply_libvirt(self, process: _Process, resolution: Resolution) -> None:
+    def _apply_libvirt(self, pid: int, resolution: Resolution) -> None:
         """libvirt's status file, new or rewritten (seen by the watch), settles the process.
 
         libvirt rewrites the file when a channel is hot-plugged or unplugged, so its list
         is taken as the whole truth: a path of this process it no longer names is gone.
         """
+        process = self._processes[pid]
         process.from_libvirt = True
         if process.retry is not None:
             process.retry.cancel()
@@ -318,9 +343,9 @@ class Discovery:
     def _kvm_event(self, event: KvmEvent) -> None:
         self._counters[f"kvm_{event.kind}"] += 1
         if event.kind == "destroy":
-            self._drop_process(event.pid, "VM destroyed")
+            self._for_process(self._drop_process, event.pid, "VM destroyed")
         elif event.pid not in self._processes:
-            self._take_process(event.pid, "kvm")
+            self._for_process(self._take_process, event.pid, "kvm")
 
     def _on_sockets(self) -> None:
         assert self._sockets is not None
@@ -354,6 +379,7 @@ class Discovery:
                 continue
             process = self._processes.get(domain.pid)
             if process is None:
-                self._take_process(domain.pid, "libvirt")
+                self._for_process(self._take_process, domain.pid, "libvirt")
             else:
-                self._apply_libvirt(process, specs_from_libvirt(domain, self.settings))
+                resolution = specs_from_libvirt(domain, self.settings)
+                self._for_process(self._apply_libvirt, process.pid, resolution)

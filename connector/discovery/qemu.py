@@ -112,16 +112,27 @@ def _bool(value: Any) -> bool:
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # JSON's 1e999 reads as infinity
         return None
 
 
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """A JSON member that should be an object; anything else counts as empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def _json_object(arg: str) -> dict[str, Any] | None:
-    """A JSON option's object, or ``None``: not JSON, not an object, or holding a string
-    that is not text (a ``\\ud800`` escape decodes to a lone surrogate)."""
+    """A JSON option's object, or ``None``: not JSON, nested too deep to decode, not an
+    object, or holding a string that is not text (a ``\\ud800`` escape decodes to a lone
+    surrogate). Whoever runs qemu writes these, and qemu checks ``-device`` only after it
+    has created the VM, so discovery reads options qemu will refuse."""
     try:
         obj = json.loads(arg)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not is_text(json.dumps(obj, ensure_ascii=False)):
         return None
@@ -157,16 +168,16 @@ def _chardev_from_json(arg: str) -> Chardev | None:
         return Chardev(
             id=obj["id"],
             backend=backend,
-            path=obj.get("path"),
+            path=_str_or_none(obj.get("path")),
             fd=_int_or_none(obj.get("fd")),
             server=_bool(obj.get("server", False)),
         )
     if not isinstance(backend, dict) or not isinstance(backend.get("type"), str):
         return None
-    data = backend.get("data") or {}
-    addr = data.get("addr") or {}
-    addr_data = addr.get("data") or {}
-    path = addr_data.get("path") if addr.get("type") == "unix" else None
+    data = _dict(backend.get("data"))
+    addr = _dict(data.get("addr"))
+    addr_data = _dict(addr.get("data"))
+    path = _str_or_none(addr_data.get("path")) if addr.get("type") == "unix" else None
     fd = _int_or_none(addr_data.get("str")) if addr.get("type") == "fd" else None
     return Chardev(
         id=obj["id"],
@@ -185,10 +196,10 @@ def parse_device(arg: str) -> SerialPort | None:
             return None
     else:
         opts = parse_keyval(arg, "driver")
-    name, chardev = opts.get("name"), opts.get("chardev")
-    if opts.get("driver") not in PORT_DRIVERS or not isinstance(name, str):
+    driver, name, chardev = opts.get("driver"), opts.get("name"), opts.get("chardev")
+    if not isinstance(driver, str) or driver not in PORT_DRIVERS:
         return None
-    if not isinstance(chardev, str):
+    if not isinstance(name, str) or not isinstance(chardev, str):
         return None
     return SerialPort(name=name, chardev=chardev)
 

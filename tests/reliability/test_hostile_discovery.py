@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
-
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
 from tests.integration.discovery_helpers import (
@@ -71,7 +69,6 @@ def run(scenario: Callable[[list[FakeQemuProcess]], object]) -> None:
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="an unreadable JSON -device ends the batch of uevents")
 def test_a_command_line_discovery_cannot_read_hides_no_other_vm(tmp_path: Path) -> None:
     """A JSON ``-device`` whose driver is a list (qemu refuses it only after creating the
     VM) stands beside a good port; a second VM is created in the same batch of uevents."""

@@ -7,7 +7,6 @@ real and never fire) as qemu; resolving the first one is made to fail.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -15,10 +14,9 @@ from pathlib import Path
 import pytest
 
 import connector.discovery
-from connector.discovery import Discovery
 from connector.discovery.resolve import Resolution
 from connector.discovery.settings import DiscoverySettings
-from tests.unit.test_discovery_reports import PORT, Sink
+from tests.unit.test_discovery_reports import PORT, Sink, scan_settings, start_and_stop
 from tests.unit.test_discovery_resolve import QEMU, FakeProc
 
 
@@ -30,7 +28,6 @@ def _argv(name: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="one failing process ends the whole start-up scan")
 def test_a_process_discovery_fails_on_costs_only_that_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -46,22 +43,8 @@ def test_a_process_discovery_fails_on_costs_only_that_process(
         return real_resolve(pid, settings)
 
     monkeypatch.setattr(connector.discovery, "resolve_pid", resolve)
-    settings = DiscoverySettings(
-        sources=frozenset({"watch"}),
-        watch_globs=(),
-        proc_root=str(proc.root),
-        libvirt_status_dir=str(tmp_path / "no-libvirt"),
-        watch_libvirt_status=False,
-    )
     sink = Sink()
-
-    async def scenario() -> dict[str, int]:
-        discovery = Discovery(settings, sink, asyncio.get_running_loop(), logging.getLogger())
-        discovery.start()
-        discovery.stop()
-        return discovery.stats()
-
-    stats = asyncio.run(scenario())
+    stats = start_and_stop(scan_settings(proc.root, ()), sink)
     assert list(sink.live) == ["/run/fine.sock"]
     assert stats["errors"] == 1
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -47,6 +47,29 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def scan_settings(proc_root: Path, watch_globs: tuple[str, ...]) -> DiscoverySettings:
+    """The directory watch over a fake /proc, without libvirt."""
+    return DiscoverySettings(
+        sources=frozenset({"watch"}),
+        watch_globs=watch_globs,
+        proc_root=str(proc_root),
+        libvirt_status_dir=str(proc_root.parent / "no-libvirt"),
+        watch_libvirt_status=False,
+    )
+
+
+def start_and_stop(settings: DiscoverySettings, sink: Sink) -> dict[str, int]:
+    """What the start-up scan alone reports to ``sink``; returns the counters."""
+
+    async def scenario() -> dict[str, int]:
+        discovery = Discovery(settings, sink, asyncio.get_running_loop(), logging.getLogger())
+        discovery.start()
+        discovery.stop()
+        return discovery.stats()
+
+    return asyncio.run(scenario())
+
+
 async def _until(condition: object, what: str) -> None:
     for _ in range(500):
         if condition():  # type: ignore[operator]
@@ -63,13 +86,7 @@ def test_counters_never_go_down_when_a_vm_goes_away(short_tmp: Path) -> None:
     proc = FakeProc(short_tmp / "proc")
     argv = ["qemu", "-name", "guest=vm1", "-chardev", f"socket,id=c0,path={sock_path},server=on"]
     proc.process(os.getpid(), QEMU, [*argv, "-device", f"virtserialport,chardev=c0,name={PORT}"])
-    settings = DiscoverySettings(
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{short_tmp}/target/*/{PORT}",),
-        proc_root=str(proc.root),
-        libvirt_status_dir=str(short_tmp / "no-libvirt"),
-        watch_libvirt_status=False,
-    )
+    settings = scan_settings(proc.root, (f"{short_tmp}/target/*/{PORT}",))
 
     async def scenario() -> None:
         sink = Sink()
@@ -106,24 +123,11 @@ def test_a_watched_socket_whose_name_is_not_utf8_is_refused_with_a_warning(
         listener.bind(target + b"/domain-1-" + guest + b"/" + PORT.encode())
         listeners.append(listener)
     (short_tmp / "proc").mkdir()
-    settings = DiscoverySettings(
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{short_tmp}/target/*/{PORT}",),
-        proc_root=str(short_tmp / "proc"),
-        libvirt_status_dir=str(short_tmp / "no-libvirt"),
-        watch_libvirt_status=False,
-    )
-
     sink = Sink()
-
-    async def scenario() -> dict[str, int]:
-        discovery = Discovery(settings, sink, asyncio.get_running_loop(), logging.getLogger())
-        discovery.start()
-        discovery.stop()
-        return discovery.stats()
-
     try:
-        stats = asyncio.run(scenario())
+        stats = start_and_stop(
+            scan_settings(short_tmp / "proc", (f"{short_tmp}/target/*/{PORT}",)), sink
+        )
     finally:
         for listener in listeners:
             listener.close()
