@@ -8,10 +8,13 @@ Other suites may run qemu at the same time; every test looks only at its own pid
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import pytest
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
@@ -20,6 +23,7 @@ from tests.integration.discovery_helpers import (
     NEEDS_KVM,
     FakeQemuProcess,
     RecordingSink,
+    create_vms,
     kvm_settings,
     python_named_qemu,
 )
@@ -86,5 +90,36 @@ def test_a_command_line_discovery_cannot_read_hides_no_other_vm(tmp_path: Path) 
             await sink.wait_for(lambda: bool(sink.of_pid(odd.pid) and sink.of_pid(fine.pid)))
             assert [s.identity.name for s in sink.of_pid(odd.pid).values()] == ["odd"]
             assert discovery.stats().get("errors", 0) == 0
+
+    run(scenario)
+
+
+# -- uevents ------------------------------------------------------------------------------
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="a full netlink buffer stops KVM discovery for good")
+def test_uevents_lost_to_a_full_buffer_are_made_up_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel drops uevents when the monitor's buffer is full and flags the socket.
+    Here the buffer is the smallest the kernel allows and the loop is busy while a storm of
+    VMs (from a process that is not qemu) fills it; a qemu's ``create`` is then lost."""
+    monkeypatch.setattr("connector.discovery.kvm.RECEIVE_BUFFER_BYTES", 1)
+    caplog.set_level(logging.CRITICAL, LOG.name)  # unfixed, the failure repeats each turn
+    qemu = python_named_qemu(tmp_path)
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(kvm_settings(tmp_path / "no-libvirt")) as (discovery, sink):
+            create_vms(40)  # the loop does not turn until the first await: nothing is read
+            missed = FakeQemuProcess(qemu, qemu_args(tmp_path, "missed"))
+            fakes.append(missed)
+            missed.created_at()
+            await sink.wait_for(lambda: bool(sink.of_pid(missed.pid)))
+            assert discovery.stats()["kvm_lost"] >= 1
+            later = FakeQemuProcess(qemu, qemu_args(tmp_path, "later"))  # uevents flow again
+            fakes.append(later)
+            await sink.wait_for(lambda: bool(sink.of_pid(later.pid)))
+            assert discovery.stats()["processes_kvm"] >= 1
 
     run(scenario)

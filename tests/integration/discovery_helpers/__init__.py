@@ -178,6 +178,18 @@ class FakeQemuProcess:
                 stream.close()
 
 
+def create_vms(count: int) -> None:
+    """Create and close ``count`` VMs from a process that is not qemu: ``2 * count`` real
+    uevents that discovery must read and pass over."""
+    script = (
+        "import fcntl, os\n"
+        "kvm = os.open('/dev/kvm', os.O_RDWR)\n"
+        f"for _ in range({count}):\n"
+        "    os.close(fcntl.ioctl(kvm, 0xAE01, 0))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 def ask_unix(path: str, payload: bytes) -> bytes:
     """Connect to a ``server=on`` chardev, send, and return the fake qemu's answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
