@@ -9,16 +9,23 @@ take, and what ``qpid-virtio-status`` shows afterwards.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from proton import Endpoint
 
 from connector.guest.client import GuestClient
 from tests.brokers import Artemis
-from tests.support.connector import Connector, Qemu
+from tests.reliability import harness
+from tests.reliability.conftest import Report
+from tests.reliability.harness import ChannelEnd, Fleet
+from tests.reliability.procstat import cpu_seconds
+from tests.support.connector import Connector, Qemu, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -79,3 +86,94 @@ def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
     finally:
         assert daemon.stop() == 0
         qemu.hang_up()
+
+
+# -- a broker killed under many guests ---------------------------------------------------------
+
+FLEET = 16  # guests, each on its own unix channel (qemu server=on)
+FLEET_TOTAL = 60  # numbered durable messages per guest
+FLEET_TIMEOUT = 120.0
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _closed_by_peer(guest: GuestClient) -> tuple[str | None, str | None]:
+    """Serve a quiet guest's connection until the connector closes it; its condition."""
+    conn = guest.connection
+    end = time.monotonic() + TIMEOUT
+    while not conn.state & Endpoint.REMOTE_CLOSED and time.monotonic() < end:
+        guest.driver.process(end - time.monotonic())
+    assert conn.state & Endpoint.REMOTE_CLOSED, "the connector never closed the guest"
+    cond = conn.remote_condition
+    return (cond.name, cond.description) if cond else (None, None)
+
+
+@pytest.mark.xfail(strict=True, reason="a broker's hang-up reads as proton's framing-error")
+def test_many_guests_come_back_after_a_broker_kill(
+    artemis: Artemis, tmp_path: Path, report: Report
+) -> None:
+    """16 guests stream both ways when Artemis is SIGKILLed; they retry while it is down
+    (every URL refused) and reconnect when it is back. Nothing a guest saw accepted is lost,
+    each channel's counters say what happened, and the daemon holds no more descriptors,
+    upstreams or lingering connections than before.
+
+    A 17th guest is quiet when the broker dies, so its upstream reads the end of stream
+    (the busy ones mostly read a reset): it must be told, as for every other upstream
+    failure, which broker hung up, not proton's framing-error."""
+    ends = [ChannelEnd("unix", tmp_path, f"many-{i}") for i in range(FLEET)]
+    quiet = Qemu("unix", tmp_path, "many-quiet")
+    daemon = Connector(tmp_path, artemis, [*ends, quiet]).start()
+    try:
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        fds_before = _fds(pid)
+        idle = GuestClient(quiet.fd(), container_id="many-quiet", timeout=TIMEOUT)
+        assert idle.send("many-quiet", ["one"])[0].state == "accepted"
+        fleet = Fleet(ends, FLEET_TOTAL, f"many-{uuid.uuid4().hex[:6]}").start(FLEET_TIMEOUT)
+        fleet.wait_accepted(0.3, FLEET_TIMEOUT)
+        cpu = cpu_seconds(pid)
+        artemis.kill()
+        down = time.monotonic()
+        artemis.start()
+        outage = time.monotonic() - down
+        cpu_down = cpu_seconds(pid) - cpu
+        fleet.join(FLEET_TIMEOUT)
+        ledgers = [g.ledger for g in fleet.guests]
+        harness.drain_broker(artemis, ledgers)
+        counts = harness.check(ledgers)
+        assert all(g.ledger.done for g in fleet.guests), counts
+        told = _closed_by_peer(idle)
+        idle.close()
+        snap = wait_for(
+            lambda: (
+                (s := daemon.snapshot())
+                and all(c["state"] == "waiting" and c["upstream"] is None for c in s["channels"])
+                and s
+            ),
+            TIMEOUT,
+            "every guest connection and upstream to end",
+        )
+        for entry in snap["channels"]:
+            detail = entry["detail"]
+            forced = detail["errors_by_condition"].get("amqp:connection:forced", 0)
+            assert forced >= 1, entry
+            if entry["guest"] != "many-quiet":
+                assert detail["upstream_reconnects"] >= 1, entry
+        assert _fds(pid) <= fds_before
+        report.add(
+            f"Artemis SIGKILLed under {FLEET} guests and restarted",
+            f"{outage:.1f} s outage; daemon CPU {cpu_down:.2f} s meanwhile; "
+            f"{counts['connections']} guest connections; guest errors {counts['errors']}; "
+            f"daemon fds back to {_fds(pid)} (from {fds_before}); a quiet guest was told {told}",
+            **{k: counts[k] for k in ("sent", "accepted", "received", "lost", "duplicated")},
+        )
+        assert told[0] == "amqp:connection:forced", told
+        assert artemis.url in (told[1] or "") and "framing-error" not in (told[1] or ""), told
+    finally:
+        if not artemis.running():
+            artemis.start()
+        daemon.stop()
+        for end in [*ends, quiet]:
+            end.hang_up()
