@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from connector.discovery.kvm import KvmEvent, KvmMonitor
+from connector.discovery.kvm import LOST, KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
 from connector.discovery.reading import decode, is_text
 from connector.discovery.resolve import (
@@ -342,7 +342,11 @@ class Discovery:
 
     def _kvm_event(self, event: KvmEvent) -> None:
         self._counters[f"kvm_{event.kind}"] += 1
-        if event.kind == "destroy":
+        if event.kind == LOST:
+            # Creates may be among the lost; exits are seen by the pidfds anyway.
+            self._log.warning("discovery: the kernel dropped KVM uevents; scanning for qemu")
+            self._scan_processes("scan")
+        elif event.kind == "destroy":
             self._for_process(self._drop_process, event.pid, "VM destroyed")
         elif event.pid not in self._processes:
             self._for_process(self._take_process, event.pid, "kvm")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import pyudev
 
 UDEV_CONTROL = "/run/udev/control"
 KVM_EVENTS = frozenset({"create", "destroy"})
+# Not from the kernel: what ``KvmMonitor.read`` reports when the kernel dropped uevents.
+LOST = "lost"
 # Room for a burst of VM starts (a host booting all its guests) between two loop turns;
 # the kernel drops uevents silently when the netlink buffer is full.
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
@@ -26,7 +29,7 @@ RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 class KvmEvent:
     """A VM created or destroyed by process ``pid``; ``received`` is ``time.monotonic()``."""
 
-    kind: str  # "create" | "destroy"
+    kind: str  # "create" | "destroy" | LOST (then ``pid`` is 0)
     pid: int
     received: float
 
@@ -68,15 +71,32 @@ class KvmMonitor:
         return self._monitor.fileno()
 
     def read(self) -> list[KvmEvent]:
-        """Every KVM event queued now (call when the descriptor is readable)."""
+        """Every KVM event queued now (call when the descriptor is readable).
+
+        When the buffer was full the kernel dropped uevents and flagged the socket with
+        ENOBUFS; pyudev then raises on every poll without reading, and the flag stays until
+        someone takes it. It is taken here and reported as one ``LOST`` event, so that the
+        caller looks for what it missed and the socket is read again.
+        """
         events: list[KvmEvent] = []
         while True:
-            device = self._monitor.poll(timeout=0)
+            try:
+                device = self._monitor.poll(timeout=0)
+            except OSError:
+                if not self._take_error():
+                    raise
+                events.append(KvmEvent(kind=LOST, pid=0, received=time.monotonic()))
+                continue
             if device is None:
                 return events
             event = event_from_properties(device.action, dict(device.properties))
             if event is not None:
                 events.append(event)
+
+    def _take_error(self) -> int:
+        """Read and clear the socket's pending error (SO_ERROR); 0 if there was none."""
+        with socket.socket(fileno=os.dup(self.fileno())) as sock:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
     def close(self) -> None:
         """Close the netlink socket: libudev closes it when pyudev drops the monitor."""
