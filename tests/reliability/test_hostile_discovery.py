@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,20 +26,22 @@ from tests.integration.discovery_helpers import (
     RecordingSink,
     create_vms,
     kvm_settings,
+    poll_until,
     python_named_qemu,
+    write_status,
 )
 
 PORT = "org.qpid.amqp.0"
 Running = tuple[Discovery, RecordingSink]
 
 
-def qemu_args(directory: Path, name: str, *extra: str) -> list[str]:
-    """A guest ``name`` with one listening unix port at ``directory/name.sock``."""
+def qemu_args(directory: Path, name: str, *extra: str, sock: str = "") -> list[str]:
+    """A guest ``name`` with one listening unix port at ``directory/(sock or name).sock``."""
     return [
         "-name", f"guest={name},debug-threads=on",
         "-uuid", str(uuid.uuid4()),
         *extra,
-        "-chardev", f"socket,id=c0,path={directory}/{name}.sock,server=on,wait=off",
+        "-chardev", f"socket,id=c0,path={directory}/{sock or name}.sock,server=on,wait=off",
         "-device", f"virtserialport,chardev=c0,name={PORT}",
     ]  # fmt: skip
 
@@ -92,6 +95,41 @@ def test_a_command_line_discovery_cannot_read_hides_no_other_vm(tmp_path: Path) 
             assert discovery.stats().get("errors", 0) == 0
 
     run(scenario)
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="-name with ../ reads a status file outside the dir")
+def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
+    tmp_path: Path,
+) -> None:
+    """qemu's ``-name`` picks which ``NAME.xml`` is read; with ``../`` in it, a file
+    anyone could write would name the channels, a pty of the writer's choosing included
+    (here the test's own terminal), as if libvirt had."""
+    qemu = python_named_qemu(tmp_path)
+    status_dir, elsewhere = tmp_path / "status", tmp_path / "elsewhere"
+    status_dir.mkdir()
+    elsewhere.mkdir()
+    master, terminal = os.openpty()
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        settings = kvm_settings(status_dir, libvirt_retry_interval=0.02)
+        async with discovering(settings) as (discovery, sink):
+            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "../elsewhere/vm", sock="vm"))
+            fakes.append(fake)
+            pty = [("pty", "org.qpid.amqp.5", os.ttyname(terminal), None)]
+            write_status(elsewhere, "vm", str(uuid.uuid4()), fake.pid, pty)
+            await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+            await poll_until(lambda: discovery.stats().get("retries", 0) >= 3)
+            specs = list(sink.of_pid(fake.pid).values())
+            assert [(s.path, s.identity.found_by) for s in specs] == [
+                (f"{tmp_path}/vm.sock", "cmdline")
+            ]
+
+    try:
+        run(scenario)
+    finally:
+        os.close(master)
+        os.close(terminal)
 
 
 # -- uevents ------------------------------------------------------------------------------

@@ -250,3 +250,19 @@ def test_find_status(settings: DiscoverySettings) -> None:
     assert find_status(41, "a", settings) is None  # a.xml belongs to another qemu: stale
     assert find_status(41, "broken", settings) is None  # caught half-written
     assert find_status(41, "missing", settings) is None
+
+
+@pytest.mark.xfail(strict=True, reason="a name with ../ reads a status file outside the dir")
+@pytest.mark.parametrize("name", ["../elsewhere/a", "sub/a"])
+def test_a_name_that_is_not_one_file_name_has_no_status(
+    settings: DiscoverySettings, name: str
+) -> None:
+    """libvirt refuses ``/`` in a domain name; qemu's ``-name`` takes anything."""
+    status = Path(settings.libvirt_status_dir)
+    (status / "sub").mkdir()
+    (status.parent / "elsewhere").mkdir()
+    for path in (status.parent / "elsewhere" / "a.xml", status / "sub" / "a.xml"):
+        path.write_text(STATUS.format(pid=40, name="a"))
+    (status / "a.xml").write_text(STATUS.format(pid=40, name="a"))
+    assert find_status(40, "a", settings) is not None
+    assert find_status(40, name, settings) is None
