@@ -87,8 +87,12 @@ def find_status(pid: int, name: str, settings: DiscoverySettings) -> LibvirtDoma
     """libvirt's status for guest ``name`` if it is the one whose qemu is ``pid``.
 
     libvirt always names its guests on qemu's command line (``-name guest=NAME``) and
-    keeps ``NAME.xml``; a file whose pid differs is stale or another qemu's.
+    keeps ``NAME.xml``; a file whose pid differs is stale or another qemu's. libvirt
+    refuses ``/`` in a name, and whoever runs qemu picks ``-name``: with a slash it would
+    lead to a file outside the directory, which anyone may have written.
     """
+    if "/" in name:
+        return None
     domain = read_status(os.path.join(settings.libvirt_status_dir, f"{name}.xml"))
     return domain if domain is not None and domain.pid == pid else None
 
