@@ -19,6 +19,7 @@ import pytest
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
+from connector.identity import ChannelKind
 from tests.integration.discovery_helpers import (
     LOG,
     NEEDS_KVM,
@@ -132,6 +133,34 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
 
 
 # -- uevents ------------------------------------------------------------------------------
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="a create uevent of a qemu taken up before is ignored")
+def test_a_qemu_seen_while_starting_is_looked_at_again_when_it_creates_its_vm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up scan (or a watch's scan) can meet a qemu that has not opened its
+    chardevs yet, and its pty may take longer than the window for looking again. The VM's
+    ``create`` uevent says that every chardev exists now."""
+    qemu = python_named_qemu(tmp_path)
+    extra = ("-chardev", "pty,id=c1", "-device", "virtserialport,chardev=c1,name=org.qpid.amqp.1")
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        starting = FakeQemuProcess(qemu, qemu_args(tmp_path, "slow", *extra), hold=True)
+        fakes.append(starting)
+        await poll_until(lambda: "slow" in Path(f"/proc/{starting.pid}/cmdline").read_text())
+        settings = kvm_settings(tmp_path / "no-libvirt", libvirt_retry_seconds=0.05)
+        async with discovering(settings) as (_, sink):
+            assert [s.identity.port for s in sink.of_pid(starting.pid).values()] == [PORT]
+            await poll_until(lambda: "1 pty chardevs" in caplog.text)  # given up on the pty
+            starting.command("go")
+            starting.created_at()  # reads the pty's name too
+            await sink.wait_for(lambda: len(sink.of_pid(starting.pid)) == 2)
+            pty = {s.kind: s.path for s in sink.of_pid(starting.pid).values()}[ChannelKind.PTY]
+            assert pty == starting.ptys["c1"]
+
+    run(scenario)
 
 
 @NEEDS_KVM

@@ -138,11 +138,17 @@ class FakeQemuProcess:
     """A running ``fake_qemu.py``: its pid, its commands, and its VM creation stamps."""
 
     def __init__(
-        self, executable: Path | str, args: list[str], guest_dir: Path | None = None
+        self,
+        executable: Path | str,
+        args: list[str],
+        guest_dir: Path | None = None,
+        hold: bool = False,
     ) -> None:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
         if guest_dir is not None:
             env["FAKE_QEMU_GUEST_DIR"] = str(guest_dir)  # relay mode: see fake_qemu.py
+        if hold:
+            env["FAKE_QEMU_HOLD"] = "1"  # opens nothing until ``command("go")``
         self.proc = subprocess.Popen(
             [str(executable), str(FAKE_QEMU), *args],
             stdin=subprocess.PIPE,

@@ -13,7 +13,8 @@ test can prove which endpoint belongs to which port. With ``FAKE_QEMU_GUEST_DIR=
 the environment it plays the guest's half instead: each port is a unix socket ``DIR/PORT``
 (the guest's ``/dev/virtio-ports/PORT``) whose bytes are relayed to and from the chardev,
 held while the other side is absent, as qemu does. Commands on stdin, one a line:
-``destroy`` (close the VM: ``EVENT=destroy``), ``create`` (a new VM), ``exit``. Each
+``destroy`` (close the VM: ``EVENT=destroy``), ``create`` (a new VM), ``exit``; with
+``FAKE_QEMU_HOLD=1`` it first waits for one line before it opens anything. Each
 ``create`` prints ``created MONOTONIC`` (the clock just before the ioctl) on stdout, and
 each pty chardev ``pty ID /dev/pts/N`` when it is opened.
 
@@ -75,6 +76,8 @@ class FakeQemu:
         self.guest: dict[str, socket.socket] = {}  # chardev id -> the guest's connection
         self.held: dict[tuple[str, str], bytearray] = {}  # (id, "host"|"guest") -> bytes
         self.guest_dir = os.environ.get("FAKE_QEMU_GUEST_DIR")
+        if os.environ.get("FAKE_QEMU_HOLD"):
+            sys.stdin.readline()  # a qemu still starting: no chardev, no VM until told
         for chardev in self.chardevs:
             self.open_chardev(chardev)
         if self.guest_dir:
