@@ -525,8 +525,8 @@ class Channel:
                 return
         elif data:
             router.upstream.push(data)
-        else:
-            router.upstream.close_input()
+        elif not self._upstream_ended(router, up):
+            return
         self._pump_router(router, up)
 
     def _upstream_tls_input(
@@ -548,8 +548,20 @@ class Channel:
         if plain:
             router.upstream.push(plain)
         if not data or tls.peer_closed:
-            router.upstream.close_input()
+            return self._upstream_ended(router, up)
         return True
+
+    def _upstream_ended(self, router: Router, up: _Upstream) -> bool:
+        """The broker's stream ended (TCP end of stream, TLS close_notify). After its AMQP
+        close that is the clean end. Before it the broker hung up (it crashed, or refused
+        us without a word), which is named with its URL, as every upstream failure is,
+        rather than as proton's framing error; the upstream is then dropped (False)."""
+        if router.broker_closed():
+            router.upstream.close_input()
+            return True
+        when = "before its AMQP open" if router.state is RouterState.OPENING else "mid-connection"
+        self._upstream_broken(router, up, f"{up.url} hung up {when}")
+        return False
 
     def _upstream_broken(self, router: Router, up: _Upstream, reason: str) -> None:
         router.upstream_failed(reason)

@@ -414,6 +414,12 @@ class Router:
         """The upstream socket failed or was dropped; nothing more goes to it."""
         return self._upstream_dead
 
+    def broker_closed(self) -> bool:
+        """The broker's close has arrived: an end of its stream after it is the clean end."""
+        if self.upstream is None:
+            return False
+        return bool(lib.pn_connection_state(self.upstream.connection) & _REMOTE_CLOSED)
+
     def upstream_closed(self) -> bool:
         """The upstream close exchange is complete (or it failed): drop its socket."""
         if self.upstream is None or self._upstream_dead:

@@ -110,7 +110,6 @@ def _closed_by_peer(guest: GuestClient) -> tuple[str | None, str | None]:
     return (cond.name, cond.description) if cond else (None, None)
 
 
-@pytest.mark.xfail(strict=True, reason="a broker's hang-up reads as proton's framing-error")
 def test_many_guests_come_back_after_a_broker_kill(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
