@@ -348,8 +348,20 @@ class Discovery:
             self._scan_processes("scan")
         elif event.kind == "destroy":
             self._for_process(self._drop_process, event.pid, "VM destroyed")
-        elif event.pid not in self._processes:
+        elif event.pid in self._processes:
+            self._for_process(self._look_again, event.pid)
+        else:
             self._for_process(self._take_process, event.pid, "kvm")
+
+    def _look_again(self, pid: int) -> None:
+        """A known qemu created its VM: a scan may have met it still starting, and its
+        window for looking again may have closed; at ``create`` every chardev exists."""
+        process = self._processes[pid]
+        if process.retry is not None:
+            process.retry.cancel()
+            process.retry = None
+        process.deadline = time.monotonic() + self.settings.libvirt_retry_seconds
+        self._resolve(process)
 
     def _on_sockets(self) -> None:
         assert self._sockets is not None

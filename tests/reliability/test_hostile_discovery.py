@@ -136,7 +136,6 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="a create uevent of a qemu taken up before is ignored")
 def test_a_qemu_seen_while_starting_is_looked_at_again_when_it_creates_its_vm(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
