@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,8 +30,11 @@ from tests.integration.discovery_helpers import (
     kvm_settings,
     poll_until,
     python_named_qemu,
+    short_tmp,
     write_status,
 )
+
+__all__ = ["short_tmp"]  # a fixture, used by name
 
 PORT = "org.qpid.amqp.0"
 Running = tuple[Discovery, RecordingSink]
@@ -130,6 +134,49 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
     finally:
         os.close(master)
         os.close(terminal)
+
+
+# -- the directory watch ------------------------------------------------------------------
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="a socket first seen alone keeps its path-only identity")
+def test_a_socket_seen_before_its_qemu_gets_the_qemus_identity(short_tmp: Path) -> None:
+    """libvirt binds a channel's socket itself and passes it to qemu (``fd=N``), so the
+    watch sees the socket before any qemu claims it, and reports it by its directory:
+    libvirt shortens long names there, and there is no UUID. When the qemu comes, the
+    channel must be reported again with the name and UUID qemu was given."""
+    qemu = python_named_qemu(short_tmp)
+    long_name = "accounting-database-primary-eu-west"
+    directory = short_tmp / "target" / f"domain-7-{long_name[:20]}"
+    directory.mkdir(parents=True)
+    path = str(directory / PORT)
+    settings = kvm_settings(
+        short_tmp / "no-libvirt",
+        sources=frozenset({"kvm", "watch"}),
+        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
+    )
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(settings) as (_, sink):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+                bound.bind(path)  # what libvirtd does before it starts qemu
+                bound.listen(1)
+                await sink.wait_for(lambda: path in sink.live())
+                assert sink.live()[path].identity.name == long_name[:20]
+                guest_uuid = str(uuid.uuid4())
+                args = [
+                    "-name", f"guest={long_name}", "-uuid", guest_uuid,
+                    "-chardev", f"socket,id=c0,fd={bound.fileno()},server=on,wait=off",
+                    "-device", f"virtserialport,chardev=c0,name={PORT}",
+                ]  # fmt: skip
+                fake = FakeQemuProcess(qemu, args, pass_fds=(bound.fileno(),))
+                fakes.append(fake)
+                await sink.wait_for(lambda: path in sink.of_pid(fake.pid))
+                identity = sink.live()[path].identity
+                assert (identity.name, identity.uuid) == (long_name, guest_uuid)
+
+    run(scenario)
 
 
 # -- uevents ------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ class FakeQemuProcess:
         args: list[str],
         guest_dir: Path | None = None,
         hold: bool = False,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
         if guest_dir is not None:
@@ -155,6 +156,7 @@ class FakeQemuProcess:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            pass_fds=pass_fds,  # as libvirt passes its listening sockets (``fd=N``)
         )
         self.pid = self.proc.pid
         self.ptys: dict[str, str] = {}  # chardev id -> /dev/pts/N, as the helper reports
