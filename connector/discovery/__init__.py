@@ -202,15 +202,18 @@ class Discovery:
             shown = decode(os.fsencode(spec.path))
             self._log.warning("discovery: %s: the path is not UTF-8; ignored", shown)
             return
-        if spec.path in self._owners:
-            if process is not None and self._owners[spec.path] is None:
-                self._owners[spec.path] = process.pid  # the socket's qemu is known now
-                process.paths.add(spec.path)
+        known = spec.path in self._owners
+        claimed = known and process is not None and self._owners[spec.path] is None
+        if known and not claimed:
             return
+        # A socket reported from its path alone may have been bound before its qemu ran
+        # (libvirt passes it as ``fd=N``); now that the qemu claims it, it is reported
+        # again with the name and UUID qemu was given, not the directory's short name.
         self._owners[spec.path] = process.pid if process is not None else None
         if process is not None:
             process.paths.add(spec.path)
-        self._counters["channels_found"] += 1
+        if not claimed:
+            self._counters["channels_found"] += 1
         identity = spec.identity
         self._log.info(
             "discovery: guest %s port %s: %s %s (found by %s, pid %s)",

@@ -140,7 +140,6 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="a socket first seen alone keeps its path-only identity")
 def test_a_socket_seen_before_its_qemu_gets_the_qemus_identity(short_tmp: Path) -> None:
     """libvirt binds a channel's socket itself and passes it to qemu (``fd=N``), so the
     watch sees the socket before any qemu claims it, and reports it by its directory:
