@@ -136,6 +136,61 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
         os.close(terminal)
 
 
+# -- libvirt's status files ------------------------------------------------------------
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="libvirt's late file adds its paths, keeps the old")
+def test_libvirts_late_file_replaces_what_the_command_line_said(tmp_path: Path) -> None:
+    """Without the directory watch, libvirt's file is found by looking again. It is the
+    most exact source: where it names another path for a port, the command line's goes."""
+    qemu = python_named_qemu(tmp_path)
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    exact = str(tmp_path / "exact.sock")
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        settings = kvm_settings(status_dir, libvirt_retry_interval=0.02)
+        async with discovering(settings) as (_, sink):
+            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "late"))
+            fakes.append(fake)
+            await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+            write_status(status_dir, "late", str(uuid.uuid4()), fake.pid,
+                         [("unix", PORT, exact, "bind")])  # fmt: skip
+            await sink.wait_for(lambda: exact in sink.of_pid(fake.pid))
+            assert list(sink.of_pid(fake.pid)) == [exact]
+            assert sink.gone(f"{tmp_path}/late.sock") == ["channel removed from the domain"]
+
+    run(scenario)
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="any status file naming the pid is applied")
+def test_a_status_file_under_another_name_is_not_the_qemus(tmp_path: Path) -> None:
+    """A stale file (libvirtd was down when its domain died, and the pid came round to
+    another qemu) names the pid of a running qemu of another name: it is not that qemu's,
+    and must neither take its channels away nor add its own."""
+    qemu = python_named_qemu(tmp_path)
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    stale = str(tmp_path / "stale.sock")
+    settings = kvm_settings(
+        status_dir, sources=frozenset({"kvm", "watch"}), libvirt_retry_seconds=0.0
+    )
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(settings) as (discovery, sink):
+            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "current"))
+            fakes.append(fake)
+            await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+            write_status(status_dir, "gone-long-ago", str(uuid.uuid4()), fake.pid,
+                         [("unix", PORT, stale, "bind")])  # fmt: skip
+            await poll_until(lambda: discovery.stats().get("libvirt_status_events", 0) >= 1)
+            assert list(sink.of_pid(fake.pid)) == [f"{tmp_path}/current.sock"]
+
+    run(scenario)
+
+
 # -- the directory watch ------------------------------------------------------------------
 
 
