@@ -31,13 +31,11 @@ from connector.discovery.kvm import LOST, KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
 from connector.discovery.reading import decode, is_text
 from connector.discovery.resolve import (
-    Resolution,
     is_qemu,
     qemu_pids,
     read_cmdline,
     read_status,
     resolve_pid,
-    specs_from_libvirt,
 )
 from connector.discovery.settings import DiscoverySettings
 from connector.discovery.watch import Changes, GlobWatch, is_regular_file, is_socket
@@ -270,9 +268,21 @@ class Discovery:
         Two things are worth waiting for: libvirt's status file, written after qemu has
         started, and a qemu still creating its chardevs (a watched socket can appear before
         qemu has opened its next pty).
+
+        libvirt's status file, once there, is the whole truth: it is the exact source, and
+        libvirt rewrites it when a channel is hot-plugged or unplugged. A path of this
+        process that it does not name is gone (a hot-unplugged channel, or the command
+        line's reading of a port libvirt puts elsewhere). ``resolve_pid`` reads only the
+        file of this qemu's name and pid.
         """
         resolution = resolve_pid(process.pid, self.settings)
-        process.from_libvirt = process.from_libvirt or resolution.from_libvirt
+        if resolution.from_libvirt:
+            process.from_libvirt = True
+            named = {spec.path for spec in resolution.specs}
+            for path in sorted(process.paths - named):
+                self._gone(path, "channel removed from the domain")
+        elif process.from_libvirt:
+            return  # libvirt's file went (the domain is ending): what it said stands
         for spec in resolution.specs:
             self._appear(spec, process)
         libvirt_may_come = (
@@ -286,7 +296,12 @@ class Discovery:
             )
             return
         for problem in resolution.problems:
-            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
+            self._log.warning(
+                "discovery: guest %s (qemu pid %d): %s",
+                resolution.libvirt_name or "?",
+                process.pid,
+                problem,
+            )
 
     def _retry(self, pid: int) -> None:
         process = self._processes.get(pid)
@@ -295,25 +310,6 @@ class Discovery:
         process.retry = None
         self._counters["retries"] += 1
         self._resolve(process)
-
-    def _apply_libvirt(self, pid: int, resolution: Resolution) -> None:
-        """libvirt's status file, new or rewritten (seen by the watch), settles the process.
-
-        libvirt rewrites the file when a channel is hot-plugged or unplugged, so its list
-        is taken as the whole truth: a path of this process it no longer names is gone.
-        """
-        process = self._processes[pid]
-        process.from_libvirt = True
-        if process.retry is not None:
-            process.retry.cancel()
-            process.retry = None
-        for problem in resolution.problems:
-            self._log.warning("discovery: qemu pid %d: %s", process.pid, problem)
-        named = {spec.path for spec in resolution.specs}
-        for path in sorted(process.paths - named):
-            self._gone(path, "channel removed from the domain")
-        for spec in resolution.specs:
-            self._appear(spec, process)
 
     def _drop_process(self, pid: int, reason: str) -> None:
         process = self._processes.pop(pid, None)
@@ -357,8 +353,9 @@ class Discovery:
             self._for_process(self._take_process, event.pid, "kvm")
 
     def _look_again(self, pid: int) -> None:
-        """A known qemu created its VM: a scan may have met it still starting, and its
-        window for looking again may have closed; at ``create`` every chardev exists."""
+        """Resolve a known qemu afresh, with a new window for looking again: when it
+        creates its VM (a scan may have met it still starting, and its window may have
+        closed; at ``create`` every chardev exists), and when libvirt writes its file."""
         process = self._processes[pid]
         if process.retry is not None:
             process.retry.cancel()
@@ -396,9 +393,8 @@ class Discovery:
             domain = read_status(path)
             if domain is None or domain.pid is None:
                 continue
-            process = self._processes.get(domain.pid)
-            if process is None:
-                self._for_process(self._take_process, domain.pid, "libvirt")
+            if domain.pid in self._processes:
+                # New or rewritten (a hot-plug): it counts only if it is this qemu's own.
+                self._for_process(self._look_again, domain.pid)
             else:
-                resolution = specs_from_libvirt(domain, self.settings)
-                self._for_process(self._apply_libvirt, process.pid, resolution)
+                self._for_process(self._take_process, domain.pid, "libvirt")

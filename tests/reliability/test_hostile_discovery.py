@@ -140,7 +140,6 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="libvirt's late file adds its paths, keeps the old")
 def test_libvirts_late_file_replaces_what_the_command_line_said(tmp_path: Path) -> None:
     """Without the directory watch, libvirt's file is found by looking again. It is the
     most exact source: where it names another path for a port, the command line's goes."""
@@ -165,7 +164,6 @@ def test_libvirts_late_file_replaces_what_the_command_line_said(tmp_path: Path) 
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="any status file naming the pid is applied")
 def test_a_status_file_under_another_name_is_not_the_qemus(tmp_path: Path) -> None:
     """A stale file (libvirtd was down when its domain died, and the pid came round to
     another qemu) names the pid of a running qemu of another name: it is not that qemu's,
