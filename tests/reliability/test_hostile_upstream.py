@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from proton import Endpoint
 
-from connector.guest.client import GuestClient
+from connector.guest.client import AmqpError, GuestClient
 from tests.brokers import Artemis
 from tests.reliability import harness
 from tests.reliability.conftest import Report
@@ -83,6 +83,56 @@ def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
         assert entry["last_error"] is None, entry["detail"]["errors"]
         assert [m.body for m in guest.receive("quiet.q", 2)] == ["before", "after"]
         guest.close()
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
+
+
+# -- a broker frozen ---------------------------------------------------------------------------
+
+FROZEN_IDLE_S = 2  # [broker] idle_timeout_s: how long the connector waits on a silent broker
+
+
+@pytest.mark.xfail(strict=True, reason="a frozen broker reads as the guest's own idle timeout")
+def test_a_frozen_broker_is_named_and_the_next_connection_works(
+    artemis: Artemis, tmp_path: Path, report: Report
+) -> None:
+    """Artemis is SIGSTOPped while a guest sends 50 messages: its sockets stay open and
+    nothing answers. Past the connector's broker idle timeout the guest is forced off and
+    told which broker went silent (not proton's 'local-idle-timeout expired', which reads
+    as the guest's own silence), none of the 50 reached the guest as accepted, and once the
+    broker is resumed the guest's next connection works."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text(f"[broker]\nidle_timeout_s = {FROZEN_IDLE_S}\n")
+    qemu = Qemu("unix", tmp_path, "frozen")
+    daemon = _daemon(artemis, tmp_path, [qemu], "--config", str(conf))
+    queue = f"frozen-{uuid.uuid4().hex[:6]}"
+    try:
+        guest = GuestClient(qemu.fd(), container_id="frozen", timeout=TIMEOUT)
+        assert guest.send(queue, ["before"])[0].state == "accepted"
+        assert daemon.proc is not None
+        cpu = cpu_seconds(daemon.proc.pid)
+        artemis.pause()
+        try:
+            with pytest.raises(AmqpError) as told:
+                guest.send(queue, [f"frozen-{i}" for i in range(50)])
+            cpu_frozen = cpu_seconds(daemon.proc.pid) - cpu
+        finally:
+            artemis.resume()
+        guest.close(timeout=1.0)
+        qemu.detach_fd()
+        with GuestClient(qemu.fd(), container_id="frozen", timeout=TIMEOUT) as again:
+            assert again.send(queue, ["after"])[0].state == "accepted"
+            bodies = [m.body for m in again.receive(queue, 2, drain=True)]
+        err = told.value
+        report.add(
+            "Artemis SIGSTOPped under a sending guest, then resumed",
+            f"guest told {err.name}: {err.description}; daemon CPU {cpu_frozen:.2f} s while "
+            f"frozen; next connection routed; on the queue {bodies}",
+        )
+        assert err.name == "amqp:connection:forced"
+        assert artemis.url in (err.description or ""), err.description
+        assert "local-idle-timeout" not in (err.description or ""), err.description
     finally:
         assert daemon.stop() == 0
         qemu.hang_up()
