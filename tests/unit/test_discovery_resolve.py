@@ -265,3 +265,15 @@ def test_a_name_that_is_not_one_file_name_has_no_status(
     (status / "a.xml").write_text(STATUS.format(pid=40, name="a"))
     assert find_status(40, "a", settings) is not None
     assert find_status(40, name, settings) is None
+
+
+@pytest.mark.xfail(strict=True, reason="a socket path with a newline forges a net/unix row")
+def test_a_row_forged_inside_another_sockets_path_is_not_believed(proc: FakeProc) -> None:
+    """``/proc/PID/net/unix`` lists every socket of the network namespace with its path as
+    bound, newlines included: anyone may bind a path that prints as a second row claiming
+    qemu's socket inode. Two rows for one inode mean one is forged; neither is believed."""
+    proc.process(60, QEMU, ["qemu"])
+    forger = "/tmp/f\n0000000000000000: 00000002 00000000 00010000 0001 01 5551 /tmp/mine"
+    proc.socket(60, 8, 7000, forger)
+    proc.socket(60, 7, 5551, "/run/libvirt/domain-1-vm/org.qpid.amqp.0")
+    assert unix_socket_path(60, 7, str(proc.root)) is None
