@@ -52,15 +52,21 @@ def _tty_index(fdinfo_path: str) -> int | None:
 
 
 def unix_socket_path(pid: int, fd: int, proc_root: str = "/proc") -> str | None:
-    """The path a unix socket descriptor of ``pid`` is bound to, or ``None``."""
+    """The path a unix socket descriptor of ``pid`` is bound to, or ``None``.
+
+    ``net/unix`` lists every socket of the network namespace, each path as bound, and a
+    path may hold newlines: anyone can bind one that prints as a second row claiming
+    this socket's inode for a path of their choosing. Only an inode claimed by exactly
+    one row is believed; with two, one is forged and neither can be told from the other.
+    """
     target = readlink(f"{proc_root}/{pid}/fd/{fd}")
     if not target or not target.startswith("socket:[") or not target.endswith("]"):
         return None
     inode = target[len("socket:[") : -1]
     table = read_text(f"{proc_root}/{pid}/net/unix") or ""
     # After a header line (Num RefCount Protocol Flags Type St Inode Path), one line each.
-    for line in table.split("\n")[1:]:
-        fields = line.split(None, 7)
-        if len(fields) == 8 and fields[6] == inode and fields[7].startswith("/"):
-            return fields[7]
-    return None
+    rows = [line.split(None, 7) for line in table.split("\n")[1:]]
+    claims = [fields for fields in rows if len(fields) >= 7 and fields[6] == inode]
+    if len(claims) != 1 or len(claims[0]) != 8 or not claims[0][7].startswith("/"):
+        return None
+    return claims[0][7]

@@ -149,7 +149,13 @@ def specs_from_cmdline(
             if path is None and chardev.fd is not None:
                 path = unix_socket_path(pid, chardev.fd, settings.proc_root)
             if path is None:
-                problems.append(f"port {port.name}: socket chardev without a unix path")
+                why = "socket chardev without a unix path"
+                if chardev.fd is not None:
+                    why = (
+                        f"fd {chardev.fd} has no single unix path in net/unix (not a bound "
+                        "socket, or more than one socket row claims its inode)"
+                    )
+                problems.append(f"port {port.name}: {why}")
                 continue
             kind = ChannelKind.UNIX if chardev.server else ChannelKind.UNIX_LISTEN
         elif chardev.backend == "pty":

@@ -156,7 +156,6 @@ def forge_rows(directory: Path, inode: int, before: str) -> list[socket.socket]:
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="a forged net/unix row gives a passed socket's path")
 def test_a_forged_row_in_the_socket_table_does_not_give_a_passed_sockets_path(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
