@@ -26,6 +26,7 @@ from tests.integration.discovery_helpers import (
     NEEDS_KVM,
     FakeQemuProcess,
     RecordingSink,
+    ask_unix,
     create_vms,
     kvm_settings,
     poll_until,
@@ -134,6 +135,36 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
     finally:
         os.close(master)
         os.close(terminal)
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="a relative chardev path is taken as the connector's")
+def test_a_relative_socket_path_is_qemus_not_the_connectors(tmp_path: Path) -> None:
+    """Someone running qemu by hand in their own directory writes ``path=amqp.sock``: that
+    names a file in qemu's working directory, not in the connector's."""
+    qemu = python_named_qemu(tmp_path)
+    args = [
+        "-name", "guest=by-hand",
+        "-chardev", "socket,id=c0,path=amqp.sock,server=on",
+        "-device", f"virtserialport,chardev=c0,name={PORT}",
+        "-chardev", "socket,id=c1,path=listen.sock,server=off,reconnect=1",
+        "-device", "virtserialport,chardev=c1,name=org.qpid.amqp.1",
+    ]  # fmt: skip
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(kvm_settings(tmp_path / "no-libvirt")) as (_, sink):
+            fake = FakeQemuProcess(qemu, args, cwd=tmp_path)
+            fakes.append(fake)
+            await sink.wait_for(lambda: len(sink.of_pid(fake.pid)) == 2)
+            assert sorted(sink.of_pid(fake.pid)) == [
+                f"{tmp_path}/amqp.sock",
+                f"{tmp_path}/listen.sock",
+            ]
+            spec = sink.of_pid(fake.pid)[f"{tmp_path}/amqp.sock"]
+            answer = await asyncio.to_thread(ask_unix, spec.path, b"hi")
+            assert answer == f"{PORT}:hi".encode()
+
+    run(scenario)
 
 
 def forge_rows(directory: Path, inode: int, before: str) -> list[socket.socket]:

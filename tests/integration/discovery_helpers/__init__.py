@@ -144,6 +144,7 @@ class FakeQemuProcess:
         guest_dir: Path | None = None,
         hold: bool = False,
         pass_fds: tuple[int, ...] = (),
+        cwd: Path | None = None,
     ) -> None:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
         if guest_dir is not None:
@@ -157,6 +158,7 @@ class FakeQemuProcess:
             text=True,
             env=env,
             pass_fds=pass_fds,  # as libvirt passes its listening sockets (``fd=N``)
+            cwd=cwd,
         )
         self.pid = self.proc.pid
         self.ptys: dict[str, str] = {}  # chardev id -> /dev/pts/N, as the helper reports
