@@ -146,6 +146,8 @@ def specs_from_cmdline(
             continue
         if chardev.backend == "socket":
             path = chardev.path
+            if path is not None and not path.startswith("/"):
+                path = _in_cwd(pid, path, settings.proc_root)
             if path is None and chardev.fd is not None:
                 path = unix_socket_path(pid, chardev.fd, settings.proc_root)
             if path is None:
@@ -180,6 +182,17 @@ def specs_from_cmdline(
         )
         specs.append(ChannelSpec(kind=kind, path=path, identity=identity))
     return Resolution(tuple(specs), tuple(problems))
+
+
+def _in_cwd(pid: int, path: str, proc_root: str) -> str | None:
+    """A relative chardev path, as qemu opened it: in its working directory.
+
+    Someone running qemu by hand writes ``path=amqp.sock``. qemu opens its chardevs, and
+    creates its VM, before ``-daemonize`` moves it to ``/``: a scan that meets a daemonized
+    qemu later would join the wrong directory.
+    """
+    cwd = readlink(f"{proc_root}/{pid}/cwd")
+    return None if cwd is None else os.path.join(cwd, path)
 
 
 def resolve_pid(pid: int, settings: DiscoverySettings) -> Resolution:

@@ -138,7 +138,6 @@ def test_a_guest_name_cannot_lead_to_a_status_file_outside_libvirts_directory(
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="a relative chardev path is taken as the connector's")
 def test_a_relative_socket_path_is_qemus_not_the_connectors(tmp_path: Path) -> None:
     """Someone running qemu by hand in their own directory writes ``path=amqp.sock``: that
     names a file in qemu's working directory, not in the connector's."""
