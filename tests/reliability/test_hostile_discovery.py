@@ -319,6 +319,35 @@ def test_a_socket_seen_before_its_qemu_gets_the_qemus_identity(short_tmp: Path) 
     run(scenario)
 
 
+def test_an_inotify_queue_overflow_loses_no_socket(short_tmp: Path) -> None:
+    """While the loop is busy, a storm of entries overflows the inotify queue (16384 events
+    by default) and the kernel drops the rest, a socket's removal and another's creation
+    among them; the overflow marker alone must make discovery read the tree again."""
+    directory = short_tmp / "target" / "domain-3-storm"
+    directory.mkdir(parents=True)
+    first, second = str(directory / PORT), str(directory / "org.qpid.amqp.1")
+    settings = kvm_settings(
+        short_tmp / "no-libvirt",
+        sources=frozenset({"watch"}),
+        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
+    )
+
+    async def scenario(_: list[FakeQemuProcess]) -> None:
+        with socket.socket(socket.AF_UNIX) as old, socket.socket(socket.AF_UNIX) as new:
+            old.bind(first)
+            async with discovering(settings) as (_, sink):
+                assert first in sink.live()
+                for index in range(6000):  # 3 events each: create, close, delete
+                    (directory / f"x{index}").touch()
+                    (directory / f"x{index}").unlink()
+                os.unlink(first)
+                new.bind(second)
+                await sink.wait_for(lambda: second in sink.live() and first not in sink.live())
+                assert sink.gone(first) == ["socket removed"]
+
+    run(scenario)
+
+
 # -- uevents ------------------------------------------------------------------------------
 
 
