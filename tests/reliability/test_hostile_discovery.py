@@ -348,6 +348,33 @@ def test_an_inotify_queue_overflow_loses_no_socket(short_tmp: Path) -> None:
     run(scenario)
 
 
+@pytest.mark.xfail(strict=True, reason="the watch follows a symlink to any socket")
+def test_a_symlink_in_a_channel_directory_is_not_a_channel(short_tmp: Path) -> None:
+    """qemu creates sockets in libvirt's channel directories, never symlinks. A symlink
+    there (planted by a qemu a guest has broken out into: qemu's user owns the directory)
+    would make the connector, which may override file permissions, connect to any socket
+    on the host under that guest's name."""
+    directory = short_tmp / "target" / "domain-4-escaped"
+    directory.mkdir(parents=True)
+    elsewhere = short_tmp / "private.sock"
+    settings = kvm_settings(
+        short_tmp / "no-libvirt",
+        sources=frozenset({"watch"}),
+        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
+    )
+
+    async def scenario(_: list[FakeQemuProcess]) -> None:
+        with socket.socket(socket.AF_UNIX) as private, socket.socket(socket.AF_UNIX) as real:
+            private.bind(str(elsewhere))
+            async with discovering(settings) as (_, sink):
+                os.symlink(elsewhere, directory / PORT)
+                real.bind(str(directory / "org.qpid.amqp.1"))  # one event after the link
+                await sink.wait_for(lambda: str(directory / "org.qpid.amqp.1") in sink.live())
+                assert list(sink.live(str(short_tmp))) == [str(directory / "org.qpid.amqp.1")]
+
+    run(scenario)
+
+
 # -- uevents ------------------------------------------------------------------------------
 
 
