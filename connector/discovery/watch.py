@@ -177,7 +177,9 @@ class GlobWatch:
             if not fnmatch.fnmatchcase(entry.name, parts[depth]):
                 continue
             try:
-                st = entry.stat()
+                # A match itself must be what it seems, not a symlink: qemu's user owns the
+                # channel directories, and a link there could name any socket on the host.
+                st = entry.stat(follow_symlinks=not last)
             except OSError:
                 continue
             if last:
