@@ -374,6 +374,58 @@ def test_a_symlink_in_a_channel_directory_is_not_a_channel(short_tmp: Path) -> N
     run(scenario)
 
 
+def discovery_log_as_nobody(settings: DiscoverySettings) -> str:
+    """What a start of discovery logs when it runs as ``nobody`` (a forked child: the
+    test's Python lives where ``nobody`` cannot run it)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            handler = logging.StreamHandler(os.fdopen(write_end, "w"))
+            LOG.addHandler(handler)
+            LOG.setLevel(logging.INFO)
+
+            async def start() -> None:
+                async with discovering(settings):
+                    pass
+
+            asyncio.run(start())
+            handler.flush()
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as lines:
+        log = lines.read()
+    _, status = os.waitpid(child, 0)
+    assert status == 0, log
+    return log
+
+
+@pytest.mark.xfail(strict=True, reason="a directory the watch may not read is passed over silently")
+def test_a_directory_the_connector_may_not_read_is_named_in_a_warning(short_tmp: Path) -> None:
+    """Run in the wrong group, the connector cannot read libvirt's channel directories
+    (qemu's user owns them, mode 0750): it must say so, not find nothing without a word."""
+    short_tmp.chmod(0o755)
+    target = short_tmp / "target"
+    (target / "domain-6-locked").mkdir(parents=True)
+    target.chmod(0o755)
+    (target / "domain-6-locked").chmod(0o700)
+    settings = kvm_settings(
+        short_tmp / "no-libvirt",
+        sources=frozenset({"watch"}),
+        watch_globs=(f"{target}/*/org.qpid.amqp.*",),
+        proc_root=str(short_tmp / "no-proc"),
+    )
+    log = discovery_log_as_nobody(settings)
+    assert f"{target}/domain-6-locked" in log and "Permission denied" in log, log
+
+
 # -- uevents ------------------------------------------------------------------------------
 
 
