@@ -368,7 +368,15 @@ class Discovery:
         self._counters["watch_events"] += 1
         self._sockets_changed(self._sockets.read())
 
+    def _refused(self, changes: Changes) -> None:
+        """A directory the watch may not read hides every channel below it (the connector
+        run outside the group that owns libvirt's channel directories): say so, once."""
+        for refusal in changes.refused:
+            self._counters["errors"] += 1
+            self._log.warning("discovery: cannot watch %s; channels under it are not seen", refusal)
+
     def _sockets_changed(self, changes: Changes) -> None:
+        self._refused(changes)
         for path in changes.gone:
             self._gone(path, "socket removed")
         appeared = [p for p in changes.appeared if p not in self._owners]
@@ -389,6 +397,7 @@ class Discovery:
         self._status_changed(self._status.read())
 
     def _status_changed(self, changes: Changes) -> None:
+        self._refused(changes)
         for path in [*changes.appeared, *changes.touched]:
             domain = read_status(path)
             if domain is None or domain.pid is None:

@@ -10,6 +10,7 @@ one code path for start-up, new directories, deletions, renames and queue overfl
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import os
@@ -43,6 +44,9 @@ _DIR_MASK = (
 )
 # Events about the watch itself, or lost events: always worth a full re-read.
 _RESYNC_MASK = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
+# A directory that went (or was never one) between listing and watching: not a refusal,
+# its parent's event makes the next re-read.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
 
 
 def is_socket(st: os.stat_result) -> bool:
@@ -57,11 +61,13 @@ def is_regular_file(st: os.stat_result) -> bool:
 
 @dataclass
 class Changes:
-    """What changed since the last look: new matches, vanished ones, rewritten ones."""
+    """What changed since the last look: new matches, vanished ones, rewritten ones, and
+    directories newly refused (``DIR: reason``, such as permission denied)."""
 
     appeared: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     touched: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
 def _components(pattern: str) -> list[str]:
@@ -94,6 +100,7 @@ class GlobWatch:
         # Each watched directory with the (pattern, depth) pairs that put it there.
         self._dir_levels: dict[str, set[tuple[int, int]]] = {}
         self._matches: set[str] = set()
+        self._refused: dict[str, str] = {}  # directory -> why it cannot be watched or read
 
     def fileno(self) -> int:
         return self._inotify.fileno()
@@ -138,18 +145,22 @@ class GlobWatch:
         """Re-read the matching trees, move the watches to fit, and report the difference."""
         levels: dict[str, set[tuple[int, int]]] = {}
         found: set[str] = set()
+        refused: dict[str, str] = {}
         for index, parts in enumerate(self._patterns):
             anchor, depth = _anchor(parts)
-            self._walk(index, parts, anchor, depth, levels, found)
+            self._walk(index, parts, anchor, depth, levels, found, refused)
         for directory in self._dir_levels.keys() - levels.keys():
             for wd in [wd for wd, d in self._wd_dir.items() if d == directory]:
                 self._inotify.rm_watch(wd)
                 del self._wd_dir[wd]
         self._dir_levels = levels
         changes = Changes(
-            appeared=sorted(found - self._matches), gone=sorted(self._matches - found)
+            appeared=sorted(found - self._matches),
+            gone=sorted(self._matches - found),
+            refused=[f"{d}: {why}" for d, why in sorted(refused.items()) if d not in self._refused],
         )
         self._matches = found
+        self._refused = refused
         return changes
 
     def _walk(
@@ -160,19 +171,21 @@ class GlobWatch:
         depth: int,
         levels: dict[str, set[tuple[int, int]]],
         found: set[str],
+        refused: dict[str, str],
     ) -> None:
         # Watch before listing, so an entry created in between is seen by one or the other.
         try:
             wd = self._inotify.add_watch(directory, _DIR_MASK)
-        except OSError:
-            return  # gone meanwhile, or not a directory: its parent's event resyncs
-        self._wd_dir[wd] = directory
-        levels.setdefault(directory, set()).add((index, depth))
-        last = depth == len(parts) - 1
-        try:
+            self._wd_dir[wd] = directory
+            levels.setdefault(directory, set()).add((index, depth))
             entries = list(os.scandir(directory))
-        except OSError:
+        except OSError as exc:
+            # Gone meanwhile: its parent's event resyncs. Anything else (permission denied,
+            # no inotify watches left) hides whatever is below: the caller must say so.
+            if exc.errno not in _GONE_ERRNOS:
+                refused[directory] = os.strerror(exc.errno) if exc.errno else str(exc)
             return
+        last = depth == len(parts) - 1
         for entry in entries:
             if not fnmatch.fnmatchcase(entry.name, parts[depth]):
                 continue
@@ -186,4 +199,4 @@ class GlobWatch:
                 if self._accept(st):
                     found.add(entry.path)
             elif stat.S_ISDIR(st.st_mode):
-                self._walk(index, parts, entry.path, depth + 1, levels, found)
+                self._walk(index, parts, entry.path, depth + 1, levels, found, refused)

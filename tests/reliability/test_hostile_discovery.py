@@ -407,7 +407,6 @@ def discovery_log_as_nobody(settings: DiscoverySettings) -> str:
     return log
 
 
-@pytest.mark.xfail(strict=True, reason="a directory the watch may not read is passed over silently")
 def test_a_directory_the_connector_may_not_read_is_named_in_a_warning(short_tmp: Path) -> None:
     """Run in the wrong group, the connector cannot read libvirt's channel directories
     (qemu's user owns them, mode 0750): it must say so, not find nothing without a word."""
