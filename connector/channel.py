@@ -487,6 +487,7 @@ class Channel:
             return
         up = _Upstream(sock, url, router.upstream, self._brokers.tls_session(url, router.upstream))
         self._up = up
+        router.upstream_name = str(url)
         self._loop.add_writer(sock.fileno(), self._on_upstream_connected, router, up)
         up.writing = True
         up.connect_timer = self._loop.call_later(

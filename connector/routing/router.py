@@ -55,6 +55,8 @@ _LOCAL_ACTIVE = lib.PN_LOCAL_ACTIVE
 _LOCAL_CLOSED = lib.PN_LOCAL_CLOSED
 _REMOTE_CLOSED = lib.PN_REMOTE_CLOSED
 _REMOTE_UNINIT = lib.PN_REMOTE_UNINIT
+# Proton's condition when a peer has been silent past our idle timeout (pn_tick_amqp).
+_IDLE_EXPIRED = ("amqp:resource-limit-exceeded", "local-idle-timeout expired")
 
 
 class RouterState(enum.Enum):
@@ -107,6 +109,9 @@ class Router:
         self._counters = counters
         self._policy = policy or LinkPolicy()
         self._upstream_dead = False
+        # Whom the upstream goes to, named in every reason it fails with: the channel sets
+        # the broker's URL when it connects.
+        self.upstream_name = "the broker"
         # The upstream failed before the broker's open: the next guest connection tries
         # the next broker of the failover list (Channel).
         self.failed_opening = False
@@ -312,10 +317,17 @@ class Router:
                 _close_connection(self.upstream.connection)
             self.state = RouterState.CLOSING
         else:
+            # Proton's words alone say neither whose error it is nor, for our idle timeout
+            # of the broker, that the broker is the silent one.
+            name = self.upstream_name
             cond = self.upstream.condition()
-            why = f"{cond[0]}: {cond[1]}" if cond else "upstream transport failed"
-            if self.state is RouterState.OPENING:  # proton's words alone do not say whose
-                why = f"no AMQP open from the broker: {why}"
+            if cond == _IDLE_EXPIRED:
+                idle_s = lib.pn_transport_get_idle_timeout(self.upstream.transport) / 1000
+                why = f"{name} sent nothing for {idle_s:g}s (broker.idle_timeout_s)"
+            else:
+                why = f"{cond[0]}: {cond[1]}" if cond else "the transport failed"
+                opening = self.state is RouterState.OPENING
+                why = f"no AMQP open from {name}: {why}" if opening else f"{name}: {why}"
             self.upstream_failed(why)
 
     def _on_transport_closed(self, ev: Any, from_guest: bool) -> None:

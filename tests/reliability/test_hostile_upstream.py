@@ -93,7 +93,6 @@ def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
 FROZEN_IDLE_S = 2  # [broker] idle_timeout_s: how long the connector waits on a silent broker
 
 
-@pytest.mark.xfail(strict=True, reason="a frozen broker reads as the guest's own idle timeout")
 def test_a_frozen_broker_is_named_and_the_next_connection_works(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
