@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
-from connector.discovery.qemu import parse_cmdline
+from connector.discovery.qemu import Chardev, QemuCommandLine, SerialPort, parse_cmdline
 from connector.discovery.resolve import (
     exe_name,
     find_status,
@@ -276,3 +276,35 @@ def test_a_row_forged_inside_another_sockets_path_is_not_believed(proc: FakeProc
     proc.socket(60, 8, 7000, forger)
     proc.socket(60, 7, 5551, "/run/libvirt/domain-1-vm/org.qpid.amqp.0")
     assert unix_socket_path(60, 7, str(proc.root)) is None
+
+
+class _CountedId(str):
+    """A chardev id that counts the comparisons made with it."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedId.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.xfail(strict=True, reason="each port scans every chardev: quadratic")
+def test_resolving_a_huge_command_line_takes_work_in_proportion(
+    proc: FakeProc, settings: DiscoverySettings
+) -> None:
+    """Whoever runs qemu picks its command line, up to 2 MiB: some 20,000 chardevs and
+    ports. Resolved on the daemon's loop, again for each look within the window, a cost
+    that grows with the square of that (minutes) would stall every guest's traffic."""
+    count = 2000
+    proc.process(70, QEMU, ["qemu"])
+    for n in range(count):
+        proc.ptmx(70, 100 + n, n)
+    chardevs = tuple(Chardev(_CountedId(f"c{n}"), "pty") for n in range(count))
+    ports = tuple(SerialPort(f"org.qpid.amqp.{n}", _CountedId(f"c{n}")) for n in range(count))
+    cmdline = QemuCommandLine("big", None, chardevs, ports)
+    _CountedId.compared = 0
+    resolution = specs_from_cmdline(70, cmdline, settings)
+    assert [s.path for s in resolution.specs] == [f"/dev/pts/{n}" for n in range(count)]
+    assert _CountedId.compared <= 4 * count
