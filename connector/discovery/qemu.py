@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from connector.discovery.reading import decode, is_text
@@ -51,10 +52,16 @@ class QemuCommandLine:
 
     def chardev(self, chardev_id: str) -> Chardev | None:
         """The chardev with this id, if the command line defines it."""
+        return self._by_id.get(chardev_id)
+
+    @cached_property
+    def _by_id(self) -> dict[str, Chardev]:
+        """Each id's first chardev (qemu refuses a second). A lookup per port must not
+        scan them all: whoever runs qemu may write 20,000 of each in its 2 MiB."""
+        by_id: dict[str, Chardev] = {}
         for chardev in self.chardevs:
-            if chardev.id == chardev_id:
-                return chardev
-        return None
+            by_id.setdefault(chardev.id, chardev)
+        return by_id
 
 
 def split_cmdline(raw: bytes) -> list[str]:

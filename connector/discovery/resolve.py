@@ -135,7 +135,10 @@ def specs_from_cmdline(
     """
     specs: list[ChannelSpec] = []
     problems: list[str] = []
-    pty_ids = [c.id for c in cmdline.chardevs if c.backend == "pty"]
+    pty_order: dict[str, int] = {}  # each pty chardev's place among them
+    for chardev in cmdline.chardevs:
+        if chardev.backend == "pty":
+            pty_order.setdefault(chardev.id, len(pty_order))
     ptys: list[int] | None = None
     for port in cmdline.ports:
         if not port_wanted(port.name, settings):
@@ -163,12 +166,12 @@ def specs_from_cmdline(
         elif chardev.backend == "pty":
             if ptys is None:
                 ptys = pty_indices(pid, settings.proc_root)
-            if len(ptys) != len(pty_ids):
+            if len(ptys) != len(pty_order):
                 problems.append(
-                    f"port {port.name}: {len(ptys)} open ptys for {len(pty_ids)} pty chardevs"
+                    f"port {port.name}: {len(ptys)} open ptys for {len(pty_order)} pty chardevs"
                 )
                 continue
-            path = f"/dev/pts/{ptys[pty_ids.index(chardev.id)]}"
+            path = f"/dev/pts/{ptys[pty_order[chardev.id]]}"
             kind = ChannelKind.PTY
         else:
             problems.append(f"port {port.name}: chardev backend {chardev.backend!r} unsupported")

@@ -290,7 +290,6 @@ class _CountedId(str):
     __hash__ = str.__hash__
 
 
-@pytest.mark.xfail(strict=True, reason="each port scans every chardev: quadratic")
 def test_resolving_a_huge_command_line_takes_work_in_proportion(
     proc: FakeProc, settings: DiscoverySettings
 ) -> None:
