@@ -26,11 +26,12 @@ def vm_assets() -> Path:
 def make_vm(
     vm_assets: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Vm]]:
-    """A factory ``make_vm(name, ports, boot=True)``; every VM it made is stopped at the end."""
+    """A factory ``make_vm(name, ports, boot=True, reboot=False)``; every VM it made is
+    stopped at the end."""
     made: list[Vm] = []
 
-    def make(name: str, ports: list[Port], boot: bool = True) -> Vm:
-        vm = Vm(name, tmp_path_factory.mktemp(name), ports)
+    def make(name: str, ports: list[Port], boot: bool = True, reboot: bool = False) -> Vm:
+        vm = Vm(name, tmp_path_factory.mktemp(name), ports, reboot=reboot)
         made.append(vm)
         if boot:
             vm.boot()

@@ -5,9 +5,10 @@ through qboot, mounts a debootstrap root over 9p, and runs ``guest_agent.py``, w
 executes Python snippets the test sends over a control port. The repo's
 ``connector/guest`` is shared into the guest, so the guest runs the project's real helper.
 
-Each AMQP port is a ``virtserialport`` whose host side is either a unix socket that qemu
-listens on (``unix``) or a pty (``pty``, its ``/dev/pts/N`` read back through QMP). There
-is no network device.
+Each AMQP port is a ``virtserialport`` whose host side is a unix socket that qemu listens on
+(``unix``), a pty (``pty``, its ``/dev/pts/N`` read back through QMP), or a unix socket that
+qemu connects to and reconnects to every second (``unix-listen``: the connector listens, as
+libvirt's ``mode='connect'``). There is no network device.
 
 Accelerator: ``QVC_ACCEL`` (default ``tcg``; ``kvm`` where KVM can run guests — on the
 project's machines ``/dev/kvm`` cannot).
@@ -18,11 +19,14 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import termios
 import time
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +66,7 @@ class Port:
     """One AMQP virtio-serial port: its guest-visible name and the host side's kind."""
 
     name: str
-    kind: str  # "unix" (qemu listens on a socket) or "pty"
+    kind: str  # "unix" (qemu listens on a socket), "pty" or "unix-listen" (qemu connects)
     path: str = ""  # host side: socket path or /dev/pts/N, known after start()
     id: str = ""
 
@@ -75,6 +79,9 @@ class Vm:
     workdir: Path
     ports: list[Port] = field(default_factory=list)
     accel: str = field(default_factory=lambda: os.environ.get("QVC_ACCEL", "tcg"))
+    # False: a guest reboot (or QMP system_reset) makes qemu exit, so a test is one boot.
+    # True: the guest boots again and its agent says hello again (wait_ready once more).
+    reboot: bool = False
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     first_byte_at: float = 0.0  # the guest's first byte on a virtio port (before proton)
@@ -83,6 +90,7 @@ class Vm:
     _ctl: socket.socket | None = None
     _buf: bytes = b""
     _ids: int = 0
+    _short: str = ""
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -93,7 +101,7 @@ class Vm:
         cmd = [
             "qemu-system-x86_64", "-name", f"guest={self.name}", "-accel", self.accel,
             "-M", "pc", "-m", str(GUEST_MEMORY), "-nodefaults", "-no-user-config",
-            "-display", "none", "-no-reboot",
+            "-display", "none",
             "-bios", str(QBOOT), "-kernel", str(assets / "vmlinux"),
             "-initrd", str(assets / "initrd.cpio.gz"),
             "-append", "console=ttyS0 panic=-1 quiet",
@@ -101,16 +109,20 @@ class Vm:
             "-qmp", f"unix:{w / 'qmp.sock'},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
         ]  # fmt: skip
+        if not self.reboot:
+            cmd += ["-no-reboot"]
         if self.accel == "kvm":
             cmd += ["-cpu", "host"]
         ctl = Port(CTL_PORT, "unix", str(w / "ctl.sock"), "ctl")
         for i, port in enumerate([ctl, *self.ports]):
             port.id = port.id or f"p{i}"
-            if port.kind == "unix":
+            if port.kind in ("unix", "unix-listen"):
                 # AMQP sockets are named amqp-*.sock so a discovery glob can tell them apart.
                 prefix = "" if port is ctl else "amqp-"
-                port.path = port.path or str(w / f"{prefix}{port.id}.sock")
-                chardev = f"socket,id={port.id},path={port.path},server=on,wait=off"
+                where = w if port.kind == "unix" else self.short_dir()
+                port.path = port.path or str(where / f"{prefix}{port.id}.sock")
+                server = "server=on,wait=off" if port.kind == "unix" else "server=off,reconnect=1"
+                chardev = f"socket,id={port.id},path={port.path},{server}"
             elif port.kind == "pty":
                 chardev = f"pty,id={port.id}"
             else:
@@ -124,6 +136,18 @@ class Vm:
                     + (",readonly=on" if ro else ""),
                     "-device", f"virtio-9p-pci,fsdev=fs{tag},mount_tag={tag}"]  # fmt: skip
         return cmd
+
+    def short_dir(self) -> Path:
+        """A directory with a short path, for the sockets qemu connects to.
+
+        qemu 7.2 with ``-chardev socket,server=off,reconnect=1,path=P`` and a ``P`` of 41
+        characters or more (35 was fine; measured) never boots the guest: its vCPU runs
+        away through memory before the kernel prints anything. pytest's temporary
+        directories are longer than that.
+        """
+        if not self._short:
+            self._short = tempfile.mkdtemp(prefix="qvc-", dir="/tmp")
+        return Path(self._short)
 
     def start(self) -> None:
         """Launch qemu and return at once; :meth:`wait_ready` waits for the guest agent."""
@@ -176,6 +200,9 @@ class Vm:
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
+        if self._short:
+            shutil.rmtree(self._short, ignore_errors=True)
+            self._short = ""
         return rc
 
     # ---- running code in the guest -------------------------------------------------------
@@ -208,25 +235,12 @@ class Vm:
 
     def qmp(self, execute: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on a fresh QMP session and return its ``return`` value."""
-        sock = self._connect_unix(str(self.workdir / "qmp.sock"))
-        try:
-            f = sock.makefile("rwb")
-            json.loads(f.readline())  # greeting
-            for cmd in ({"execute": "qmp_capabilities"}, {"execute": execute}):
-                if cmd["execute"] == execute and arguments:
-                    cmd["arguments"] = arguments
-                f.write(json.dumps(cmd).encode() + b"\n")
-                f.flush()
-                while True:
-                    reply = json.loads(f.readline())
-                    if "event" in reply:
-                        continue
-                    if "error" in reply:
-                        raise VmError(f"QMP {cmd['execute']}: {reply['error']}")
-                    break
-            return reply["return"]
-        finally:
-            sock.close()
+        with self.qmp_session() as session:
+            return session.execute(execute, arguments)
+
+    def qmp_session(self) -> Qmp:
+        """A QMP session of its own, for commands whose effect is told by a later event."""
+        return Qmp(self._connect_unix(str(self.workdir / "qmp.sock")), self._fail)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -280,6 +294,70 @@ class Vm:
             data = self._ctl.recv(65536)
             if not data:
                 raise self._fail(f"control port closed before {what}")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+class Qmp:
+    """One QMP session: commands, and the events qemu sends meanwhile, kept for
+    :meth:`wait_event` (``device_del`` is done only when ``DEVICE_DELETED`` comes)."""
+
+    def __init__(self, sock: socket.socket, fail: Callable[[str], VmError]) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._fail = fail
+        self.events: list[dict[str, Any]] = []
+        self._read(RUN_TIMEOUT)  # greeting
+        self.execute("qmp_capabilities")
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def execute(self, execute: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one command; return its ``return`` value, raise VmError on its error."""
+        cmd: dict[str, Any] = {"execute": execute}
+        if arguments:
+            cmd["arguments"] = arguments
+        self._sock.sendall(json.dumps(cmd).encode() + b"\n")
+        while True:
+            reply = self._read(RUN_TIMEOUT)
+            if reply is None:
+                raise self._fail(f"QMP {execute}: no answer in {RUN_TIMEOUT:.0f} s")
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise self._fail(f"QMP {execute}: {reply['error']}")
+            else:
+                return reply["return"]
+
+    def wait_event(self, name: str, timeout: float, **data: Any) -> dict[str, Any]:
+        """The first event called ``name`` whose data holds ``data`` (seen before or after
+        this call); raise VmError if none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name and data.items() <= event.get("data", {}).items():
+                    self.events.remove(event)
+                    return event
+            event = self._read(deadline - time.monotonic())
+            if event is None:
+                raise self._fail(f"no QMP event {name} {data} in {timeout:.0f} s")
+            self.events.append(event)
+
+    def _read(self, timeout: float) -> dict[str, Any] | None:
+        """The next message from qemu, or None if none comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                return None
+            data = self._sock.recv(65536)
+            if not data:
+                raise self._fail("QMP closed its socket")
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)

@@ -1,0 +1,257 @@
+"""The channel against what a real guest and a real qemu do to it (adversarial review).
+
+One guest, ``hostile``, with three AMQP ports, one of each host-side kind: a unix socket
+qemu listens on (``unix``), a pty, and a unix socket the connector listens on and qemu
+reconnects to every second (``unix-listen``). One connector serves all three (explicit
+``--channel``s) with short idle timeouts, so that a dead guest or broker is noticed within
+the test. The guest may reboot (no ``-no-reboot``). Tests run in file order and leave the
+guest with no AMQP connection open; the last ones reboot the guest and kill qemu.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from proton import Message
+
+from tests.support.connector import Connector, wait_for
+from tests.vm.harness import Port, Vm
+
+pytestmark = [pytest.mark.vm, pytest.mark.broker]
+
+GUEST = "hostile"
+UNIX = Port("org.qpid.amqp.0", "unix")
+PTY = Port("org.qpid.amqp.1", "pty")
+LISTEN = Port("org.qpid.amqp.2", "unix-listen")
+PORTS = [UNIX, PTY, LISTEN]
+# The connector's idle timeout towards the guest and towards the broker (seconds): short,
+# so that a dead peer is noticed within a test, long enough for a TCG guest's heartbeats.
+GUEST_IDLE_S = 3.0
+BROKER_IDLE_S = 3.0
+# The guest clients' own idle timeout: how long an old client waits on a dead stream.
+CLIENT_IDLE_S = 4.0
+WAIT = 60.0
+# A guest connection the connector ends is gone within its idle timeout, plus its close
+# timeout (5 s) for the guest's answer, plus a margin for a loaded machine.
+CUT_WITHIN_S = GUEST_IDLE_S + 5.0 + 10.0
+MiB = 1024 * 1024
+
+
+@dataclass
+class Rig:
+    vm: Vm
+    connector: Connector
+    artemis: Any
+
+    def channel(self, port: Port) -> dict[str, Any]:
+        """The connector's snapshot entry for one port."""
+        snap = wait_for(self.connector.snapshot, WAIT, "a snapshot")
+        return next(c for c in snap["channels"] if c["port"] == port.name)
+
+    def wait_state(self, port: Port, state: str, timeout: float = WAIT) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            entry = self.channel(port)
+            return entry if entry["state"] == state else None
+
+        return wait_for(reached, timeout, f"{port.name} to be {state}")
+
+
+@pytest.fixture(scope="module")
+def rig(make_vm, artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The guest, and a connector serving its three ports on the session's Artemis."""
+    vm = make_vm(GUEST, PORTS, boot=False, reboot=True)
+    vm.start()  # qemu has made its sockets and pty: the connector can be given their paths
+    workdir = tmp_path_factory.mktemp("connector")
+    conf = workdir / "connector.toml"
+    conf.write_text(
+        f"[limits]\nidle_timeout_s = {GUEST_IDLE_S}\n[broker]\nidle_timeout_s = {BROKER_IDLE_S}\n"
+    )
+    channels = [
+        arg
+        for p in PORTS
+        for arg in ("--channel", f"{p.kind}:{p.path},guest={GUEST},port={p.name}")
+    ]
+    connector = Connector(workdir, artemis, [], *channels, "--config", str(conf)).start()
+    try:
+        vm.wait_ready()
+        rig = Rig(vm, connector, artemis)
+        for port in PORTS:
+            rig.wait_state(port, "waiting")
+        yield rig
+    finally:
+        if connector.proc is not None:
+            connector.stop()
+
+
+def fill(rig: Rig, queue: str, bodies: list[Any]) -> None:
+    """Put messages on the broker directly (the host side of a test)."""
+    with rig.artemis.connection() as conn:
+        snd = conn.create_sender(queue)
+        for body in bodies:
+            snd.send(Message(body=body))
+
+
+def no_traceback(rig: Rig) -> None:
+    """Whatever the guest or qemu did, the connector logged it without a traceback."""
+    log = rig.connector.log_text()
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000 :]
+
+
+# Driving an old client until its connection is over; what ended it. Params: key, wait.
+OLD_CLIENT_ENDS = """
+import builtins
+from connector.guest import AmqpError, Disconnected
+c = getattr(builtins, key)
+try:
+    c._wait(lambda: False, None, "the end", list, wait)
+except (AmqpError, Disconnected) as err:
+    result = f"{type(err).__name__}: {err}"
+c.driver.close_fd()
+"""
+
+# A client drops its port in the middle of an 8 MiB message (closes it, as a process that
+# dies does) and a new client opens the port at once: its header follows the dead client's
+# last bytes after less than the connector's RESTART_SILENCE_S, inside the dead transfer
+# frame. Params: port, queue.
+DROPPED_MID_MESSAGE = """
+from proton import Message
+from connector.guest import GuestClient
+c = GuestClient(port, idle_timeout=None)
+snd = c.driver.create_sender(c.connection, queue)
+while snd.credit <= 0:
+    c.driver.process(0.1)
+Message(body=b"x" * (8 * 1024 * 1024)).send(snd)
+for _ in range(20):
+    c.driver.process(0.01)
+os.close(c.driver.fd)
+with GuestClient(port, container_id="right-after") as c2:
+    result = c2.send(queue, ["after"])[0].state
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="connector/guest: a header swallowed by a dead client's frame is never sent again",
+)
+@pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
+def test_a_client_right_after_a_dead_one_is_taken_for_a_new_client(rig: Rig, port: Port) -> None:
+    """The connector tells a new client from the rest of a dead client's frame by the
+    silence before its header; a client that opens the port at once sends its header
+    after less than that, and it is swallowed by the dead frame. Its helper must get it
+    recognised (not wait for the host's idle timeout, 60 s by default, to end the dead
+    connection): the old connection ends as a restarted client."""
+    queue = f"hostile.right-after.{port.kind}"
+    mark = len(rig.connector.log_text())
+    assert rig.vm.run(DROPPED_MID_MESSAGE, port=port.name, queue=queue) == "accepted"
+    log = rig.connector.log_text()[mark:]
+    assert "the guest's client restarted" in log
+    assert "local-idle-timeout" not in log
+    no_traceback(rig)
+
+
+# A receiver with credit for everything on the queue, left undriven: the guest reads
+# nothing more, so the connector's writes fill the port. Params: port, queue, credit, idle.
+RECEIVER_LEFT_UNDRIVEN = """
+import builtins
+from connector.guest import GuestClient
+c = GuestClient(port, container_id="paused", idle_timeout=idle)
+first = c.receive(queue, 1, outcome="none")
+c._receivers[queue].flow(credit)
+c.driver.process(0.5)
+builtins.paused = c
+result = len(first)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="connector/channel.py: a guest ended (idle timeout) while its port takes no "
+    "writes keeps its connection and upstream until the port drains, unbounded",
+)
+def test_a_vm_paused_past_the_idle_timeout_is_cut_and_served_again(rig: Rig) -> None:
+    """The broker streams to a guest (credit for 3.75 MiB) when its VM is paused (QMP
+    ``stop``) for longer than the idle timeout: the port takes no more bytes. The connector
+    ends that connection (within the idle timeout and its close timeout), naming the guest
+    and the idle timeout, and the broker gets back every unsettled message. After ``cont``
+    the old client ends, and a new one receives every message."""
+    queue = "hostile.paused"
+    n = 60
+    fill(rig, queue, [f"{i:04d}".encode() * (16 * 1024) for i in range(n)])  # 64 KiB each
+    first = rig.vm.run(
+        RECEIVER_LEFT_UNDRIVEN, port=UNIX.name, queue=queue, credit=n - 1, idle=CLIENT_IDLE_S
+    )
+    assert first == 1
+    try:
+        rig.vm.qmp("stop")
+        try:
+            entry = rig.wait_state(UNIX, "waiting", CUT_WITHIN_S)
+        finally:
+            rig.vm.qmp("cont")
+    finally:
+        ended = rig.vm.run(OLD_CLIENT_ENDS, key="paused", wait=WAIT)
+    assert "local-idle-timeout" in (entry["last_error"] or ""), entry["last_error"]
+    assert ended.startswith(("Disconnected", "AmqpError")), ended
+    got = rig.vm.run(
+        "from connector.guest import GuestClient\n"
+        "with GuestClient(port, container_id='after-pause') as c:\n"
+        "    result = [m.body[:4].decode() for m in c.receive(queue, n, timeout=120)]\n",
+        port=UNIX.name, queue=queue, n=n,
+    )  # fmt: skip
+    assert sorted(got) == [f"{i:04d}" for i in range(n)]
+    no_traceback(rig)
+
+
+# A sender that has credit and a large message to send, left undriven. Params: port, queue,
+# size.
+LARGE_SENDER = """
+import builtins
+from proton import Message
+from connector.guest import GuestClient
+c = GuestClient(port, container_id="stalled", idle_timeout=None)
+snd = c.driver.create_sender(c.connection, queue)
+while snd.credit <= 0:
+    c.driver.process(0.1)
+Message(body=b"y" * size).send(snd)
+builtins.stalled = c
+result = True
+"""
+
+# A new client on a port, with a bounded wait. Params: port, queue.
+NEXT_CLIENT = """
+from connector.guest import Disconnected, GuestClient, GuestTimeout
+try:
+    with GuestClient(port, container_id="next", timeout=20) as c:
+        result = c.send(queue, ["next"])[0].state
+except (GuestTimeout, Disconnected) as err:
+    result = str(err)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="connector/channel.py: a connection that ends while the guest is not read "
+    "(backpressure) leaves the channel never reading the guest again",
+)
+def test_a_guest_held_back_when_its_broker_dies_is_read_again(rig: Rig) -> None:
+    """A guest streams a 16 MiB message while the broker stalls (SIGSTOP): the connector
+    stops reading the guest (backpressure). The broker then misses its heartbeats, so the
+    connector drops it and ends the guest's connection. When the broker is back, the next
+    client on the channel is served."""
+    queue = "hostile.held-back"
+    assert rig.vm.run(LARGE_SENDER, port=LISTEN.name, queue=queue, size=16 * MiB)
+    rig.artemis.pause()
+    try:
+        ended = rig.vm.run(OLD_CLIENT_ENDS, key="stalled", wait=WAIT)
+        entry = rig.wait_state(LISTEN, "waiting", CUT_WITHIN_S)
+    finally:
+        rig.artemis.resume()
+    assert ended.startswith("AmqpError"), ended
+    assert "idle" in (entry["last_error"] or ""), entry["last_error"]
+    assert rig.vm.run(NEXT_CLIENT, port=LISTEN.name, queue=queue) == "accepted"
+    no_traceback(rig)
