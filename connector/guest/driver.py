@@ -49,8 +49,16 @@ RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 # cost far less CPU per byte than proton's initial 8 KiB capacity.
 READ_SIZE = 256 * 1024
 # Times a connection attempt starts over when leftovers answered its protocol header
-# (see Driver._stale_answer); one suffices in practice, a second covers a slow host.
+# (see Driver._stale_answer) or nothing did (see ANSWER_TIMEOUT); one suffices in
+# practice, a second covers a slow host.
 HANDSHAKE_RETRIES = 2
+# How long a protocol header may go without a single byte back before the attempt starts
+# over (seconds). The host answers a header at once; silence means our header went into a
+# dead client's unfinished frame: a client that died mid-message leaves its last bytes in
+# flight (qemu still delivers them after the port is closed), and a header that follows
+# them within the host's RESTART_SILENCE_S (0.25 s) cannot be told from frame bytes. Sent
+# again after this silence, it is (measured with a real guest, unix and pty channels).
+ANSWER_TIMEOUT = 1.0
 # How long the opener waits for the host side to be present before trying again, and how
 # often it looks meanwhile.
 HOST_WAIT = 1.0
@@ -185,8 +193,10 @@ class Driver:
         self._backoff = 0
         self.eof = False  # the current fd reached end of stream: the other side is gone
         self._spoke = False  # the peer opened the connection on the current transport
-        self._handshakes = 0  # header exchanges restarted because stale bytes answered
+        self._handshakes = 0  # header exchanges restarted: stale bytes or nothing answered
         self._restart_handshake = False
+        self._heard = False  # a byte has arrived on the current transport
+        self._asked_at: float | None = None  # when the current transport first wrote
 
     # ---- the container-like surface handlers use ---------------------------------------
 
@@ -293,6 +303,12 @@ class Driver:
         events = 0
         t = self.transport
         if t is not None and self.fd is not None:
+            unanswered = self._unanswered_until()
+            if unanswered is not None and now >= unanswered:
+                self._start_over(f"no answer to our protocol header in {ANSWER_TIMEOUT} s")
+                return True
+            if unanswered is not None:
+                waits.append(unanswered - now)
             deadline = t.tick(now)
             self._dispatch_collected()
             if deadline:
@@ -373,6 +389,8 @@ class Driver:
             return
         self.eof = False
         self._spoke = False
+        self._heard = False
+        self._asked_at = None
         t = Transport(Transport.SERVER if self.server else Transport.CLIENT)
         t._reactor = self  # so that proton's ``event.container`` is this driver
         if self.idle_timeout:
@@ -398,6 +416,7 @@ class Driver:
             self.eof = True
             t.close_tail()
             return
+        self._heard = True
         self._push(data)
 
     def _push(self, data: bytes) -> None:
@@ -424,6 +443,8 @@ class Driver:
             self._channel_gone(f"write failed: {e}")
             return
         t.pop(n)
+        if self._asked_at is None:
+            self._asked_at = time.monotonic()
 
     def _channel_gone(self, why: str) -> None:
         """End the transport both ways: nothing more can be read or written on the fd."""
@@ -468,26 +489,48 @@ class Driver:
             and cond.name == "amqp:connection:framing-error"
         )
 
+    def _unanswered_until(self) -> float | None:
+        """When our protocol header, sent and met with silence so far, is to be sent again
+        (see ANSWER_TIMEOUT); None when it was answered, not sent yet, or not to be retried."""
+        if (
+            self.server
+            or self._heard
+            or self._asked_at is None
+            or self._handshakes >= HANDSHAKE_RETRIES
+        ):
+            return None
+        return self._asked_at + ANSWER_TIMEOUT
+
+    def _start_over(self, why: str) -> None:
+        """Drop the current transport and send the protocol header again on a drained
+        port, keeping the connection (proton re-sends its open, sessions and links)."""
+        t = self.transport
+        assert t is not None
+        self.transport = None
+        if self.connection is not None:
+            t.unbind()
+        self._handshakes += 1
+        log.info("%s; starting over", why)
+        if self._close_fd and self.reconnect:
+            self.close_fd()
+            self._bind()  # the opener reopens and drains
+        else:  # not ours to reopen, or no reconnecting wanted: the same fd, drained
+            assert self.fd is not None
+            _port.drain(self.fd)
+            self._bind(self.fd)
+
     def _transport_done(self) -> None:
         """The transport ended: tell the handler, unbind, and reconnect if we should."""
+        if self._restart_handshake:
+            self._restart_handshake = False
+            self._start_over("stale bytes answered our protocol header")
+            return
         t = self.transport
         assert t is not None
         self.transport = None
         conn = self.connection
         if conn is not None:
             t.unbind()
-        if self._restart_handshake:
-            self._restart_handshake = False
-            self._handshakes += 1
-            log.info("stale bytes answered our protocol header; starting over")
-            if self._close_fd and self.reconnect:
-                self.close_fd()
-                self._bind()  # the opener reopens and drains
-            else:  # not ours to reopen, or no reconnecting wanted: the same fd, drained
-                assert self.fd is not None
-                _port.drain(self.fd)
-                self._bind(self.fd)
-            return
         self.close_fd()
         self._dispatch_collected()
         DriverEvent("on_disconnected", self, transport=t).dispatch(self.handler)
