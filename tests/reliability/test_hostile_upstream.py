@@ -88,6 +88,33 @@ def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
         qemu.hang_up()
 
 
+# -- authentication ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="proton's SASL failure waits for the next wake-up")
+def test_a_broker_offering_no_mechanism_we_allow_is_named_at_once(
+    artemis: Artemis, tmp_path: Path
+) -> None:
+    """The connector may use only GSSAPI; Artemis offers PLAIN and ANONYMOUS. Proton's SASL
+    client gives up as it writes, so the failure is known at once: the guest (which asked
+    for no heartbeats, so nothing else wakes its channel) must be told that authentication
+    failed at that broker, not, ten seconds on, that the broker never answered."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text('[broker]\nsasl_mechanisms = "GSSAPI"\n')
+    qemu = Qemu("unix", tmp_path, "nomech")
+    daemon = _daemon(artemis, tmp_path, [qemu], "--config", str(conf))
+    try:
+        with pytest.raises(AmqpError) as told:
+            GuestClient(qemu.fd(), container_id="nomech", timeout=TIMEOUT, idle_timeout=None)
+        err = told.value
+        assert err.name == "amqp:connection:forced"
+        assert f"no AMQP open from {artemis.url}" in (err.description or ""), err.description
+        assert "amqp:unauthorized-access" in (err.description or ""), err.description
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
+
+
 # -- a broker frozen ---------------------------------------------------------------------------
 
 FROZEN_IDLE_S = 2  # [broker] idle_timeout_s: how long the connector waits on a silent broker
