@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from proton import Message
+from proton import Message, Timeout
 
 from tests.support.connector import Connector, wait_for
 from tests.vm.harness import Port, Vm
@@ -112,20 +112,23 @@ except (AmqpError, Disconnected) as err:
 c.driver.close_fd()
 """
 
-# A guest process that sends one small message, then starts a large one and announces it;
-# the agent kills it later, mid-message. Params: port, queue, size, key.
+# A guest process that sends one small message, then the first half of a large one (the
+# rest never comes: the transfer stays open, as it does when the process dies mid-message),
+# and announces it; the agent kills it later. Params: port, queue, size, key.
 SENDER_TO_KILL = """
 import subprocess, sys, builtins
 child = subprocess.Popen([sys.executable, "-c", '''
 import sys
-from proton import Message
+from proton import Message, Timeout
 from connector.guest import GuestClient
 c = GuestClient(sys.argv[1], idle_timeout=None)
 assert c.send(sys.argv[2], ["before"])[0].state == "accepted"
 snd = c.driver.create_sender(c.connection, sys.argv[2])
 while snd.credit <= 0:
     c.driver.process(0.1)
-Message(body=b"x" * int(sys.argv[3])).send(snd)
+size = int(sys.argv[3])
+snd.delivery("half")
+snd.send(Message(body=b"x" * size).encode()[: size // 2])
 print("sending", flush=True)
 while True:
     c.driver.process(1.0)
@@ -147,13 +150,17 @@ with GuestClient(port, container_id="after-kill") as c:
 """
 
 
-def start_killable_sender(rig: Rig, port: Port, queue: str) -> None:
-    """A guest process streams an 8 MiB message on ``port``; return once 1 MiB of it has
-    reached the connector (the process is then killed by KILL_AND_RECONNECT or with qemu)."""
-    base = rig.channel(port)["bytes_in"]
-    key = f"sender_{port.id}"
-    assert rig.vm.run(SENDER_TO_KILL, port=port.name, queue=queue, size=8 * MiB, key=key)
-    wait_for(lambda: rig.channel(port)["bytes_in"] > base + MiB, WAIT, "1 MiB of the message")
+def start_killable_senders(rig: Rig, queues: dict[str, str]) -> None:
+    """On each port (name: queue), a guest process sends half of an 8 MiB message; return
+    once 1 MiB of each has reached the connector (the processes are then killed, by
+    KILL_AND_RECONNECT or with qemu)."""
+    ports = [p for p in PORTS if p.name in queues]
+    base = {p.name: rig.channel(p)["bytes_in"] for p in ports}
+    for p in ports:
+        key = f"sender_{p.id}"
+        assert rig.vm.run(SENDER_TO_KILL, port=p.name, queue=queues[p.name], size=8 * MiB, key=key)
+    for p in ports:
+        wait_for(lambda p=p: rig.channel(p)["bytes_in"] > base[p.name] + MiB, WAIT, "1 MiB")
 
 
 @pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
@@ -163,7 +170,7 @@ def test_a_client_killed_mid_message_leaves_the_port_to_the_next(rig: Rig, port:
     is served, what was accepted before is there, the half message is not."""
     queue = f"hostile.killed.{port.kind}"
     mark = len(rig.connector.log_text())
-    start_killable_sender(rig, port, queue)
+    start_killable_senders(rig, {port.name: queue})
     got = rig.vm.run(KILL_AND_RECONNECT, port=port.name, queue=queue, key=f"sender_{port.id}")
     assert got == ["before"]
     assert "the guest's client restarted" in rig.connector.log_text()[mark:]
@@ -175,7 +182,7 @@ def test_a_client_killed_mid_message_leaves_the_port_to_the_next(rig: Rig, port:
 # last bytes after less than the connector's RESTART_SILENCE_S, inside the dead transfer
 # frame. Params: port, queue.
 DROPPED_MID_MESSAGE = """
-from proton import Message
+from proton import Message, Timeout
 from connector.guest import GuestClient
 c = GuestClient(port, idle_timeout=None)
 snd = c.driver.create_sender(c.connection, queue)
@@ -203,6 +210,83 @@ def test_a_client_right_after_a_dead_one_is_taken_for_a_new_client(rig: Rig, por
     log = rig.connector.log_text()[mark:]
     assert "the guest's client restarted" in log
     assert "local-idle-timeout" not in log
+    no_traceback(rig)
+
+
+# A client that received messages and settled none of them, kept open after the snippet.
+# Params: port, queue, n, key.
+HOLDING_UNSETTLED = """
+import builtins
+from connector.guest import GuestClient
+c = GuestClient(port, container_id=key)
+got = c.receive(queue, n, outcome="none")
+setattr(builtins, key, c)
+result = len(got)
+"""
+
+# A new client takes what the broker holds on the queue. Params: port, queue, n.
+TAKE_ALL = """
+from connector.guest import GuestClient
+with GuestClient(port, container_id="taker") as c:
+    result = sorted(m.body for m in c.receive(queue, n, timeout=WAIT, drain=True))
+"""
+
+
+def test_a_guest_reset_mid_connection_gets_its_messages_back_on_every_port(rig: Rig) -> None:
+    """QMP ``system_reset`` while a client holds two unsettled messages: the host sees
+    nothing, the guest boots again and its next clients, on each port, start clean; the
+    two messages come back, and every channel serves on."""
+    queue = "hostile.reset"
+    fill(rig, queue, ["r0", "r1"])
+    assert rig.vm.run(HOLDING_UNSETTLED, port=UNIX.name, queue=queue, n=2, key="reset") == 2
+    rig.vm.qmp("system_reset")
+    rig.vm.wait_ready()
+    got = rig.vm.run(TAKE_ALL, port=UNIX.name, queue=queue, n=3, WAIT=WAIT)
+    assert got == ["r0", "r1"]
+    for port in (PTY, LISTEN):
+        assert rig.vm.run(TAKE_ALL, port=port.name, queue=queue, n=1, WAIT=WAIT) == []
+    no_traceback(rig)
+
+
+def test_a_port_unplugged_and_plugged_back_is_served_again(rig: Rig) -> None:
+    """The virtserialport is unplugged (``device_del``) under a client holding an unsettled
+    message, then its chardev removed (``chardev-remove``): the connector sees the socket
+    end, closes the upstream (the broker gets the message back) and retries. Both are
+    added back: the connector reconnects, and a new client on the new port gets the
+    message. The old client ends with an error, not a traceback."""
+    queue = "hostile.unplug"
+    fill(rig, queue, ["u0"])
+    assert rig.vm.run(HOLDING_UNSETTLED, port=UNIX.name, queue=queue, n=1, key="unplug") == 1
+    device = f"vp{UNIX.id}"
+    with rig.vm.qmp_session() as qmp:
+        qmp.execute("device_del", {"id": device})
+        qmp.wait_event("DEVICE_DELETED", WAIT, device=device)
+        ended = rig.vm.run(OLD_CLIENT_ENDS, key="unplug", wait=WAIT)
+        qmp.execute("chardev-remove", {"id": UNIX.id})
+        lost = rig.wait_state(UNIX, "waiting")
+        qmp.execute(
+            "chardev-add",
+            {
+                "id": UNIX.id,
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": UNIX.path}},
+                        "server": True,
+                        "wait": False,
+                    },
+                },
+            },
+        )
+        qmp.execute(
+            "device_add",
+            {"driver": "virtserialport", "bus": "vser0.0", "chardev": UNIX.id,
+             "name": UNIX.name, "id": device},
+        )  # fmt: skip
+    print(ended, lost["last_error"])
+    got = rig.vm.run(TAKE_ALL, port=UNIX.name, queue=queue, n=1, WAIT=WAIT)
+    assert got == ["u0"]
+    assert ended.startswith(("Disconnected", "AmqpError")), ended
     no_traceback(rig)
 
 
@@ -263,7 +347,7 @@ def test_a_vm_paused_past_the_idle_timeout_is_cut_and_served_again(rig: Rig) -> 
 # size.
 LARGE_SENDER = """
 import builtins
-from proton import Message
+from proton import Message, Timeout
 from connector.guest import GuestClient
 c = GuestClient(port, container_id="stalled", idle_timeout=None)
 snd = c.driver.create_sender(c.connection, queue)
@@ -307,4 +391,26 @@ def test_a_guest_held_back_when_its_broker_dies_is_read_again(rig: Rig) -> None:
     assert ended.startswith("AmqpError"), ended
     assert "idle" in (entry["last_error"] or ""), entry["last_error"]
     assert rig.vm.run(NEXT_CLIENT, port=LISTEN.name, queue=queue) == "accepted"
+    no_traceback(rig)
+
+
+def test_qemu_killed_mid_transfer_unix_waits_pty_is_gone(rig: Rig) -> None:
+    """qemu is SIGKILLed while a guest process is half way through an 8 MiB message on the unix port
+    and another on the pty: the unix channel goes back to waiting (qemu may come back), the
+    pty one is gone; both upstreams are closed, so the broker holds what was accepted
+    before and none of the half messages."""
+    queues = {port.name: f"hostile.qemu-kill.{port.kind}" for port in (UNIX, PTY)}
+    start_killable_senders(rig, queues)
+    rig.vm.kill()
+    rig.wait_state(PTY, "gone")
+    entry = rig.wait_state(UNIX, "waiting")
+    assert entry["upstream"] is None
+    with rig.artemis.connection() as conn:
+        for queue in queues.values():
+            rcv = conn.create_receiver(queue)
+            assert rcv.receive(timeout=WAIT).body == "before"
+            rcv.accept()
+            with pytest.raises(Timeout):
+                half = rcv.receive(timeout=1)  # the half message must not be there
+                pytest.fail(f"{queue}: a message of {len(half.body)} bytes after 'before'")
     no_traceback(rig)
