@@ -456,6 +456,57 @@ def test_a_qemu_seen_while_starting_is_looked_at_again_when_it_creates_its_vm(
 
 
 @NEEDS_KVM
+def test_vms_created_together_each_get_their_own_channels(tmp_path: Path) -> None:
+    """Several qemus open their ptys and create their VMs while the loop is busy: one
+    batch of uevents, ptys handed out interleaved. Each port must map to its own VM's
+    endpoint (checked against the pty each fake reports opening)."""
+    qemu = python_named_qemu(tmp_path)
+    pty = ("-chardev", "pty,id=c1", "-device", "virtserialport,chardev=c1,name=org.qpid.amqp.1")
+    names = [f"crowd{n}" for n in range(6)]
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(kvm_settings(tmp_path / "no-libvirt")) as (_, sink):
+            fakes.extend(FakeQemuProcess(qemu, qemu_args(tmp_path, n, *pty)) for n in names)
+            for fake in fakes:
+                fake.created_at()
+            await sink.wait_for(lambda: all(len(sink.of_pid(f.pid)) == 2 for f in fakes))
+            for name, fake in zip(names, fakes, strict=True):
+                found = {s.kind: s for s in sink.of_pid(fake.pid).values()}
+                assert found[ChannelKind.PTY].path == fake.ptys["c1"]
+                assert found[ChannelKind.UNIX].path == f"{tmp_path}/{name}.sock"
+                assert {s.identity.name for s in found.values()} == {name}
+
+    run(scenario)
+
+
+@NEEDS_KVM
+def test_a_storm_of_destroys_and_creates_ends_as_the_vm_does(tmp_path: Path) -> None:
+    """One qemu destroys and creates its VM 50 times while the loop is busy, so each
+    ``destroy`` is read before the ``create`` after it is handled; whatever the churn, the
+    channels end as the VM does: there while it exists, gone once it is destroyed."""
+    qemu = python_named_qemu(tmp_path)
+    path = f"{tmp_path}/churn.sock"
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(kvm_settings(tmp_path / "no-libvirt")) as (discovery, sink):
+            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "churn"))
+            fakes.append(fake)
+            fake.created_at()
+            for _ in range(50):
+                fake.command("destroy")
+                fake.command("create")
+                fake.created_at()
+            await poll_until(lambda: discovery.stats().get("kvm_create", 0) >= 51)
+            assert list(sink.of_pid(fake.pid)) == [path]
+            assert discovery.gauges()["processes"] >= 1
+            fake.command("destroy")
+            await sink.wait_for(lambda: not sink.of_pid(fake.pid))
+            assert len(sink.gone(path)) == 51
+
+    run(scenario)
+
+
+@NEEDS_KVM
 def test_uevents_lost_to_a_full_buffer_are_made_up_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

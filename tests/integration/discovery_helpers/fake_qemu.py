@@ -76,8 +76,9 @@ class FakeQemu:
         self.guest: dict[str, socket.socket] = {}  # chardev id -> the guest's connection
         self.held: dict[tuple[str, str], bytearray] = {}  # (id, "host"|"guest") -> bytes
         self.guest_dir = os.environ.get("FAKE_QEMU_GUEST_DIR")
+        self.stdin = bytearray()  # what stdin sent that is not a whole command yet
         if os.environ.get("FAKE_QEMU_HOLD"):
-            sys.stdin.readline()  # a qemu still starting: no chardev, no VM until told
+            self.command()  # a qemu still starting: no chardev, no VM until told
         for chardev in self.chardevs:
             self.open_chardev(chardev)
         if self.guest_dir:
@@ -130,10 +131,26 @@ class FakeQemu:
             self.outgoing = [o for o in self.outgoing if o[0] != cid]
             self.host_connected(cid, sock)
 
+    def command(self) -> str:
+        """The next command line (``exit`` at end of input), read from the descriptor:
+        sys.stdin would keep a second command, sent right after the first, in a buffer
+        that select() does not see."""
+        while b"\n" not in self.stdin:
+            data = os.read(sys.stdin.fileno(), 4096)
+            if not data:
+                return "exit"
+            self.stdin += data
+        line, _, rest = bytes(self.stdin).partition(b"\n")
+        self.stdin = bytearray(rest)
+        return line.decode().strip() or "exit"
+
     def run(self) -> None:
         self.sel.register(sys.stdin, selectors.EVENT_READ, ("stdin", "", None))
         self.create()
         while True:
+            while b"\n" in self.stdin:  # commands that came with the one before
+                if not self.obey(self.command()):
+                    return
             self.try_connect()
             now, still_idle = time.monotonic(), []
             for cid, master, since in self.idle_ptys:
@@ -146,10 +163,8 @@ class FakeQemu:
             for key, _ in self.sel.select(min([*timeouts, PTY_RETRY_SECONDS])):
                 kind, cid, obj = key.data
                 if kind == "stdin":
-                    command = sys.stdin.readline().strip()
-                    if command in ("exit", ""):
+                    if not self.obey(self.command()):
                         return
-                    getattr(self, command)()
                 elif kind == "listener":
                     self.host_connected(cid, obj.accept()[0])
                 elif kind == "guest-listener":
@@ -161,6 +176,13 @@ class FakeQemu:
                     self.from_guest(cid, obj)
                 else:
                     self.from_host(cid, obj)
+
+    def obey(self, command: str) -> bool:
+        """Carry out one command; False for ``exit``."""
+        if command == "exit":
+            return False
+        getattr(self, command)()
+        return True
 
     def host_connected(self, cid: str, sock: socket.socket) -> None:
         self.host[cid] = sock.fileno()
