@@ -686,6 +686,17 @@ class Channel:
             self._schedule_tick()
             if self._close_wait is None and router.awaiting_guest_close():
                 self._close_wait = self._loop.call_later(CLOSE_TIMEOUT_S, self._guest_close_timeout)
+        if router.events_pending():  # posted while writing: handled now, not at a wake-up
+            self._loop.call_soon(self._repump, router)
+
+    @_guarded
+    def _repump(self, router: Router) -> None:
+        """Pump ``router`` again if it is still served: its guest connection, or its upstream
+        lingering in the close exchange."""
+        if router is self._router:
+            self._pump()
+        elif router in self._lingering:
+            self._pump_router(router, self._lingering[router])
 
     def _backlog(self, engine: Engine | None) -> int:
         return engine.backlog() if engine is not None else 0

@@ -151,6 +151,23 @@ class Router:
             if self.upstream is not None:
                 busy = self._drain(self.upstream.collector, from_guest=False) or busy
 
+    def events_pending(self) -> bool:
+        """Whether either engine holds an event ``process`` has not seen: proton posts some
+        while it produces output, after ``process`` ran (its SASL client, finding no
+        mechanism it may use, fails there). PN_TRANSPORT events, which change nothing,
+        are dropped on the way."""
+        for engine in (self.guest, self.upstream):
+            if engine is None or engine.collector is None:
+                continue  # no upstream yet, or the engines were freed
+            collector = engine.collector
+            ev = _peek(collector)
+            while ev != ffi.NULL and _event_type(ev) == _TRANSPORT:
+                _pop(collector)
+                ev = _peek(collector)
+            if ev != ffi.NULL:
+                return True
+        return False
+
     def _drain(self, collector: Any, *, from_guest: bool) -> bool:
         """Dispatch one collector's events; whether any was handled. The first two branches
         are the per-message path.

@@ -91,7 +91,6 @@ def test_a_quiet_guest_keeps_its_upstream_past_the_brokers_idle_timeout(
 # -- authentication ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="proton's SASL failure waits for the next wake-up")
 def test_a_broker_offering_no_mechanism_we_allow_is_named_at_once(
     artemis: Artemis, tmp_path: Path
 ) -> None:
