@@ -24,6 +24,7 @@ Standard library only: this file must run under a copy of the Python binary name
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -101,6 +102,8 @@ class FakeQemu:
             pass  # a socket libvirt would have passed in: nothing of ours to open
         elif chardev["backend"] == "socket" and chardev.get("server", "off") == "on":
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(chardev["path"])  # as qemu does: a socket left by a qemu before
             listener.bind(chardev["path"])
             listener.listen(1)
             self.sel.register(listener, selectors.EVENT_READ, ("listener", cid, listener))
