@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -328,6 +329,15 @@ class Discovery:
             os.close(process.pidfd)
             process.pidfd = None
 
+    @staticmethod
+    def _has_exited(process: _Process) -> bool:
+        """Whether a qemu taken up has exited, though its pidfd has not been read yet."""
+        if process.pidfd is None:
+            return False
+        poll = select.poll()
+        poll.register(process.pidfd, select.POLLIN)
+        return bool(poll.poll(0))
+
     def _on_exit(self, pid: int) -> None:
         self._counters["process_exits"] += 1
         self._drop_process(pid, "qemu exited")
@@ -379,7 +389,20 @@ class Discovery:
         self._refused(changes)
         for path in changes.gone:
             self._gone(path, "socket removed")
-        appeared = [p for p in changes.appeared if p not in self._owners]
+        # A new socket where one was is a new listener, perhaps another qemu's (a qemu
+        # without KVM restarted on the same path before the loop looked): the old channel
+        # goes, and the new socket is looked at like any new one. The socket of a qemu
+        # still running stays: a new inode there is the connector's own listener bound
+        # again (``unix-listen``), not news.
+        for path in changes.replaced:
+            owner = self._owners.get(path)
+            process = None if owner is None else self._processes.get(owner)
+            if process is not None:
+                if not self._has_exited(process):
+                    continue
+                self._on_exit(process.pid)  # before its pidfd is read
+            self._gone(path, "socket replaced")
+        appeared = [p for p in [*changes.appeared, *changes.replaced] if p not in self._owners]
         if not appeared:
             return
         # A new socket usually belongs to a qemu that has just started: take that qemu up
@@ -398,7 +421,7 @@ class Discovery:
 
     def _status_changed(self, changes: Changes) -> None:
         self._refused(changes)
-        for path in [*changes.appeared, *changes.touched]:
+        for path in [*changes.appeared, *changes.replaced, *changes.touched]:
             domain = read_status(path)
             if domain is None or domain.pid is None:
                 continue

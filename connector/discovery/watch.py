@@ -61,11 +61,14 @@ def is_regular_file(st: os.stat_result) -> bool:
 
 @dataclass
 class Changes:
-    """What changed since the last look: new matches, vanished ones, rewritten ones, and
-    directories newly refused (``DIR: reason``, such as permission denied)."""
+    """What changed since the last look: new matches, vanished ones, ones replaced by a
+    new file of the same name (another inode: for a socket, another listener, maybe
+    another qemu's), rewritten ones (same inode), and directories newly refused
+    (``DIR: reason``, such as permission denied)."""
 
     appeared: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
     touched: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
@@ -99,7 +102,7 @@ class GlobWatch:
         self._wd_dir: dict[int, str] = {}
         # Each watched directory with the (pattern, depth) pairs that put it there.
         self._dir_levels: dict[str, set[tuple[int, int]]] = {}
-        self._matches: set[str] = set()
+        self._matches: dict[str, int] = {}  # each match's inode
         self._refused: dict[str, str] = {}  # directory -> why it cannot be watched or read
 
     def fileno(self) -> int:
@@ -114,8 +117,14 @@ class GlobWatch:
         return self._sync()
 
     def read(self) -> Changes:
-        """Call when the descriptor is readable: what changed since the last call."""
+        """Call when the descriptor is readable: what changed since the last call.
+
+        A name created (or renamed to) since the last look is a new file even when the
+        file system handed the old one's inode number straight to it, as tmpfs does to a
+        socket unlinked and bound again.
+        """
         touched: set[str] = set()
+        created: set[str] = set()
         relevant = False
         for event in self._inotify.read_events():
             directory = self._wd_dir.get(event.wd)
@@ -130,21 +139,25 @@ class GlobWatch:
                 if fnmatch.fnmatchcase(event.name, self._patterns[index][depth]):
                     relevant = True
                     touched.add(os.path.join(directory, event.name))
+                    if event.mask & (IN_CREATE | IN_MOVED_TO):
+                        created.add(os.path.join(directory, event.name))
         if not relevant:
             return Changes()
-        changes = self._sync()
-        changes.touched = sorted(
-            p for p in touched if p in self._matches and p not in changes.appeared
-        )
+        changes = self._sync(frozenset(created))
+        news = {*changes.appeared, *changes.replaced}
+        changes.touched = sorted(p for p in touched if p in self._matches and p not in news)
         return changes
 
     def close(self) -> None:
         self._inotify.close()
 
-    def _sync(self) -> Changes:
-        """Re-read the matching trees, move the watches to fit, and report the difference."""
+    def _sync(self, created: frozenset[str] = frozenset()) -> Changes:
+        """Re-read the matching trees, move the watches to fit, and report the difference.
+
+        A match is ``replaced`` when its inode differs or its name was ``created`` since
+        the last look (after a queue overflow, the inode alone tells)."""
         levels: dict[str, set[tuple[int, int]]] = {}
-        found: set[str] = set()
+        found: dict[str, int] = {}
         refused: dict[str, str] = {}
         for index, parts in enumerate(self._patterns):
             anchor, depth = _anchor(parts)
@@ -154,9 +167,11 @@ class GlobWatch:
                 self._inotify.rm_watch(wd)
                 del self._wd_dir[wd]
         self._dir_levels = levels
+        kept = found.keys() & self._matches.keys()
         changes = Changes(
-            appeared=sorted(found - self._matches),
-            gone=sorted(self._matches - found),
+            appeared=sorted(found.keys() - self._matches.keys()),
+            gone=sorted(self._matches.keys() - found.keys()),
+            replaced=sorted(p for p in kept if p in created or found[p] != self._matches[p]),
             refused=[f"{d}: {why}" for d, why in sorted(refused.items()) if d not in self._refused],
         )
         self._matches = found
@@ -170,7 +185,7 @@ class GlobWatch:
         directory: str,
         depth: int,
         levels: dict[str, set[tuple[int, int]]],
-        found: set[str],
+        found: dict[str, int],
         refused: dict[str, str],
     ) -> None:
         # Watch before listing, so an entry created in between is seen by one or the other.
@@ -197,6 +212,6 @@ class GlobWatch:
                 continue
             if last:
                 if self._accept(st):
-                    found.add(entry.path)
+                    found[entry.path] = st.st_ino
             elif stat.S_ISDIR(st.st_mode):
                 self._walk(index, parts, entry.path, depth + 1, levels, found, refused)

@@ -44,7 +44,7 @@ def _next(watch: GlobWatch) -> Changes:
         ready, _, _ = select.select([watch], [], [], 5)
         assert ready, "no inotify event within 5 s"
         changes = watch.read()
-        if changes.appeared or changes.gone or changes.touched:
+        if changes.appeared or changes.gone or changes.replaced or changes.touched:
             return changes
 
 
@@ -92,8 +92,10 @@ def test_existing_matches_and_rewritten_files(tmp_path: Path) -> None:
         (tmp_path / "a.xml.new").write_text("<y/>")  # libvirt's way: write, then rename
         os.rename(tmp_path / "a.xml.new", tmp_path / "a.xml")
         changes = _next(watch)
-        assert changes.touched == [str(tmp_path / "a.xml")]
-        assert not changes.appeared and not changes.gone
+        assert changes.replaced == [str(tmp_path / "a.xml")]  # a new file by that name
+        assert not changes.appeared and not changes.gone and not changes.touched
+        (tmp_path / "a.xml").write_text("<z/>")  # rewritten in place: the same file
+        assert _next(watch) == Changes(touched=[str(tmp_path / "a.xml")])
     finally:
         watch.close()
 

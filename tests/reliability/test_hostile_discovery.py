@@ -52,6 +52,15 @@ def qemu_args(directory: Path, name: str, *extra: str, sock: str = "") -> list[s
     ]  # fmt: skip
 
 
+def watch_settings(root: Path, *more_sources: str) -> DiscoverySettings:
+    """The directory watch over ``root/target/*/org.qpid.amqp.*``, without libvirt."""
+    return kvm_settings(
+        root / "no-libvirt",
+        sources=frozenset({"watch", *more_sources}),
+        watch_globs=(f"{root}/target/*/org.qpid.amqp.*",),
+    )
+
+
 @asynccontextmanager
 async def discovering(settings: DiscoverySettings) -> AsyncIterator[Running]:
     """A started ``Discovery`` with a recording sink, stopped on the way out."""
@@ -62,6 +71,16 @@ async def discovering(settings: DiscoverySettings) -> AsyncIterator[Running]:
         yield discovery, sink
     finally:
         discovery.stop()
+
+
+async def start_found(
+    fakes: list[FakeQemuProcess], sink: RecordingSink, qemu: Path, args: list[str]
+) -> FakeQemuProcess:
+    """Start a fake qemu (stopped by ``run``) and wait until discovery reports its VM."""
+    fake = FakeQemuProcess(qemu, args)
+    fakes.append(fake)
+    await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+    return fake
 
 
 def run(scenario: Callable[[list[FakeQemuProcess]], object]) -> None:
@@ -239,9 +258,7 @@ def test_libvirts_late_file_replaces_what_the_command_line_said(tmp_path: Path) 
     async def scenario(fakes: list[FakeQemuProcess]) -> None:
         settings = kvm_settings(status_dir, libvirt_retry_interval=0.02)
         async with discovering(settings) as (_, sink):
-            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "late"))
-            fakes.append(fake)
-            await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+            fake = await start_found(fakes, sink, qemu, qemu_args(tmp_path, "late"))
             write_status(status_dir, "late", str(uuid.uuid4()), fake.pid,
                          [("unix", PORT, exact, "bind")])  # fmt: skip
             await sink.wait_for(lambda: exact in sink.of_pid(fake.pid))
@@ -266,9 +283,7 @@ def test_a_status_file_under_another_name_is_not_the_qemus(tmp_path: Path) -> No
 
     async def scenario(fakes: list[FakeQemuProcess]) -> None:
         async with discovering(settings) as (discovery, sink):
-            fake = FakeQemuProcess(qemu, qemu_args(tmp_path, "current"))
-            fakes.append(fake)
-            await sink.wait_for(lambda: bool(sink.of_pid(fake.pid)))
+            fake = await start_found(fakes, sink, qemu, qemu_args(tmp_path, "current"))
             write_status(status_dir, "gone-long-ago", str(uuid.uuid4()), fake.pid,
                          [("unix", PORT, stale, "bind")])  # fmt: skip
             await poll_until(lambda: discovery.stats().get("libvirt_status_events", 0) >= 1)
@@ -291,11 +306,7 @@ def test_a_socket_seen_before_its_qemu_gets_the_qemus_identity(short_tmp: Path) 
     directory = short_tmp / "target" / f"domain-7-{long_name[:20]}"
     directory.mkdir(parents=True)
     path = str(directory / PORT)
-    settings = kvm_settings(
-        short_tmp / "no-libvirt",
-        sources=frozenset({"kvm", "watch"}),
-        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
-    )
+    settings = watch_settings(short_tmp, "kvm")
 
     async def scenario(fakes: list[FakeQemuProcess]) -> None:
         async with discovering(settings) as (_, sink):
@@ -326,11 +337,7 @@ def test_an_inotify_queue_overflow_loses_no_socket(short_tmp: Path) -> None:
     directory = short_tmp / "target" / "domain-3-storm"
     directory.mkdir(parents=True)
     first, second = str(directory / PORT), str(directory / "org.qpid.amqp.1")
-    settings = kvm_settings(
-        short_tmp / "no-libvirt",
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
-    )
+    settings = watch_settings(short_tmp)
 
     async def scenario(_: list[FakeQemuProcess]) -> None:
         with socket.socket(socket.AF_UNIX) as old, socket.socket(socket.AF_UNIX) as new:
@@ -356,11 +363,7 @@ def test_a_symlink_in_a_channel_directory_is_not_a_channel(short_tmp: Path) -> N
     directory = short_tmp / "target" / "domain-4-escaped"
     directory.mkdir(parents=True)
     elsewhere = short_tmp / "private.sock"
-    settings = kvm_settings(
-        short_tmp / "no-libvirt",
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
-    )
+    settings = watch_settings(short_tmp)
 
     async def scenario(_: list[FakeQemuProcess]) -> None:
         with socket.socket(socket.AF_UNIX) as private, socket.socket(socket.AF_UNIX) as real:
@@ -374,7 +377,6 @@ def test_a_symlink_in_a_channel_directory_is_not_a_channel(short_tmp: Path) -> N
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="a socket replaced between two reads is not news")
 def test_a_socket_replaced_by_another_qemus_is_that_qemus(short_tmp: Path) -> None:
     """A qemu without KVM (no uevent) exits and another starts on the same socket path (a
     service restarted, a path reused) before the loop looks: the directory holds a socket
@@ -383,11 +385,7 @@ def test_a_socket_replaced_by_another_qemus_is_that_qemus(short_tmp: Path) -> No
     directory = short_tmp / "target" / "domain-8-reused"
     directory.mkdir(parents=True)
     path = str(directory / PORT)
-    settings = kvm_settings(
-        short_tmp / "no-libvirt",
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{short_tmp}/target/*/org.qpid.amqp.*",),
-    )
+    settings = watch_settings(short_tmp)
 
     def tcg_qemu(name: str) -> FakeQemuProcess:
         return FakeQemuProcess(qemu, [
@@ -408,6 +406,53 @@ def test_a_socket_replaced_by_another_qemus_is_that_qemus(short_tmp: Path) -> No
             second.created_at()
             await sink.wait_for(lambda: path in sink.of_pid(second.pid))
             assert sink.live()[path].identity.name == "second"
+
+    run(scenario)
+
+
+@NEEDS_KVM
+@pytest.mark.xfail(strict=True, reason="the connector's own listener is taken for qemu's socket")
+def test_the_connectors_own_listener_bound_again_is_not_news(short_tmp: Path) -> None:
+    """For a ``server=off`` chardev the connector binds the socket qemu connects to; in a
+    watched directory, binding it again (a channel restarted) is a new socket at a path a
+    running qemu claims, and must not take the channel away."""
+    qemu = python_named_qemu(short_tmp)
+    directory = short_tmp / "target" / "domain-9-listen"
+    directory.mkdir(parents=True)
+    path = str(directory / PORT)
+    args = [
+        "-name", "guest=listen",
+        "-chardev", f"socket,id=c0,path={path},server=off,reconnect=1",
+        "-device", f"virtserialport,chardev=c0,name={PORT}",
+    ]  # fmt: skip
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        async with discovering(watch_settings(short_tmp, "kvm")) as (discovery, sink):
+            fake = await start_found(fakes, sink, qemu, args)
+
+            async def seen(step: Callable[[], object]) -> None:
+                events = discovery.stats().get("watch_events", 0)
+                step()
+                await poll_until(lambda: discovery.stats().get("watch_events", 0) > events)
+
+            def bind() -> None:
+                listener = socket.socket(socket.AF_UNIX)
+                listeners.append(listener)
+                listener.bind(path)
+
+            # As the daemon's unix-listen endpoint does when a channel is restarted: the
+            # old one's close unlinks, the new one binds; seen apart, then together.
+            listeners: list[socket.socket] = []
+            try:
+                await seen(bind)
+                await seen(lambda: os.unlink(path))
+                await seen(bind)
+                await seen(lambda: (os.unlink(path), bind()))
+            finally:
+                for listener in listeners:
+                    listener.close()
+            assert sink.gone(path) == []
+            assert path in sink.of_pid(fake.pid)
 
     run(scenario)
 
@@ -453,13 +498,7 @@ def test_a_directory_the_connector_may_not_read_is_named_in_a_warning(short_tmp:
     (target / "domain-6-locked").mkdir(parents=True)
     target.chmod(0o755)
     (target / "domain-6-locked").chmod(0o700)
-    settings = kvm_settings(
-        short_tmp / "no-libvirt",
-        sources=frozenset({"watch"}),
-        watch_globs=(f"{target}/*/org.qpid.amqp.*",),
-        proc_root=str(short_tmp / "no-proc"),
-    )
-    log = discovery_log_as_nobody(settings)
+    log = discovery_log_as_nobody(watch_settings(short_tmp))
     assert f"{target}/domain-6-locked" in log and "Permission denied" in log, log
 
 
