@@ -82,6 +82,7 @@ class Discovery:
         self._processes: dict[int, _Process] = {}
         # Every path reported as appeared, with the pid it belongs to (None: socket only).
         self._owners: dict[str, int | None] = {}
+        self._listeners: set[str] = set()  # those of them the connector listens on
         self._kvm: KvmMonitor | None = None
         self._sockets: GlobWatch | None = None
         self._status: GlobWatch | None = None
@@ -211,6 +212,8 @@ class Discovery:
         self._owners[spec.path] = process.pid if process is not None else None
         if process is not None:
             process.paths.add(spec.path)
+        if spec.kind is ChannelKind.UNIX_LISTEN:
+            self._listeners.add(spec.path)
         if not claimed:
             self._counters["channels_found"] += 1
         identity = spec.identity
@@ -229,6 +232,7 @@ class Discovery:
         if path not in self._owners:
             return
         pid = self._owners.pop(path)
+        self._listeners.discard(path)
         if pid is not None and pid in self._processes:
             self._processes[pid].paths.discard(path)
         self._counters["channels_gone"] += 1
@@ -387,14 +391,20 @@ class Discovery:
 
     def _sockets_changed(self, changes: Changes) -> None:
         self._refused(changes)
-        for path in changes.gone:
+        # For a unix-listen channel the socket is the connector's own, bound, unlinked and
+        # bound again as the daemon restarts the channel: in a watched directory, none of
+        # that is news of qemu's.
+        gone, replaced, fresh = (
+            [p for p in paths if p not in self._listeners]
+            for paths in (changes.gone, changes.replaced, changes.appeared)
+        )
+        for path in gone:
             self._gone(path, "socket removed")
         # A new socket where one was is a new listener, perhaps another qemu's (a qemu
         # without KVM restarted on the same path before the loop looked): the old channel
         # goes, and the new socket is looked at like any new one. The socket of a qemu
-        # still running stays: a new inode there is the connector's own listener bound
-        # again (``unix-listen``), not news.
-        for path in changes.replaced:
+        # still running stays.
+        for path in replaced:
             owner = self._owners.get(path)
             process = None if owner is None else self._processes.get(owner)
             if process is not None:
@@ -402,7 +412,7 @@ class Discovery:
                     continue
                 self._on_exit(process.pid)  # before its pidfd is read
             self._gone(path, "socket replaced")
-        appeared = [p for p in [*changes.appeared, *changes.replaced] if p not in self._owners]
+        appeared = [p for p in [*fresh, *replaced] if p not in self._owners]
         if not appeared:
             return
         # A new socket usually belongs to a qemu that has just started: take that qemu up

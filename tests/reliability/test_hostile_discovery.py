@@ -411,7 +411,6 @@ def test_a_socket_replaced_by_another_qemus_is_that_qemus(short_tmp: Path) -> No
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="the connector's own listener is taken for qemu's socket")
 def test_the_connectors_own_listener_bound_again_is_not_news(short_tmp: Path) -> None:
     """For a ``server=off`` chardev the connector binds the socket qemu connects to; in a
     watched directory, binding it again (a channel restarted) is a new socket at a path a
