@@ -107,6 +107,14 @@ def rig(make_vm, artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             connector.stop()
 
 
+def channel_bug(reason: str) -> pytest.MarkDecorator:
+    """A bug whose fix belongs in connector/channel.py (outside this review's files): the
+    test shows it as a strict xfail until the fix lands."""
+    return pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=f"connector/channel.py: {reason}"
+    )
+
+
 def fill(rig: Rig, queue: str, bodies: list[Any]) -> None:
     """Put messages on the broker directly (the host side of a test)."""
     with rig.artemis.connection() as conn:
@@ -327,11 +335,9 @@ result = len(first)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="connector/channel.py: a guest ended (idle timeout) while its port takes no "
-    "writes keeps its connection and upstream until the port drains, unbounded",
+@channel_bug(
+    "a guest ended (idle timeout) while its port takes no "
+    "writes keeps its connection and upstream until the port drains, unbounded"
 )
 def test_a_vm_paused_past_the_idle_timeout_is_cut_and_served_again(rig: Rig) -> None:
     """The broker streams to a guest (credit for 3.75 MiB) when its VM is paused (QMP
@@ -427,11 +433,9 @@ result = got
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="connector/channel.py: a connection ended with output unwritten leaves the "
-    "channel's writer registered, which spins once the port drains",
+@channel_bug(
+    "a connection ended with output unwritten leaves the "
+    "channel's writer registered, which spins once the port drains"
 )
 def test_a_guest_connection_ended_with_its_port_full_costs_no_cpu_after(rig: Rig) -> None:
     """A guest grants credit for 3.75 MiB and reads nothing (heartbeats only), so the port
@@ -483,11 +487,9 @@ except (GuestTimeout, Disconnected) as err:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="connector/channel.py: a connection that ends while the guest is not read "
-    "(backpressure) leaves the channel never reading the guest again",
+@channel_bug(
+    "a connection that ends while the guest is not read "
+    "(backpressure) leaves the channel never reading the guest again"
 )
 def test_a_guest_held_back_when_its_broker_dies_is_read_again(rig: Rig) -> None:
     """A guest streams a 16 MiB message while the broker stalls (SIGSTOP): the connector
