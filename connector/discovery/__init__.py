@@ -32,6 +32,7 @@ from connector.discovery.kvm import LOST, KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
 from connector.discovery.reading import decode, is_text
 from connector.discovery.resolve import (
+    exe_refused,
     is_qemu,
     qemu_pids,
     read_cmdline,
@@ -250,7 +251,19 @@ class Discovery:
     def _take_process(self, pid: int, trigger: str) -> None:
         if not is_qemu(pid, self.settings):
             self._counters["untrusted_pids"] += 1
-            self._log.info("discovery: pid %d (%s): not qemu, or gone; ignored", pid, trigger)
+            refused = exe_refused(pid, self.settings.proc_root)
+            if refused is None:
+                self._log.info("discovery: pid %d (%s): not qemu, or gone; ignored", pid, trigger)
+                return
+            self._log.warning(
+                "discovery: pid %d (%s): cannot read %s/%d/exe (%s), so it cannot be trusted "
+                "as qemu: without CAP_SYS_PTRACE no VM is found by its process",
+                pid,
+                trigger,
+                self.settings.proc_root,
+                pid,
+                refused,
+            )
             return
         process = _Process(pid=pid)
         self._processes[pid] = process

@@ -44,6 +44,18 @@ def exe_name(pid: int, proc_root: str) -> str | None:
     return os.path.basename(target)
 
 
+def exe_refused(pid: int, proc_root: str) -> str | None:
+    """Why a live process's executable may not be read (another user's process, and no
+    CAP_SYS_PTRACE), or ``None``: readable, or the process is gone."""
+    try:
+        os.readlink(f"{proc_root}/{pid}/exe")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        return exc.strerror
+    return None
+
+
 def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
     """Whether ``pid``'s executable matches one of ``settings.qemu_executables``."""
     name = exe_name(pid, settings.proc_root)

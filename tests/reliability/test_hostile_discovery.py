@@ -512,7 +512,6 @@ def test_a_directory_the_connector_may_not_read_is_named_in_a_warning(short_tmp:
 
 
 @NEEDS_KVM
-@pytest.mark.xfail(strict=True, reason="without ptrace access every VM is 'not qemu', quietly")
 def test_a_connector_that_may_not_read_qemus_executable_says_so(tmp_path: Path) -> None:
     """Without CAP_SYS_PTRACE the connector cannot read another user's ``/proc/PID/exe``,
     so it can trust no qemu: every VM it hears of is passed over. That must be a warning
