@@ -307,3 +307,34 @@ def test_resolving_a_huge_command_line_takes_work_in_proportion(
     resolution = specs_from_cmdline(70, cmdline, settings)
     assert [s.path for s in resolution.specs] == [f"/dev/pts/{n}" for n in range(count)]
     assert _CountedId.compared <= 4 * count
+
+
+PORT_0 = "org.qpid.amqp.0"
+
+
+@pytest.mark.xfail(strict=True, reason="an abstract socket's name is taken for a file path")
+@pytest.mark.parametrize(
+    "chardev",
+    [
+        "socket,id=c0,path=qvc-amqp,server=on,abstract=on",
+        '{"id":"c0","backend":{"type":"socket","data":{"server":true,'
+        '"addr":{"type":"unix","data":{"path":"qvc-amqp","abstract":true}}}}}',
+    ],
+)
+def test_an_abstract_socket_is_refused_not_taken_for_a_file(
+    proc: FakeProc, settings: DiscoverySettings, chardev: str
+) -> None:
+    """qemu 6.2+ listens in the abstract namespace with ``abstract=on``: ``path`` is then a
+    name, not a file, and the file of that name (in qemu's directory) is someone else's."""
+    argv = [
+        "qemu",
+        "-chardev",
+        chardev,
+        "-device",
+        "virtserialport,chardev=c0,name=org.qpid.amqp.0",
+    ]
+    proc.process(80, QEMU, argv)
+    os.symlink("/tmp", proc.root / "80" / "cwd")
+    resolution = resolve_pid(80, settings)
+    assert resolution.specs == ()
+    assert "abstract" in resolution.problems[0]
