@@ -31,6 +31,7 @@ class Chardev:
     path: str | None = None  # a unix socket's path
     fd: int | None = None  # a socket libvirt passed in as an open descriptor
     server: bool = False  # qemu listens (server=on) rather than connects out
+    abstract: bool = False  # ``path`` names an abstract socket (qemu 6.2+), not a file
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def parse_chardev(arg: str) -> Chardev | None:
         path=opts.get("path"),
         fd=_int_or_none(opts.get("fd")),
         server=_bool(opts.get("server", "off")),
+        abstract=_bool(opts.get("abstract", "off")),
     )
 
 
@@ -178,6 +180,7 @@ def _chardev_from_json(arg: str) -> Chardev | None:
             path=_str_or_none(obj.get("path")),
             fd=_int_or_none(obj.get("fd")),
             server=_bool(obj.get("server", False)),
+            abstract=_bool(obj.get("abstract", False)),
         )
     if not isinstance(backend, dict) or not isinstance(backend.get("type"), str):
         return None
@@ -192,6 +195,7 @@ def _chardev_from_json(arg: str) -> Chardev | None:
         path=path,
         fd=fd,
         server=_bool(data.get("server", False)),
+        abstract=_bool(addr_data.get("abstract", False)),
     )
 
 

@@ -159,6 +159,9 @@ def specs_from_cmdline(
         if chardev is None:
             problems.append(f"port {port.name}: chardev {port.chardev!r} is not defined")
             continue
+        if chardev.backend == "socket" and chardev.abstract:
+            problems.append(f"port {port.name}: an abstract socket, which is not a file")
+            continue
         if chardev.backend == "socket":
             path = chardev.path
             if path is not None and not path.startswith("/"):

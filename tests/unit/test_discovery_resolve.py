@@ -312,7 +312,6 @@ def test_resolving_a_huge_command_line_takes_work_in_proportion(
 PORT_0 = "org.qpid.amqp.0"
 
 
-@pytest.mark.xfail(strict=True, reason="an abstract socket's name is taken for a file path")
 @pytest.mark.parametrize(
     "chardev",
     [
