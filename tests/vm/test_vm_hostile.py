@@ -321,6 +321,74 @@ def test_a_port_unplugged_and_plugged_back_is_served_again(rig: Rig) -> None:
     no_traceback(rig)
 
 
+def test_a_port_replugged_on_its_chardev_starts_clean(rig: Rig) -> None:
+    """The virtserialport alone is unplugged and plugged back (``device_del``,
+    ``device_add``) under a client holding an unsettled message; its chardev stays, so the
+    host sees nothing at all. The next client on the new port starts clean and gets the
+    message back."""
+    queue = "hostile.replug"
+    fill(rig, queue, ["p0"])
+    assert rig.vm.run(HOLDING_UNSETTLED, port=PTY.name, queue=queue, n=1, key="replug") == 1
+    device = f"vp{PTY.id}"
+    with rig.vm.qmp_session() as qmp:
+        qmp.execute("device_del", {"id": device})
+        qmp.wait_event("DEVICE_DELETED", WAIT, device=device)
+        ended = rig.vm.run(OLD_CLIENT_ENDS, key="replug", wait=WAIT)
+        qmp.execute(
+            "device_add",
+            {"driver": "virtserialport", "bus": "vser0.0", "chardev": PTY.id,
+             "name": PTY.name, "id": device},
+        )  # fmt: skip
+    assert ended.startswith(("Disconnected", "AmqpError")), ended
+    assert rig.vm.run(TAKE_ALL, port=PTY.name, queue=queue, n=1, WAIT=WAIT) == ["p0"]
+    no_traceback(rig)
+
+
+# A client that opened its connection and then sends empty frames every 50 ms, which dies
+# (its port closed between two frames) right before a new client opens the port: the new
+# header follows the dead client's last frame by less than RESTART_SILENCE_S, at a frame
+# boundary. Params: port.
+DIES_BETWEEN_FRAMES = """
+import os, threading, time
+from proton import Connection, Transport
+from connector.guest import GuestClient
+from connector.guest.port import drain, open_port
+fd = open_port(port)
+drain(fd)
+old = Connection()
+old.container = "dies-between-frames"
+t = Transport()
+t.bind(old)
+old.open()
+os.write(fd, t.peek(t.pending()))
+for _ in range(10):
+    time.sleep(0.05)
+    os.write(fd, bytes([0, 0, 0, 8, 2, 0, 0, 0]))
+os.close(fd)
+with GuestClient(port, container_id="after-frames") as c:
+    result = c.send("hostile.between-frames", ["x"])[0].state
+"""
+
+
+@channel_bug(
+    "a new header that ends the old connection (inside its stream) is answered first "
+    "with the old connection's close, which reaches the new client"
+)
+@pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
+def test_a_new_client_gets_no_frame_of_the_connection_it_replaced(rig: Rig, port: Port) -> None:
+    """The old connection takes the new client's header for a frame and fails (malformed
+    frame); the connector finds the header in that read and starts the new connection
+    from it. The old connection's close is for a client that is gone: it must not be the
+    first thing the new client reads (its proton would fail on it: 'Expected AMQP protocol
+    header')."""
+    mark = rig.log_mark()
+    assert rig.vm.run(DIES_BETWEEN_FRAMES, port=port.name) == "accepted"
+    log = rig.log_since(mark)
+    assert "new protocol header inside the old connection's stream" in log
+    assert "Expected AMQP protocol header" not in log
+    no_traceback(rig)
+
+
 # A receiver with credit for everything on the queue, left undriven: the guest reads
 # nothing more, so the connector's writes fill the port. Params: port, queue, credit, idle.
 RECEIVER_LEFT_UNDRIVEN = """
