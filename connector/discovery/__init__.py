@@ -337,10 +337,14 @@ class Discovery:
         for path in sorted(process.paths):
             self._gone(path, reason)
 
-    def _forget_process(self, process: _Process) -> None:
+    @staticmethod
+    def _cancel_retry(process: _Process) -> None:
         if process.retry is not None:
             process.retry.cancel()
             process.retry = None
+
+    def _forget_process(self, process: _Process) -> None:
+        self._cancel_retry(process)
         if process.pidfd is not None:
             self._loop.remove_reader(process.pidfd)
             os.close(process.pidfd)
@@ -384,9 +388,7 @@ class Discovery:
         creates its VM (a scan may have met it still starting, and its window may have
         closed; at ``create`` every chardev exists), and when libvirt writes its file."""
         process = self._processes[pid]
-        if process.retry is not None:
-            process.retry.cancel()
-            process.retry = None
+        self._cancel_retry(process)
         process.deadline = time.monotonic() + self.settings.libvirt_retry_seconds
         self._resolve(process)
 

@@ -120,8 +120,8 @@ class GlobWatch:
         """Call when the descriptor is readable: what changed since the last call.
 
         A name created (or renamed to) since the last look is a new file even when the
-        file system handed the old one's inode number straight to it, as tmpfs does to a
-        socket unlinked and bound again.
+        file system handed the old one's inode number straight to it, as ext4 does to a
+        socket unlinked and bound again once nothing holds the old one.
         """
         touched: set[str] = set()
         created: set[str] = set()
