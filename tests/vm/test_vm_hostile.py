@@ -344,6 +344,33 @@ def test_a_port_replugged_on_its_chardev_starts_clean(rig: Rig) -> None:
     no_traceback(rig)
 
 
+# A second process opens a port a client holds; the client then goes on. Params: port.
+SECOND_OPENER = """
+import errno, subprocess, sys
+from connector.guest import GuestClient
+with GuestClient(port, container_id="first-opener") as c:
+    second = subprocess.run([sys.executable, "-c", '''
+import sys
+from connector.guest import GuestClient
+try:
+    GuestClient(sys.argv[1], container_id="second-opener")
+except OSError as err:
+    print(err.errno)
+''', port], capture_output=True, text=True)
+    state = c.send("hostile.second-opener", ["first"])[0].state
+result = [second.stdout.strip() == str(errno.EBUSY), second.stderr, state]
+"""
+
+
+def test_a_second_opener_in_the_guest_is_refused_and_the_first_goes_on(rig: Rig) -> None:
+    """virtio-serial lets one process hold a port: a second opener gets EBUSY (no bytes of
+    its reach the connector), and the first client's connection is untouched."""
+    mark = rig.log_mark()
+    assert rig.vm.run(SECOND_OPENER, port=UNIX.name) == [True, "", "accepted"]
+    assert "container-id second-opener" not in rig.log_since(mark)
+    no_traceback(rig)
+
+
 # A client that opened its connection and then sends empty frames every 50 ms, which dies
 # (its port closed between two frames) right before a new client opens the port: the new
 # header follows the dead client's last frame by less than RESTART_SILENCE_S, at a frame
