@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -95,6 +96,40 @@ def run(scenario: Callable[[list[FakeQemuProcess]], object]) -> None:
                 fake.stop()
 
     asyncio.run(main())
+
+
+# -- whom to trust -------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: a qemu any local user runs is trusted, so it can take any guest's name",
+)
+def test_a_qemu_another_local_user_runs_does_not_speak_for_a_guest(short_tmp: Path) -> None:
+    """Any local user may run qemu (``/usr/bin/qemu-system-*``, or anything named so) and
+    give it any ``-name``. The connector would connect to that user's socket and offer
+    the broker whatever the user sends there as that guest's traffic, under its name and
+    policy. Here ``nobody`` runs a root-owned copy of the system's Python, named as qemu."""
+    short_tmp.chmod(0o755)
+    qemu = short_tmp / "qemu-system-x86_64"
+    shutil.copy2("/usr/bin/python3.11", qemu)
+    home = short_tmp / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    args = [
+        "-name", "guest=web1", "-accel", "tcg",
+        "-chardev", f"socket,id=c0,path={home}/impostor.sock,server=on",
+        "-device", f"virtserialport,chardev=c0,name={PORT}",
+    ]  # fmt: skip
+
+    async def scenario(fakes: list[FakeQemuProcess]) -> None:
+        impostor = FakeQemuProcess(qemu, args, user=65534)
+        fakes.append(impostor)
+        impostor.created_at()
+        async with discovering(kvm_settings(short_tmp / "no-libvirt")) as (_, sink):
+            assert not sink.of_pid(impostor.pid)
+
+    run(scenario)
 
 
 # -- qemu command lines ---------------------------------------------------------------------

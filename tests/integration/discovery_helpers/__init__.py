@@ -145,8 +145,11 @@ class FakeQemuProcess:
         hold: bool = False,
         pass_fds: tuple[int, ...] = (),
         cwd: Path | None = None,
+        user: int | None = None,
     ) -> None:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix, PYTHONDONTWRITEBYTECODE="1")
+        if user is not None:
+            env["PYTHONHOME"] = "/usr"  # another user runs a copy of the system's Python
         if guest_dir is not None:
             env["FAKE_QEMU_GUEST_DIR"] = str(guest_dir)  # relay mode: see fake_qemu.py
         if hold:
@@ -159,6 +162,7 @@ class FakeQemuProcess:
             env=env,
             pass_fds=pass_fds,  # as libvirt passes its listening sockets (``fd=N``)
             cwd=cwd,
+            user=user,
         )
         self.pid = self.proc.pid
         self.ptys: dict[str, str] = {}  # chardev id -> /dev/pts/N, as the helper reports
