@@ -253,7 +253,11 @@ class Discovery:
             self._counters["untrusted_pids"] += 1
             refused = exe_refused(pid, self.settings.proc_root)
             if refused is None:
-                self._log.info("discovery: pid %d (%s): not qemu, or gone; ignored", pid, trigger)
+                self._log.info(
+                    "discovery: pid %d (%s): not qemu, not run by qemu_users, or gone; ignored",
+                    pid,
+                    trigger,
+                )
                 return
             self._log.warning(
                 "discovery: pid %d (%s): cannot read %s/%d/exe (%s), so it cannot be trusted "

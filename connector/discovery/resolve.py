@@ -10,13 +10,15 @@ socket must never be routed under a guest's name.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import pwd
 from dataclasses import dataclass, replace
 
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
 from connector.discovery.qemu import QemuCommandLine, parse_cmdline, split_cmdline
-from connector.discovery.reading import read_bytes, readlink
+from connector.discovery.reading import read_bytes, read_text, readlink
 from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
@@ -57,11 +59,45 @@ def exe_refused(pid: int, proc_root: str) -> str | None:
 
 
 def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
-    """Whether ``pid``'s executable matches one of ``settings.qemu_executables``."""
+    """Whether ``pid``'s executable matches one of ``settings.qemu_executables`` and one of
+    ``settings.qemu_users`` runs it.
+
+    The name alone proves little: any local user may run qemu, or copy any program under
+    its name, and give it the ``-name`` of another user's guest.
+    """
     name = exe_name(pid, settings.proc_root)
-    return name is not None and any(
+    if name is None or not any(
         fnmatch.fnmatchcase(name, pattern) for pattern in settings.qemu_executables
-    )
+    ):
+        return False
+    return owner_uid(pid, settings.proc_root) in uids_of(settings.qemu_users)
+
+
+def owner_uid(pid: int, proc_root: str) -> int | None:
+    """The real uid a process runs as, from ``/proc/PID/status`` (which a process cannot
+    disguise, unlike the owner of ``/proc/PID``, root's for a process made undumpable)."""
+    for line in (read_text(f"{proc_root}/{pid}/status") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            fields = value.split()
+            return int(fields[0]) if fields and fields[0].isdigit() else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def uids_of(users: tuple[str, ...]) -> frozenset[int]:
+    """The uids of ``users`` (names, or uids written as numbers), looked up once; names
+    this host does not have are passed over."""
+    uids: set[int] = set()
+    for user in users:
+        if user.isdigit():
+            uids.add(int(user))
+            continue
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            continue
+    return frozenset(uids)
 
 
 def qemu_pids(settings: DiscoverySettings) -> list[int]:

@@ -17,6 +17,10 @@ SOURCES = frozenset({"kvm", "watch"})
 
 DEFAULT_PORT_PATTERNS = ("org.qpid.amqp.*",)
 DEFAULT_QEMU_EXECUTABLES = ("qemu-system-*", "qemu-kvm")
+# Who runs the qemus whose guests are served: root, and libvirt's qemu user (Debian's
+# ``libvirt-qemu``, Fedora's ``qemu``); names this host does not have are passed over. Any
+# local user may run qemu, or a program named so, and give it any guest's ``-name``.
+DEFAULT_QEMU_USERS = ("root", "libvirt-qemu", "qemu")
 # libvirt's auto-generated channel sockets: the current per-domain directory and the
 # older flat ``NAME.PORT`` form.
 DEFAULT_WATCH_GLOBS = (
@@ -44,6 +48,7 @@ class DiscoverySettings:
     watch_globs: tuple[str, ...] = DEFAULT_WATCH_GLOBS
     port_patterns: tuple[str, ...] = DEFAULT_PORT_PATTERNS
     qemu_executables: tuple[str, ...] = DEFAULT_QEMU_EXECUTABLES
+    qemu_users: tuple[str, ...] = DEFAULT_QEMU_USERS  # names or numeric uids
     libvirt_status_dir: str = DEFAULT_LIBVIRT_STATUS_DIR
     libvirt_retry_seconds: float = DEFAULT_LIBVIRT_RETRY_SECONDS
     libvirt_retry_interval: float = DEFAULT_LIBVIRT_RETRY_INTERVAL
@@ -75,10 +80,10 @@ def _convert(where: str, key: str, value: Any) -> Any:
     """Check one value's type and turn lists into tuples so the settings stay frozen."""
     if key == "sources":
         return _sources(where, _strings(where, value))
-    if key in ("watch_globs", "port_patterns", "qemu_executables"):
+    if key in ("watch_globs", "port_patterns", "qemu_executables", "qemu_users"):
         items = _strings(where, value)
         if not items and key != "watch_globs":
-            raise ConfigError(where, "must name at least one pattern, or nothing is ever found")
+            raise ConfigError(where, "must name at least one, or nothing is ever found")
         if key == "watch_globs":
             for glob in items:
                 if not glob.startswith("/"):

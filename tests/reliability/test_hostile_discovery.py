@@ -101,10 +101,6 @@ def run(scenario: Callable[[list[FakeQemuProcess]], object]) -> None:
 # -- whom to trust -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: a qemu any local user runs is trusted, so it can take any guest's name",
-)
 def test_a_qemu_another_local_user_runs_does_not_speak_for_a_guest(short_tmp: Path) -> None:
     """Any local user may run qemu (``/usr/bin/qemu-system-*``, or anything named so) and
     give it any ``-name``. The connector would connect to that user's socket and offer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ class FakeProc:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def process(self, pid: int, exe: str, argv: list[str]) -> Path:
+    def process(self, pid: int, exe: str, argv: list[str], uid: int = 0) -> Path:
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
         (base / "fdinfo").mkdir()
@@ -37,6 +38,8 @@ class FakeProc:
         os.symlink(exe, base / "exe")
         (base / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
         (base / "net" / "unix").write_text(NET_UNIX_HEADER)
+        uids = "\t".join([str(uid)] * 4)  # real, effective, saved, file system
+        (base / "status").write_text(f"Name:\tqemu\nPid:\t{pid}\nUid:\t{uids}\n")
         return base
 
     def ptmx(self, pid: int, fd: int, index: int) -> None:
@@ -78,6 +81,19 @@ def test_exe_check(proc: FakeProc, settings: DiscoverySettings) -> None:
     assert exe_name(99, settings.proc_root) is None
     assert [is_qemu(p, settings) for p in (10, 11, 12, 13, 99)] == [True, True, False, False, False]
     assert qemu_pids(settings) == [10, 11]
+
+
+def test_a_qemu_run_by_another_user_is_not_trusted(
+    proc: FakeProc, settings: DiscoverySettings
+) -> None:
+    """Any local user may run qemu and name it after someone else's guest."""
+    proc.process(14, QEMU, ["qemu"], uid=65534)
+    proc.process(15, QEMU, ["qemu"], uid=4242)
+    (proc.root / "16").mkdir()  # gone half way: no status to tell its user
+    os.symlink(QEMU, proc.root / "16" / "exe")
+    assert not is_qemu(14, settings)
+    assert is_qemu(15, replace(settings, qemu_users=("nobody-here", "4242")))
+    assert not is_qemu(16, settings)
 
 
 def test_pty_indices_and_socket_paths(proc: FakeProc) -> None:

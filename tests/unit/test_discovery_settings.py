@@ -16,6 +16,7 @@ def test_defaults_fit_a_stock_libvirt_host() -> None:
     assert settings.sources == {"kvm", "watch"}
     assert settings.port_patterns == ("org.qpid.amqp.*",)
     assert settings.qemu_executables == ("qemu-system-*", "qemu-kvm")
+    assert settings.qemu_users == ("root", "libvirt-qemu", "qemu")
     assert "/var/lib/libvirt/qemu/channel/target/*/org.qpid.amqp.*" in settings.watch_globs
     assert settings.libvirt_status_dir == "/run/libvirt/qemu"
     assert settings.proc_root == "/proc"
@@ -28,6 +29,7 @@ def test_values_are_converted() -> None:
             "watch_globs": ["/srv/vms/*/amqp.sock"],
             "port_patterns": ["org.example.*"],
             "qemu_executables": ["qemu-system-x86_64", "python3*"],
+            "qemu_users": ["libvirt-qemu", "107"],
             "libvirt_retry_seconds": 2,
             "libvirt_status_dir": "/tmp/status",
             "watch_libvirt_status": False,
@@ -37,6 +39,7 @@ def test_values_are_converted() -> None:
     assert settings.sources == {"watch"}
     assert settings.watch_globs == ("/srv/vms/*/amqp.sock",)
     assert settings.qemu_executables == ("qemu-system-x86_64", "python3*")
+    assert settings.qemu_users == ("libvirt-qemu", "107")
     assert settings.libvirt_retry_seconds == 2.0
     assert settings.watch_libvirt_status is False
     hash(settings)  # frozen all the way down: lists became tuples
@@ -67,6 +70,8 @@ def test_with_sources_from_the_flag() -> None:
         ({"libvirt_retry_interval": float("nan")}, "discovery.libvirt_retry_interval"),
         ({"port_patterns": []}, "discovery.port_patterns"),  # nothing would ever match
         ({"qemu_executables": []}, "discovery.qemu_executables"),  # no process trusted
+        ({"qemu_users": []}, "discovery.qemu_users"),
+        ({"qemu_users": "root"}, "discovery.qemu_users"),
         ({"proc_root": "proc"}, "discovery.proc_root"),
         ({"watch_libvirt_status": "yes"}, "discovery.watch_libvirt_status"),
         ({"udev_source": "systemd"}, "discovery.udev_source"),
