@@ -15,9 +15,11 @@ A guest application changes one line::
 The same driver is the host-side tests' simulated guest, over a pty master or a socket.
 
 Connection life: the fd is opened (``opener``), stale bytes drained, then the transport
-is bound. End of stream, ``POLLHUP``/``POLLERR`` or an idle-timeout expiry ends the
-transport; with ``reconnect`` the driver reopens the port after a backoff and rebinds the
-same ``Connection`` (proton re-sends its open, sessions and links), as the container does.
+is bound. A protocol header answered by leftovers, or by nothing within ANSWER_TIMEOUT, is
+sent again on a drained port (HANDSHAKE_RETRIES times). End of stream,
+``POLLHUP``/``POLLERR`` or an idle-timeout expiry ends the transport; with ``reconnect``
+the driver reopens the port after a backoff and rebinds the same ``Connection`` (proton
+re-sends its open, sessions and links), as the container does.
 """
 
 from __future__ import annotations

@@ -424,7 +424,8 @@ from connector.guest import GuestClient
 c = GuestClient(port, container_id="paused", idle_timeout=idle)
 first = c.receive(queue, 1, outcome="none")
 c._receivers[queue].flow(credit)
-c.driver.process(0.5)
+while c.driver.transport.pending() > 0:  # the flow frame goes out
+    c.driver.process(0.1)
 builtins.paused = c
 result = len(first)
 """
