@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proton import Endpoint
+from proton import Endpoint, Message
 
 from connector.guest.client import AmqpError, GuestClient
 from tests.brokers import Artemis
@@ -117,16 +117,19 @@ def test_a_broker_offering_no_mechanism_we_allow_is_named_at_once(
 # -- a broker frozen ---------------------------------------------------------------------------
 
 FROZEN_IDLE_S = 2  # [broker] idle_timeout_s: how long the connector waits on a silent broker
+HUGE = 20 * 1024 * 1024
 
 
+@pytest.mark.xfail(strict=True, reason="a guest held by a dead upstream's backlog is never read")
 def test_a_frozen_broker_is_named_and_the_next_connection_works(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
-    """Artemis is SIGSTOPped while a guest sends 50 messages: its sockets stay open and
-    nothing answers. Past the connector's broker idle timeout the guest is forced off and
+    """Artemis is SIGSTOPped under a guest that then sends a 20 MB message: the broker's
+    sockets stay open and nothing answers, so the connector soon stops reading the guest
+    (backpressure). Past the connector's broker idle timeout the guest is forced off and
     told which broker went silent (not proton's 'local-idle-timeout expired', which reads
-    as the guest's own silence), none of the 50 reached the guest as accepted, and once the
-    broker is resumed the guest's next connection works."""
+    as the guest's own silence), the message is not reported accepted, and once the
+    broker is resumed the guest's next connection on the channel works."""
     conf = tmp_path / "connector.toml"
     conf.write_text(f"[broker]\nidle_timeout_s = {FROZEN_IDLE_S}\n")
     qemu = Qemu("unix", tmp_path, "frozen")
@@ -140,24 +143,25 @@ def test_a_frozen_broker_is_named_and_the_next_connection_works(
         artemis.pause()
         try:
             with pytest.raises(AmqpError) as told:
-                guest.send(queue, [f"frozen-{i}" for i in range(50)])
+                guest.send(queue, [Message(body=b"\x5a" * HUGE)])
             cpu_frozen = cpu_seconds(daemon.proc.pid) - cpu
         finally:
             artemis.resume()
-        guest.close(timeout=1.0)
+        guest.driver.close_fd()  # the guest's client gives up; the next one comes
         qemu.detach_fd()
-        with GuestClient(qemu.fd(), container_id="frozen", timeout=TIMEOUT) as again:
+        with GuestClient(qemu.fd(TIMEOUT), container_id="frozen", timeout=TIMEOUT) as again:
             assert again.send(queue, ["after"])[0].state == "accepted"
-            bodies = [m.body for m in again.receive(queue, 2, drain=True)]
+            bodies = [m.body for m in again.receive(queue, 3, drain=True)]
         err = told.value
         report.add(
-            "Artemis SIGSTOPped under a sending guest, then resumed",
+            "Artemis SIGSTOPped under a guest sending 20 MB, then resumed",
             f"guest told {err.name}: {err.description}; daemon CPU {cpu_frozen:.2f} s while "
-            f"frozen; next connection routed; on the queue {bodies}",
+            f"frozen; next connection routed; on the queue {[str(b)[:12] for b in bodies]}",
         )
         assert err.name == "amqp:connection:forced"
         assert artemis.url in (err.description or ""), err.description
         assert "local-idle-timeout" not in (err.description or ""), err.description
+        assert bodies[0] == "before" and bodies[-1] == "after"
     finally:
         assert daemon.stop() == 0
         qemu.hang_up()
@@ -185,6 +189,11 @@ def _closed_by_peer(guest: GuestClient) -> tuple[str | None, str | None]:
     return (cond.name, cond.description) if cond else (None, None)
 
 
+def _unheard(qemu: Qemu, name: str) -> GuestClient:
+    """A guest client that the test leaves alone for a while: it asks for no heartbeats."""
+    return GuestClient(qemu.fd(), container_id=name, timeout=TIMEOUT, idle_timeout=None)
+
+
 def test_many_guests_come_back_after_a_broker_kill(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
@@ -198,15 +207,18 @@ def test_many_guests_come_back_after_a_broker_kill(
     failure, which broker hung up, not proton's framing-error."""
     ends = [ChannelEnd("unix", tmp_path, f"many-{i}") for i in range(FLEET)]
     quiet = Qemu("unix", tmp_path, "many-quiet")
-    daemon = Connector(tmp_path, artemis, [*ends, quiet]).start()
+    conf = tmp_path / "connector.toml"
+    conf.write_text("[limits]\nidle_timeout_s = 600\n")  # the quiet one is not served
+    daemon = Connector(tmp_path, artemis, [*ends, quiet], "--config", str(conf)).start()
     try:
         assert daemon.proc is not None
         pid = daemon.proc.pid
         fds_before = _fds(pid)
-        idle = GuestClient(quiet.fd(), container_id="many-quiet", timeout=TIMEOUT)
+        idle = _unheard(quiet, "many-quiet")
         assert idle.send("many-quiet", ["one"])[0].state == "accepted"
         fleet = Fleet(ends, FLEET_TOTAL, f"many-{uuid.uuid4().hex[:6]}").start(FLEET_TIMEOUT)
         fleet.wait_accepted(0.3, FLEET_TIMEOUT)
+        hit = {g.end.guest for g in fleet.guests if not g.ledger.done}
         cpu = cpu_seconds(pid)
         artemis.kill()
         down = time.monotonic()
@@ -230,12 +242,11 @@ def test_many_guests_come_back_after_a_broker_kill(
             "every guest connection and upstream to end",
         )
         for entry in snap["channels"]:
-            detail = entry["detail"]
-            forced = detail["errors_by_condition"].get("amqp:connection:forced", 0)
-            assert forced >= 1, entry
-            if entry["guest"] != "many-quiet":
+            if entry["guest"] in hit:
+                detail = entry["detail"]
+                assert detail["errors_by_condition"].get("amqp:connection:forced"), entry
                 assert detail["upstream_reconnects"] >= 1, entry
-        assert _fds(pid) <= fds_before
+        wait_for(lambda: _fds(pid) <= fds_before, TIMEOUT, "the daemon's descriptors")
         report.add(
             f"Artemis SIGKILLed under {FLEET} guests and restarted",
             f"{outage:.1f} s outage; daemon CPU {cpu_down:.2f} s meanwhile; "
