@@ -705,7 +705,9 @@ class Channel:
         """Stop reading the guest while the broker side has too much waiting to go out."""
         if self._fd is None:
             return
-        paused = _should_pause(self._paused, self._backlog(router.upstream))
+        # A dead upstream's backlog never drains: it must not keep the guest unread.
+        backlog = 0 if router.upstream_dead else self._backlog(router.upstream)
+        paused = _should_pause(self._paused, backlog)
         if paused != self._paused:
             if paused:
                 self._loop.remove_reader(self._fd)
@@ -763,6 +765,11 @@ class Channel:
         self._tick = self._close_wait = self._open_wait = None
         if router is None:
             return
+        if self._paused and self._fd is not None:
+            # Backpressure on the guest was for this connection's upstream: the next
+            # header, or the guest's hang-up, must be read whatever that upstream holds.
+            self._loop.add_reader(self._fd, self._on_guest_readable)
+            self._paused = False
         if router.error:
             self._record_error(f"{router.error[0]}: {router.error[1]}", router.error[0])
         router.uncount_unsent(upstream=False)
@@ -773,6 +780,9 @@ class Channel:
             router.close_upstream()
             router.process()
             if self._write_upstream(router, up):
+                if up.paused:  # for a guest that is gone: the broker's close must be read
+                    self._loop.add_reader(up.sock.fileno(), self._on_upstream_readable, router, up)
+                    up.paused = False
                 self._lingering[router] = up
                 up.closing_timer = self._loop.call_later(
                     CLOSE_TIMEOUT_S, self._drop_upstream, router, up

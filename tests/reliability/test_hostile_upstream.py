@@ -120,7 +120,6 @@ FROZEN_IDLE_S = 2  # [broker] idle_timeout_s: how long the connector waits on a 
 HUGE = 20 * 1024 * 1024
 
 
-@pytest.mark.xfail(strict=True, reason="a guest held by a dead upstream's backlog is never read")
 def test_a_frozen_broker_is_named_and_the_next_connection_works(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
