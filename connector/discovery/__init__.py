@@ -32,8 +32,7 @@ from connector.discovery.kvm import LOST, KvmEvent, KvmMonitor
 from connector.discovery.libvirt import guest_from_channel_path
 from connector.discovery.reading import decode, is_text
 from connector.discovery.resolve import (
-    exe_refused,
-    is_qemu,
+    distrust,
     qemu_pids,
     read_cmdline,
     read_status,
@@ -249,25 +248,11 @@ class Discovery:
                 self._for_process(self._take_process, pid, trigger)
 
     def _take_process(self, pid: int, trigger: str) -> None:
-        if not is_qemu(pid, self.settings):
+        why = distrust(pid, self.settings)
+        if why is not None:
             self._counters["untrusted_pids"] += 1
-            refused = exe_refused(pid, self.settings.proc_root)
-            if refused is None:
-                self._log.info(
-                    "discovery: pid %d (%s): not qemu, not run by qemu_users, or gone; ignored",
-                    pid,
-                    trigger,
-                )
-                return
-            self._log.warning(
-                "discovery: pid %d (%s): cannot read %s/%d/exe (%s), so it cannot be trusted "
-                "as qemu: without CAP_SYS_PTRACE no VM is found by its process",
-                pid,
-                trigger,
-                self.settings.proc_root,
-                pid,
-                refused,
-            )
+            level = logging.WARNING if why.alarming else logging.INFO
+            self._log.log(level, "discovery: pid %d (%s): %s; ignored", pid, trigger, why.reason)
             return
         process = _Process(pid=pid)
         self._processes[pid] = process

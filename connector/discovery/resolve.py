@@ -46,7 +46,7 @@ def exe_name(pid: int, proc_root: str) -> str | None:
     return os.path.basename(target)
 
 
-def exe_refused(pid: int, proc_root: str) -> str | None:
+def _exe_refused(pid: int, proc_root: str) -> str | None:
     """Why a live process's executable may not be read (another user's process, and no
     CAP_SYS_PTRACE), or ``None``: readable, or the process is gone."""
     try:
@@ -58,19 +58,42 @@ def exe_refused(pid: int, proc_root: str) -> str | None:
     return None
 
 
-def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
-    """Whether ``pid``'s executable matches one of ``settings.qemu_executables`` and one of
-    ``settings.qemu_users`` runs it.
+@dataclass(frozen=True)
+class Distrust:
+    """Why a process is not taken for qemu; ``alarming`` when it may well be one (a
+    setting or a missing capability hides it), not a stranger or a process gone."""
 
-    The name alone proves little: any local user may run qemu, or copy any program under
-    its name, and give it the ``-name`` of another user's guest.
+    reason: str
+    alarming: bool = False
+
+
+def distrust(pid: int, settings: DiscoverySettings) -> Distrust | None:
+    """Why ``pid`` is not trusted as qemu, or ``None`` when it is: its executable must
+    match one of ``settings.qemu_executables`` and one of ``settings.qemu_users`` must run
+    it. The name alone proves little: any local user may run qemu, or copy any program
+    under its name, and give it the ``-name`` of another user's guest.
     """
     name = exe_name(pid, settings.proc_root)
-    if name is None or not any(
-        fnmatch.fnmatchcase(name, pattern) for pattern in settings.qemu_executables
-    ):
-        return False
-    return owner_uid(pid, settings.proc_root) in uids_of(settings.qemu_users)
+    if name is None:
+        refused = _exe_refused(pid, settings.proc_root)
+        if refused is None:
+            return Distrust("gone")
+        return Distrust(
+            f"cannot read {settings.proc_root}/{pid}/exe ({refused}), so it cannot be "
+            "trusted as qemu: without CAP_SYS_PTRACE no VM is found by its process",
+            alarming=True,
+        )
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in settings.qemu_executables):
+        return Distrust(f"not qemu ({name})")
+    uid = owner_uid(pid, settings.proc_root)
+    if uid not in uids_of(settings.qemu_users):
+        return Distrust(f"{name} run by uid {uid}, not one of qemu_users", alarming=True)
+    return None
+
+
+def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
+    """Whether ``pid`` is trusted as qemu (see :func:`distrust`)."""
+    return distrust(pid, settings) is None
 
 
 def owner_uid(pid: int, proc_root: str) -> int | None:

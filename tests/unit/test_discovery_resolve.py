@@ -11,6 +11,8 @@ import pytest
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.qemu import Chardev, QemuCommandLine, SerialPort, parse_cmdline
 from connector.discovery.resolve import (
+    Distrust,
+    distrust,
     exe_name,
     find_status,
     is_qemu,
@@ -94,6 +96,13 @@ def test_a_qemu_run_by_another_user_is_not_trusted(
     assert not is_qemu(14, settings)
     assert is_qemu(15, replace(settings, qemu_users=("nobody-here", "4242")))
     assert not is_qemu(16, settings)
+    # Told apart in the log: a qemu hidden by the setting is a warning, a stranger is not.
+    assert distrust(14, settings) == Distrust(
+        "qemu-system-x86_64 run by uid 65534, not one of qemu_users", alarming=True
+    )
+    proc.process(17, "/usr/bin/python3.11", ["qemu-system-x86_64"])
+    assert distrust(17, settings) == Distrust("not qemu (python3.11)")
+    assert distrust(99, settings) == Distrust("gone")
 
 
 def test_pty_indices_and_socket_paths(proc: FakeProc) -> None:
