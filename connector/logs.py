@@ -3,6 +3,10 @@
 Channel loggers are children of ``connector.guest`` (``connector.guest.vm1``) and carry the
 port, so every line says which guest and which port. Under journald (``JOURNAL_STREAM``
 set) the timestamp is left to the journal.
+
+A line is one line: guest names, ports, addresses and error descriptions come from VMs and
+guests, so the message and the guest's name are made ``printable()`` and cannot forge a
+line of their own. Only a traceback, which we write, spans lines.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from .printable import printable
 
 
 class _GuestFormatter(logging.Formatter):
@@ -24,6 +30,12 @@ class _GuestFormatter(logging.Formatter):
         else:
             record.who = name
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line without its traceback: everything in it made printable."""
+        record.message = printable(record.message)
+        record.who = printable(record.who)
+        return super().formatMessage(record)
 
 
 class _PortAdapter(logging.LoggerAdapter):

@@ -7,18 +7,18 @@ tested for its exact content.
 Guests choose many of the strings shown (container-ids, link names, addresses, error
 descriptions), and whoever runs a VM chooses its name and ports. The renderers trust their
 input to be safe for a terminal: the CLI passes everything through ``printable_data()``
-first, once, so no field can be forgotten.
+first, once, so no field can be forgotten (``connector.printable``).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from connector.control.protocol import ChannelRow, GuestView, Link, LinkView
+from connector.printable import printable
 
 # Widest "last error" cell in the default table: long enough for a condition and the start
 # of its description, short enough that a row fits a 160-column terminal.
@@ -30,22 +30,7 @@ _DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _STATE_COLOUR = {"connected": "32", "waiting": "33", "error": "1;31", "gone": "2"}
 _BOLD = "1"
 
-# What a string must not put on an operator's terminal as it is: the C0 controls (escape
-# sequences, bell, carriage return and newline, which forge lines), DEL, the C1 controls
-# (0x9b is a one-byte CSI for some terminals), the Unicode line and paragraph separators
-# (lines to str.splitlines()), and the bidirectional overrides and isolates (which reorder
-# the rest of a line for terminals that implement bidi).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
 _Data = TypeVar("_Data")
-
-
-def printable(text: str) -> str:
-    """``text`` with every character in _UNPRINTABLE written as Python writes it in a
-    string literal (``\\x1b``, ``\\n``, ``\\u202e``): inert, yet still telling what was
-    there. Idempotent, since what it writes is printable, so applying it twice is harmless.
-    """
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def printable_data(data: _Data) -> _Data:
