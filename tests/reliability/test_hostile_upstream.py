@@ -20,6 +20,7 @@ import pytest
 from proton import Endpoint, Message
 
 from connector.guest.client import AmqpError, GuestClient
+from connector.guest.port import drain
 from tests.brokers import Artemis
 from tests.reliability import harness
 from tests.reliability.conftest import Report
@@ -261,3 +262,59 @@ def test_many_guests_come_back_after_a_broker_kill(
         daemon.stop()
         for end in [*ends, quiet]:
             end.hang_up()
+
+
+# -- a guest that stops reading while its broker streams to it --------------------------------
+
+STREAMED = 60  # messages of 64 KiB on the queue: far more than a unix socket buffers
+SPIN_CPU_S = 0.5  # daemon CPU over the second the guest then reads: a spin takes the second
+
+
+@pytest.mark.xfail(strict=True, reason="a guest cut with its port full is held unbounded")
+def test_a_guest_that_stops_reading_and_falls_silent_is_cut_and_costs_nothing_after(
+    artemis: Artemis, tmp_path: Path, report: Report
+) -> None:
+    """The broker streams 3.75 MiB to a guest that granted credit for it, then reads and
+    sends nothing more: the port fills. At the connector's idle timeout of the guest the
+    connection must end within the close timeout, though its close cannot be written: the
+    upstream is closed and the broker gets every message back. When the guest reads its
+    port again the connector has nothing to write and spends no CPU, and the guest's next
+    client receives all the messages."""
+    queue = f"stops-reading-{uuid.uuid4().hex[:6]}"
+    with artemis.connection() as direct:
+        snd = direct.create_sender(queue)
+        for i in range(STREAMED):
+            snd.send(Message(body=f"{i:04d}".encode() * (16 * 1024)))
+    conf = tmp_path / "connector.toml"
+    conf.write_text("[limits]\nidle_timeout_s = 1\n")
+    qemu = Qemu("unix", tmp_path, "stops")
+    daemon = _daemon(artemis, tmp_path, [qemu], "--config", str(conf))
+    try:
+        assert daemon.proc is not None
+        guest = _unheard(qemu, "stops")
+        assert len(guest.receive(queue, 1, outcome="none")) == 1
+        rcv = guest._receivers[queue]
+        rcv.flow(STREAMED - 1)
+        while guest.driver.transport.pending() > 0:  # the flow goes out; then nothing
+            guest.driver.process(0.1)
+        entry = daemon.wait_state("stops", "waiting", TIMEOUT)
+        assert entry["upstream"] is None
+        fd = qemu.fd()
+        cpu = cpu_seconds(daemon.proc.pid)
+        drained = drain(fd, quiet=1.0)  # the guest reads its port again, a second at least
+        spent = cpu_seconds(daemon.proc.pid) - cpu
+        guest.driver.close_fd()
+        qemu.detach_fd()
+        with GuestClient(qemu.fd(TIMEOUT), container_id="stops", timeout=TIMEOUT) as again:
+            bodies = [bytes(m.body)[:4] for m in again.receive(queue, STREAMED)]
+        report.add(
+            "a guest stops reading with 3.75 MiB coming, then falls silent",
+            f"cut: {entry['last_error']}; {drained} bytes then read from its port; daemon CPU "
+            f"{spent:.2f} s meanwhile; the next client got all {len(bodies)} messages",
+        )
+        assert "idle" in (entry["last_error"] or ""), entry["last_error"]
+        assert spent < SPIN_CPU_S, f"{spent:.2f} s of CPU while the guest only read"
+        assert sorted(bodies) == [f"{i:04d}".encode() for i in range(STREAMED)]
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
