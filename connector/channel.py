@@ -567,7 +567,8 @@ class Channel:
     def _upstream_broken(self, router: Router, up: _Upstream, reason: str) -> None:
         router.upstream_failed(reason)
         self._drop_upstream(router, up)
-        self._pump_router(router, None)
+        if router is self._router:  # a lingering one's engines went with its upstream
+            self._pump_router(router, None)
 
     def _write_upstream(self, router: Router, up: _Upstream) -> bool:
         """Write what the upstream has to send, as much as its socket takes.
@@ -745,7 +746,8 @@ class Channel:
 
     @_guarded
     def _guest_close_timeout(self) -> None:
-        """A guest that does not answer our close is not waited for any longer."""
+        """A guest that does not answer our close, or whose port takes no more of it, is not
+        waited for any longer."""
         self._close_wait = None
         if self._router is not None and self._router.awaiting_guest_close():
             self.log.info("guest did not answer our close in %ss", CLOSE_TIMEOUT_S)
@@ -770,6 +772,11 @@ class Channel:
             # header, or the guest's hang-up, must be read whatever that upstream holds.
             self._loop.add_reader(self._fd, self._on_guest_readable)
             self._paused = False
+        if self._writing and self._fd is not None:
+            # What this connection had not written goes with it (nothing is written until
+            # the next header); a writer left waiting would spin once the port drains.
+            self._loop.remove_writer(self._fd)
+            self._writing = False
         if router.error:
             self._record_error(f"{router.error[0]}: {router.error[1]}", router.error[0])
         router.uncount_unsent(upstream=False)

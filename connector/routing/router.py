@@ -482,9 +482,13 @@ class Router:
             self._counters.deliveries_out -= n
 
     def awaiting_guest_close(self) -> bool:
-        """We closed the guest's connection and its answering close has not come yet."""
+        """The guest connection is ending on our side and not yet finished: we closed it and
+        its answering close has not come, or our close (after our own close, or proton's
+        after a transport error such as the idle timeout) waits for a port that takes no
+        more bytes. Neither may be waited for without a bound."""
         state = lib.pn_connection_state(self.guest.connection)
-        return bool(state & _LOCAL_CLOSED) and not state & _REMOTE_CLOSED
+        ours = bool(state & _LOCAL_CLOSED) or self.guest.condition() is not None
+        return ours and not self.guest_finished()
 
     def guest_finished(self) -> bool:
         """The guest connection has ended and everything for it has been written."""

@@ -270,7 +270,6 @@ STREAMED = 60  # messages of 64 KiB on the queue: far more than a unix socket bu
 SPIN_CPU_S = 0.5  # daemon CPU over the second the guest then reads: a spin takes the second
 
 
-@pytest.mark.xfail(strict=True, reason="a guest cut with its port full is held unbounded")
 def test_a_guest_that_stops_reading_and_falls_silent_is_cut_and_costs_nothing_after(
     artemis: Artemis, tmp_path: Path, report: Report
 ) -> None:
