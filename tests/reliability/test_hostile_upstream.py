@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proton import Endpoint, Message
+from proton import Connection, Endpoint, Message, Transport
 
 from connector.guest.client import AmqpError, GuestClient
 from connector.guest.port import drain
 from tests.brokers import Artemis
 from tests.reliability import harness
 from tests.reliability.conftest import Report
-from tests.reliability.harness import ChannelEnd, Fleet
+from tests.reliability.harness import ChannelEnd, Fleet, read_until
 from tests.reliability.procstat import cpu_seconds
 from tests.support.connector import Connector, Qemu, wait_for
 
@@ -314,6 +314,37 @@ def test_a_guest_that_stops_reading_and_falls_silent_is_cut_and_costs_nothing_af
         assert "idle" in (entry["last_error"] or ""), entry["last_error"]
         assert spent < SPIN_CPU_S, f"{spent:.2f} s of CPU while the guest only read"
         assert sorted(bodies) == [f"{i:04d}".encode() for i in range(STREAMED)]
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
+
+
+# -- a new client inside the old connection's stream -------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="the old connection's close reaches the new client")
+def test_a_client_that_replaces_one_between_frames_reads_its_own_header_first(
+    artemis: Artemis, tmp_path: Path
+) -> None:
+    """A guest's client dies between frames and the next one writes its header and open at
+    once: the old connection takes that header for a frame and fails, and the connector
+    starts the new connection from the header. The old connection's close is for a client
+    that is gone: the new client must read the new connection's header first (its proton
+    fails on anything else), and the connection must work."""
+    qemu = Qemu("unix", tmp_path, "resync")
+    daemon = _daemon(artemis, tmp_path, [qemu])
+    try:
+        fd = qemu.fd()
+        _unheard(qemu, "resync-old")  # opened, then it dies between frames
+        transport = Transport()
+        conn = Connection()
+        conn.container = "resync-new"
+        transport.bind(conn)
+        conn.open()
+        os.write(fd, transport.peek(transport.pending()))
+        got = read_until(fd, b"AMQP\x00\x01\x00\x00")
+        assert got[:8] == b"AMQP\x00\x01\x00\x00", got[:32]
+        assert "new protocol header inside the old connection" in daemon.log_text()
     finally:
         assert daemon.stop() == 0
         qemu.hang_up()
