@@ -391,7 +391,10 @@ class Channel:
         found = HeaderScanner().feed(data)
         if found is None:
             return False
-        self._pump()  # let the old connection's error reach the upstream
+        # The old connection's events are handled, so its error reaches the upstream (which
+        # _end_connection closes), but nothing of it is written to the guest: its close is
+        # for a client that is gone, and the new one must read its own header first.
+        self._router.process()
         self._end_connection()
         self.log.info("new protocol header inside the old connection's stream; restarting")
         self._start_connection(found)

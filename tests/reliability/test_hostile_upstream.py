@@ -322,7 +322,6 @@ def test_a_guest_that_stops_reading_and_falls_silent_is_cut_and_costs_nothing_af
 # -- a new client inside the old connection's stream -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the old connection's close reaches the new client")
 def test_a_client_that_replaces_one_between_frames_reads_its_own_header_first(
     artemis: Artemis, tmp_path: Path
 ) -> None:
