@@ -5,7 +5,10 @@ qemu listens on (``unix``), a pty, and a unix socket the connector listens on an
 reconnects to every second (``unix-listen``). One connector serves all three (explicit
 ``--channel``s) with short idle timeouts, so that a dead guest or broker is noticed within
 the test. The guest may reboot (no ``-no-reboot``). Tests run in file order and leave the
-guest with no AMQP connection open; the last ones reboot the guest and kill qemu.
+guest with no AMQP connection open; the last one kills qemu.
+
+Each bug these tests found was first committed here as a strict xfail; the channel's fixes
+(5c20a76, 76ae8f9, 334af70) and the guest driver's (0af7eb8) made them pass.
 """
 
 from __future__ import annotations
@@ -105,14 +108,6 @@ def rig(make_vm, artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         if connector.proc is not None:
             connector.stop()
-
-
-def channel_bug(reason: str) -> pytest.MarkDecorator:
-    """A bug whose fix belongs in connector/channel.py (outside this review's files): the
-    test shows it as a strict xfail until the fix lands."""
-    return pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=f"connector/channel.py: {reason}"
-    )
 
 
 def fill(rig: Rig, queue: str, bodies: list[Any]) -> None:
@@ -402,10 +397,6 @@ with GuestClient(port, container_id="after-frames") as c:
 """
 
 
-@channel_bug(
-    "a new header that ends the old connection (inside its stream) is answered first "
-    "with the old connection's close, which reaches the new client"
-)
 @pytest.mark.parametrize("port", [UNIX, PTY], ids=["unix", "pty"])
 def test_a_new_client_gets_no_frame_of_the_connection_it_replaced(rig: Rig, port: Port) -> None:
     """The old connection takes the new client's header for a frame and fails (malformed
@@ -436,10 +427,6 @@ result = len(first)
 """
 
 
-@channel_bug(
-    "a guest ended (idle timeout) while its port takes no "
-    "writes keeps its connection and upstream until the port drains, unbounded"
-)
 def test_a_vm_paused_past_the_idle_timeout_is_cut_and_served_again(rig: Rig) -> None:
     """The broker streams to a guest (credit for 3.75 MiB) when its VM is paused (QMP
     ``stop``) for longer than the idle timeout: the port takes no more bytes. The connector
@@ -534,31 +521,48 @@ result = got
 """
 
 
-@channel_bug(
-    "a connection ended with output unwritten leaves the "
-    "channel's writer registered, which spins once the port drains"
-)
-def test_a_guest_connection_ended_with_its_port_full_costs_no_cpu_after(rig: Rig) -> None:
-    """A guest grants credit for 3.75 MiB and reads nothing (heartbeats only), so the port
-    fills; it then sends a second open, and the connector ends its connection with the
-    close still unwritten (after its close timeout). When the guest reads its port again,
-    without a new header, the connector has nothing to write and nothing to do."""
-    mark = rig.log_mark()
-    queue = "hostile.full-port"
-    n = 60
-    fill(rig, queue, [f"{i:04d}".encode() * (16 * 1024) for i in range(n)])  # 64 KiB each
+def cut_with_its_port_full(rig: Rig, queue: str, n: int) -> None:
+    """A guest grants credit for n messages of 64 KiB and reads nothing (heartbeats only),
+    so its port fills and the broker is held back; it then sends a second open, and the
+    connector ends its connection with the close unwritten (after its close timeout)."""
+    fill(rig, queue, [f"{i:04d}".encode() * (16 * 1024) for i in range(n)])
     base = rig.channel(UNIX)["bytes_out"]
     assert rig.vm.run(READS_NOTHING, port=UNIX.name, queue=queue, credit=n)
     wait_for(lambda: rig.channel(UNIX)["bytes_out"] > base + MiB // 2, WAIT, "the port to fill")
+    mark = rig.log_mark()
     assert rig.vm.run(SECOND_OPEN)
     rig.wait_state(UNIX, "waiting", CUT_WITHIN_S)
     assert "a second open" in rig.log_since(mark)
+
+
+def test_a_guest_connection_ended_with_its_port_full_costs_no_cpu_after(rig: Rig) -> None:
+    """After a guest with a full port is cut (``cut_with_its_port_full``), it reads its
+    port again, without a new header: the connector has nothing to write and nothing to
+    do. The messages it held come back."""
+    queue = "hostile.full-port"
+    n = 60
+    cut_with_its_port_full(rig, queue, n)
     cpu = rig.cpu_seconds()
     assert rig.vm.run(READ_ONLY_FOR, seconds=READ_FOR_S) > 0
     spent = rig.cpu_seconds() - cpu
     got = rig.vm.run(TAKE_ALL, port=UNIX.name, queue=queue, n=n, WAIT=WAIT)
     assert got == [f"{i:04d}" for i in range(n)]
     assert spent < IDLE_CPU_S, f"{spent:.2f} s of CPU while the guest only read"
+
+
+def test_a_guest_cut_while_its_broker_is_held_back_ends_without_an_internal_error(
+    rig: Rig,
+) -> None:
+    """A guest with a full port is cut (``cut_with_its_port_full``) while its broker is
+    held back by that port: the upstream's close exchange then runs on its own, and ends
+    without a traceback. The messages the guest held come back."""
+    mark = rig.log_mark()
+    queue = "hostile.held-broker"
+    n = 60
+    cut_with_its_port_full(rig, queue, n)
+    assert rig.vm.run(READ_ONLY_FOR, seconds=0) == 0  # the old client closes its port
+    got = rig.vm.run(TAKE_ALL, port=UNIX.name, queue=queue, n=n, WAIT=WAIT)
+    assert got == [f"{i:04d}" for i in range(n)]
     no_traceback(rig, mark)
 
 
