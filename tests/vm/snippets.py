@@ -64,8 +64,9 @@ finally:
 """
 
 # An unchanged-style MessagingHandler on the driver, across a host-side outage: it sends one
-# message per (re)attach and stops after two accepted; each disconnect it sees is appended
-# to /work/disconnects (the host can wait for it). Params: port, queue, idle, limit.
+# message per (re)attach and stops after two accepted; each outcome and each disconnect it
+# sees is appended to /work/accepted and /work/disconnects (the host can wait for them).
+# Params: port, queue, idle, limit.
 RECONNECT = """
 from proton import Message
 from proton.handlers import MessagingHandler
@@ -83,6 +84,8 @@ class App(MessagingHandler):
         event.sender.send(Message(body=f"n{self.opened}"))
     def on_accepted(self, event):
         self.accepted += 1
+        with open("/work/accepted", "a") as f:
+            f.write("x\\n")
         if self.accepted == 2:
             self.timer.cancel()
             event.connection.close()

@@ -14,6 +14,7 @@ Each bug these tests found was first committed here as a strict xfail; the chann
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from proton import Message, Timeout
 
 from tests.support.connector import Connector, wait_for
 from tests.vm.harness import Port, Vm
+from tests.vm.snippets import RECONNECT
 
 pytestmark = [pytest.mark.vm, pytest.mark.broker]
 
@@ -609,6 +611,33 @@ def test_a_guest_held_back_when_its_broker_dies_is_read_again(rig: Rig) -> None:
     assert ended.startswith("AmqpError"), ended
     assert "sent nothing" in rig.log_since(mark)
     assert rig.vm.run(NEXT_CLIENT, port=LISTEN.name, queue=queue) == "accepted"
+    no_traceback(rig, mark)
+
+
+def test_a_connector_killed_under_a_reconnecting_qemu_is_found_again(rig: Rig) -> None:
+    """The connector is SIGKILLed under a guest application (a MessagingHandler on the
+    driver) connected over the unix-listen port: qemu loses its peer, the guest sees the
+    host side go, and when the connector is back qemu reconnects (``reconnect=1``) and the
+    application's driver re-attaches and sends again."""
+    mark = rig.log_mark()
+    queue = "hostile.reconnect"
+    share = rig.vm.workdir / "share"
+    for name in ("accepted", "disconnects"):
+        (share / name).unlink(missing_ok=True)
+    job = rig.vm.submit(RECONNECT, port=LISTEN.name, queue=queue, idle=CLIENT_IDLE_S, limit=WAIT)
+    wait_for((share / "accepted").exists, WAIT, "the first message accepted")
+    rig.connector.stop(signal.SIGKILL)
+    wait_for((share / "disconnects").exists, WAIT, "the guest to see the host side go")
+    rig.connector.start()
+    result = rig.vm.result(job)
+    assert (result["opened"], result["accepted"]) == (2, 2), result
+    with rig.artemis.connection() as conn:
+        rcv = conn.create_receiver(queue)
+        got = []
+        for _ in range(2):
+            got.append(rcv.receive(timeout=WAIT).body)
+            rcv.accept()
+    assert got == ["n1", "n2"]
     no_traceback(rig, mark)
 
 
