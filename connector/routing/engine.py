@@ -62,6 +62,15 @@ OUTPUT_FULL = 1 << 62
 _OUTPUT_INITIAL = 8 * 1024
 
 
+# Where proton copies pending output for peek_output: one buffer for every engine. The loop
+# writes what it peeked before it peeks again (one thread, nothing between a peek and its
+# write), so one suffices; a buffer per engine cost 64 KiB per side of every guest, a third
+# of a connected guest's memory (bench/scale.py).
+_OUT = bytearray(IO_CHUNK)
+_OUT_VIEW = memoryview(_OUT)
+_OUT_PTR = ffi.from_buffer(_OUT)
+
+
 class Engine:
     """A proton transport bound to a connection, driven by pushing and pulling bytes."""
 
@@ -69,10 +78,7 @@ class Engine:
         "_echo",
         "_idle_ms",
         "_idle_on_input",
-        "_outbuf",
         "_outfull",
-        "_outptr",
-        "_outview",
         "collector",
         "connection",
         "is_server",
@@ -105,9 +111,6 @@ class Engine:
         self.collector = lib.pn_collector()
         lib.pn_connection_collect(self.connection, self.collector)
         lib.pn_transport_bind(self.transport, self.connection)
-        self._outbuf = bytearray(IO_CHUNK)
-        self._outview = memoryview(self._outbuf)
-        self._outptr = ffi.from_buffer(self._outbuf)  # proton copies pending output here
         self._outfull = _OUTPUT_INITIAL  # the most pending output seen: proton's buffer size
         # What proton's engine leaves undone (frames.py): the attach fields it drops, read
         # from the peer's bytes and written into ours, and answers to the peer's flow echo.
@@ -210,7 +213,8 @@ class Engine:
         return n + sum(len(new) - size for _, size, new in out.edits)
 
     def peek_output(self) -> memoryview:
-        """Up to ``IO_CHUNK`` bytes of pending output, valid until the next call."""
+        """Up to ``IO_CHUNK`` bytes of pending output, valid until the next call on any
+        engine (the buffer is shared): write it, or copy it, before peeking again."""
         out = self.writer
         if out.staged:
             return memoryview(out.staged)[out.staged_pos :]
@@ -218,17 +222,17 @@ class Engine:
             self._echo.answer(self)
         n = lib.pn_transport_pending(self.transport)
         if n < 0:
-            return self._outview[:0]
+            return _OUT_VIEW[:0]
         if n:
             n = min(n, IO_CHUNK)
-            if lib.pn_transport_peek(self.transport, self._outptr, n) < 0:
-                return self._outview[:0]
-            ok = out.sendable(self._outview[:n], self._peek_frame)
+            if lib.pn_transport_peek(self.transport, _OUT_PTR, n) < 0:
+                return _OUT_VIEW[:0]
+            ok = out.sendable(_OUT_VIEW[:n], self._peek_frame)
             if ok:
-                return self._outview[:ok]
+                return _OUT_VIEW[:ok]
         edit = out.head_edit()
         if edit is None:
-            return self._outview[:0]
+            return _OUT_VIEW[:0]
         # An attach of ours completed with the fields proton drops (it replaces proton's
         # frame), or a frame of ours put in (an echo answer).
         size, new = edit
