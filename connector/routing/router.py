@@ -358,10 +358,18 @@ class Router:
 
         ``amqp:connection:forced`` tells the guest's client to reconnect. Its unsettled
         deliveries stay unsettled, so nothing is acknowledged that the broker did not take.
+        Once we have closed the upstream ourselves it is only the end of that exchange: not
+        counted as a failure, and the guest (already told, or gone) is not told again.
         """
         if self._upstream_dead:
             return
         self._upstream_dead = True
+        up = self.upstream
+        if up is not None and lib.pn_connection_state(up.connection) & _LOCAL_CLOSED:
+            # We had begun the close exchange (the guest closed, left or broke a rule, or
+            # the connector stops): the broker ending it early fails nothing and nobody.
+            self._log.info("upstream ended before answering our close: %s", reason)
+            return
         self.failed_opening = self.state is RouterState.OPENING
         self._counters.upstream_failures += 1
         self._counters.last_upstream_failed = True

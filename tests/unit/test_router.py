@@ -86,6 +86,30 @@ def test_upstream_failure_forces_the_guest_to_reconnect() -> None:
     assert h.counters.upstream_failures == 1
 
 
+@pytest.mark.parametrize("closer", ["guest", "router"])
+def test_a_broker_hanging_up_during_our_close_fails_nothing(closer: str) -> None:
+    # The guest closed its connection (or left, or broke a rule: the router closes both);
+    # the broker then hangs up without answering our close. That is the end of the close
+    # exchange, not an upstream failure: no failure counted (the next guest connection would
+    # be counted as a reconnect), no warning about closing a guest that is gone, and the
+    # recorded cause stays the guest's.
+    h = Harness()
+    conn = h.open_guest()
+    if closer == "guest":
+        conn.close()
+    else:
+        h.router.violation("amqp:resource-limit-exceeded", "too many links")
+    h.pump()
+    h.router.upstream_failed("amqp://127.0.0.1:5672 hung up mid-connection")
+    h.pump()
+    assert h.counters.upstream_failures == 0
+    assert not h.router.failed_opening
+    assert not any("upstream failed" in line for line in h.log.lines), h.log.lines
+    assert h.router.upstream_dead
+    if closer == "router":
+        assert h.router.error == ("amqp:resource-limit-exceeded", "too many links")
+
+
 def test_attach_fields_cross_unchanged() -> None:
     h = Harness()
     _, ssn = h.guest_session()
