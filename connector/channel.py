@@ -46,7 +46,15 @@ from .routing.engine import IO_CHUNK, Engine
 from .routing.route import LinkPolicy
 from .routing.router import Counters, Router, RouterState
 from .tls import OutputSource, TLSError, TLSSession
-from .upstream import CLOSE_TIMEOUT_S, CONNECT_TIMEOUT_S, BrokerPool, BrokerURL, open_socket
+from .upstream import (
+    CLOSE_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    Address,
+    BrokerPool,
+    BrokerURL,
+    broker_addresses,
+    open_socket,
+)
 
 # Reconnect backoff for a missing or refusing endpoint: quick at first (qemu is starting),
 # then no faster than every few seconds so a host with many stopped VMs stays quiet.
@@ -132,6 +140,7 @@ class _Upstream:
     """The socket under one router's upstream engine, its TLS session, and its timers."""
 
     __slots__ = (
+        "addresses",
         "closing_timer",
         "connect_timer",
         "connected",
@@ -156,6 +165,7 @@ class _Upstream:
         self.paused = False
         self.connect_timer: asyncio.TimerHandle | None = None
         self.closing_timer: asyncio.TimerHandle | None = None
+        self.addresses: list[Address] = []  # the broker's addresses not tried yet
 
 
 class Channel:
@@ -483,12 +493,14 @@ class Channel:
     def _connect_upstream(self, router: Router) -> None:
         url = self._brokers.current
         try:
-            sock = open_socket(url)
+            addresses = broker_addresses(url)
+            sock = open_socket(url, addresses)
         except OSError as err:
             self._brokers.failed(url)
             router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
             return
         up = _Upstream(sock, url, router.upstream, self._brokers.tls_session(url, router.upstream))
+        up.addresses = addresses
         self._up = up
         router.upstream_name = str(url)
         self._loop.add_writer(sock.fileno(), self._on_upstream_connected, router, up)
@@ -502,6 +514,19 @@ class Channel:
         self._loop.remove_writer(up.sock.fileno())
         up.writing = False
         err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err and up.addresses:  # the broker's host has another address: try it
+            self.log.debug(
+                "cannot connect to %s: %s; trying its next address", up.url, os.strerror(err)
+            )
+            up.sock.close()
+            try:
+                up.sock = open_socket(up.url, up.addresses)
+            except OSError as next_err:
+                err = next_err.errno or err
+            else:
+                self._loop.add_writer(up.sock.fileno(), self._on_upstream_connected, router, up)
+                up.writing = True
+                return
         if err:
             self._upstream_broken(router, up, f"cannot connect to {up.url}: {os.strerror(err)}")
             return

@@ -12,6 +12,7 @@ import errno
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cproton_ffi import lib
@@ -168,18 +169,40 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def open_socket(url: BrokerURL) -> socket.socket:
-    """Start a non-blocking TCP connect; the socket becomes writable when it completes.
+# One way to reach the broker: (family, type, protocol, socket address), as getaddrinfo
+# gives them.
+Address = tuple[int, int, int, Any]
 
-    Name resolution is synchronous: broker URLs are normally loopback or an address.
+
+def broker_addresses(url: BrokerURL) -> list[Address]:
+    """Every address of the broker's host, in the resolver's order of preference.
+
+    A name can have several, and the first need not work: ``localhost`` resolves to ``::1``
+    first on many hosts while a broker may listen on 127.0.0.1 only. So a connect tries
+    them in turn (``open_socket``, and again when a started connect fails). Name resolution
+    is synchronous: broker URLs are normally loopback or an address.
     """
     infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
-    family, stype, proto, _, addr = infos[0]
-    sock = socket.socket(family, stype | socket.SOCK_CLOEXEC, proto)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    err = sock.connect_ex(addr)
-    if err not in (0, errno.EINPROGRESS):
+    return [(family, stype, proto, addr) for family, stype, proto, _, addr in infos]
+
+
+def open_socket(url: BrokerURL, addresses: list[Address]) -> socket.socket:
+    """Start a non-blocking TCP connect to the first of ``addresses`` that takes one,
+    removing each address tried; the socket becomes writable when the connect completes.
+    Raises the last address's error when none takes one."""
+    error = OSError(errno.EADDRNOTAVAIL, f"connect to {url}: no address")
+    while addresses:
+        family, stype, proto, addr = addresses.pop(0)
+        try:  # a host without IPv6 refuses even the socket
+            sock = socket.socket(family, stype | socket.SOCK_CLOEXEC, proto)
+        except OSError as err:
+            error = err
+            continue
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code = sock.connect_ex(addr)
+        if code in (0, errno.EINPROGRESS):
+            return sock
         sock.close()
-        raise OSError(err, f"connect to {url}: {errno.errorcode.get(err, err)}")
-    return sock
+        error = OSError(code, f"connect to {url}: {errno.errorcode.get(code, code)}")
+    raise error

@@ -1,0 +1,89 @@
+"""A broker host name with several addresses: a connect tries each in turn.
+
+``localhost`` resolves to ``::1`` first on many hosts while a broker may listen on
+127.0.0.1 only; before, the connector tried the first address alone and every guest was
+refused for good. The connector runs in this process (one ``Channel`` on an asyncio loop in
+a thread, as the daemon runs it) so that name resolution can be scripted: the broker's name
+resolves first to addresses where nothing listens, then to Artemis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connector.upstream as upstream_module
+from connector.channel import Channel
+from connector.guest.client import GuestClient
+from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
+from connector.limits import GuestLimits
+from connector.upstream import BrokerPool, BrokerURL, UpstreamSettings
+from tests.brokers.common import free_port
+from tests.support.connector import Qemu
+
+pytestmark = pytest.mark.broker
+
+TIMEOUT = 30.0
+NAME = "broker.test"
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, artemis: Any
+) -> Iterator[tuple[Qemu, Channel, asyncio.AbstractEventLoop]]:
+    """One unix channel to ``amqp://broker.test:PORT``, served in this process."""
+    qemu = Qemu("unix", tmp_path, "multi-homed")
+    loop = asyncio.new_event_loop()
+    url = BrokerURL.parse(f"amqp://{NAME}:{artemis.port}")
+    pool = BrokerPool(UpstreamSettings(urls=(url,), user=artemis.user, password=artemis.password))
+    spec = ChannelSpec(ChannelKind.UNIX, qemu.path, GuestIdentity("multi-homed"))
+    channel = Channel(spec, loop=loop, brokers=pool, limits=GuestLimits())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    loop.call_soon_threadsafe(channel.start)
+    try:
+        yield qemu, channel, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(_close(channel), loop).result(TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+        qemu.hang_up()
+
+
+async def _close(channel: Channel) -> None:
+    channel.close("test over")
+    await asyncio.wait_for(channel.idle.wait(), TIMEOUT)
+
+
+def test_each_address_of_the_brokers_name_is_tried_in_turn(
+    served: tuple[Qemu, Channel, Any], artemis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu, channel, _ = served
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def resolve(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != NAME:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        tcp = (socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [
+            (socket.AF_INET, *tcp, ("127.0.0.1", free_port())),  # refused once connecting
+            # Refused once connecting, or at once on a host without IPv6.
+            (socket.AF_INET6, *tcp, ("::1", free_port(), 0, 0)),
+            (socket.AF_INET, *tcp, (artemis.host, port)),
+        ]
+
+    monkeypatch.setattr(upstream_module.socket, "getaddrinfo", resolve)
+    with GuestClient(qemu.fd(), container_id="multi-homed-app", timeout=TIMEOUT) as guest:
+        assert guest.send("multi.homed", ["reached"])[0].state == "accepted"
+        assert [m.body for m in guest.receive("multi.homed", 1)] == ["reached"]
+    assert asked == [NAME]
+    assert channel.last_error is None
