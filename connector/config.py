@@ -190,14 +190,24 @@ def _check_channel_path(kind: ChannelKind, path: str) -> None:
 
 
 def _read_password_file(path: str, where: str) -> str:
+    """The password in ``path``: the whole file but its line ending (``echo pw > file``
+    adds one; any other whitespace may be part of the password). It is read once, at start:
+    a new password takes a restart."""
     try:
         st = os.stat(path)
         with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
+            secret = f.read()
     except OSError as err:
         raise ConfigError(where, f"{path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(where, f"{path}: not UTF-8 text ({err.reason})") from err
     if st.st_mode & stat.S_IROTH:
         raise ConfigError(where, f"{path} is readable by others; chmod o-r it")
+    secret = secret.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        # Without a password the connector would log in as ANONYMOUS, which a broker
+        # that allows it takes silently: a mistake that must not pass as a working setup.
+        raise ConfigError(where, f"{path} is empty")
     return secret
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,39 @@ def test_a_reload_names_the_sections_it_does_not_apply() -> None:
     assert config.sections_needing_restart(running, fresh) == [
         "control", "discovery", "limits", "log", "policy",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "is empty"),
+        (b"\n", "is empty"),
+        (b"caf\xe9\n", "not UTF-8"),
+    ],
+)
+def test_a_password_file_that_holds_no_password_names_the_key(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    # An empty file would have made the connector log in as ANONYMOUS, which a broker
+    # allowing it takes silently; bytes that are not text ended in a traceback.
+    secret = tmp_path / "broker.pw"
+    secret.write_bytes(content)
+    secret.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        build(f"[broker]\nuser = 'qpid-virtio'\npassword_file = '{secret}'\n")
+    assert info.value.where == "broker.password_file"
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "password"),
+    [(b"s3cret\n", "s3cret"), (b"s3cret\r\n", "s3cret"), (b" spaced pass \n", " spaced pass ")],
+)
+def test_a_password_file_loses_only_its_line_ending(
+    tmp_path: Path, content: bytes, password: str
+) -> None:
+    secret = tmp_path / "broker.pw"
+    secret.write_bytes(content)
+    secret.chmod(0o600)
+    cfg = build(f"[broker]\nuser = 'qpid-virtio'\npassword_file = '{secret}'\n")
+    assert cfg.upstream.password == password
