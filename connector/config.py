@@ -191,8 +191,9 @@ def _check_channel_path(kind: ChannelKind, path: str) -> None:
 
 def _read_password_file(path: str, where: str) -> str:
     """The password in ``path``: the whole file but its line ending (``echo pw > file``
-    adds one; any other whitespace may be part of the password). It is read once, at start:
-    a new password takes a restart."""
+    adds one; any other whitespace may be part of the password). A reload (SIGHUP) reads
+    it again, to check it, but like all of ``[broker]`` a new password applies at the next
+    restart."""
     try:
         st = os.stat(path)
         with open(path, encoding="utf-8") as f:

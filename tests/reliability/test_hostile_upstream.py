@@ -2,7 +2,8 @@
 
 Where test_hostile_routing.py and test_hostile_guests.py make the guest the hostile party,
 here it is the broker: one that wants a frame more often than the guest sends one, one that
-is frozen, killed and restarted under guests that reconnect, one that refuses our password.
+is frozen, killed and restarted under guests that reconnect, one that offers no login
+mechanism we allow.
 Each test checks what the guest is told, that nothing is acknowledged the broker did not
 take, and what ``qpid-virtio-status`` shows afterwards.
 """
