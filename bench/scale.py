@@ -18,8 +18,10 @@ one process drives N guests on connector.guest's Driver, multiplexed with poll:
               routed message;
     idle      the N guests stay connected and quiet for --idle-s seconds: the connector's
               CPU (heartbeats and timers), as a share of one core;
-    connected memory and descriptors again, with the per-guest cost
-              (connected - waiting) / N.
+    connected the traffic twice more, then memory and descriptors again, with the
+              per-guest cost (connected - waiting) / N, and what the third round added:
+              proton's buffers settle at the largest burst they carried by the second
+              round, so growth on the third would be a leak.
 
 Results go to stdout as a Markdown table and to a JSON file.
 """
@@ -111,7 +113,9 @@ class Member(Handler):
         self.error = f"transport error: {cond.name if cond else '?'}"
 
     def go(self) -> None:
+        """Start a round of traffic (again, for a second round)."""
         self.going = True
+        self.sent = self.accepted = self.received = 0
         sender, receiver = self.links
         receiver.flow(self.messages)
         self._send(sender)
@@ -286,7 +290,14 @@ def one_size(
         row["connect_cpu_ms_per_guest"] = (cpu1 - cpu0) / n * 1e3
         # A routed message is a transfer and its disposition.
         row["via_cpu_us_per_msg"] = (cpu2 - cpu1) / (2 * n * args.messages) * 1e6
+        # The same traffic twice more. Proton's buffers grow to the largest burst they
+        # carried and keep that size, so memory settles over the second round; what still
+        # grows over the third would be a leak.
+        via.traffic()
+        second_mb, _ = daemon_memory(pid)
+        via.traffic()
         row["connected_rss_mb"], row["connected_fds"] = daemon_memory(pid)
+        row["third_round_kb_per_guest"] = (row["connected_rss_mb"] - second_mb) * 1024 / n
         cpu3 = proc_cpu(pid)
         via.idle(args.idle_s)
         row["idle_core_share"] = (proc_cpu(pid) - cpu3) / args.idle_s
@@ -295,8 +306,8 @@ def one_size(
         via.close()
         snap = daemon.snapshot() or {}
         routed = sum(c["deliveries_in"] + c["deliveries_out"] for c in snap.get("channels", []))
-        if routed != 2 * n * args.messages:
-            raise BenchError(f"the daemon counted {routed} deliveries, not {2 * n * args.messages}")
+        if routed != 6 * n * args.messages:  # three rounds, each way
+            raise BenchError(f"the daemon counted {routed} deliveries, not {6 * n * args.messages}")
     finally:
         if daemon.proc is not None:
             daemon.stop()
@@ -344,6 +355,7 @@ COLUMNS = (
     ("RSS MB waiting", "waiting_rss_mb", "{:.0f}"),
     ("connected", "connected_rss_mb", "{:.0f}"),
     ("KB/guest", "per_guest_kb", "{:.0f}"),
+    ("3rd round KB/guest", "third_round_kb_per_guest", "{:+.0f}"),
     ("fds/guest", "per_guest_fds", "{:.1f}"),
 )
 
