@@ -25,7 +25,9 @@ class GuestLimits:
     max_sessions: int = 32
     # Links per guest connection, over all its sessions: each one is a broker link too.
     max_links: int = 256
-    # Unsettled deliveries per link in either direction: bounds the in-flight map.
+    # Unsettled deliveries per link in either direction: bounds the in-flight map. A guest
+    # sending more is refused; for one receiving, the broker is given no more credit until
+    # it settles (each held message is a proton delivery in both engines: memory).
     max_unsettled_per_link: int = 10000
     # Largest message a guest may send (bytes); 0 means no limit beyond the broker's. Large
     # messages stream through in pieces, so memory does not grow with this.

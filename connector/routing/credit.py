@@ -9,6 +9,10 @@ receiving link should issue is exactly what the sending link has left:
 
     delta = credit(sending link) - credit(receiving link)
 
+On a link to a guest, credit is also held back while the deliveries the guest has not
+settled reach ``[limits] max_unsettled_per_link``, so what the connector holds for a guest
+that never settles stays bounded (each is a proton delivery in both engines).
+
 Credit can only be added, never taken back (AMQP lets a receiver lower credit, proton's API
 does not), so a broker that lowers credit leaves the guest's excess queued on our upstream
 sender until the broker grants again: bounded, and never over-delivered to the broker.
@@ -53,6 +57,14 @@ def sync_credit(sender_route: Route) -> None:
     delta = min(lib.pn_link_credit(snd) - issued, MAX_CREDIT - max(issued, 0))
     if delta <= 0 and not drain and not lib.pn_link_get_drain(rcv):
         return  # the usual case, after each transfer sent: both links moved together
+    cap = sender_route.max_unsettled
+    if cap:
+        # A guest that takes messages and never settles them must not make us hold the
+        # broker's queue: what we hold unsettled for it plus the credit still out upstream
+        # stays within its limit. What is held back is issued as the guest settles.
+        room = cap - len(sender_route.inflight) - max(issued, 0)
+        sender_route.held = room < delta
+        delta = min(delta, room)
     if not (_attached(snd) and _attached(rcv)):
         return
     if drain != bool(lib.pn_link_get_drain(rcv)):

@@ -215,6 +215,8 @@ def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
     if _settled(dlv):
         # Settled on the far side: only now settle here, so nothing is acknowledged early.
         _settle_both(route, dlv, twin)
+        if route.held:  # the guest's unsettled limit held credit back: room again
+            credit.sync_credit(route)
 
 
 def copy_state(src: Any, dst: Any) -> None:

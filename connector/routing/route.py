@@ -70,6 +70,7 @@ class Route:
         "bytes",
         "deliveries",
         "from_guest",
+        "held",
         "inflight",
         "link",
         "max_message",
@@ -93,7 +94,9 @@ class Route:
         self.bytes = 0  # message bytes received on this link
         self.address: str | None = None  # the node: target of 'in' links, source of 'out'
         # Limits checked on the per-message path (0 = none); set for guest-side links only.
+        # On a link to the guest, max_unsettled bounds what is held for it (credit.py).
         self.max_unsettled = 0
+        self.held = False  # credit held back by max_unsettled: a settlement re-issues it
         self.max_message = 0
         self.message_bytes = 0  # bytes of the message being received, while it is partial
         # Set on a guest's anonymous-relay sender when each message's 'to' is checked: its

@@ -634,8 +634,9 @@ class Router:
                 term = lib.pn_link_target(ulink) if request.sending else lib.pn_link_source(ulink)
                 lib.pn_terminus_set_address(term, mapped.encode())
         groute = Route(glink, from_guest=True)
+        # Sent by the guest: more unsettled is a violation. Sent to it: credit waits.
+        groute.max_unsettled = self._limits.max_unsettled_per_link
         if groute.receiving:  # the guest sends on it: the per-message limits apply
-            groute.max_unsettled = self._limits.max_unsettled_per_link
             groute.max_message = self._limits.max_message_size
             if request.address is None and not request.coordinator and self._policy.checks_relay:
                 groute.relay = self._policy

@@ -4,7 +4,7 @@ the matching AMQP error, and the broker never sees the offending traffic."""
 from __future__ import annotations
 
 import pytest
-from proton import Collector, Connection, Endpoint, Message, Transport
+from proton import Collector, Connection, Delivery, Endpoint, Message, Transport
 
 from connector.errors import ConfigError
 from connector.limits import GuestLimits
@@ -94,6 +94,37 @@ def test_unsettled_limit() -> None:
         snd.advance()
     h.pump()
     assert "more than 3 unsettled" in _closed_with(conn, "amqp:resource-limit-exceeded")
+
+
+def test_a_guest_that_never_settles_is_sent_no_more_than_its_unsettled_limit() -> None:
+    # The guest grants plenty of credit and settles nothing: the broker must not be given
+    # credit for more than the limit, or the connector would hold the broker's whole queue
+    # (each message a proton delivery in both engines until the guest settles it). What
+    # the guest settles is given back to the broker as credit; nothing is violated.
+    h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
+    _, ssn = h.guest_session()
+    rcv = ssn.receiver("r")
+    rcv.source.address = "q"
+    rcv.open()
+    h.pump()
+    bsnd = h.broker_link("r")
+    rcv.flow(100)
+    h.pump()
+    assert bsnd.credit == 3
+    for i in range(3):
+        bsnd.delivery(f"m{i}")
+        bsnd.send(Message(body=i).encode())
+        bsnd.advance()
+    h.pump()
+    assert bsnd.credit == 0  # three held for the guest: no more until it settles
+    got = [ev.delivery for ev in h.guest.events if ev.type.name == "PN_DELIVERY"]
+    assert len({d.tag for d in got}) == 3
+    for dlv in list({d.tag: d for d in got}.values())[:2]:
+        dlv.update(Delivery.ACCEPTED)
+        dlv.settle()
+    h.pump()
+    assert bsnd.credit == 2  # two settled: two more may come
+    assert not h.guest.connection.state & Endpoint.REMOTE_CLOSED
 
 
 def test_message_size_limit_aborts_the_forwarded_part() -> None:
