@@ -611,3 +611,44 @@ def test_sessions_up_to_the_limit_work_and_one_past_it_ends_only_that_connection
     # Each session's link held one message unsettled: all come back.
     expected = sorted(f"m{i}" for i in range(max_sessions))
     assert sorted(_drain_queue(ctx, queue, max_sessions)) == expected
+
+
+def test_a_guest_that_never_settles_holds_no_more_than_its_unsettled_limit(
+    artemis: Any, tmp_path: Path
+) -> None:
+    """A guest grants plenty of credit and settles nothing. The broker must be given credit
+    for no more than the guest's unsettled limit, or the connector would hold the broker's
+    queue in memory for it: with the limit at 10, a second consumer on the same queue gets
+    the other 40 messages, and the guest's 10 go back to the queue when it leaves."""
+    queue = _queue("hoard")
+    with artemis.connection() as direct:
+        snd = direct.create_sender(queue)
+        for i in range(50):
+            snd.send(Message(body=f"m{i}"))
+    toml = "[limits]\nmax_unsettled_per_link = 10\n"
+    with _own_daemon(artemis, tmp_path, toml, "hoarder") as (_, channel):
+        with GuestClient(channel.fd(), container_id="hoarder", timeout=TIMEOUT) as guest:
+            rcv = _link(guest, queue, "hoard-r", sending=False)
+            rcv.flow(1000)
+            _until(guest, lambda: len(_inbox(guest, rcv)) >= 10, "ten messages", rcv)
+            with artemis.connection() as other:
+                second = other.create_receiver(queue, credit=50)
+                bodies = []
+                for _ in range(40):
+                    bodies.append(second.receive(TIMEOUT).body)
+                    second.accept()
+            assert len(_inbox(guest, rcv)) == 10
+        # The guest left without settling: its ten are the broker's to deliver again.
+        assert sorted(bodies + _drain_queue_direct(artemis, queue, 10)) == sorted(
+            f"m{i}" for i in range(50)
+        )
+
+
+def _drain_queue_direct(artemis: Any, queue: str, count: int) -> list[Any]:
+    with artemis.connection() as conn:
+        rcv = conn.create_receiver(queue, credit=count)
+        got = []
+        for _ in range(count):
+            got.append(rcv.receive(TIMEOUT).body)
+            rcv.accept()
+        return got
