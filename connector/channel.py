@@ -240,9 +240,7 @@ class Channel:
                 # connection ends here, and only the upstream's close exchange is left.
                 self._end_connection()
         self._release_fd()
-        if self._listening:
-            self._loop.remove_reader(self._endpoint.listen_fd())
-            self._listening = False
+        self._stop_listening()
         self._endpoint.close()
         self.log.info("channel %s closed: %s", self.spec.path, reason)
         self._set_state(ChannelState.GONE if gone else ChannelState.WAITING, None)
@@ -257,6 +255,7 @@ class Channel:
         try:
             result = self._endpoint.connect()
         except EndpointUnavailable as err:
+            self._stop_listening()
             self._note_wait(f"{self.spec.path}: {err}")
             self._schedule_retry(self._backoff)
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
@@ -265,16 +264,25 @@ class Channel:
             self._error(f"{self.spec.path}: {err}", state=ChannelState.GONE)
             return
         except OSError as err:
+            self._stop_listening()
             self._error(f"{self.spec.path}: {err.strerror or err}", state=ChannelState.ERROR)
             self._schedule_retry(ERROR_RETRY_S)
             return
+        listen_fd = self._endpoint.listen_fd()
+        if listen_fd is not None and not self._listening:
+            self._loop.add_reader(listen_fd, self._on_listen_readable)
+            self._listening = True
         if result is None:
-            if not self._listening:
-                self._loop.add_reader(self._endpoint.listen_fd(), self._on_listen_readable)
-                self._listening = True
             self._set_state(ChannelState.WAITING, None)
             return
         self._attach_fd(result)
+
+    def _stop_listening(self) -> None:
+        """Until the retry: a peer waiting to be accepted keeps the listening socket
+        readable, so a failed accept (no descriptor left) would run again at once, forever."""
+        if self._listening:
+            self._loop.remove_reader(self._endpoint.listen_fd())
+            self._listening = False
 
     def _schedule_retry(self, delay: float) -> None:
         if not self._closed:

@@ -7,8 +7,14 @@ other end of the virtio-serial port, and what a failure to do so means.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import socket
+
+# Errors that say the connector itself ran out of descriptors or memory. They are never
+# "the other end is not there yet": the channel reports them as an error (a warning, state
+# ``error``) and retries, where a missing peer is only waited for.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class EndpointGone(Exception):

@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from .endpoint import Endpoint, EndpointUnavailable
+from .endpoint import OUT_OF_RESOURCES, Endpoint, EndpointUnavailable
 
 
 class UnixListenEndpoint(Endpoint):
@@ -47,6 +47,8 @@ class UnixListenEndpoint(Endpoint):
         except BlockingIOError:
             return None
         except OSError as err:
+            if err.errno in OUT_OF_RESOURCES:
+                raise  # the connector's problem, not the peer's: an error, not a wait
             raise EndpointUnavailable(str(err)) from err
         conn.setblocking(False)
         return conn
