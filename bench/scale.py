@@ -47,7 +47,15 @@ sys.path.insert(0, str(REPO))  # as in throughput.py: run as a script, find the 
 from proton import Delivery, Handler  # noqa: E402
 
 from bench.client import encode_payload  # noqa: E402
-from bench.throughput import BROKERS, broker_version, machine_facts, proc_cpu  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    BROKERS,
+    broker_version,
+    machine_facts,
+    machine_line,
+    markdown_head,
+    markdown_row,
+    proc_cpu,
+)
 from connector.daemon import raise_fd_limit  # noqa: E402
 from connector.guest.driver import Driver  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
@@ -364,14 +372,12 @@ def table(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     lines = [
         f"{m['broker']} {m['broker_version']}; per guest a sender and a receiver, "
-        f"{s['messages']} x {s['size']} B each way, idle {s['idle_s']:g} s; "
-        f"{m['nproc']} x {m['cpu_model']}, Python {m['python']}, proton {m['proton']}",
+        f"{s['messages']} x {s['size']} B each way, idle {s['idle_s']:g} s; {machine_line(m)}",
         "",
-        "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "|---" * len(COLUMNS) + "|",
+        *markdown_head([h for h, _, _ in COLUMNS]),
     ]
     for row in doc["rows"]:
-        lines.append("| " + " | ".join(fmt.format(row[k]) for _, k, fmt in COLUMNS) + " |")
+        lines.append(markdown_row([fmt.format(row[k]) for _, k, fmt in COLUMNS]))
     return "\n".join(lines)
 
 

@@ -536,23 +536,36 @@ COST_COLUMNS = (
 )
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine as a results table names it (from ``machine_facts``)."""
+    return f"{m['nproc']} x {m['cpu_model']}, Python {m['python']}, proton {m['proton']}"
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_head(headers: list[str]) -> list[str]:
+    """A Markdown table's header row and the rule under it."""
+    return [markdown_row(headers), "|---" * len(headers) + "|"]
+
+
 def table(doc: dict[str, Any]) -> str:
     """A Markdown table of medians with the min-max spread, ready for docs/performance.md."""
     m, s = doc["machine"], doc["settings"]
     lines = [
         f"{m['broker']} {m['broker_version']}; {s['count']} x {s['size']} B at-least-once, "
         f"window {s['window']}, {s['requests']} requests, {s['rounds']} rounds; "
-        f"{m['nproc']} x {m['cpu_model']}, Python {m['python']}, proton {m['proton']}",
+        f"{machine_line(m)}",
         f"median [min-max] over rounds; connector peak RSS "
         f"{doc['connector']['peak_rss_mb']:.0f} MB",
         "",
     ]
     for columns in (COLUMNS, COST_COLUMNS):
-        lines.append("| path | " + " | ".join(h for h, _, _ in columns) + " |")
-        lines.append("|---" * (len(columns) + 1) + "|")
+        lines += markdown_head(["path", *(h for h, _, _ in columns)])
         for path in s["paths"]:
             cells = [cell(doc["summary"][path].get(key), fmt) for _, key, fmt in columns]
-            lines.append(f"| {path} | " + " | ".join(cells) + " |")
+            lines.append(markdown_row([path, *cells]))
         lines.append("")
     return "\n".join(lines)
 
