@@ -112,11 +112,8 @@ def test_a_password_file_that_holds_no_password_names_the_key(
 ) -> None:
     # An empty file would have made the connector log in as ANONYMOUS, which a broker
     # allowing it takes silently; bytes that are not text ended in a traceback.
-    secret = tmp_path / "broker.pw"
-    secret.write_bytes(content)
-    secret.chmod(0o600)
     with pytest.raises(ConfigError) as info:
-        build(f"[broker]\nuser = 'qpid-virtio'\npassword_file = '{secret}'\n")
+        _with_password_file(tmp_path, content)
     assert info.value.where == "broker.password_file"
     assert problem in str(info.value)
 
@@ -128,8 +125,12 @@ def test_a_password_file_that_holds_no_password_names_the_key(
 def test_a_password_file_loses_only_its_line_ending(
     tmp_path: Path, content: bytes, password: str
 ) -> None:
+    assert _with_password_file(tmp_path, content).upstream.password == password
+
+
+def _with_password_file(tmp_path: Path, content: bytes) -> config.Config:
+    """The configuration of a broker user whose password file holds ``content``."""
     secret = tmp_path / "broker.pw"
     secret.write_bytes(content)
     secret.chmod(0o600)
-    cfg = build(f"[broker]\nuser = 'qpid-virtio'\npassword_file = '{secret}'\n")
-    assert cfg.upstream.password == password
+    return build(f"[broker]\nuser = 'qpid-virtio'\npassword_file = '{secret}'\n")
