@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import socket
@@ -55,6 +54,7 @@ from bench.throughput import (  # noqa: E402
     markdown_head,
     markdown_row,
     proc_cpu,
+    run_and_report,
 )
 from connector.daemon import raise_fd_limit  # noqa: E402
 from connector.guest.driver import Driver  # noqa: E402
@@ -400,13 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "scale.json"))
     args = p.parse_args(argv)
     raise_fd_limit()  # the bench holds three descriptors per guest
-    began = time.monotonic()
-    doc = run(args)
-    doc["settings"]["wall_seconds"] = round(time.monotonic() - began, 1)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(table(doc))
-    print(f"(took {doc['settings']['wall_seconds']} s; JSON in {args.out})")
-    return 0
+    return run_and_report(run, table, args)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -612,7 +612,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(PATHS)} (ratios need direct)",
     )
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
-    args = p.parse_args(argv)
+    return run_and_report(run, table, p.parse_args(argv))
+
+
+def run_and_report(
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+) -> int:
+    """Run a bench, write its results document to ``args.out`` as JSON, print its table."""
     began = time.monotonic()
     doc = run(args)
     doc["settings"]["wall_seconds"] = round(time.monotonic() - began, 1)
