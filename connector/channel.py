@@ -47,6 +47,7 @@ from .routing.route import LinkPolicy
 from .routing.router import Counters, Router, RouterState
 from .tls import OutputSource, TLSError, TLSSession
 from .upstream import (
+    ADDRESS_TIMEOUT_S,
     CLOSE_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     Address,
@@ -140,6 +141,7 @@ class _Upstream:
     """The socket under one router's upstream engine, its TLS session, and its timers."""
 
     __slots__ = (
+        "address_timer",
         "addresses",
         "closing_timer",
         "connect_timer",
@@ -166,6 +168,7 @@ class _Upstream:
         self.connect_timer: asyncio.TimerHandle | None = None
         self.closing_timer: asyncio.TimerHandle | None = None
         self.addresses: list[Address] = []  # the broker's addresses not tried yet
+        self.address_timer: asyncio.TimerHandle | None = None  # gives up on a silent one
 
 
 class Channel:
@@ -511,30 +514,61 @@ class Channel:
         up.addresses = addresses
         self._up = up
         router.upstream_name = str(url)
-        self._loop.add_writer(sock.fileno(), self._on_upstream_connected, router, up)
-        up.writing = True
+        self._await_connect(router, up)
         up.connect_timer = self._loop.call_later(
             CONNECT_TIMEOUT_S, self._upstream_timeout, router, up
         )
+
+    def _await_connect(self, router: Router, up: _Upstream) -> None:
+        """Wait for the connect started on ``up.sock``; while the broker's host has other
+        addresses, wait for this one only ADDRESS_TIMEOUT_S."""
+        self._loop.add_writer(up.sock.fileno(), self._on_upstream_connected, router, up)
+        up.writing = True
+        if up.addresses:
+            up.address_timer = self._loop.call_later(
+                ADDRESS_TIMEOUT_S, self._address_silent, router, up
+            )
+
+    def _next_address(self, router: Router, up: _Upstream, why: str) -> OSError | None:
+        """Give up the connect in progress and start one to the next address; the error
+        when no address is left that takes one."""
+        self.log.debug("cannot connect to %s: %s; trying its next address", up.url, why)
+        if up.writing:
+            self._loop.remove_writer(up.sock.fileno())
+            up.writing = False
+        if up.address_timer is not None:
+            up.address_timer.cancel()
+            up.address_timer = None
+        up.sock.close()
+        try:
+            up.sock = open_socket(up.url, up.addresses)
+        except OSError as err:
+            return err
+        self._await_connect(router, up)
+        return None
+
+    @_guarded
+    def _address_silent(self, router: Router, up: _Upstream) -> None:
+        up.address_timer = None
+        if up.connected or self._up is not up:
+            return
+        failed = self._next_address(router, up, f"no answer in {ADDRESS_TIMEOUT_S:g}s")
+        if failed is not None:
+            self._upstream_broken(router, up, f"cannot connect to {up.url}: {failed.strerror}")
 
     @_guarded
     def _on_upstream_connected(self, router: Router, up: _Upstream) -> None:
         self._loop.remove_writer(up.sock.fileno())
         up.writing = False
+        if up.address_timer is not None:
+            up.address_timer.cancel()
+            up.address_timer = None
         err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err and up.addresses:  # the broker's host has another address: try it
-            self.log.debug(
-                "cannot connect to %s: %s; trying its next address", up.url, os.strerror(err)
-            )
-            up.sock.close()
-            try:
-                up.sock = open_socket(up.url, up.addresses)
-            except OSError as next_err:
-                err = next_err.errno or err
-            else:
-                self._loop.add_writer(up.sock.fileno(), self._on_upstream_connected, router, up)
-                up.writing = True
+            failed = self._next_address(router, up, os.strerror(err))
+            if failed is None:
                 return
+            err = failed.errno or err
         if err:
             self._upstream_broken(router, up, f"cannot connect to {up.url}: {os.strerror(err)}")
             return
@@ -662,7 +696,7 @@ class Channel:
 
     def _drop_upstream(self, router: Router, up: _Upstream) -> None:
         """Close the upstream socket (after the close exchange, a failure, or a timeout)."""
-        for timer in (up.connect_timer, up.closing_timer):
+        for timer in (up.connect_timer, up.closing_timer, up.address_timer):
             if timer is not None:
                 timer.cancel()
         fd = up.sock.fileno()

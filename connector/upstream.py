@@ -31,6 +31,13 @@ CLOSE_TIMEOUT_S = 5.0
 # How long a TCP connect plus AMQP open may take before the guest is told to retry.
 CONNECT_TIMEOUT_S = 10.0
 
+# How long the connect to one of a broker name's addresses may go unanswered before the
+# next address is tried, when there is one. An address that drops the connect without a
+# word (a filtered port, a down interface) would otherwise hold it for all of
+# CONNECT_TIMEOUT_S; RFC 8305 moves on after 250 ms, but in turn rather than in parallel,
+# 2 s leaves a busy broker time to answer.
+ADDRESS_TIMEOUT_S = 2.0
+
 # Our idle timeout towards the broker, by default: the broker is presumed dead after this
 # much silence (proton heartbeats at half the broker's own). A minute rides out a broker's
 # garbage-collection pause; `[broker] idle_timeout_s` sets it.

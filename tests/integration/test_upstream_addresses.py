@@ -62,10 +62,9 @@ async def _close(channel: Channel) -> None:
     await asyncio.wait_for(channel.idle.wait(), TIMEOUT)
 
 
-def test_each_address_of_the_brokers_name_is_tried_in_turn(
-    served: tuple[Qemu, Channel, Any], artemis: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    qemu, channel, _ = served
+def _resolving(monkeypatch: pytest.MonkeyPatch, addresses: list[tuple[int, Any]]) -> list[str]:
+    """Make the broker's name resolve to ``addresses`` ((family, socket address), in
+    order); returns the list of names resolved, which fills as the connector asks."""
     real = socket.getaddrinfo
     asked: list[str] = []
 
@@ -73,17 +72,51 @@ def test_each_address_of_the_brokers_name_is_tried_in_turn(
         if host != NAME:
             return real(host, port, *args, **kwargs)
         asked.append(host)
-        tcp = (socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
-        return [
-            (socket.AF_INET, *tcp, ("127.0.0.1", free_port())),  # refused once connecting
-            # Refused once connecting, or at once on a host without IPv6.
-            (socket.AF_INET6, *tcp, ("::1", free_port(), 0, 0)),
-            (socket.AF_INET, *tcp, (artemis.host, port)),
-        ]
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", a) for family, a in addresses]
 
     monkeypatch.setattr(upstream_module.socket, "getaddrinfo", resolve)
+    return asked
+
+
+def _works(qemu: Qemu, channel: Channel, queue: str) -> None:
     with GuestClient(qemu.fd(), container_id="multi-homed-app", timeout=TIMEOUT) as guest:
-        assert guest.send("multi.homed", ["reached"])[0].state == "accepted"
-        assert [m.body for m in guest.receive("multi.homed", 1)] == ["reached"]
-    assert asked == [NAME]
+        assert guest.send(queue, ["reached"])[0].state == "accepted"
+        assert [m.body for m in guest.receive(queue, 1)] == ["reached"]
     assert channel.last_error is None
+
+
+def test_each_address_of_the_brokers_name_is_tried_in_turn(
+    served: tuple[Qemu, Channel, Any], artemis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu, channel, _ = served
+    asked = _resolving(
+        monkeypatch,
+        [
+            (socket.AF_INET, ("127.0.0.1", free_port())),  # refused once connecting
+            # Refused once connecting, or at once on a host without IPv6.
+            (socket.AF_INET6, ("::1", free_port(), 0, 0)),
+            (socket.AF_INET, (artemis.host, artemis.port)),
+        ],
+    )
+    _works(qemu, channel, "multi.homed")
+    assert asked == [NAME]
+
+
+def test_an_address_that_never_answers_is_left_for_the_next(
+    served: tuple[Qemu, Channel, Any], artemis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A listener whose accept queue is full drops every SYN: a connect to it neither
+    # succeeds nor fails, like a filtered port. It must cost ADDRESS_TIMEOUT_S, not the
+    # whole connect timeout, which would refuse the guest.
+    with socket.socket() as silent, socket.socket() as queued:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        queued.connect(silent.getsockname())  # fills the queue
+        _resolving(
+            monkeypatch,
+            [
+                (socket.AF_INET, silent.getsockname()),
+                (socket.AF_INET, (artemis.host, artemis.port)),
+            ],
+        )
+        _works(qemu=served[0], channel=served[1], queue="multi.homed.silent")
