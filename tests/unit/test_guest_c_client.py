@@ -11,6 +11,7 @@ import os
 import pty
 import shutil
 import subprocess
+import threading
 import tty
 from pathlib import Path
 
@@ -56,3 +57,48 @@ def test_c_client_drains_then_sends_at_least_once(c_client: Path) -> None:
     assert f"discarded {len(STALE)} stale bytes" in run.stderr
     assert [m.body for m in broker.queues["c-queue"]] == [f"c{i}" for i in range(25)]
     assert broker.remote_container == "c-guest"
+
+
+@pytest.mark.parametrize("host_answers", ["nothing", "stale bytes"])
+def test_c_client_sends_its_header_again_when_it_went_into_an_old_frame(
+    c_client: Path, host_answers: str
+) -> None:
+    # The connector takes a header for a new client only after a pause; right after a
+    # client died mid-frame, ours goes into that frame and the host says nothing, or the
+    # old connection's last bytes come back instead of a header. The client must drain
+    # and send its header again, as connector.guest's driver does.
+    host, guest = pty.openpty()
+    tty.setraw(guest)
+    broker = MemoryBroker()
+    swallowed = threading.Event()
+    peer: list[PeerThread] = []
+
+    def host_side() -> None:
+        # Take the client's first header and open as if they completed an old frame,
+        # answer with the old connection's tail (or nothing), then serve the retry.
+        os.read(host, 65536)
+        if host_answers == "stale bytes":
+            os.write(host, STALE)
+        swallowed.set()
+        peer.append(PeerThread(host, broker))
+
+    thread = threading.Thread(target=host_side, daemon=True)
+    thread.start()
+    try:
+        run = subprocess.run(
+            [str(c_client), os.ttyname(guest), "c-queue", "5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        thread.join(10)
+        for p in peer:
+            p.close()
+        os.close(guest)
+        os.close(host)
+    assert swallowed.is_set()
+    assert run.returncode == 0, run.stderr
+    why = {"nothing": "no answer to our", "stale bytes": "stale bytes instead of a"}[host_answers]
+    assert f"{why} protocol header; sending our protocol header again" in run.stderr
+    assert [m.body for m in broker.queues["c-queue"]] == [f"c{i}" for i in range(5)]

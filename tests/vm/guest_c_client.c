@@ -2,9 +2,10 @@
  * made whole so the tests can compile and run it.
  *
  * Usage: guest_c_client PORT-PATH ADDRESS COUNT
- * Opens PORT-PATH, drains stale bytes (the stale-bytes rule), then drives proton-c's
- * pn_connection_driver over the fd with poll(): sends COUNT messages at-least-once to
- * ADDRESS and exits 0 once all are accepted (1 on any failure, with a reason on stderr).
+ * Opens PORT-PATH, drains stale bytes (the stale-bytes rule, with its header retry), then
+ * drives proton-c's pn_connection_driver over the fd with poll(): sends COUNT messages
+ * at-least-once to ADDRESS and exits 0 once all are accepted (1 on any failure, with a
+ * reason on stderr).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +30,11 @@
 #define DRAIN_QUIET_MS 100 /* quiet time that ends the drain (docs/guest.md) */
 #define DRAIN_LIMIT_MS 2000 /* give up draining a host that never stops writing */
 #define IDLE_TIMEOUT_MS 16000 /* the only way to notice a vanished pty host side */
+/* The host answers a protocol header at once. Silence after ours, or bytes that are not a
+ * header, mean it went into what an earlier client left half written: drain and send it
+ * again, at most HEADER_RETRIES times (docs/guest.md). */
+#define ANSWER_TIMEOUT_MS 1000
+#define HEADER_RETRIES 2
 
 static pn_millis_t now_ms(void) {
     struct timespec ts;
@@ -106,6 +112,13 @@ static void handle(struct app *a, pn_event_t *e) {
     }
 }
 
+/* Drain the port (the stale-bytes rule), then a new connection driver: our header next. */
+static void start(pn_connection_driver_t *d, int fd) {
+    fprintf(stderr, "discarded %zu stale bytes\n", drain(fd));
+    if (pn_connection_driver_init(d, NULL, NULL) != 0) exit(1);
+    pn_transport_set_idle_timeout(d->transport, IDLE_TIMEOUT_MS);
+}
+
 int main(int argc, char **argv) {
     if (argc != 4) {
         fprintf(stderr, "usage: %s PORT-PATH ADDRESS COUNT\n", argv[0]);
@@ -117,13 +130,23 @@ int main(int argc, char **argv) {
         perror(argv[1]);
         return 1;
     }
-    fprintf(stderr, "discarded %zu stale bytes\n", drain(fd));
-
     pn_connection_driver_t d;
-    if (pn_connection_driver_init(&d, NULL, NULL) != 0) return 1;
-    pn_transport_set_idle_timeout(d.transport, IDLE_TIMEOUT_MS);
+    start(&d, fd);
+    int retries = 0;
+    size_t got = 0;          /* bytes read since this attempt's header went out */
+    pn_millis_t sent_at = 0; /* when this attempt's header went out; 0: not yet */
+    const char *again = NULL;
 
     while (!pn_connection_driver_finished(&d)) {
+        if (again) { /* nothing has been sent or received on this attempt but a header */
+            fprintf(stderr, "%s; sending our protocol header again\n", again);
+            pn_connection_driver_destroy(&d);
+            start(&d, fd);
+            retries++;
+            got = 0;
+            sent_at = 0;
+            again = NULL;
+        }
         pn_event_t *e;
         while ((e = pn_connection_driver_next_event(&d))) handle(&a, e);
         pn_rwbytes_t rb = pn_connection_driver_read_buffer(&d);
@@ -135,16 +158,33 @@ int main(int argc, char **argv) {
         struct pollfd p = {fd, (short)((rb.size ? POLLIN : 0) | (wb.size ? POLLOUT : 0)), 0};
         pn_timestamp_t now = now_ms();
         pn_timestamp_t next = pn_transport_tick(d.transport, now); /* heartbeats, timeouts */
+        int answering = sent_at && !got && retries < HEADER_RETRIES;
+        if (answering && now >= sent_at + ANSWER_TIMEOUT_MS) {
+            again = "no answer to our protocol header";
+            continue;
+        }
+        if (answering && (!next || next > sent_at + ANSWER_TIMEOUT_MS))
+            next = sent_at + ANSWER_TIMEOUT_MS;
         int wait = next ? (int)(next > now ? next - now : 0) : -1;
         if (poll(&p, 1, wait) < 0 && errno != EINTR) break;
         if (p.revents & POLLIN) {
             ssize_t n = read(fd, rb.start, rb.size);
-            if (n > 0) pn_connection_driver_read_done(&d, (size_t)n);
-            else if (n == 0 || errno == EIO) pn_connection_driver_read_close(&d);
+            if (n > 0) {
+                for (size_t i = 0; got + i < 4 && i < (size_t)n; i++)
+                    if (rb.start[i] != "AMQP"[got + i] && retries < HEADER_RETRIES)
+                        again = "stale bytes instead of a protocol header";
+                if (again) continue;
+                got += (size_t)n;
+                pn_connection_driver_read_done(&d, (size_t)n);
+            } else if (n == 0 || errno == EIO)
+                pn_connection_driver_read_close(&d);
         }
         if (p.revents & POLLOUT) {
             ssize_t n = write(fd, wb.start, wb.size);
-            if (n > 0) pn_connection_driver_write_done(&d, (size_t)n);
+            if (n > 0) {
+                if (!sent_at) sent_at = now_ms();
+                pn_connection_driver_write_done(&d, (size_t)n);
+            }
         }
         if ((p.revents & (POLLHUP | POLLERR)) && !(p.revents & POLLIN))
             pn_connection_driver_close(&d); /* host side gone: a real app reopens */
