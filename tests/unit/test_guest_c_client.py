@@ -13,7 +13,10 @@ import shutil
 import subprocess
 import threading
 import tty
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -35,23 +38,35 @@ def c_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-def test_c_client_drains_then_sends_at_least_once(c_client: Path) -> None:
+def _run(
+    c_client: Path, count: int, host_side: Callable[[int], Any]
+) -> subprocess.CompletedProcess[str]:
+    """Run the C client on a raw pty's guest end for ``count`` messages, with what
+    ``host_side(host_fd)`` returns (closed at the end) serving the other end."""
     host, guest = pty.openpty()
     tty.setraw(guest)  # a virtio port has no line discipline; the pty must not have one
-    os.write(host, STALE)
-    broker = MemoryBroker()
-    peer = PeerThread(host, broker)
+    server = host_side(host)
     try:
-        run = subprocess.run(
-            [str(c_client), os.ttyname(guest), "c-queue", "25"],
+        return subprocess.run(
+            [str(c_client), os.ttyname(guest), "c-queue", str(count)],
             capture_output=True,
             text=True,
             timeout=60,
         )
     finally:
-        peer.close()
+        server.close()
         os.close(guest)
         os.close(host)
+
+
+def test_c_client_drains_then_sends_at_least_once(c_client: Path) -> None:
+    broker = MemoryBroker()
+
+    def stale_then_broker(host: int) -> PeerThread:
+        os.write(host, STALE)
+        return PeerThread(host, broker)
+
+    run = _run(c_client, 25, stale_then_broker)
     assert run.returncode == 0, run.stderr
     assert "accepted 25 of 25" in run.stdout
     assert f"discarded {len(STALE)} stale bytes" in run.stderr
@@ -67,36 +82,31 @@ def test_c_client_sends_its_header_again_when_it_went_into_an_old_frame(
     # client died mid-frame, ours goes into that frame and the host says nothing, or the
     # old connection's last bytes come back instead of a header. The client must drain
     # and send its header again, as connector.guest's driver does.
-    host, guest = pty.openpty()
-    tty.setraw(guest)
     broker = MemoryBroker()
     swallowed = threading.Event()
     peer: list[PeerThread] = []
 
-    def host_side() -> None:
-        # Take the client's first header and open as if they completed an old frame,
-        # answer with the old connection's tail (or nothing), then serve the retry.
-        os.read(host, 65536)
-        if host_answers == "stale bytes":
-            os.write(host, STALE)
-        swallowed.set()
-        peer.append(PeerThread(host, broker))
+    def swallow_then_broker(host: int) -> SimpleNamespace:
+        def serve() -> None:
+            # Take the client's first header and open as if they completed an old frame,
+            # answer with the old connection's tail (or nothing), then serve the retry.
+            os.read(host, 65536)
+            if host_answers == "stale bytes":
+                os.write(host, STALE)
+            swallowed.set()
+            peer.append(PeerThread(host, broker))
 
-    thread = threading.Thread(target=host_side, daemon=True)
-    thread.start()
-    try:
-        run = subprocess.run(
-            [str(c_client), os.ttyname(guest), "c-queue", "5"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        thread.join(10)
-        for p in peer:
-            p.close()
-        os.close(guest)
-        os.close(host)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+
+        def close() -> None:
+            thread.join(10)
+            for p in peer:
+                p.close()
+
+        return SimpleNamespace(close=close)
+
+    run = _run(c_client, 5, swallow_then_broker)
     assert swallowed.is_set()
     assert run.returncode == 0, run.stderr
     why = {"nothing": "no answer to our", "stale bytes": "stale bytes instead of a"}[host_answers]

@@ -103,9 +103,7 @@ def test_a_guest_that_never_settles_is_sent_no_more_than_its_unsettled_limit() -
     # the guest settles is given back to the broker as credit; nothing is violated.
     h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
     _, ssn = h.guest_session()
-    rcv = ssn.receiver("r")
-    rcv.source.address = "q"
-    rcv.open()
+    rcv = attach(ssn, "r", "q", sending=False)
     h.pump()
     bsnd = h.broker_link("r")
     rcv.flow(100)
