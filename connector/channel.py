@@ -170,6 +170,12 @@ class _Upstream:
         self.addresses: list[Address] = []  # the broker's addresses not tried yet
         self.address_timer: asyncio.TimerHandle | None = None  # gives up on a silent one
 
+    def stop_address_timer(self) -> None:
+        """The connect to the current address is over, one way or the other."""
+        if self.address_timer is not None:
+            self.address_timer.cancel()
+            self.address_timer = None
+
 
 class Channel:
     """Serve one virtio-serial channel for as long as it exists."""
@@ -536,9 +542,7 @@ class Channel:
         if up.writing:
             self._loop.remove_writer(up.sock.fileno())
             up.writing = False
-        if up.address_timer is not None:
-            up.address_timer.cancel()
-            up.address_timer = None
+        up.stop_address_timer()
         up.sock.close()
         try:
             up.sock = open_socket(up.url, up.addresses)
@@ -560,9 +564,7 @@ class Channel:
     def _on_upstream_connected(self, router: Router, up: _Upstream) -> None:
         self._loop.remove_writer(up.sock.fileno())
         up.writing = False
-        if up.address_timer is not None:
-            up.address_timer.cancel()
-            up.address_timer = None
+        up.stop_address_timer()
         err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err and up.addresses:  # the broker's host has another address: try it
             failed = self._next_address(router, up, os.strerror(err))
