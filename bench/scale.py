@@ -165,11 +165,14 @@ class Crowd:
 
     def __init__(self, fds: list[int], members: list[Member], sasl: str | None) -> None:
         self.members = members
-        self.drivers = [
-            Driver(m, fd, container_id=f"scale-{i}", reconnect=False, sasl_mechanisms=sasl)
+        self.by_fd = {
+            fd: Driver(m, fd, container_id=f"scale-{i}", reconnect=False, sasl_mechanisms=sasl)
             for i, (fd, m) in enumerate(zip(fds, members, strict=True))
-        ]
-        self.by_fd = {fd: d for fd, d in zip(fds, self.drivers, strict=True)}
+        }
+
+    @property
+    def drivers(self) -> list[Driver]:
+        return list(self.by_fd.values())
 
     def run_until(self, done: Callable[[], bool], what: str) -> float:
         """Drive every guest until ``done()``; returns the wall seconds it took."""
