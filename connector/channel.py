@@ -148,6 +148,7 @@ class _Upstream:
         "connected",
         "out",
         "paused",
+        "pool",
         "sock",
         "tls",
         "url",
@@ -155,9 +156,15 @@ class _Upstream:
     )
 
     def __init__(
-        self, sock: socket.socket, url: BrokerURL, engine: Engine, tls: TLSSession | None
+        self,
+        sock: socket.socket,
+        pool: BrokerPool,
+        url: BrokerURL,
+        engine: Engine,
+        tls: TLSSession | None,
     ) -> None:
         self.sock = sock
+        self.pool = pool  # the pool ``url`` came from: its failure is reported there
         self.url = url
         self.tls = tls
         # What the socket is written from: the engine itself, or TLS encrypting its output.
@@ -178,14 +185,18 @@ class _Upstream:
 
 
 class Channel:
-    """Serve one virtio-serial channel for as long as it exists."""
+    """Serve one virtio-serial channel for as long as it exists.
+
+    ``brokers`` returns the pool to open the next upstream from: it is called at each
+    upstream connect, so a reload that replaces the pool reaches a running channel.
+    """
 
     def __init__(
         self,
         spec: ChannelSpec,
         *,
         loop: asyncio.AbstractEventLoop,
-        brokers: BrokerPool,
+        brokers: Callable[[], BrokerPool],
         limits: GuestLimits,
         policy: LinkPolicy | None = None,
     ) -> None:
@@ -504,19 +515,22 @@ class Channel:
     # -- upstream I/O --------------------------------------------------------------------
 
     def _make_upstream(self) -> Engine:
-        """Called by the router when the guest's open arrives."""
-        return self._brokers.make_engine(self._brokers.current)
+        """Called by the router when the guest's open arrives; ``_connect_upstream`` follows
+        in the same pump, so both see the same pool (a reload runs between pumps)."""
+        pool = self._brokers()
+        return pool.make_engine(pool.current)
 
     def _connect_upstream(self, router: Router) -> None:
-        url = self._brokers.current
+        pool = self._brokers()
+        url = pool.current
         try:
             addresses = broker_addresses(url)
             sock = open_socket(url, addresses)
         except OSError as err:
-            self._brokers.failed(url)
+            pool.failed(url)
             router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
             return
-        up = _Upstream(sock, url, router.upstream, self._brokers.tls_session(url, router.upstream))
+        up = _Upstream(sock, pool, url, router.upstream, pool.tls_session(url, router.upstream))
         up.addresses = addresses
         self._up = up
         router.upstream_name = str(url)
@@ -716,7 +730,9 @@ class Channel:
             self._up = None
         router.uncount_unsent(upstream=True)
         if router.failed_opening:  # refused, unreachable, or hung up before its open
-            self._brokers.failed(up.url)
+            # To the pool it came from: a connect begun before a reload (with the old
+            # password, say) says nothing of the new pool's brokers.
+            up.pool.failed(up.url)
         if self._lingering.pop(router, None) is not None:
             _free_engines(router)
         self._update_idle()

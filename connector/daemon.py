@@ -225,7 +225,7 @@ class Daemon:
         ch = Channel(
             spec,
             loop=self._loop,
-            brokers=self._brokers,
+            brokers=lambda: self._brokers,
             limits=self.config.limits,
             policy=self.config.policy.for_guest(spec.identity.name),
         )

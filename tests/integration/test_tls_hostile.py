@@ -474,7 +474,9 @@ class _Connector:
         settings = UpstreamSettings(urls=tuple(BrokerURL.parse(u) for u in urls), tls=tls)
         self.pool = BrokerPool(settings)
         spec = ChannelSpec(ChannelKind.UNIX, self.qemu.path, GuestIdentity("hostile-vm"))
-        self.channel = Channel(spec, loop=self.loop, brokers=self.pool, limits=GuestLimits())
+        self.channel = Channel(
+            spec, loop=self.loop, brokers=lambda: self.pool, limits=GuestLimits()
+        )
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.loop.call_soon_threadsafe(self.channel.start)

@@ -43,7 +43,7 @@ def served(
     url = BrokerURL.parse(f"amqp://{NAME}:{artemis.port}")
     pool = BrokerPool(UpstreamSettings(urls=(url,), user=artemis.user, password=artemis.password))
     spec = ChannelSpec(ChannelKind.UNIX, qemu.path, GuestIdentity("multi-homed"))
-    channel = Channel(spec, loop=loop, brokers=pool, limits=GuestLimits())
+    channel = Channel(spec, loop=loop, brokers=lambda: pool, limits=GuestLimits())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     loop.call_soon_threadsafe(channel.start)

@@ -65,7 +65,7 @@ def test_a_channel_out_of_descriptors_says_so_and_does_not_spin(tmp_path: Path) 
     loop = asyncio.new_event_loop()
     pool = BrokerPool(UpstreamSettings(urls=(BrokerURL.parse("amqp://127.0.0.1:1"),)))
     spec = ChannelSpec(ChannelKind.UNIX_LISTEN, str(tmp_path / "port"), GuestIdentity("vm"))
-    channel = Channel(spec, loop=loop, brokers=pool, limits=GuestLimits())
+    channel = Channel(spec, loop=loop, brokers=lambda: pool, limits=GuestLimits())
     tries = []
     connect = channel._endpoint.connect
 
