@@ -81,12 +81,12 @@ def _text(table: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-# SIGHUP applies the channel list only (the daemon's other parts are built once, at start).
-# Every other Config field, by the file section it comes from, so that a reload can say
-# which of the operator's changes wait for a restart instead of ignoring them silently.
-RELOADED_FIELDS = frozenset({"channels", "file"})
+# SIGHUP applies the channel list and [broker] (to upstream connections opened after it,
+# broker_reload.py); the daemon's other parts are built once, at start. Every other Config
+# field, by the file section it comes from, so that a reload can say which of the
+# operator's changes wait for a restart instead of ignoring them silently.
+RELOADED_FIELDS = frozenset({"channels", "file", "upstream"})
 RESTART_SECTIONS: dict[str, str] = {
-    "upstream": "broker",
     "control_socket": "control",
     "control_mode": "control",
     "control_group": "control",
@@ -192,8 +192,7 @@ def _check_channel_path(kind: ChannelKind, path: str) -> None:
 def _read_password_file(path: str, where: str) -> str:
     """The password in ``path``: the whole file but its line ending (``echo pw > file``
     adds one; any other whitespace may be part of the password). A reload (SIGHUP) reads
-    it again, to check it, but like all of ``[broker]`` a new password applies at the next
-    restart."""
+    it again: that is how a rotated password reaches the next upstream connections."""
     try:
         st = os.stat(path)
         with open(path, encoding="utf-8") as f:

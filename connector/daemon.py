@@ -2,8 +2,9 @@
 
 It is the only place that starts and stops things: channels from the configuration and
 from discovery, the control and metrics servers, and the signal handlers (SIGTERM: close
-every guest connection and upstream cleanly, then exit 0; SIGHUP: re-read the channel list
-and apply the difference without touching unchanged channels).
+every guest connection and upstream cleanly, then exit 0; SIGHUP: re-read the configuration,
+apply the channel list's difference without touching unchanged channels, and a changed
+``[broker]`` to the upstream connections opened after it).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import resource
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 from . import config as config_mod
 from . import state
+from .broker_reload import CurrentBrokers
 from .channel import Channel, ChannelState
 from .config import Config
 from .control.metrics import MetricsServer, parse_listen_address
@@ -25,7 +28,6 @@ from .discovery import Discovery
 from .errors import ConfigError
 from .identity import ChannelSpec
 from .notify import notify
-from .upstream import BrokerPool
 
 log = logging.getLogger("connector")
 
@@ -68,7 +70,7 @@ class Daemon:
         self.channels: dict[str, Channel] = {}
         self._static: dict[str, ChannelSpec] = {}
         self._discovered: dict[str, ChannelSpec] = {}
-        self._brokers = BrokerPool(config.upstream)
+        self._brokers = CurrentBrokers(config.upstream)
         self._started = time.time()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,13 +178,19 @@ class Daemon:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configured channels; keep unchanged ones connected.
+        """SIGHUP: re-read the configuration; apply the channel list and ``[broker]``.
 
-        Only the channel list is applied; a change anywhere else is named in one warning
-        (and again on each reload until the restart that applies it), never dropped silently.
+        Unchanged channels keep their guests connected. A changed ``[broker]`` (a rotated
+        password file included) is for the upstream connections opened from now on: the
+        guests connected now keep theirs, as an nginx reload keeps its open connections.
+        The new file is checked whole, its broker pool built, before anything is applied,
+        so one mistake keeps all of the old configuration. A change anywhere else is named
+        in one warning (and again on each reload until the restart that applies it), never
+        dropped silently.
         """
         try:
             fresh = config_mod.load(self._flags)
+            broker = self._brokers.prepare(fresh.upstream)
         except ConfigError as err:
             log.error("reload failed, keeping the old configuration: %s", err)
             return
@@ -190,8 +198,17 @@ class Daemon:
         if waiting:
             log.warning(
                 "reload: %s changed: not applied until the next restart "
-                "(a reload applies only the channel list)",
+                "(a reload applies the channel list and [broker])",
                 ", ".join(f"[{section}]" for section in waiting),
+            )
+        if broker is not None:
+            self._brokers.apply(broker)
+            self.config = replace(self.config, upstream=fresh.upstream)
+            log.info(
+                "reload: [broker] applied to new connections: urls %s (changed: %s); "
+                "guests connected now keep their broker connection",
+                ", ".join(str(u) for u in fresh.upstream.urls),
+                ", ".join(broker.changed),
             )
         self._static = {spec.path: spec for spec in fresh.channels}
         self._apply()
@@ -225,7 +242,7 @@ class Daemon:
         ch = Channel(
             spec,
             loop=self._loop,
-            brokers=lambda: self._brokers,
+            brokers=self._brokers,
             limits=self.config.limits,
             policy=self.config.policy.for_guest(spec.identity.name),
         )

@@ -112,7 +112,9 @@ class BrokerPool:
 
     All guests use the current URL; when a connection to it fails, the next guest
     connection tries the next one. A broker outage is the same for every guest, so the
-    position is shared rather than per channel.
+    position is shared rather than per channel. A pool never changes its settings: a
+    reload that changes ``[broker]`` puts a new pool in its place (``broker_reload.py``),
+    and an upstream made from this one reports its failure here, not to its successor.
     """
 
     def __init__(self, settings: UpstreamSettings) -> None:
@@ -132,6 +134,14 @@ class BrokerPool:
         """A connection to ``url`` failed: move on, unless another channel already did."""
         if url == self.current and len(self.settings.urls) > 1:
             self._index = (self._index + 1) % len(self.settings.urls)
+
+    def take_position(self, old: BrokerPool) -> None:
+        """Start at ``old``'s current URL when a reload keeps the same brokers in the same
+        order (a new password, say): a failover that already moved off a dead broker is
+        not undone. A changed list is the operator's new order, tried from its first URL.
+        Credentials inside the URLs do not count: they do not change where a broker is."""
+        if [str(u) for u in old.settings.urls] == [str(u) for u in self.settings.urls]:
+            self._index = old._index
 
     def make_engine(self, url: BrokerURL) -> Engine:
         """A proton client engine configured for ``url``: SASL, hostname, heartbeats."""

@@ -87,12 +87,15 @@ def test_every_setting_is_either_reloaded_or_named_as_needing_a_restart() -> Non
 
 
 def test_a_reload_names_the_sections_it_does_not_apply() -> None:
+    """``[broker]`` is applied by a reload (to new upstream connections), so it is not
+    among the sections said to wait for a restart."""
     running = build("[limits]\nmax_sessions = 32\n[[channel]]\nkind = 'pty'\npath = '/dev/null'\n")
     channels_only = build("[limits]\nmax_sessions = 32\n")
     assert config.sections_needing_restart(running, channels_only) == []
     fresh = build(
         "[limits]\nmax_sessions = 8\n[policy.default]\nrelay = false\n[log]\nlevel = 'debug'\n"
         "[control]\nmode = '0660'\n[discovery]\nsources = ['watch']\n"
+        "[broker]\nurls = ['amqp://elsewhere']\n"  # applied by the reload: not named
     )
     assert config.sections_needing_restart(running, fresh) == [
         "control", "discovery", "limits", "log", "policy",
