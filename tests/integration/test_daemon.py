@@ -125,6 +125,154 @@ def test_sighup_names_the_changed_sections_it_does_not_apply(tmp_path: Path) -> 
         assert daemon.stop(signal.SIGTERM) == 0
 
 
+def _broker_section(urls: list[str], user: str, password: str, pwfile: Path) -> str:
+    """A ``[broker]`` table whose password is in ``pwfile`` (written here, mode 0600)."""
+    pwfile.write_text(password + "\n")
+    pwfile.chmod(0o600)
+    return f"[broker]\nurls = {urls!r}\nuser = '{user}'\npassword_file = '{pwfile}'\n"
+
+
+def _channel_entry(qemu: Qemu) -> str:
+    return f"[[channel]]\nkind = '{qemu.kind}'\npath = '{qemu.path}'\nguest = '{qemu.guest}'\n"
+
+
+def _reload(daemon: Connector) -> str:
+    """SIGHUP the daemon and wait for the reload's last log line (``reloaded: ...`` or
+    ``reload failed``); returns the log written since the signal."""
+    assert daemon.proc is not None
+    start = len(daemon.log_text())
+
+    def done() -> bool:
+        since = daemon.log_text()[start:]
+        return "reloaded:" in since or "reload failed" in since
+
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(done, 30, "the reload")
+    return daemon.log_text()[start:]
+
+
+@pytest.mark.broker
+def test_sighup_moves_new_guest_connections_to_a_new_broker_keeping_connected_ones(
+    artemis: Any, rabbitmq: Any, tmp_path: Path
+) -> None:
+    """``broker.urls`` moved from Artemis to RabbitMQ: the guest connected before the
+    reload stays on Artemis, undisturbed; the next guest connection goes to RabbitMQ."""
+    from connector.guest.client import GuestClient
+
+    early, late = Qemu("pty", tmp_path, "early"), Qemu("unix-listen", tmp_path, "late")
+    channels = _channel_entry(early) + _channel_entry(late)
+    conf = tmp_path / "connector.toml"
+    pwfile = tmp_path / "broker.pw"
+    conf.write_text(
+        _broker_section([artemis.url], artemis.user, artemis.password, pwfile) + channels
+    )
+    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False).start()
+    queue = f"/queue/moved-{os.getpid()}"
+    try:
+        with GuestClient(early.fd(), container_id="early", timeout=30) as stays:
+            assert stays.send("reload.stays", ["before"])[0].state == "accepted"
+            conf.write_text(
+                _broker_section([rabbitmq.url], rabbitmq.user, rabbitmq.password, pwfile) + channels
+            )
+            logged = _reload(daemon)
+            assert stays.send("reload.stays", ["after"])[0].state == "accepted"
+            assert daemon.channel("early")["upstream"] == artemis.url
+            with GuestClient(late.fd(), container_id="late", timeout=30) as moved:
+                assert daemon.channel("late")["upstream"] == rabbitmq.url
+                assert moved.send(queue, ["on rabbitmq"])[0].state == "accepted"
+                assert [m.body for m in moved.receive(queue, 1)] == ["on rabbitmq"]
+            assert f"[broker] applied to new connections: urls {rabbitmq.url}" in logged
+            assert "next restart" not in logged
+            got = stays.receive("reload.stays", 2)
+            assert [m.body for m in got] == ["before", "after"]  # both went to Artemis
+        assert daemon.snapshot()["connector"]["upstream_urls"] == [rabbitmq.url]
+    finally:
+        assert daemon.stop() == 0
+        early.hang_up()
+        late.hang_up()
+
+
+@pytest.mark.broker
+def test_sighup_takes_a_rotated_password_from_the_password_file(
+    rabbitmq: Any, tmp_path: Path
+) -> None:
+    """The broker's password is changed and the new one written to ``password_file``;
+    after SIGHUP the next guest connection logs in with it (RabbitMQ refuses the old
+    one), and the guest connected with the old one stays connected."""
+    from connector.guest.client import GuestClient
+
+    user = f"qvc-rotate-{os.getpid()}"
+    rabbitmq.ctl("add_user", user, "old-secret-4711")
+    rabbitmq.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    early, late = Qemu("pty", tmp_path, "early"), Qemu("unix-listen", tmp_path, "late")
+    channels = _channel_entry(early) + _channel_entry(late)
+    conf = tmp_path / "connector.toml"
+    pwfile = tmp_path / "broker.pw"
+    conf.write_text(_broker_section([rabbitmq.url], user, "old-secret-4711", pwfile) + channels)
+    daemon = Connector(tmp_path, rabbitmq, [], "--config", str(conf), broker_flags=False).start()
+    queue = f"/queue/rotated-{os.getpid()}"
+    try:
+        with GuestClient(early.fd(), container_id="early", timeout=30) as stays:
+            assert stays.send(queue, ["old password"])[0].state == "accepted"
+            rabbitmq.ctl("change_password", user, "new-secret-4712")
+            pwfile.write_text("new-secret-4712\n")
+            logged = _reload(daemon)
+            with GuestClient(late.fd(), container_id="late", timeout=30) as rotated:
+                assert rotated.send(queue, ["new password"])[0].state == "accepted"
+            got = stays.receive(queue, 2)  # the early guest's connection is still up
+            assert [m.body for m in got] == ["old password", "new password"]
+            assert "[broker] applied to new connections" in logged
+            assert "(changed: password)" in logged
+        log = daemon.log_text()
+        assert "old-secret-4711" not in log
+        assert "new-secret-4712" not in log
+    finally:
+        assert daemon.stop() == 0
+        early.hang_up()
+        late.hang_up()
+
+
+@pytest.mark.broker
+def test_sighup_with_an_unusable_broker_section_keeps_the_old_configuration(
+    artemis: Any, tmp_path: Path
+) -> None:
+    """A new ``[broker]`` whose TLS certificate is not PEM (found only when the pool is
+    built) fails the whole reload with one line naming the key and file: the added
+    channel is not served, and new guest connections still go to the old broker."""
+    from connector.guest.client import GuestClient
+
+    vm, extra = Qemu("unix-listen", tmp_path, "vm"), Qemu("unix-listen", tmp_path, "extra")
+    conf = tmp_path / "connector.toml"
+    pwfile = tmp_path / "broker.pw"
+    old = _broker_section([artemis.url], artemis.user, artemis.password, pwfile)
+    conf.write_text(old + _channel_entry(vm))
+    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False).start()
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate\n")
+    dead = f"amqps://127.0.0.1:{free_port()}"
+    try:
+        conf.write_text(
+            old.replace(repr([artemis.url]), repr([dead]))
+            + f"[broker.tls]\ncert_file = '{cert}'\n"
+            + _channel_entry(vm)
+            + _channel_entry(extra)
+        )
+        logged = _reload(daemon)
+        assert [c["guest"] for c in daemon.snapshot()["channels"]] == ["vm"]
+        with GuestClient(vm.fd(), container_id="vm", timeout=30) as guest:
+            assert daemon.channel("vm")["upstream"] == artemis.url
+            assert guest.send("reload.kept", ["x"])[0].state == "accepted"
+        errors = [line for line in logged.splitlines() if "ERROR" in line]
+        assert len(errors) == 1, logged
+        assert "reload failed, keeping the old configuration" in errors[0]
+        assert f"broker.tls.cert_file: {cert}" in errors[0]
+        assert "applied" not in logged
+    finally:
+        assert daemon.stop() == 0
+        vm.hang_up()
+        extra.hang_up()
+
+
 @pytest.mark.broker
 def test_sigterm_closes_guests_with_forced_and_exits_0(artemis: Any, tmp_path: Path) -> None:
     ch = Qemu("unix", tmp_path, "vm")

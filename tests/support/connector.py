@@ -126,6 +126,7 @@ class Connector:
         *extra: str,
         broker_urls: str | None = None,
         credentials: bool = True,
+        broker_flags: bool = True,
     ) -> None:
         self.workdir = workdir
         self.control = str(workdir / "control.sock")
@@ -135,11 +136,16 @@ class Connector:
         self.extra = list(extra)
         self.broker_urls = broker_urls or broker.url  # a comma list means failover
         self.credentials = credentials  # pass the broker's user and password file
+        # False: no --broker flags; the --config file's [broker] says where (flags would
+        # override the file again on each reload, so a test of [broker] reloads needs this).
+        self.broker_flags = broker_flags
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "connector", "--broker", self.broker_urls]
-        if self.credentials and self.broker.user:
+        argv = [sys.executable, "-m", "connector"]
+        if self.broker_flags:
+            argv += ["--broker", self.broker_urls]
+        if self.broker_flags and self.credentials and self.broker.user:
             pwfile = self.workdir / "broker.pw"
             pwfile.write_text(self.broker.password or "")
             pwfile.chmod(0o600)
