@@ -144,18 +144,33 @@ class Router:
         return not stalled and self.guest.condition() is None
 
     def process(self) -> None:
-        """Handle every pending event on both sides, until neither has any."""
-        busy = True
-        while busy:
-            busy = self._drain(self.guest.collector, from_guest=True)
-            if self.upstream is not None:
-                busy = self._drain(self.upstream.collector, from_guest=False) or busy
+        """Handle every pending event on both sides, until neither has any.
+
+        Proton posts events while it produces output too: each transfer it frames posts
+        PN_LINK_FLOW on its link (the credit went down). So both engines' output is
+        produced here, and what that posted is handled in this same call. Left to
+        ``events_pending`` after the writes, it cost each message of a request/response
+        one more turn of the event loop and a whole pump.
+        """
+        guest = self.guest
+        while True:
+            self._drain(guest.collector, from_guest=True)
+            upstream = self.upstream  # handling the guest's open makes it
+            if upstream is not None:
+                self._drain(upstream.collector, from_guest=False)
+            # Handling events posts more (our attach posts a local-open event), and so
+            # does producing the frames (the count is not needed).
+            guest.output_pending()
+            if upstream is not None:
+                upstream.output_pending()
+            if not self.events_pending():
+                return
 
     def events_pending(self) -> bool:
         """Whether either engine holds an event ``process`` has not seen: proton posts some
-        while it produces output, after ``process`` ran (its SASL client, finding no
-        mechanism it may use, fails there). PN_TRANSPORT events, which change nothing,
-        are dropped on the way."""
+        while it produces output, which writing can resume after ``process`` ran (its SASL
+        client, finding no mechanism it may use, fails there). PN_TRANSPORT events, which
+        change nothing, are dropped on the way."""
         for engine in (self.guest, self.upstream):
             if engine is None or engine.collector is None:
                 continue  # no upstream yet, or the engines were freed
