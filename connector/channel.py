@@ -42,6 +42,7 @@ from .channels.unix_listen import UnixListenEndpoint
 from .identity import ChannelKind, ChannelSpec
 from .limits import GuestLimits
 from .logs import guest_logger
+from .redirect import MAX_REDIRECTS, REDIRECT, BadRedirect, read_redirect
 from .routing.engine import IO_CHUNK, Engine
 from .routing.route import LinkPolicy
 from .routing.router import Counters, Router, RouterState
@@ -223,6 +224,9 @@ class Channel:
         self._paused = False
         self._router: Router | None = None
         self._up: _Upstream | None = None
+        # Where the next upstream goes instead of the failover list's current URL, and the
+        # hostname its open carries: a redirect's target (``_on_redirect``), taken once.
+        self._target: tuple[BrokerURL, str | None] | None = None
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -515,14 +519,17 @@ class Channel:
     # -- upstream I/O --------------------------------------------------------------------
 
     def _make_upstream(self) -> Engine:
-        """Called by the router when the guest's open arrives; ``_connect_upstream`` follows
-        in the same pump, so both see the same pool (a reload runs between pumps)."""
+        """Called by the router when the guest's open arrives, and for a redirect's target;
+        ``_connect_upstream`` follows in the same pump, so both see the same pool (a reload
+        runs between pumps)."""
         pool = self._brokers()
-        return pool.make_engine(pool.current)
+        url, hostname = self._target or (pool.current, None)
+        return pool.make_engine(url, hostname)
 
     def _connect_upstream(self, router: Router) -> None:
         pool = self._brokers()
-        url = pool.current
+        url = self._target[0] if self._target else pool.current
+        self._target = None
         try:
             addresses = broker_addresses(url)
             sock = open_socket(url, addresses)
@@ -712,6 +719,20 @@ class Channel:
 
     def _drop_upstream(self, router: Router, up: _Upstream) -> None:
         """Close the upstream socket (after the close exchange, a failure, or a timeout)."""
+        self._close_socket(up)
+        if self._up is up:
+            self._up = None
+        router.uncount_unsent(upstream=True)
+        if router.failed_opening:  # refused, unreachable, or hung up before its open
+            # To the pool it came from: a connect begun before a reload (with the old
+            # password, say) says nothing of the new pool's brokers.
+            up.pool.failed(up.url)
+        if self._lingering.pop(router, None) is not None:
+            _free_engines(router)
+        self._update_idle()
+
+    def _close_socket(self, up: _Upstream) -> None:
+        """Stop ``up``'s timers and I/O and close its socket."""
         for timer in (up.connect_timer, up.closing_timer, up.address_timer):
             if timer is not None:
                 timer.cancel()
@@ -726,16 +747,42 @@ class Channel:
                 self._loop.remove_writer(fd)
             up.sock.close()
         up.writing = False
-        if self._up is up:
+
+    def _on_redirect(self, router: Router, up: _Upstream, info: dict[Any, Any]) -> bool:
+        """The broker closed with a redirect, which the guest never sees. Before the guest's
+        open is answered it is followed: ``up`` is closed and the router goes on with an
+        engine for the target, which the pump then connects (True). Otherwise the guest's
+        connection ends with ``amqp:connection:forced`` naming the target, and this channel's
+        next connection goes there, once: the broker asked for it, and a target that fails
+        leaves the next one to the failover list. A target that is not usable as it is, or
+        one redirect too many, is an upstream failure like any other."""
+        try:
+            target = read_redirect(info, up.url.scheme)
+        except BadRedirect as err:
+            self._record_error(f"{up.url} redirected the connection: {err}", REDIRECT)
+            router.upstream_failed(f"{up.url} redirected the connection to no usable target: {err}")
+            return False
+        url = target.url(up.url)
+        opening = router.state is RouterState.OPENING
+        if opening and router.redirects < MAX_REDIRECTS:
+            self.log.info(
+                "%s redirected the connection to %s; following (redirect %d of at most %d)",
+                up.url, url, router.redirects + 1, MAX_REDIRECTS,
+            )  # fmt: skip
+            self._record_error(f"{up.url} redirected the connection to {url}: followed", REDIRECT)
+            self._close_socket(up)
             self._up = None
-        router.uncount_unsent(upstream=True)
-        if router.failed_opening:  # refused, unreachable, or hung up before its open
-            # To the pool it came from: a connect begun before a reload (with the old
-            # password, say) says nothing of the new pool's brokers.
-            up.pool.failed(up.url)
-        if self._lingering.pop(router, None) is not None:
-            _free_engines(router)
-        self._update_idle()
+            self._target = (url, target.hostname)
+            router.follow_redirect(self._make_upstream())
+            return True
+        self._record_error(f"{up.url} redirected the connection to {url}", REDIRECT)
+        if opening:
+            why = f"redirect loop: {MAX_REDIRECTS} redirects followed, then {up.url} to {url}"
+        else:
+            self._target = (url, target.hostname)
+            why = f"{up.url} redirected the connection to {url}; the next connection goes there"
+        router.upstream_failed(why)
+        return False
 
     # -- the pump: after any I/O -----------------------------------------------------------
 
@@ -750,6 +797,10 @@ class Channel:
         if live:
             self._tick_engines(router)
         router.process()
+        if up is not None and router.redirect is not None and live:
+            if self._on_redirect(router, up, router.redirect):
+                up = None  # the router's new engine is connected just below
+            router.redirect = None
         if router.upstream is not None and up is None and not router.upstream_dead and live:
             self._connect_upstream(router)
             up = self._up

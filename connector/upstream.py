@@ -143,12 +143,14 @@ class BrokerPool:
         if [str(u) for u in old.settings.urls] == [str(u) for u in self.settings.urls]:
             self._index = old._index
 
-    def make_engine(self, url: BrokerURL) -> Engine:
-        """A proton client engine configured for ``url``: SASL, hostname, heartbeats."""
+    def make_engine(self, url: BrokerURL, hostname: str | None = None) -> Engine:
+        """A proton client engine configured for ``url``: SASL, hostname (``hostname``, a
+        redirect's, over the configured one), heartbeats."""
         s = self.settings
         user = url.user or s.user
         password = url.password or s.password
-        engine = Engine(server=False, user=user, password=password, hostname=s.hostname or url.host)
+        hostname = hostname or s.hostname or url.host
+        engine = Engine(server=False, user=user, password=password, hostname=hostname)
         mechs = s.sasl_mechanisms or ("PLAIN" if password else "ANONYMOUS")
         # Proton's SASL client refuses PLAIN on a transport it does not see encrypted, and
         # it never sees our TLS (tls.py); plain amqp has always allowed PLAIN too.

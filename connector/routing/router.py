@@ -30,6 +30,7 @@ from cproton_ffi import ffi, lib
 from proton import Data, symbol
 
 from ..limits import GuestLimits
+from ..redirect import ESTABLISHMENT_FAILED, REDIRECT
 from . import credit
 from .deliveries import forget_route, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
@@ -122,6 +123,10 @@ class Router:
         self._deferred_refusals: list[tuple[Any, tuple[str, str]]] = []
         self._uncounted: set[bool] = set()  # sides whose unsent deliveries came off
         self._awaiting_detach: set[Any] = set()  # links we closed; their detach is due
+        # A broker's redirect, the info of its close, while the channel has not yet decided
+        # what to do with it (follow it, or end the guest's connection): never for the guest.
+        self.redirect: dict[Any, Any] | None = None
+        self.redirects = 0  # redirects followed for this guest connection
 
     # -- driving -------------------------------------------------------------------------
 
@@ -268,9 +273,18 @@ class Router:
             counters.upstream_reconnects += 1
             counters.last_upstream_failed = False
         counters.guest_connections += 1
-        up_engine = self._make_upstream()
-        self.upstream = up_engine
-        up = up_engine.connection
+        self.upstream = self._make_upstream()
+        self._send_open(self.upstream)
+        container = lib.pn_connection_remote_container(g)
+        self._log.info(
+            "guest opened a connection (container-id %s); opening upstream",
+            ffi.string(container).decode(errors="replace") if container != ffi.NULL else "-",
+        )
+
+    def _send_open(self, engine: Engine) -> None:
+        """Open ``engine``'s connection on the guest's behalf."""
+        g = self.guest.connection
+        up = engine.connection
         container = lib.pn_connection_remote_container(g)
         if container != ffi.NULL:
             # The guest's own container-id, so broker state keyed on it (durable
@@ -285,14 +299,16 @@ class Router:
         props.update({symbol(k): v for k, v in self._identity.items()})
         _write_map(lib.pn_connection_properties(up), props)
         lib.pn_connection_open(up)
-        self._log.info(
-            "guest opened a connection (container-id %s); opening upstream",
-            ffi.string(container).decode(errors="replace") if container != ffi.NULL else "-",
-        )
 
     def _answer_guest_open(self) -> None:
         g = self.guest.connection
         up = self.upstream.connection
+        if lib.pn_connection_state(up) & _REMOTE_CLOSED or _read_map(
+            lib.pn_connection_remote_properties(up)
+        ).get(ESTABLISHMENT_FAILED):
+            # Its close has come with it, or is announced: a refusal, or a redirect that can
+            # still be followed only while the guest has not been answered.
+            return
         if lib.pn_connection_state(g) & _LOCAL_UNINIT:
             container = lib.pn_connection_remote_container(up)
             if container != ffi.NULL:
@@ -329,6 +345,14 @@ class Router:
             up = self.upstream.connection
             cond = read_condition(lib.pn_connection_remote_condition(up))
             answered = bool(lib.pn_connection_state(up) & _LOCAL_CLOSED)  # we closed first
+            if cond and cond[0] == REDIRECT and not answered:
+                # The guest could not follow it: the channel follows it or ends the guest's
+                # connection (``follow_redirect``, ``upstream_failed``).
+                self.redirect = _read_map(
+                    lib.pn_condition_info(lib.pn_connection_remote_condition(up))
+                )
+                self._log.info("broker closed the upstream connection%s", _fmt_cond(cond))
+                return
             if lib.pn_connection_state(g) & _LOCAL_UNINIT:
                 lib.pn_connection_open(g)
             copy_condition(lib.pn_connection_condition(g), lib.pn_connection_remote_condition(up))
@@ -399,6 +423,41 @@ class Router:
         set_condition(lib.pn_connection_condition(g), FORCED, reason)
         lib.pn_connection_close(g)
         self.state = RouterState.CLOSING
+
+    def follow_redirect(self, engine: Engine) -> None:
+        """Go on with ``engine``, connected to where the broker redirected us, before the
+        guest's open has been answered; the old upstream engine is freed.
+
+        Until the broker's open nothing but our open went upstream (sessions wait for it in
+        ``_begin``, and their links with them), so the guest's sessions and links are made
+        again on the new connection, and none of them sees the redirect.
+        """
+        old = self.upstream
+        self.redirect = None
+        self.redirects += 1
+        self.upstream = engine
+        self._send_open(engine)
+        # Fields proton drops, for attaches that were never written: due on the new engine.
+        engine.writer.pending.update(old.writer.pending)
+        g = self.guest.connection
+        for ssn, twin in list(self._sessions.items()):
+            if lib.pn_session_connection(ssn) == g:
+                up = lib.pn_session(engine.connection)
+                del self._sessions[twin]
+                self._sessions[ssn] = up
+                self._sessions[up] = ssn
+        for groute in [r for r in self.routes.values() if r.from_guest and r.peer is not None]:
+            del self.routes[groute.peer.link]
+            glink = groute.link
+            ulink = self._upstream_link(glink, self._sessions[lib.pn_link_session(glink)])
+            self._pair(groute, ulink)
+        # Links the guest detached before the broker's open went with the old connection.
+        self._awaiting_detach = {
+            link
+            for link in self._awaiting_detach
+            if lib.pn_session_connection(lib.pn_link_session(link)) == g
+        }
+        old.free()
 
     def violation(self, condition: str, description: str) -> None:
         """The guest broke a limit or the protocol: end its connection with ``condition``.
@@ -637,6 +696,25 @@ class Router:
         if refusal is not None:
             self._refuse(glink, refusal)
             return
+        ulink = self._upstream_link(glink, up_ssn)
+        groute = Route(glink, from_guest=True)
+        # Sent by the guest: more unsettled is a violation. Sent to it: credit waits.
+        groute.max_unsettled = self._limits.max_unsettled_per_link
+        if groute.receiving:  # the guest sends on it: the per-message limits apply
+            groute.max_message = self._limits.max_message_size
+            if request.address is None and not request.coordinator and self._policy.checks_relay:
+                groute.relay = self._policy
+        groute.address = _guest_address(glink)
+        self.routes[glink] = groute
+        self._pair(groute, ulink)
+        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE:
+            lib.pn_link_open(ulink)  # else _begin opens it: proton drops it before its begin
+        self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
+
+    def _upstream_link(self, glink: Any, up_ssn: Any) -> Any:
+        """The upstream twin of the guest's link ``glink``, on ``up_ssn``, attaching with what
+        the guest's attach said (its address mapped by the policy); not yet opened."""
+        request = _attach_request(glink)
         name = lib.pn_link_name(glink)
         if lib.pn_link_is_receiver(glink):
             ulink = lib.pn_sender(up_ssn, name)
@@ -648,21 +726,14 @@ class Router:
             if mapped != request.address:
                 term = lib.pn_link_target(ulink) if request.sending else lib.pn_link_source(ulink)
                 lib.pn_terminus_set_address(term, mapped.encode())
-        groute = Route(glink, from_guest=True)
-        # Sent by the guest: more unsettled is a violation. Sent to it: credit waits.
-        groute.max_unsettled = self._limits.max_unsettled_per_link
-        if groute.receiving:  # the guest sends on it: the per-message limits apply
-            groute.max_message = self._limits.max_message_size
-            if request.address is None and not request.coordinator and self._policy.checks_relay:
-                groute.relay = self._policy
+        return ulink
+
+    def _pair(self, groute: Route, ulink: Any) -> None:
+        """Route the guest's link through ``ulink``."""
         uroute = Route(ulink, from_guest=False)
         groute.peer, uroute.peer = uroute, groute
-        groute.address = uroute.address = _guest_address(glink)
-        self.routes[glink] = groute
+        uroute.address = groute.address
         self.routes[ulink] = uroute
-        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE:
-            lib.pn_link_open(ulink)  # else _begin opens it: proton drops it before its begin
-        self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
 
     def _attach_allowed(self) -> bool:
         """Count the guest's links and attach rate; end the connection over a limit."""
