@@ -14,8 +14,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from proton.utils import BlockingConnection, ConnectionClosed
+
 from tests.brokers import management
-from tests.brokers.common import LOOPBACK, Broker, BrokerError, run_tool
+from tests.brokers.common import (
+    LOOPBACK,
+    PROBE_TIMEOUT,
+    Broker,
+    BrokerError,
+    free_port,
+    run_tool,
+)
 
 ARTEMIS_VERSION = "2.40.0"
 # A small heap keeps two brokers, qemu guests and the suite inside a 2-core CI box; the default
@@ -152,3 +161,86 @@ class Artemis(Broker):
         """The broker's connections as `management.artemis_connections` describes them."""
         with self.connection() as conn:
             return management.artemis_connections(conn)
+
+
+# What a RedirectingArtemis adds to broker.xml: a connector naming the target, a second
+# acceptor that hands every AMQP connection to a connection router (Artemis's "broker
+# balancer"), and the router, whose pool is the target alone. The pool logs in to the target
+# (over CORE) to see that it is up, every ROUTER_CHECK_MS; until then the router refuses
+# connections ("not ready") rather than redirecting them.
+ROUTER_CHECK_MS = 500
+ROUTER_CONNECTOR = (
+    "<connectors>\n"
+    '         <connector name="redirect-target">tcp://{host}:{port}</connector>\n'
+    "      </connectors>\n      <acceptors>"
+)
+ROUTER_ACCEPTOR = (
+    '<acceptor name="redirecting">tcp://{host}:{port}?protocols=AMQP;router=redirect-all'
+    "</acceptor>\n      </acceptors>\n"
+    "      <connection-routers>\n"
+    '         <connection-router name="redirect-all">\n'
+    '            <policy name="FIRST_ELEMENT"/>\n'
+    "            <pool>\n"
+    "               <username>{user}</username>\n"
+    "               <password>{password}</password>\n"
+    f"               <check-period>{ROUTER_CHECK_MS}</check-period>\n"
+    "               <static-connectors>\n"
+    "                  <connector-ref>redirect-target</connector-ref>\n"
+    "               </static-connectors>\n"
+    "            </pool>\n"
+    "         </connection-router>\n"
+    "      </connection-routers>"
+)
+
+
+class RedirectingArtemis(Artemis):
+    """An Artemis that redirects every AMQP client of its ``redirect_url`` to ``target``
+    (``amqp:connection:redirect``, network-host and port of the target's acceptor); its
+    ordinary acceptor (``url``) serves as any Artemis does."""
+
+    name = "artemis-redirecting"
+
+    def __init__(self, workdir: Path, target: Broker) -> None:
+        self.target = target
+        self.redirect_port = free_port()
+        super().__init__(workdir, target.user or "admin", target.password or "admin")
+
+    @property
+    def redirect_url(self) -> str:
+        """The acceptor that redirects, without credentials."""
+        return f"amqp://{self.host}:{self.redirect_port}"
+
+    def _create_instance(self) -> None:
+        super()._create_instance()
+        broker_xml = self.instance / "etc" / "broker.xml"
+        text = broker_xml.read_text()
+        text = text.replace(
+            "<acceptors>",
+            ROUTER_CONNECTOR.format(host=self.target.host, port=self.target.port),
+            1,
+        )
+        text = text.replace(
+            "</acceptors>",
+            ROUTER_ACCEPTOR.format(
+                host=LOOPBACK, port=self.redirect_port, user=self.user, password=self.password
+            ),
+            1,
+        )
+        broker_xml.write_text(text)
+
+    def _ready(self) -> bool:
+        """Up, and its router redirects: the pool has seen the target."""
+        return super()._ready() and redirects(self.redirect_url)
+
+
+def redirects(url: str) -> bool:
+    """Whether a broker at ``url`` closes a new connection with a redirect (rather than
+    serving it, refusing it otherwise, or not answering)."""
+    try:
+        conn = BlockingConnection(url, timeout=PROBE_TIMEOUT)
+        conn.wait(lambda: False, timeout=PROBE_TIMEOUT)  # its close raises ConnectionClosed
+    except ConnectionClosed as closed:  # proton frees the condition: only its text is left
+        return "amqp:connection:redirect" in str(closed)
+    except Exception:  # proton raises several unrelated types for "not yet"
+        return False
+    return False
