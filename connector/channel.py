@@ -224,9 +224,10 @@ class Channel:
         self._paused = False
         self._router: Router | None = None
         self._up: _Upstream | None = None
-        # Where the next upstream goes instead of the failover list's current URL, and the
-        # hostname its open carries: a redirect's target (``_on_redirect``), taken once.
-        self._target: tuple[BrokerURL, str | None] | None = None
+        # Where the next upstream goes instead of the failover list's current URL, the
+        # hostname its open carries, and the pool of the broker that redirected: a
+        # redirect's target (``_on_redirect``), taken once (``_next_broker``).
+        self._target: tuple[BrokerURL, str | None, BrokerPool] | None = None
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -522,13 +523,23 @@ class Channel:
         """Called by the router when the guest's open arrives, and for a redirect's target;
         ``_connect_upstream`` follows in the same pump, so both see the same pool (a reload
         runs between pumps)."""
-        pool = self._brokers()
-        url, hostname = self._target or (pool.current, None)
+        pool, url, hostname = self._next_broker()
         return pool.make_engine(url, hostname)
 
-    def _connect_upstream(self, router: Router) -> None:
+    def _next_broker(self) -> tuple[BrokerPool, BrokerURL, str | None]:
+        """The pool, URL and open hostname for the next upstream: a redirect's target if
+        one waits, else the failover list's current URL. A target from before a reload that
+        changed ``[broker]`` is dropped: the operator's new brokers win over the old one's
+        word."""
         pool = self._brokers()
-        url = self._target[0] if self._target else pool.current
+        if self._target is not None and self._target[2] is not pool:
+            self._target = None
+        if self._target is not None:
+            return pool, self._target[0], self._target[1]
+        return pool, pool.current, None
+
+    def _connect_upstream(self, router: Router) -> None:
+        pool, url, _ = self._next_broker()
         self._target = None
         try:
             addresses = broker_addresses(url)
@@ -772,14 +783,14 @@ class Channel:
             self._record_error(f"{up.url} redirected the connection to {url}: followed", REDIRECT)
             self._close_socket(up)
             self._up = None
-            self._target = (url, target.hostname)
+            self._target = (url, target.hostname, up.pool)
             router.follow_redirect(self._make_upstream())
             return True
         self._record_error(f"{up.url} redirected the connection to {url}", REDIRECT)
         if opening:
             why = f"redirect loop: {MAX_REDIRECTS} redirects followed, then {up.url} to {url}"
         else:
-            self._target = (url, target.hostname)
+            self._target = (url, target.hostname, up.pool)
             why = f"{up.url} redirected the connection to {url}; the next connection goes there"
         router.upstream_failed(why)
         return False

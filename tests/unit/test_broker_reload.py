@@ -21,7 +21,7 @@ from connector.daemon import Daemon
 from connector.errors import ConfigError
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
-from connector.upstream import BrokerPool, UpstreamSettings
+from connector.upstream import BrokerPool, BrokerURL, UpstreamSettings
 from tests.brokers.common import free_port
 from tests.reliability.amqp import AMQP_HEADER, open_frame
 from tests.support.certs import self_signed
@@ -203,4 +203,27 @@ def test_a_connect_begun_before_a_reload_reports_its_failure_to_its_own_pool(
         loop.run_until_complete(asyncio.wait_for(channel.idle.wait(), TIMEOUT))
         guest.close()
         silent.close()
+        loop.close()
+
+
+def test_a_redirect_target_from_before_a_reload_gives_way_to_the_new_brokers(
+    tmp_path: Path,
+) -> None:
+    """A broker that redirected mid-connection sends the channel's next connection to its
+    target, unless a reload changed [broker] since: the operator's new list wins."""
+    brokers = CurrentBrokers(broker("[broker]\nurls = ['amqp://a']\n"))
+    old = brokers()
+    loop = asyncio.new_event_loop()
+    spec = ChannelSpec(ChannelKind.UNIX_LISTEN, str(tmp_path / "port"), GuestIdentity("vm"))
+    channel = Channel(spec, loop=loop, brokers=brokers, limits=GuestLimits())
+    target = BrokerURL.parse("amqp://redirected:5673")
+    try:
+        channel._target = (target, "vhost", old)  # as _on_redirect leaves it
+        assert channel._next_broker() == (old, target, "vhost")
+        change = brokers.prepare(broker("[broker]\nurls = ['amqp://b']\n"))
+        assert change is not None
+        brokers.apply(change)
+        pool, url, hostname = channel._next_broker()
+        assert (pool, str(url), hostname) == (brokers(), "amqp://b:5672", None)
+    finally:
         loop.close()
