@@ -13,6 +13,7 @@ same client code (bench/client.py on connector.guest's Driver) then runs four wa
     unix       through the connector, over the accepted unix socket
     socat-pty  through socat relaying the pty's bytes to the broker: the ceiling of any byte
                relay on a pty (no AMQP is terminated; its CPU shows in the connector column)
+    socat-unix the same over a unix socket: the ceiling of any byte relay on the unix channel
 
 Each round runs every path: N messages sent at-least-once to a fresh queue, the same N
 received and accepted, then request/response round trips to a responder attached directly to
@@ -77,9 +78,10 @@ WARMUP_REQUESTS = 20
 # The daemon and its channels come up in well under a second; a loaded box may be slower.
 DAEMON_TIMEOUT = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PATHS = ("direct", "pty", "unix", "socat-pty")
+PATHS = ("direct", "pty", "unix", "socat-pty", "socat-unix")
 CHANNELS = ("pty", "unix")  # the connector's channels
-VIA = (*CHANNELS, "socat-pty")  # the paths with a ratio to direct
+RELAYS = ("socat-pty", "socat-unix")  # a C byte relay on each kind of channel
+VIA = (*CHANNELS, *RELAYS)  # the paths with a ratio to direct
 
 
 # ---- machine and process facts --------------------------------------------------------
@@ -277,8 +279,8 @@ class Bench:
         and ANONYMOUS (both brokers allow it; the connector is the one that authenticates).
         Through the connector the guest speaks no SASL, as a guest application may.
         """
-        if path == "socat-pty":
-            yield from self._socat_pty()
+        if path in RELAYS:
+            yield from self._socat(path)
             return
         if path != "direct":
             yield self.connector.fd(path), None
@@ -291,23 +293,31 @@ class Bench:
         finally:
             sock.close()
 
-    def _socat_pty(self) -> Iterator[tuple[int, str | None]]:
-        """A pty whose slave socat relays to the broker, as a byte relay would; the client
-        holds the master (as qemu does) and speaks to the broker through it."""
-        master, slave = os.openpty()
-        tty.setraw(slave)  # before the client's first byte, which a cooked tty would echo
+    def _socat(self, path: str) -> Iterator[tuple[int, str | None]]:
+        """A channel whose far end socat relays to the broker, as a byte relay would: the
+        slave of a pty (the client holds the master, as qemu does), or one end of a unix
+        socket pair (the client holds the other)."""
+        if path == "socat-pty":
+            ours, theirs = os.openpty()
+            tty.setraw(theirs)  # before the client's first byte, which a cooked tty would echo
+            far = f"{os.ttyname(theirs)},rawer"
+        else:
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours, theirs = (s.detach() for s in pair)
+            far = f"FD:{theirs}"
         relay = subprocess.Popen(
-            ["socat", "-b65536", f"{os.ttyname(slave)},rawer",
-             f"TCP:{self.broker.host}:{self.broker.port},nodelay"],
-        )  # fmt: skip
-        # The slave stays open here too: a master whose slave nobody holds reads EIO.
-        os.set_blocking(master, False)
+            ["socat", "-b65536", far, f"TCP:{self.broker.host}:{self.broker.port},nodelay"],
+            pass_fds=(theirs,),
+        )
+        # Our copy of the far end stays open too: a pty master whose slave nobody holds
+        # reads EIO.
+        os.set_blocking(ours, False)
         try:
-            yield master, "ANONYMOUS"
+            yield ours, "ANONYMOUS"
         finally:
             self.relay_cpu = proc_cpu(relay.pid)
-            os.close(master)
-            os.close(slave)
+            os.close(ours)
+            os.close(theirs)
             relay.terminate()
             relay.wait()
 
@@ -341,7 +351,7 @@ class Bench:
             "broker_us": d["broker"] / routed * 1e6,
             "other_cores": max(0.0, d["machine"] - ours) / d["wall"],
         }
-        if path == "socat-pty":
+        if path in RELAYS:
             out["connector_us"] = self.relay_cpu / routed * 1e6
         elif path != "direct":
             out["connector_us"] = d["connector"] / routed * 1e6
