@@ -6,7 +6,7 @@
 The bench starts a broker from the test fixtures (tests/brokers) and the connector daemon as a
 subprocess with two channels, and plays qemu for both: it holds the master of a pty whose
 slave the connector opens, and it listens on the unix socket the connector connects to. The
-same client code (bench/client.py on connector.guest's Driver) then runs four ways:
+same client code (bench/client.py on connector.guest's Driver) then runs five ways:
 
     direct     TCP straight to the broker
     pty        through the connector, over the pty master
