@@ -13,7 +13,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from cproton_ffi import lib
 
@@ -60,16 +60,17 @@ class BrokerURL:
         if "://" not in text:
             text = "amqp://" + text
         parts = urlsplit(text)
+        shown = _without_password(text, parts)  # errors reach the log and stderr
         if parts.scheme not in DEFAULT_PORTS:
-            raise ConfigError(where, f"{text!r}: scheme must be amqp or amqps")
+            raise ConfigError(where, f"{shown!r}: scheme must be amqp or amqps")
         if not parts.hostname:
-            raise ConfigError(where, f"{text!r}: no host")
+            raise ConfigError(where, f"{shown!r}: no host")
         try:
             port = parts.port or DEFAULT_PORTS[parts.scheme]
         except ValueError as err:
-            raise ConfigError(where, f"{text!r}: bad port") from err
+            raise ConfigError(where, f"{shown!r}: bad port") from err
         if parts.path not in ("", "/"):
-            raise ConfigError(where, f"{text!r}: a broker URL has no path")
+            raise ConfigError(where, f"{shown!r}: a broker URL has no path")
         return cls(
             parts.scheme,
             parts.hostname,
@@ -82,6 +83,15 @@ class BrokerURL:
         """The URL without credentials, for logs and status output."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
+
+
+def _without_password(text: str, parts: SplitResult) -> str:
+    """``text`` with the password in its user info masked, to be shown in an error."""
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 @dataclass(frozen=True)
