@@ -783,7 +783,9 @@ class Channel:
             self._record_error(f"{up.url} redirected the connection to {url}: followed", REDIRECT)
             self._close_socket(up)
             self._up = None
-            self._target = (url, target.hostname, up.pool)
+            # Followed now, in this pump: under the current pool, even if a reload replaced
+            # the one the redirecting broker's URL came from.
+            self._target = (url, target.hostname, self._brokers())
             router.follow_redirect(self._make_upstream())
             return True
         self._record_error(f"{up.url} redirected the connection to {url}", REDIRECT)

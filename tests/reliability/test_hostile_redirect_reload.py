@@ -179,16 +179,11 @@ async def _first_accept(*listeners: socket.socket) -> socket.socket:
     return waits[first]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reload between the connect to the redirecting broker and its redirect makes "
-    "Channel._next_broker drop the target (its pool is no longer current): the connector "
-    "goes back to the failover list's URL (the redirecting broker again) while it logs and "
-    "records 'following' the redirect to the target, and spends one of MAX_REDIRECTS on it",
-)
 def test_a_redirect_that_comes_after_a_reload_is_still_followed_to_its_target(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
+    """A reload between the connect to the redirecting broker and its redirect must not
+    send the connector back to the failover list while it says it follows the redirect."""
     redirector, target = _listener(), _listener()
     text = f"[broker]\nurls = ['amqp://127.0.0.1:{_port(redirector)}']\n"
     brokers = CurrentBrokers(_broker(text))
