@@ -613,8 +613,16 @@ class Channel:
     @_guarded
     def _upstream_timeout(self, router: Router, up: _Upstream) -> None:
         up.connect_timer = None
-        if router.state is RouterState.OPENING:
-            self._upstream_broken(router, up, f"no answer from {up.url} in {CONNECT_TIMEOUT_S}s")
+        if router.state is not RouterState.OPENING:
+            return
+        if router.open_refused:
+            why = (
+                f"{up.url} announced in its open that it would not serve the connection "
+                f"(connection-establishment-failed), then sent no close in {CONNECT_TIMEOUT_S}s"
+            )
+        else:
+            why = f"no answer from {up.url} in {CONNECT_TIMEOUT_S}s"
+        self._upstream_broken(router, up, why)
 
     @_guarded
     def _on_upstream_readable(self, router: Router, up: _Upstream) -> None:

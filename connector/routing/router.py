@@ -127,6 +127,9 @@ class Router:
         # what to do with it (follow it, or end the guest's connection): never for the guest.
         self.redirect: dict[Any, Any] | None = None
         self.redirects = 0  # redirects followed for this guest connection
+        # The broker's open said its close follows (ESTABLISHMENT_FAILED), so the guest's
+        # open is held: what to tell the guest if that close never comes.
+        self.open_refused = False
 
     # -- driving -------------------------------------------------------------------------
 
@@ -303,11 +306,11 @@ class Router:
     def _answer_guest_open(self) -> None:
         g = self.guest.connection
         up = self.upstream.connection
-        if lib.pn_connection_state(up) & _REMOTE_CLOSED or _read_map(
-            lib.pn_connection_remote_properties(up)
-        ).get(ESTABLISHMENT_FAILED):
-            # Its close has come with it, or is announced: a refusal, or a redirect that can
-            # still be followed only while the guest has not been answered.
+        if lib.pn_connection_state(up) & _REMOTE_CLOSED:
+            return  # its close came with it: a refusal, or a redirect still to be followed
+        if _read_map(lib.pn_connection_remote_properties(up)).get(ESTABLISHMENT_FAILED):
+            # Its close is announced: the same, and the guest is not answered before it.
+            self.open_refused = True
             return
         if lib.pn_connection_state(g) & _LOCAL_UNINIT:
             container = lib.pn_connection_remote_container(up)
@@ -435,6 +438,7 @@ class Router:
         old = self.upstream
         self.redirect = None
         self.redirects += 1
+        self.open_refused = False
         self.upstream = engine
         self._send_open(engine)
         # Fields proton drops, for attaches that were never written: due on the new engine.

@@ -209,16 +209,11 @@ def test_a_redirect_that_comes_after_a_reload_is_still_followed_to_its_target(
         target.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a broker whose open carries connection-establishment-failed and whose close "
-    "never follows holds the guest until CONNECT_TIMEOUT_S, which then tells it 'no answer "
-    "from URL': the broker did answer, and said it would not serve the connection "
-    "(Channel._upstream_timeout does not know that Router._answer_guest_open held such an open)",
-)
 def test_an_open_that_announces_a_close_which_never_comes_is_named_as_such(
     tmp_path: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A broker whose open says it will not serve the connection, and whose close never
+    follows, did answer: the guest is told that, not 'no answer'."""
     monkeypatch.setattr("connector.channel.CONNECT_TIMEOUT_S", 0.5)
     refuser = _listener()
     brokers = CurrentBrokers(_broker(f"[broker]\nurls = ['amqp://127.0.0.1:{_port(refuser)}']\n"))
