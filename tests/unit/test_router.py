@@ -25,6 +25,14 @@ from proton import (
 
 from connector.channel import BACKLOG_HIGH
 from connector.routing.router import FORCED, RouterState
+from tests.reliability.amqp import (
+    AMQP_HEADER,
+    CLOSE,
+    OPEN_DESCRIPTOR,
+    frame,
+    open_frame,
+    performative,
+)
 from tests.support.routing import IDENTITY, Harness, attach, move_bytes
 
 
@@ -655,3 +663,15 @@ def test_sessions_over_the_brokers_channel_max_are_refused_alone(pipelined: bool
     [(ssn3, snd3)] = _sessions_with_senders(h, 3, 1)
     h.pump()
     assert ssn3.state & Endpoint.REMOTE_ACTIVE and snd3.state & Endpoint.REMOTE_ACTIVE
+
+
+def test_a_guest_that_closes_before_the_broker_opens_is_answered_at_once() -> None:
+    """A client that gives up before the broker's open (proton's own clients hold their
+    close until they are answered; others do not) is answered with an open and a close
+    at once: proton writes no close before an open, so the guest waited for the timeouts."""
+    h = Harness(guest=False, broker_answers_open=False)
+    h.router.guest.push(AMQP_HEADER + open_frame() + frame(performative(CLOSE)))
+    h.pump()
+    written = bytes(h.written)
+    assert OPEN_DESCRIPTOR in written
+    assert b"\x00S\x18" in written[written.index(OPEN_DESCRIPTOR) :]  # the close after it
