@@ -123,6 +123,13 @@ class Router:
         self._deferred_refusals: list[tuple[Any, tuple[str, str]]] = []
         self._uncounted: set[bool] = set()  # sides whose unsent deliveries came off
         self._awaiting_detach: set[Any] = set()  # links we closed; their detach is due
+        # Guest links the guest ended before their session was begun (the broker's open had
+        # not come), and whether it only detached them. Proton writes a link's frames only
+        # once its session's begin is written: ended (or freed) before, the link is never
+        # written at all, and the guest never hears its detach answered. So they are
+        # answered when the session is begun (``_begin``) and freed once that is written.
+        self._ended_unbegun: dict[Any, bool] = {}
+        self._unwritten_links: list[Any] = []
         # A broker's redirect, the info of its close, while the channel has not yet decided
         # what to do with it (follow it, or end the guest's connection): never for the guest.
         self.redirect: dict[Any, Any] | None = None
@@ -171,6 +178,8 @@ class Router:
             guest.output_pending()
             if upstream is not None:
                 upstream.output_pending()
+            if self._unwritten_links:
+                self._free_written_links()
             if not self.events_pending():
                 return
 
@@ -615,6 +624,7 @@ class Router:
         if self._upstream_sessions() < allowed:
             lib.pn_session_open(up)
             lib.pn_session_open(ssn)
+            self._answer_ended_links(ssn)
             for route in self.routes.values():  # links the guest attached before the open
                 link = route.link
                 if lib.pn_link_session(link) == up and lib.pn_link_state(link) & _LOCAL_UNINIT:
@@ -627,6 +637,7 @@ class Router:
             self._drop_route(route)  # links attached before the broker's open
         self._free_session(up)
         lib.pn_session_open(ssn)
+        self._answer_ended_links(ssn)
         set_condition(lib.pn_session_condition(ssn), "amqp:resource-limit-exceeded", why)
         lib.pn_session_close(ssn)
 
@@ -675,7 +686,26 @@ class Router:
         awaiting = self._awaiting_detach
         if awaiting:
             awaiting -= {link for link in awaiting if lib.pn_link_session(link) == ssn}
+        for link in [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]:
+            del self._ended_unbegun[link]
         lib.pn_session_free(ssn)
+
+    def _answer_ended_links(self, ssn: Any) -> None:
+        """The guest's session ``ssn`` has just been begun: answer the attach and the
+        detach of its links that the guest ended before (``_ended_unbegun``). They are
+        freed once that output is produced (``_free_written_links``)."""
+        for link in [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]:
+            detach_only = self._ended_unbegun.pop(link)
+            lib.pn_link_open(link)
+            (lib.pn_link_detach if detach_only else lib.pn_link_close)(link)
+            self._unwritten_links.append(link)
+
+    def _free_written_links(self) -> None:
+        """Free the links ``_answer_ended_links`` answered: the output just produced holds
+        their attach and detach."""
+        for link in self._unwritten_links:
+            lib.pn_link_free(link)
+        self._unwritten_links.clear()
 
     # -- links ---------------------------------------------------------------------------
 
@@ -822,10 +852,13 @@ class Router:
             if cond:
                 who = "guest" if from_guest else "broker"
                 self._log.info("%s detached link %s%s", who, route.name, _fmt_cond(cond))
-        if lib.pn_link_state(link) & _LOCAL_UNINIT:
-            lib.pn_link_open(link)
-        if not lib.pn_link_state(link) & _LOCAL_CLOSED:
-            end(link)
+        if from_guest and lib.pn_session_state(lib.pn_link_session(link)) & _LOCAL_UNINIT:
+            self._ended_unbegun[link] = detach_only
+        else:
+            if lib.pn_link_state(link) & _LOCAL_UNINIT:
+                lib.pn_link_open(link)
+            if not lib.pn_link_state(link) & _LOCAL_CLOSED:
+                end(link)
         if route is not None:
             self._drop_route(route, ended=link)
 
@@ -843,6 +876,8 @@ class Router:
                 # holds): the link is going, so these never go, and were not routed.
                 self._uncount(upstream, max(0, -lib.pn_link_credit(r.link)))
             self.routes.pop(r.link, None)
+            if r.link in self._ended_unbegun:
+                continue  # answered and freed once its session is begun
             state = lib.pn_link_state(r.link)
             if r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
                 lib.pn_link_free(r.link)

@@ -1,5 +1,5 @@
 """A hostile review of following ``amqp:connection:redirect`` and of SIGHUP applying
-``[broker]``: each xfail test shows a bug found, and passes once it is fixed.
+``[broker]``: each test showed a bug found (strict xfail until it was fixed), or pins an answer the review doubted.
 
 Most run a ``Channel`` in this process on its own loop, with brokers scripted on loopback
 sockets (the routing core's ``Engine`` as a server), so that the test decides when the
@@ -356,17 +356,11 @@ def _sender(session: Any, name: str, address: str) -> Any:
 
 
 @pytest.mark.broker
-@pytest.mark.xfail(
-    strict=True,
-    reason="a link the guest attaches and detaches before the broker's open (a client that "
-    "gives up on a slow attach; here across a followed redirect, and the same without one) "
-    "never gets its attach or detach answered: Router._on_link_remote_close frees the guest's "
-    "link (_drop_route, ended=) while its session has not been begun, so proton never writes "
-    "either frame and the guest's detach waits forever",
-)
 def test_a_link_detached_before_the_broker_open_gets_its_detach_across_a_redirect(
     redirecting: RedirectingArtemis, artemis: Artemis, tmp_path: Path
 ) -> None:
+    """A link the guest attaches and detaches before the broker's open (a client giving up
+    on a slow attach) gets its attach and detach answered, across a followed redirect."""
     qemu = Qemu("unix", tmp_path, "hasty")
     daemon = Connector(tmp_path, artemis, [qemu], broker_urls=redirecting.redirect_url).start()
     guest = Engine(server=False)

@@ -675,3 +675,23 @@ def test_a_guest_that_closes_before_the_broker_opens_is_answered_at_once() -> No
     written = bytes(h.written)
     assert OPEN_DESCRIPTOR in written
     assert b"\x00S\x18" in written[written.index(OPEN_DESCRIPTOR) :]  # the close after it
+
+
+def test_a_link_ended_before_the_broker_opens_is_answered_once_it_does() -> None:
+    """Proton writes a link's frames only once its session's begin is written: a guest link
+    ended before the broker's open (which the guest's begin waits for) must outlive the
+    wait, or the guest never hears its attach or detach answered."""
+    h = Harness(broker_answers_open=False)
+    conn = h.guest.connection
+    conn.open()
+    ssn = conn.session()
+    ssn.open()
+    hasty = attach(ssn, "hasty", "q")
+    h.pump()
+    hasty.close()
+    h.pump()
+    assert not hasty.state & Endpoint.REMOTE_ACTIVE  # nothing answered yet
+    h.broker.connection.open()
+    h.pump()
+    assert hasty.state & Endpoint.REMOTE_CLOSED
+    assert _links(h.router.guest.connection) == 0  # and then freed
