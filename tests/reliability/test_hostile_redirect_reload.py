@@ -1,5 +1,6 @@
 """A hostile review of following ``amqp:connection:redirect`` and of SIGHUP applying
-``[broker]``: each test showed a bug found (strict xfail until it was fixed), or pins an answer the review doubted.
+``[broker]``: each test showed a bug found (strict xfail until it was fixed), or pins an
+answer the review doubted.
 
 Most run a ``Channel`` in this process on its own loop, with brokers scripted on loopback
 sockets (the routing core's ``Engine`` as a server), so that the test decides when the
