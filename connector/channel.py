@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import errno
 import fcntl
 import functools
 import os
@@ -43,6 +44,7 @@ from .identity import ChannelKind, ChannelSpec
 from .limits import GuestLimits
 from .logs import guest_logger
 from .redirect import MAX_REDIRECTS, REDIRECT, BadRedirect, read_redirect
+from .resolver import Resolver
 from .routing.engine import IO_CHUNK, Engine
 from .routing.route import LinkPolicy
 from .routing.router import Counters, Router, RouterState
@@ -235,6 +237,8 @@ class Channel:
         self._deadline_ms = 0  # the nearest deadline the engines' last tick returned
         self._close_wait: asyncio.TimerHandle | None = None  # our close awaits the guest's
         self._open_wait: asyncio.TimerHandle | None = None  # the guest's open is due
+        # The broker's name being resolved for this guest connection's upstream (resolver.py).
+        self._resolving: asyncio.Task[None] | None = None
         self._backoff = BACKOFF_FIRST_S
         self._closed = False
         self._last_read = 0.0  # monotonic time of the last read from the guest
@@ -539,19 +543,72 @@ class Channel:
         return pool, pool.current, None
 
     def _connect_upstream(self, router: Router) -> None:
+        """Start the upstream's TCP connect; first, off the loop, the broker's name lookup
+        when its host is a name (``_resolve``)."""
         pool, url, _ = self._next_broker()
         self._target = None
+        router.upstream_name = str(url)
+        if not Resolver.is_address(url.host):
+            self._resolving = self._loop.create_task(self._resolve(router, pool, url))
+            return
         try:
-            addresses = broker_addresses(url)
+            addresses = broker_addresses(url)  # an address: answered at once
+        except OSError as err:
+            self._cannot_connect(router, pool, url, err)
+            return
+        self._open_upstream(router, pool, url, addresses)
+
+    async def _resolve(self, router: Router, pool: BrokerPool, url: BrokerURL) -> None:
+        """Look the broker's name up, bounded by CONNECT_TIMEOUT_S, then connect."""
+        try:
+            addresses = await asyncio.wait_for(
+                Resolver.for_loop(self._loop).addresses(url), CONNECT_TIMEOUT_S
+            )
+        except TimeoutError:
+            why = f"no answer to its name lookup in {CONNECT_TIMEOUT_S}s"
+            error = OSError(errno.ETIMEDOUT, why)
+        except OSError as err:
+            error = err
+        else:
+            error = None
+        self._resolved(router, pool, url, [] if error else addresses, error)
+
+    @_guarded
+    def _resolved(
+        self,
+        router: Router,
+        pool: BrokerPool,
+        url: BrokerURL,
+        addresses: list[Address],
+        error: OSError | None,
+    ) -> None:
+        self._resolving = None
+        if router is not self._router or router.upstream_dead:
+            return  # the guest connection ended meanwhile
+        if error is not None:
+            self._cannot_connect(router, pool, url, error)
+        else:
+            self._open_upstream(router, pool, url, addresses)
+        self._pump_router(router, self._up)
+
+    def _cannot_connect(
+        self, router: Router, pool: BrokerPool, url: BrokerURL, err: OSError
+    ) -> None:
+        pool.failed(url)
+        router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
+
+    def _open_upstream(
+        self, router: Router, pool: BrokerPool, url: BrokerURL, addresses: list[Address]
+    ) -> None:
+        """Start the TCP connect to the first of ``addresses`` that takes one."""
+        try:
             sock = open_socket(url, addresses)
         except OSError as err:
-            pool.failed(url)
-            router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
+            self._cannot_connect(router, pool, url, err)
             return
         up = _Upstream(sock, pool, url, router.upstream, pool.tls_session(url, router.upstream))
         up.addresses = addresses
         self._up = up
-        router.upstream_name = str(url)
         self._await_connect(router, up)
         up.connect_timer = self._loop.call_later(
             CONNECT_TIMEOUT_S, self._upstream_timeout, router, up
@@ -822,7 +879,13 @@ class Channel:
             if self._on_redirect(router, up, router.redirect):
                 up = None  # the router's new engine is connected just below
             router.redirect = None
-        if router.upstream is not None and up is None and not router.upstream_dead and live:
+        if (
+            router.upstream is not None
+            and up is None
+            and not router.upstream_dead
+            and live
+            and self._resolving is None
+        ):
             self._connect_upstream(router)
             up = self._up
             router.process()
@@ -921,10 +984,10 @@ class Channel:
         """
         router = self._router
         self._router = None
-        for timer in (self._tick, self._close_wait, self._open_wait):
+        for timer in (self._tick, self._close_wait, self._open_wait, self._resolving):
             if timer is not None:
                 timer.cancel()
-        self._tick = self._close_wait = self._open_wait = None
+        self._tick = self._close_wait = self._open_wait = self._resolving = None
         if router is None:
             return
         if self._paused and self._fd is not None:

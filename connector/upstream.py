@@ -208,8 +208,9 @@ def broker_addresses(url: BrokerURL) -> list[Address]:
 
     A name can have several, and the first need not work: ``localhost`` resolves to ``::1``
     first on many hosts while a broker may listen on 127.0.0.1 only. So a connect tries
-    them in turn (``open_socket``, and again when a started connect fails). Name resolution
-    is synchronous: broker URLs are normally loopback or an address.
+    them in turn (``open_socket``, and again when a started connect fails). It blocks for
+    as long as the resolver takes: a channel calls it off the loop for a host name
+    (``resolver.py``), and on the loop only for an address.
     """
     infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
     return [(family, stype, proto, addr) for family, stype, proto, _, addr in infos]

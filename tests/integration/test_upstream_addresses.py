@@ -10,6 +10,7 @@ resolves first to addresses where nothing listens, then to Artemis.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 from collections.abc import Iterator
@@ -120,3 +121,46 @@ def test_an_address_that_never_answers_is_left_for_the_next(
             ],
         )
         _works(qemu=served[0], channel=served[1], queue="multi.homed.silent")
+
+
+def test_a_name_slow_to_resolve_holds_no_other_guest(
+    served: tuple[Qemu, Channel, asyncio.AbstractEventLoop],
+    artemis: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resolver that does not answer holds the guest whose broker it names, not the loop.
+    getaddrinfo ran on the loop, so one hung lookup stalled every guest of the daemon; a
+    guest whose broker is an address is now served meanwhile, and the held one goes on
+    once the name resolves."""
+    qemu, channel, loop = served
+    asked, release = threading.Event(), threading.Event()
+    real = socket.getaddrinfo
+
+    def resolve(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == NAME:
+            asked.set()
+            release.wait(TIMEOUT)
+            host = artemis.host
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(upstream_module.socket, "getaddrinfo", resolve)
+    other = Qemu("unix", tmp_path, "by-address")
+    url = BrokerURL.parse(f"amqp://{artemis.host}:{artemis.port}")
+    pool = BrokerPool(UpstreamSettings(urls=(url,), user=artemis.user, password=artemis.password))
+    spec = ChannelSpec(ChannelKind.UNIX, other.path, GuestIdentity("by-address"))
+    second = Channel(spec, loop=loop, brokers=lambda: pool, limits=GuestLimits())
+    loop.call_soon_threadsafe(second.start)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool_of_one:
+        held = pool_of_one.submit(_works, qemu, channel, "slow.name")
+        try:
+            assert asked.wait(TIMEOUT), "the held guest's broker name was never looked up"
+            # Well inside the hang: served only if the loop is not the one waiting.
+            with GuestClient(other.fd(), container_id="by-address", timeout=5) as guest:
+                assert guest.send("by.address", ["meanwhile"])[0].state == "accepted"
+            assert not held.done()  # still waiting for its name
+        finally:
+            release.set()
+        held.result(TIMEOUT)  # and it goes on once the name resolves
+    asyncio.run_coroutine_threadsafe(_close(second), loop).result(TIMEOUT)
+    other.hang_up()
