@@ -33,7 +33,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable
 from .channels.framing import SASL_HEADER, HeaderFound, HeaderScanner, starts_new_connection
@@ -140,6 +140,17 @@ def make_endpoint(spec: ChannelSpec) -> Endpoint:
     }[spec.kind](spec.path)
 
 
+class _Hop(NamedTuple):
+    """Where one upstream connects: the pool it is made from, the URL, the open frame's
+    hostname when a redirect named one, and the failover list's URL it stands for (the
+    URL itself, or the one whose redirect led here, which a failure moves the list past)."""
+
+    pool: BrokerPool
+    url: BrokerURL
+    hostname: str | None
+    origin: BrokerURL
+
+
 class _Upstream:
     """The socket under one router's upstream engine, its TLS session, and its timers."""
 
@@ -149,6 +160,7 @@ class _Upstream:
         "closing_timer",
         "connect_timer",
         "connected",
+        "origin",
         "out",
         "paused",
         "pool",
@@ -158,18 +170,12 @@ class _Upstream:
         "writing",
     )
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        pool: BrokerPool,
-        url: BrokerURL,
-        engine: Engine,
-        tls: TLSSession | None,
-    ) -> None:
+    def __init__(self, sock: socket.socket, hop: _Hop, engine: Engine) -> None:
         self.sock = sock
-        self.pool = pool  # the pool ``url`` came from: its failure is reported there
-        self.url = url
-        self.tls = tls
+        self.pool = hop.pool  # the pool ``url`` came from: its failure is reported there
+        self.url = hop.url
+        self.origin = hop.origin  # the failover list's URL that this one stands for
+        self.tls = tls = hop.pool.tls_session(hop.url, engine)
         # What the socket is written from: the engine itself, or TLS encrypting its output.
         self.out: OutputSource = engine if tls is None else tls
         self.connected = False
@@ -226,10 +232,9 @@ class Channel:
         self._paused = False
         self._router: Router | None = None
         self._up: _Upstream | None = None
-        # Where the next upstream goes instead of the failover list's current URL, the
-        # hostname its open carries, and the pool of the broker that redirected: a
+        # Where the next upstream goes instead of the failover list's current URL: a
         # redirect's target (``_on_redirect``), taken once (``_next_broker``).
-        self._target: tuple[BrokerURL, str | None, BrokerPool] | None = None
+        self._target: _Hop | None = None
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -527,42 +532,40 @@ class Channel:
         """Called by the router when the guest's open arrives, and for a redirect's target;
         ``_connect_upstream`` follows in the same pump, so both see the same pool (a reload
         runs between pumps)."""
-        pool, url, hostname = self._next_broker()
-        return pool.make_engine(url, hostname)
+        hop = self._next_broker()
+        return hop.pool.make_engine(hop.url, hop.hostname)
 
-    def _next_broker(self) -> tuple[BrokerPool, BrokerURL, str | None]:
-        """The pool, URL and open hostname for the next upstream: a redirect's target if
-        one waits, else the failover list's current URL. A target from before a reload that
-        changed ``[broker]`` is dropped: the operator's new brokers win over the old one's
-        word."""
+    def _next_broker(self) -> _Hop:
+        """Where the next upstream goes: a redirect's target if one waits, else the
+        failover list's current URL. A target from before a reload that changed
+        ``[broker]`` is dropped: the operator's new brokers win over the old one's word."""
         pool = self._brokers()
-        if self._target is not None and self._target[2] is not pool:
-            self._target = None
-        if self._target is not None:
-            return pool, self._target[0], self._target[1]
-        return pool, pool.current, None
+        if self._target is not None and self._target.pool is pool:
+            return self._target
+        self._target = None
+        return _Hop(pool, pool.current, None, pool.current)
 
     def _connect_upstream(self, router: Router) -> None:
         """Start the upstream's TCP connect; first, off the loop, the broker's name lookup
         when its host is a name (``_resolve``)."""
-        pool, url, _ = self._next_broker()
+        hop = self._next_broker()
         self._target = None
-        router.upstream_name = str(url)
-        if not Resolver.is_address(url.host):
-            self._resolving = self._loop.create_task(self._resolve(router, pool, url))
+        router.upstream_name = str(hop.url)
+        if not Resolver.is_address(hop.url.host):
+            self._resolving = self._loop.create_task(self._resolve(router, hop))
             return
         try:
-            addresses = broker_addresses(url)  # an address: answered at once
+            addresses = broker_addresses(hop.url)  # an address: answered at once
         except OSError as err:
-            self._cannot_connect(router, pool, url, err)
+            self._cannot_connect(router, hop, err)
             return
-        self._open_upstream(router, pool, url, addresses)
+        self._open_upstream(router, hop, addresses)
 
-    async def _resolve(self, router: Router, pool: BrokerPool, url: BrokerURL) -> None:
+    async def _resolve(self, router: Router, hop: _Hop) -> None:
         """Look the broker's name up, bounded by CONNECT_TIMEOUT_S, then connect."""
         try:
             addresses = await asyncio.wait_for(
-                Resolver.for_loop(self._loop).addresses(url), CONNECT_TIMEOUT_S
+                Resolver.for_loop(self._loop).addresses(hop.url), CONNECT_TIMEOUT_S
             )
         except TimeoutError:
             why = f"no answer to its name lookup in {CONNECT_TIMEOUT_S}s"
@@ -571,42 +574,33 @@ class Channel:
             error = err
         else:
             error = None
-        self._resolved(router, pool, url, [] if error else addresses, error)
+        self._resolved(router, hop, [] if error else addresses, error)
 
     @_guarded
     def _resolved(
-        self,
-        router: Router,
-        pool: BrokerPool,
-        url: BrokerURL,
-        addresses: list[Address],
-        error: OSError | None,
+        self, router: Router, hop: _Hop, addresses: list[Address], error: OSError | None
     ) -> None:
         self._resolving = None
         if router is not self._router or router.upstream_dead:
             return  # the guest connection ended meanwhile
         if error is not None:
-            self._cannot_connect(router, pool, url, error)
+            self._cannot_connect(router, hop, error)
         else:
-            self._open_upstream(router, pool, url, addresses)
+            self._open_upstream(router, hop, addresses)
         self._pump_router(router, self._up)
 
-    def _cannot_connect(
-        self, router: Router, pool: BrokerPool, url: BrokerURL, err: OSError
-    ) -> None:
-        pool.failed(url)
-        router.upstream_failed(f"cannot connect to {url}: {err.strerror or err}")
+    def _cannot_connect(self, router: Router, hop: _Hop, err: OSError) -> None:
+        hop.pool.failed(hop.origin)
+        router.upstream_failed(f"cannot connect to {hop.url}: {err.strerror or err}")
 
-    def _open_upstream(
-        self, router: Router, pool: BrokerPool, url: BrokerURL, addresses: list[Address]
-    ) -> None:
+    def _open_upstream(self, router: Router, hop: _Hop, addresses: list[Address]) -> None:
         """Start the TCP connect to the first of ``addresses`` that takes one."""
         try:
-            sock = open_socket(url, addresses)
+            sock = open_socket(hop.url, addresses)
         except OSError as err:
-            self._cannot_connect(router, pool, url, err)
+            self._cannot_connect(router, hop, err)
             return
-        up = _Upstream(sock, pool, url, router.upstream, pool.tls_session(url, router.upstream))
+        up = _Upstream(sock, hop, router.upstream)
         up.addresses = addresses
         self._up = up
         self._await_connect(router, up)
@@ -801,8 +795,9 @@ class Channel:
         router.uncount_unsent(upstream=True)
         if router.failed_opening:  # refused, unreachable, or hung up before its open
             # To the pool it came from: a connect begun before a reload (with the old
-            # password, say) says nothing of the new pool's brokers.
-            up.pool.failed(up.url)
+            # password, say) says nothing of the new pool's brokers. For a redirect's
+            # target, the list moves past the URL that sent us there.
+            up.pool.failed(up.origin)
         if self._lingering.pop(router, None) is not None:
             _free_engines(router)
         self._update_idle()
@@ -850,14 +845,14 @@ class Channel:
             self._up = None
             # Followed now, in this pump: under the current pool, even if a reload replaced
             # the one the redirecting broker's URL came from.
-            self._target = (url, target.hostname, self._brokers())
+            self._target = _Hop(self._brokers(), url, target.hostname, up.origin)
             router.follow_redirect(self._make_upstream())
             return True
         self._record_error(f"{up.url} redirected the connection to {url}", REDIRECT)
         if opening:
             why = f"redirect loop: {MAX_REDIRECTS} redirects followed, then {up.url} to {url}"
         else:
-            self._target = (url, target.hostname, up.pool)
+            self._target = _Hop(up.pool, url, target.hostname, up.origin)
             why = f"{up.url} redirected the connection to {url}; the next connection goes there"
         router.upstream_failed(why)
         return False

@@ -22,6 +22,7 @@ from connector.redirect import ESTABLISHMENT_FAILED, MAX_REDIRECTS, REDIRECT
 from connector.routing.frames import LinkExtras
 from tests.brokers import Artemis
 from tests.brokers.artemis import RedirectingArtemis
+from tests.brokers.common import free_port
 from tests.support.attach_peer import AttachPeer
 from tests.support.connector import Connector, Qemu
 from tests.support.redirect_peer import RedirectPeer
@@ -200,6 +201,28 @@ def test_a_redirect_mid_connection_forces_the_guest_and_its_next_connection_goes
         with GuestClient(qemu.fd(), container_id="midway", timeout=TIMEOUT) as again:
             assert again.send("redirect.midway", ["there"])[0].state == "accepted"
             assert [m.body for m in again.receive("redirect.midway", 1)] == ["there"]
+        assert peer.opens == 1
+    finally:
+        assert daemon.stop() == 0
+        qemu.hang_up()
+
+
+def test_a_redirect_to_a_dead_target_moves_the_failover_list_past_the_redirector(
+    peers: list[RedirectPeer], artemis: Artemis, tmp_path: Path
+) -> None:
+    """A balancer first in the failover list keeps sending guests to a target that is
+    down: the failure is the balancer's URL's, so the next guest connection tries the
+    next URL of the list instead of the same balancer again."""
+    dead = free_port()
+    peer = _peer(peers, {"network-host": "127.0.0.1", "port": dead})
+    qemu = Qemu("unix", tmp_path, "deadtarget")
+    daemon = _daemon(tmp_path, artemis, f"{peer.url},{artemis.url}", qemu, credentials=False)
+    try:
+        why = _forced(qemu)
+        assert why.startswith(f"cannot connect to amqp://127.0.0.1:{dead}"), why
+        with GuestClient(qemu.fd(), container_id="deadtarget", timeout=TIMEOUT) as guest:
+            assert guest.send("redirect.deadtarget", ["past it"])[0].state == "accepted"
+            assert daemon.channel("deadtarget")["upstream"] == artemis.url
         assert peer.opens == 1
     finally:
         assert daemon.stop() == 0

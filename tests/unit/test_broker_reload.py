@@ -16,7 +16,7 @@ import pytest
 
 from connector import config
 from connector.broker_reload import CurrentBrokers, changed_keys
-from connector.channel import Channel
+from connector.channel import Channel, _Hop
 from connector.daemon import Daemon
 from connector.errors import ConfigError
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
@@ -218,12 +218,12 @@ def test_a_redirect_target_from_before_a_reload_gives_way_to_the_new_brokers(
     channel = Channel(spec, loop=loop, brokers=brokers, limits=GuestLimits())
     target = BrokerURL.parse("amqp://redirected:5673")
     try:
-        channel._target = (target, "vhost", old)  # as _on_redirect leaves it
-        assert channel._next_broker() == (old, target, "vhost")
+        channel._target = _Hop(old, target, "vhost", old.current)  # as _on_redirect leaves it
+        assert channel._next_broker() == channel._target
         change = brokers.prepare(broker("[broker]\nurls = ['amqp://b']\n"))
         assert change is not None
         brokers.apply(change)
-        pool, url, hostname = channel._next_broker()
-        assert (pool, str(url), hostname) == (brokers(), "amqp://b:5672", None)
+        hop = channel._next_broker()
+        assert (hop.pool, str(hop.url), hop.hostname) == (brokers(), "amqp://b:5672", None)
     finally:
         loop.close()
