@@ -22,7 +22,14 @@ import connector.upstream as upstream_module
 from connector.broker_reload import CurrentBrokers
 from connector.resolver import Resolver
 from tests.reliability.amqp import AMQP_HEADER, EMPTY_FRAME, open_frame
-from tests.reliability.test_hostile_redirect_reload import TIMEOUT, Rig, _broker, _listener, _port
+from tests.reliability.test_hostile_redirect_reload import (
+    PROMPT,
+    TIMEOUT,
+    Rig,
+    _broker,
+    _listener,
+    _port,
+)
 from tests.support.routing import Harness, attach
 
 
@@ -153,3 +160,33 @@ def test_a_lookup_answering_as_the_guest_restarts_opens_one_upstream(
         lookups.release()
         rig.close()
         listener.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="getaddrinfo raises UnicodeError (not OSError) for a name IDNA cannot encode, "
+    "such as an empty or 64-character label; Resolver._lookup catches OSError only, so its "
+    "thread dies without answering, the guest waits CONNECT_TIMEOUT_S for 'no answer to its "
+    "name lookup', and the name's in-flight lookup never ends: every later connect waits too",
+)
+def test_a_broker_name_that_cannot_be_looked_up_fails_the_guest_at_once(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A broker name that is no name at all (here with an empty label; a redirect's
+    network-host that the broker chose passes redirect.py's checks as well) cannot be looked
+    up: the guest is told so at once, as for a name that does not resolve."""
+    brokers = CurrentBrokers(_broker("[broker]\nurls = ['amqp://broker..example:5672']\n"))
+    rig = Rig(tmp_path, loop, brokers)
+
+    async def scenario() -> tuple[str, str] | None:
+        await rig.guest.flush()
+        await asyncio.wait_for(
+            rig.guest.until(lambda: rig.guest.state & lib.PN_REMOTE_CLOSED), PROMPT
+        )
+        return rig.guest.told()
+
+    try:
+        told = rig.run(scenario())
+        assert told is not None and "broker..example" in told[1], told
+    finally:
+        rig.close()
