@@ -580,9 +580,12 @@ class Channel:
     def _resolved(
         self, router: Router, hop: _Hop, addresses: list[Address], error: OSError | None
     ) -> None:
-        self._resolving = None
         if router is not self._router or router.upstream_dead:
-            return  # the guest connection ended meanwhile
+            # The guest connection ended meanwhile. (Python 3.11's wait_for hands back an
+            # answer that came as the task was cancelled.) ``_resolving`` may be the next
+            # connection's lookup by now: not ours to clear.
+            return
+        self._resolving = None
         if error is not None:
             self._cannot_connect(router, hop, error)
         else:
@@ -1116,8 +1119,13 @@ class Channel:
 
     @property
     def upstream_url(self) -> str | None:
-        """The broker this channel's guest connection goes to, while it has one."""
-        return str(self._up.url) if self._up is not None else None
+        """The broker this channel's guest connection goes to, while it has one (its name
+        being looked up included)."""
+        if self._up is not None:
+            return str(self._up.url)
+        if self._resolving is not None and self._router is not None:
+            return self._router.upstream_name
+        return None
 
     @property
     def upstream_local_address(self) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import threading
 import weakref
@@ -74,6 +75,8 @@ class Resolver:
             answer: list[Address] | OSError = broker_addresses(url)
         except OSError as err:
             answer = err
+        except Exception as err:  # UnicodeError: a name IDNA cannot encode ("broker..example")
+            answer = OSError(errno.EINVAL, f"{url.host!r} cannot be looked up: {err}")
         # RuntimeError: the loop closed while the lookup hung, and nobody awaits it.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._done, key, future, answer)

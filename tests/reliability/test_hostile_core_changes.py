@@ -114,13 +114,6 @@ class _Lookups:
             event.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Python 3.11's wait_for returns the lookup's answer when the task is cancelled "
-    "after the lookup finished: Channel._resolve then runs _resolved for the ended guest "
-    "connection, which sets _resolving = None under the next connection's lookup, so that "
-    "connection's next pump starts a second upstream connect for the same router",
-)
 def test_a_lookup_answering_as_the_guest_restarts_opens_one_upstream(
     tmp_path: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -162,13 +155,6 @@ def test_a_lookup_answering_as_the_guest_restarts_opens_one_upstream(
         listener.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="getaddrinfo raises UnicodeError (not OSError) for a name IDNA cannot encode, "
-    "such as an empty or 64-character label; Resolver._lookup catches OSError only, so its "
-    "thread dies without answering, the guest waits CONNECT_TIMEOUT_S for 'no answer to its "
-    "name lookup', and the name's in-flight lookup never ends: every later connect waits too",
-)
 def test_a_broker_name_that_cannot_be_looked_up_fails_the_guest_at_once(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
@@ -192,12 +178,6 @@ def test_a_broker_name_that_cannot_be_looked_up_fails_the_guest_at_once(
         rig.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Channel.upstream_url reads self._up, which is set only once the TCP connect "
-    "starts: while the broker's name is looked up (up to CONNECT_TIMEOUT_S, the very time an "
-    "operator looks) the status shows no upstream; before 636670b it showed the URL at once",
-)
 def test_the_status_names_the_broker_whose_name_is_being_looked_up(
     tmp_path: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
