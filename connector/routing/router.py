@@ -852,7 +852,7 @@ class Router:
             if cond:
                 who = "guest" if from_guest else "broker"
                 self._log.info("%s detached link %s%s", who, route.name, _fmt_cond(cond))
-        if from_guest and lib.pn_session_state(lib.pn_link_session(link)) & _LOCAL_UNINIT:
+        if from_guest and _session_unbegun(link):
             self._ended_unbegun[link] = detach_only
         else:
             if lib.pn_link_state(link) & _LOCAL_UNINIT:
@@ -879,7 +879,11 @@ class Router:
             if r.link in self._ended_unbegun:
                 continue  # answered and freed once its session is begun
             state = lib.pn_link_state(r.link)
-            if r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
+            unsent = state & _REMOTE_UNINIT and _session_unbegun(r.link)
+            if unsent or r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
+                # (Never sent: our twin of a link the guest ended before the broker's open.
+                # Proton would never write it now, and kept it would take the broker's
+                # answer to a later attach under the same name.)
                 lib.pn_link_free(r.link)
             else:
                 # Still waiting for the far end's detach; free it when that arrives.
@@ -908,6 +912,11 @@ def _copy_capabilities(dst: Any, src: Any) -> None:
         lib.pn_connection_desired_capabilities(dst),
         lib.pn_connection_remote_desired_capabilities(src),
     )
+
+
+def _session_unbegun(link: Any) -> bool:
+    """Whether ``link``'s session has not been begun on our side yet."""
+    return bool(lib.pn_session_state(lib.pn_link_session(link)) & _LOCAL_UNINIT)
 
 
 def _close_connection(conn: Any) -> None:

@@ -52,12 +52,6 @@ def _upstream_links(h: Harness) -> list[tuple[str, int]]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the upstream twin of a link the guest ended before the broker's open is closed "
-    "without ever being opened (proton never writes it) and kept, so the broker's answer to "
-    "the guest's retry under the same name is matched to it: the retry is never answered",
-)
 @pytest.mark.parametrize("end", ["close", "detach"])
 def test_a_link_retried_under_its_name_before_the_broker_opens_is_answered(end: str) -> None:
     """A client whose attach the slow broker has not answered gives up on the link and
