@@ -34,7 +34,9 @@ class Resolver:
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: ``_by_loop`` maps the loop to this, and a strong reference back would
+        # keep every loop that ever resolved a name alive.
+        self._loop = weakref.ref(loop)
         self._inflight: dict[_Key, asyncio.Future[list[Address]]] = {}
 
     @classmethod
@@ -60,7 +62,7 @@ class Resolver:
         key = (url.host, url.port)
         future = self._inflight.get(key)
         if future is None:
-            future = self._inflight[key] = self._loop.create_future()
+            future = self._inflight[key] = asyncio.get_running_loop().create_future()
             lookup = threading.Thread(
                 target=self._lookup, args=(url, key, future), name=f"resolve {url.host}"
             )
@@ -77,9 +79,11 @@ class Resolver:
             answer = err
         except Exception as err:  # UnicodeError: a name IDNA cannot encode ("broker..example")
             answer = OSError(errno.EINVAL, f"{url.host!r} cannot be looked up: {err}")
-        # RuntimeError: the loop closed while the lookup hung, and nobody awaits it.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._done, key, future, answer)
+        # Gone, or closed (RuntimeError), while the lookup hung: nobody awaits it.
+        loop = self._loop()
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._done, key, future, answer)
 
     def _done(
         self, key: _Key, future: asyncio.Future[list[Address]], answer: list[Address] | OSError

@@ -66,3 +66,17 @@ def test_a_name_that_does_not_resolve_raises_for_the_connect(
 
     with pytest.raises(OSError, match="Name or service not known"):
         asyncio.run(main())
+
+
+def test_a_loop_that_resolved_a_name_can_still_be_collected() -> None:
+    """The per-loop resolver must not keep its loop alive (tests make many loops)."""
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    Resolver.for_loop(loop)
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None
