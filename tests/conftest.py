@@ -1,6 +1,7 @@
 """Session-wide real brokers, each started on first use and stopped at the end of the session.
 
-A test asks for `artemis` or `rabbitmq`; the broker starts the first time one does (Artemis about
+A test asks for `artemis`, `rabbitmq` or `redirecting` (an Artemis connection router in front
+of `artemis`); the broker starts the first time one does (Artemis about
 2 s, RabbitMQ about 6 s) and serves the rest of the session. A test that stops or kills a broker
 must start it again before it ends (`try: ... finally: broker.start()`), since later tests share it.
 """
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.brokers import Artemis, Broker, RabbitMQ
+from tests.brokers.artemis import RedirectingArtemis
 
 
 def _serve(broker: Broker) -> Iterator[Broker]:
@@ -27,6 +29,13 @@ def _serve(broker: Broker) -> Iterator[Broker]:
 def artemis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artemis]:
     """A running Artemis 2.40 on a free loopback port (tests.brokers.Artemis)."""
     yield from _serve(Artemis(tmp_path_factory.mktemp("artemis")))
+
+
+@pytest.fixture(scope="session")
+def redirecting(artemis: Artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artemis]:
+    """A second Artemis whose connection router sends every AMQP client to ``artemis``
+    (``RedirectingArtemis.redirect_url``); about 11 s to start, so shared by the session."""
+    yield from _serve(RedirectingArtemis(tmp_path_factory.mktemp("redirecting-artemis"), artemis))
 
 
 @pytest.fixture(scope="session")

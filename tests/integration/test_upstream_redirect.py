@@ -33,17 +33,6 @@ TIMEOUT = 30.0
 FORCED = "amqp:connection:forced"
 
 
-@pytest.fixture(scope="module")
-def redirecting(artemis: Artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A second Artemis whose ``redirect_url`` sends every AMQP client to the suite's."""
-    broker = RedirectingArtemis(tmp_path_factory.mktemp("redirecting-artemis"), artemis)
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
-
-
 @pytest.fixture
 def peers() -> Iterator[list[RedirectPeer]]:
     """Scripted redirecting brokers a test makes; closed after it."""

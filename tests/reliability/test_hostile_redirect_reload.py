@@ -28,7 +28,6 @@ from proton import Data, symbol
 from connector import config
 from connector.broker_reload import CurrentBrokers
 from connector.channel import Channel
-from connector.daemon import Daemon
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
 from connector.redirect import ESTABLISHMENT_FAILED, REDIRECT
@@ -37,6 +36,7 @@ from tests.brokers import Artemis
 from tests.brokers.artemis import RedirectingArtemis
 from tests.reliability.amqp import CLOSE, frame, performative
 from tests.support.connector import Connector, Qemu
+from tests.support.reload import daemon_reading
 
 TIMEOUT = 10.0
 # How long a guest may wait for an answer that is due at once: far below the connector's
@@ -279,16 +279,6 @@ def test_a_guest_that_closes_while_a_redirect_is_followed_is_answered_at_once(
 # -- SIGHUP: what a failed reload logs ---------------------------------------------------------
 
 
-class _Recorded:
-    """A channel that opens nothing (the reload's log is what is looked at)."""
-
-    def __init__(self, spec: ChannelSpec, **_: object) -> None:
-        self.spec = spec
-
-    def start(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize(
     "url",
     ["amqp://user:s3cret-pw@broker:99999", "amqq://user:s3cret-pw@broker", "amqp://u:s3cret-pw@"],
@@ -299,12 +289,7 @@ def test_a_reload_that_fails_on_a_broker_url_never_logs_its_password(
     """A typo in a URL that carries credentials must not write the password to the journal."""
     channel = f"[[channel]]\nkind = 'unix-listen'\npath = '{tmp_path / 'vm'}'\n"
     files = {"text": "[broker]\nurls = ['amqp://broker']\n" + channel}
-    monkeypatch.setattr(
-        "connector.config.load", lambda flags: config.build(tomllib.loads(files["text"]))
-    )
-    monkeypatch.setattr("connector.daemon.Channel", _Recorded)
-    daemon = Daemon(config.load({}))
-    daemon.reload()
+    daemon = daemon_reading(monkeypatch, files)
     files["text"] = f"[broker]\nurls = ['{url}']\n" + channel
     with caplog.at_level(logging.INFO, logger="connector"):
         daemon.reload()
@@ -315,18 +300,6 @@ def test_a_reload_that_fails_on_a_broker_url_never_logs_its_password(
 
 
 # -- the real daemon between a real Artemis connection router and the suite's Artemis ----------
-
-
-@pytest.fixture(scope="module")
-def redirecting(
-    artemis: Artemis, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RedirectingArtemis]:
-    broker = RedirectingArtemis(tmp_path_factory.mktemp("hostile-redirecting-artemis"), artemis)
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
 
 
 def _pump(fd: int, engine: Engine, done: Callable[[], Any], timeout: float) -> None:

@@ -17,7 +17,6 @@ import pytest
 from connector import config
 from connector.broker_reload import CurrentBrokers, changed_keys
 from connector.channel import Channel, _Hop
-from connector.daemon import Daemon
 from connector.errors import ConfigError
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
@@ -25,6 +24,7 @@ from connector.upstream import BrokerPool, BrokerURL, UpstreamSettings
 from tests.brokers.common import free_port
 from tests.reliability.amqp import AMQP_HEADER, open_frame
 from tests.support.certs import self_signed
+from tests.support.reload import daemon_reading
 
 TIMEOUT = 10.0
 
@@ -126,17 +126,6 @@ def test_an_unusable_tls_file_fails_the_reload_naming_the_key(tmp_path: Path) ->
     assert brokers() is pool
 
 
-class Recorded:
-    """A channel that keeps what the daemon gave it, and opens nothing."""
-
-    def __init__(self, spec: ChannelSpec, **kwargs: object) -> None:
-        self.spec = spec
-        self.kwargs = kwargs
-
-    def start(self) -> None:
-        pass
-
-
 def test_a_channel_started_before_a_reload_connects_with_the_new_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,12 +133,7 @@ def test_a_channel_started_before_a_reload_connects_with_the_new_pool(
     a reload whose file is broken keeps the old pool and the old channel list."""
     channel = f"[[channel]]\nkind = 'unix-listen'\npath = '{tmp_path / 'vm'}'\n"
     files = {"text": "[broker]\nurls = ['amqp://a']\n" + channel}
-    monkeypatch.setattr(
-        "connector.config.load", lambda flags: config.build(tomllib.loads(files["text"]))
-    )
-    monkeypatch.setattr("connector.daemon.Channel", Recorded)
-    daemon = Daemon(config.load({}))
-    daemon.reload()  # serves the configured channel, as run() does
+    daemon = daemon_reading(monkeypatch, files)
     (started,) = daemon.channels.values()
     brokers = started.kwargs["brokers"]  # type: ignore[attr-defined]
     files["text"] = "[broker]\nurls = ['amqp://b']\n" + channel
