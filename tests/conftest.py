@@ -1,7 +1,7 @@
 """Session-wide real brokers, each started on first use and stopped at the end of the session.
 
 A test asks for `artemis`, `rabbitmq` or `redirecting` (an Artemis connection router in front
-of `artemis`); the broker starts the first time one does (Artemis about
+of `artemis`, started per module); the broker starts the first time one does (Artemis about
 2 s, RabbitMQ about 6 s) and serves the rest of the session. A test that stops or kills a broker
 must start it again before it ends (`try: ... finally: broker.start()`), since later tests share it.
 """
@@ -31,10 +31,12 @@ def artemis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artemis]:
     yield from _serve(Artemis(tmp_path_factory.mktemp("artemis")))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redirecting(artemis: Artemis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artemis]:
     """A second Artemis whose connection router sends every AMQP client to ``artemis``
-    (``RedirectingArtemis.redirect_url``); about 11 s to start, so shared by the session."""
+    (``RedirectingArtemis.redirect_url``); about 11 s to start. One per test module, not
+    per session: once ``artemis`` has been killed and restarted (tests/reliability does),
+    the router's view of its target is not to be trusted."""
     yield from _serve(RedirectingArtemis(tmp_path_factory.mktemp("redirecting-artemis"), artemis))
 
 
