@@ -210,6 +210,10 @@ class Router:
         """
         routes = self.routes
         counters = self._counters
+        # Once the guest connection is closed on our side, nothing more reaches the guest:
+        # a transfer the broker sent meanwhile stays unsettled (the broker redelivers it),
+        # and is not counted as routed. Read once per call, not per message.
+        forward = from_guest or not lib.pn_connection_state(self.guest.connection) & _LOCAL_CLOSED
         seen = False
         peek = _peek
         pop = _pop
@@ -227,7 +231,7 @@ class Router:
             if etype == _DELIVERY:
                 dlv = _event_delivery(ev)
                 route = routes.get(_delivery_link(dlv))
-                if route is not None and route.peer is not None:
+                if route is not None and route.peer is not None and forward:
                     try:
                         done, moved = on_delivery(route, dlv)
                     except GuestViolation as err:

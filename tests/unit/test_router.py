@@ -695,3 +695,25 @@ def test_a_link_ended_before_the_broker_opens_is_answered_once_it_does() -> None
     h.pump()
     assert hasty.state & Endpoint.REMOTE_CLOSED
     assert _links(h.router.guest.connection) == 0  # and then freed
+
+
+def test_a_transfer_the_broker_sends_after_the_guest_closed_is_not_counted() -> None:
+    """The guest closed its connection; the broker, not having read our close yet, sends one
+    more message. It never reaches the guest (the broker redelivers it), so it is not
+    counted as routed out."""
+    h = Harness()
+    _, ssn = h.guest_session()
+    rcv = attach(ssn, "r", "q", sending=False)
+    h.pump()
+    rcv.flow(10)
+    h.pump()
+    blink = h.broker_link("r")
+    h.guest.connection.close()
+    move_bytes(h.guest.transport, h.router.guest)
+    h.router.process()  # the router closes the upstream; the broker has not read that yet
+    blink.delivery(b"late")
+    blink.send(Message(body="late").encode())
+    blink.advance()
+    move_bytes(h.broker.transport, h.router.upstream)
+    h.router.process()
+    assert h.counters.deliveries_out == 0
