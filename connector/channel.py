@@ -233,8 +233,10 @@ class Channel:
         self._router: Router | None = None
         self._up: _Upstream | None = None
         # Where the next upstream goes instead of the failover list's current URL: a
-        # redirect's target (``_on_redirect``), taken once (``_next_broker``).
+        # redirect's target (``_on_redirect``), taken once (``_make_upstream``).
         self._target: _Hop | None = None
+        # Where the current upstream engine was made for; its socket connects there.
+        self._hop: _Hop | None = None
         self._lingering: dict[Router, _Upstream] = {}  # guest gone, upstream still closing
         self._retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -530,9 +532,9 @@ class Channel:
 
     def _make_upstream(self) -> Engine:
         """Called by the router when the guest's open arrives, and for a redirect's target;
-        ``_connect_upstream`` follows in the same pump, so both see the same pool (a reload
-        runs between pumps)."""
-        hop = self._next_broker()
+        ``_connect_upstream`` then connects the engine's socket to the same place."""
+        hop = self._hop = self._next_broker()
+        self._target = None
         return hop.pool.make_engine(hop.url, hop.hostname)
 
     def _next_broker(self) -> _Hop:
@@ -548,8 +550,8 @@ class Channel:
     def _connect_upstream(self, router: Router) -> None:
         """Start the upstream's TCP connect; first, off the loop, the broker's name lookup
         when its host is a name (``_resolve``)."""
-        hop = self._next_broker()
-        self._target = None
+        hop = self._hop
+        assert hop is not None  # the router made its upstream engine first
         router.upstream_name = str(hop.url)
         if not Resolver.is_address(hop.url.host):
             self._resolving = self._loop.create_task(self._resolve(router, hop))
