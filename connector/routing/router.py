@@ -690,7 +690,7 @@ class Router:
         awaiting = self._awaiting_detach
         if awaiting:
             awaiting -= {link for link in awaiting if lib.pn_link_session(link) == ssn}
-        for link in [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]:
+        for link in self._ended_on(ssn):
             del self._ended_unbegun[link]
         lib.pn_session_free(ssn)
 
@@ -698,11 +698,15 @@ class Router:
         """The guest's session ``ssn`` has just been begun: answer the attach and the
         detach of its links that the guest ended before (``_ended_unbegun``). They are
         freed once that output is produced (``_free_written_links``)."""
-        for link in [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]:
+        for link in self._ended_on(ssn):
             detach_only = self._ended_unbegun.pop(link)
             lib.pn_link_open(link)
             (lib.pn_link_detach if detach_only else lib.pn_link_close)(link)
             self._unwritten_links.append(link)
+
+    def _ended_on(self, ssn: Any) -> list[Any]:
+        """The links of session ``ssn`` in ``_ended_unbegun``."""
+        return [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]
 
     def _free_written_links(self) -> None:
         """Free the links ``_answer_ended_links`` answered: the output just produced holds
