@@ -58,10 +58,7 @@ def test_a_link_retried_under_its_name_before_the_broker_opens_is_answered(end: 
     attaches again under the same name (a retry): once the broker opens, the retry is
     answered like any attach."""
     h = Harness(broker_answers_open=False)
-    conn = h.guest.connection
-    conn.open()
-    ssn = conn.session()
-    ssn.open()
+    _, ssn = h.guest_session()  # its begin waits for the broker's open
     first = attach(ssn, "retry", "q")
     h.pump()
     getattr(first, end)()

@@ -682,10 +682,7 @@ def test_a_link_ended_before_the_broker_opens_is_answered_once_it_does() -> None
     ended before the broker's open (which the guest's begin waits for) must outlive the
     wait, or the guest never hears its attach or detach answered."""
     h = Harness(broker_answers_open=False)
-    conn = h.guest.connection
-    conn.open()
-    ssn = conn.session()
-    ssn.open()
+    _, ssn = h.guest_session()  # its begin waits for the broker's open
     hasty = attach(ssn, "hasty", "q")
     h.pump()
     hasty.close()
