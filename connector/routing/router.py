@@ -123,6 +123,8 @@ class Router:
         self._deferred_refusals: list[tuple[Any, tuple[str, str]]] = []
         self._uncounted: set[bool] = set()  # sides whose unsent deliveries came off
         self._awaiting_detach: set[Any] = set()  # links we closed; their detach is due
+        # Upstream sessions the guest ended before the broker answered their begin.
+        self._end_when_begun: set[Any] = set()
         # Guest links the guest ended before their session was begun (the broker's open had
         # not come), and whether it only detached them. Proton writes a link's frames only
         # once its session's begin is written: ended (or freed) before, the link is never
@@ -613,6 +615,9 @@ class Router:
             # open says how many sessions it allows.
             if lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
                 self._begin(ssn, up)
+        elif ssn in self._end_when_begun:  # the guest ended it meanwhile (_end_upstream)
+            self._end_when_begun.discard(ssn)
+            lib.pn_session_close(ssn)
 
     def _begin(self, ssn: Any, up: Any) -> None:
         """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest, or end
@@ -663,11 +668,6 @@ class Router:
         twin = self._sessions.pop(ssn, None)
         if twin is not None:
             self._sessions.pop(twin, None)
-            if not from_guest and lib.pn_session_state(twin) & _LOCAL_UNINIT:
-                lib.pn_session_open(twin)  # an end must follow a begin
-            copy_condition(lib.pn_session_condition(twin), lib.pn_session_remote_condition(ssn))
-            if not lib.pn_session_state(twin) & _LOCAL_CLOSED:
-                lib.pn_session_close(twin)
         cond = read_condition(lib.pn_session_remote_condition(ssn))
         if cond:
             who = "guest" if from_guest else "broker"
@@ -675,6 +675,15 @@ class Router:
         for link, route in list(self.routes.items()):
             if lib.pn_link_session(link) in (ssn, twin):
                 self._drop_route(route)
+        if twin is not None:
+            copy_condition(lib.pn_session_condition(twin), lib.pn_session_remote_condition(ssn))
+            if from_guest:
+                self._end_upstream(twin)
+            else:
+                if lib.pn_session_state(twin) & _LOCAL_UNINIT:
+                    lib.pn_session_open(twin)  # an end must follow a begin
+                if not lib.pn_session_state(twin) & _LOCAL_CLOSED:
+                    lib.pn_session_close(twin)
         if lib.pn_session_state(ssn) & _LOCAL_UNINIT:
             lib.pn_session_open(ssn)
         if not lib.pn_session_state(ssn) & _LOCAL_CLOSED:
@@ -682,6 +691,26 @@ class Router:
         self._free_session(ssn)
         if twin is not None and lib.pn_session_state(twin) & _REMOTE_CLOSED:
             self._free_session(twin)
+
+    def _end_upstream(self, up: Any) -> None:
+        """The guest ended the session whose upstream twin is ``up``: end ``up`` too, once
+        that is safe.
+
+        The guest's begin was answered at once, so its end can come before the broker has
+        answered ``up``'s begin. Proton forgets a session's channel as its end goes out, and
+        a broker's begin arriving after that fails the whole upstream connection ("begin
+        reply to unknown channel"), and every other link of the guest with it; Artemis, given
+        the end first, even answers for channel 65535. So ``up`` is ended when the broker's
+        begin arrives. One never begun (the broker's open had not come) was never written:
+        it is freed, and the broker never hears of it.
+        """
+        state = lib.pn_session_state(up)
+        if state & _LOCAL_UNINIT:
+            self._free_session(up)
+        elif state & _REMOTE_UNINIT:
+            self._end_when_begun.add(up)
+        elif not state & _LOCAL_CLOSED:
+            lib.pn_session_close(up)
 
     def _free_session(self, ssn: Any) -> None:
         """Free a session ended both ways. Its links go with it, so none of them is awaited

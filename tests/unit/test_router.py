@@ -28,7 +28,9 @@ from connector.routing.router import FORCED, RouterState
 from tests.reliability.amqp import (
     AMQP_HEADER,
     CLOSE,
+    END,
     OPEN_DESCRIPTOR,
+    begin_frame,
     frame,
     open_frame,
     performative,
@@ -714,3 +716,47 @@ def test_a_transfer_the_broker_sends_after_the_guest_closed_is_not_counted() -> 
     move_bytes(h.broker.transport, h.router.upstream)
     h.router.process()
     assert h.counters.deliveries_out == 0
+
+
+def test_a_session_the_guest_ends_before_the_brokers_begin_is_ended_when_that_comes() -> None:
+    """The guest's begin is answered at once, so its end can overtake the broker's begin.
+    Proton forgets a session's channel as its end goes out: the broker's begin arriving
+    after it failed the whole upstream ("begin reply to unknown channel"), and with it every
+    other link of the guest. The end goes upstream once the broker's begin has come."""
+    h = Harness()
+    conn, snd, _ = h.sender("s", "q")
+    held: list[Any] = []
+    _broker_answering(h, "PN_SESSION_REMOTE_OPEN", lambda ev: held.append(ev.session))
+    brief = conn.session()
+    brief.open()
+    h.pump()
+    assert brief.state & Endpoint.REMOTE_ACTIVE and len(held) == 1
+    received = _trace(h.broker)
+    held[0].open()
+    h.broker.transport.pending()  # the broker's begin is written, on its way
+    brief.close()  # and the guest's end overtakes it
+    move_bytes(h.guest.transport, h.router.guest)
+    h.router.process()
+    up = h.router.upstream
+    move_bytes(up, h.broker.transport)
+    move_bytes(h.broker.transport, up)
+    h.router.process()
+    h.pump()
+    assert not h.router.upstream_dead and up.condition() is None
+    assert brief.state & Endpoint.REMOTE_CLOSED
+    assert any("<- @end" in line for line in received)  # the broker heard the end
+    _one_message_reaches_the_broker(h, snd)
+
+
+def test_a_session_begun_and_ended_before_the_brokers_open_never_reaches_the_broker() -> None:
+    """Ended before the broker's open, the upstream twin had not been begun: it is freed
+    unwritten. Written, its begin and end would race the broker's begin the same way."""
+    h = Harness(guest=False, broker_answers_open=False)
+    received = _trace(h.broker)
+    h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + frame(performative(END)))
+    h.pump()
+    h.broker.connection.open()
+    h.pump()
+    assert not h.router.upstream_dead
+    assert not [line for line in received if "@begin" in line or "@end" in line]
+    assert h.router.session_count() == 0
