@@ -20,6 +20,7 @@ from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 from connector.guest.client import AmqpError, Disconnected, LinkRefused
+from connector.routing.engine import read_condition
 from connector.routing.frames import LinkExtras
 from tests.brokers.artemis import NO_AUTO_CREATE_PREFIX
 from tests.support.attach_peer import AttachPeer, link_flows
@@ -31,6 +32,8 @@ KINDS = ("pty", "unix", "unix-listen")
 # Enough to cross many credit refills (Artemis grants 1000 at a time).
 MANY = 10_000
 BIG = 20 * 1024 * 1024
+# Sessions begun and ended at once: each one a chance for the broker's begin to come late.
+BRIEF_SESSIONS = 50
 TIMEOUT = 60.0
 
 
@@ -264,6 +267,45 @@ def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:
         assert refused.value.name == "amqp:not-found"
         # The connection and session live on.
         assert guest.send(_queue("after"), ["ok"])[0].state == "accepted"
+
+
+def _ended(conn: Any, ssn: Any) -> bool:
+    """The session's end has come back, or the whole connection was closed."""
+    return bool(
+        lib.pn_session_state(ssn) & lib.PN_REMOTE_CLOSED
+        or lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED
+    )
+
+
+def test_a_session_ended_as_soon_as_it_is_begun_leaves_the_connection_up(ctx: Routed) -> None:
+    # The connector answers a guest's begin at once, so a guest may end the session before
+    # the broker's begin has come back. Proton forgets a session's channel as its end goes
+    # out, so a broker's begin arriving after that failed the whole upstream connection
+    # ("begin reply to unknown channel"), and with it every other link of the guest.
+    peer = AttachPeer(ctx.channels["unix"].fd(), "brief-sessions")
+    try:
+        snd, _ = peer.attach("s", _queue("brief"), sending=True, extras=LinkExtras())
+        conn = peer.engine.connection
+        for _ in range(BRIEF_SESSIONS):
+            ssn = lib.pn_session(conn)
+            lib.pn_session_open(ssn)
+            peer.pump_until(lambda s=ssn: lib.pn_session_state(s) & lib.PN_REMOTE_ACTIVE, TIMEOUT)
+            lib.pn_session_close(ssn)
+            peer.pump_until(lambda s=ssn: _ended(conn, s), TIMEOUT)
+            assert not lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED, read_condition(
+                lib.pn_connection_remote_condition(conn)
+            )
+            lib.pn_session_free(ssn)
+        # The first session and its link still work end to end.
+        tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"1")})
+        dlv = lib.pn_delivery(snd, tag[0])
+        body = bytes(Message(body="after").encode())
+        lib.pn_link_send(snd, body, len(body))
+        lib.pn_link_advance(snd)
+        peer.pump_until(lambda: lib.pn_delivery_remote_state(dlv), TIMEOUT)
+        assert lib.pn_delivery_remote_state(dlv) == lib.PN_ACCEPTED
+    finally:
+        peer.close()
 
 
 def test_guests_are_separate_broker_connections_with_their_identity(
