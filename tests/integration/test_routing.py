@@ -34,6 +34,7 @@ MANY = 10_000
 BIG = 20 * 1024 * 1024
 # Sessions begun and ended at once: each one a chance for the broker's begin to come late.
 BRIEF_SESSIONS = 50
+BRIEF_LINKS = 40
 TIMEOUT = 60.0
 
 
@@ -269,12 +270,24 @@ def test_refused_attach_error_reaches_the_guest(ctx: Routed) -> None:
         assert guest.send(_queue("after"), ["ok"])[0].state == "accepted"
 
 
-def _ended(conn: Any, ssn: Any) -> bool:
-    """The session's end has come back, or the whole connection was closed."""
-    return bool(
-        lib.pn_session_state(ssn) & lib.PN_REMOTE_CLOSED
-        or lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED
-    )
+def _closed(conn: Any) -> bool:
+    return bool(lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED)
+
+
+def _detaches(peer: AttachPeer) -> int:
+    """Detach frames the peer has received."""
+    return sum("<- @detach" in line for line in peer.received)
+
+
+def _one_accepted(peer: AttachPeer, snd: Any) -> None:
+    """A message sent on the peer's sender ``snd`` is accepted by the broker."""
+    tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"1")})
+    dlv = lib.pn_delivery(snd, tag[0])
+    body = bytes(Message(body="after").encode())
+    lib.pn_link_send(snd, body, len(body))
+    lib.pn_link_advance(snd)
+    peer.pump_until(lambda: lib.pn_delivery_remote_state(dlv), TIMEOUT)
+    assert lib.pn_delivery_remote_state(dlv) == lib.PN_ACCEPTED
 
 
 def test_a_session_ended_as_soon_as_it_is_begun_leaves_the_connection_up(ctx: Routed) -> None:
@@ -291,19 +304,39 @@ def test_a_session_ended_as_soon_as_it_is_begun_leaves_the_connection_up(ctx: Ro
             lib.pn_session_open(ssn)
             peer.pump_until(lambda s=ssn: lib.pn_session_state(s) & lib.PN_REMOTE_ACTIVE, TIMEOUT)
             lib.pn_session_close(ssn)
-            peer.pump_until(lambda s=ssn: _ended(conn, s), TIMEOUT)
-            assert not lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED, read_condition(
-                lib.pn_connection_remote_condition(conn)
+            peer.pump_until(
+                lambda s=ssn: lib.pn_session_state(s) & lib.PN_REMOTE_CLOSED or _closed(conn),
+                TIMEOUT,
             )
+            assert not _closed(conn), read_condition(lib.pn_connection_remote_condition(conn))
             lib.pn_session_free(ssn)
-        # The first session and its link still work end to end.
-        tag = ffi.new("pn_delivery_tag_t *", {"size": 1, "start": ffi.new("char[]", b"1")})
-        dlv = lib.pn_delivery(snd, tag[0])
-        body = bytes(Message(body="after").encode())
-        lib.pn_link_send(snd, body, len(body))
-        lib.pn_link_advance(snd)
-        peer.pump_until(lambda: lib.pn_delivery_remote_state(dlv), TIMEOUT)
-        assert lib.pn_delivery_remote_state(dlv) == lib.PN_ACCEPTED
+        _one_accepted(peer, snd)  # the first session and its link still work end to end
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("closing", [True, False], ids=["closed", "detached"])
+def test_links_ended_before_the_broker_answered_leave_the_connection_up(
+    ctx: Routed, closing: bool
+) -> None:
+    # The same race for links: a guest may end a link before its attach is answered, so
+    # the connector's detach goes up right behind its attach. Proton finds the broker's late
+    # answer by the link's name; the test shows Artemis takes the pair too, both kinds of
+    # link, closed or only detached.
+    peer = AttachPeer(ctx.channels["unix"].fd(), "brief-links")
+    conn = peer.engine.connection
+    try:
+        snd, _ = peer.attach("s", _queue("brief"), sending=True, extras=LinkExtras())
+        ssn = lib.pn_link_session(snd)
+        for i in range(BRIEF_LINKS):
+            link = (lib.pn_sender if i % 2 else lib.pn_receiver)(ssn, b"brief-%d" % i)
+            node = lib.pn_link_target(link) if i % 2 else lib.pn_link_source(link)
+            lib.pn_terminus_set_address(node, _queue("brief").encode())
+            lib.pn_link_open(link)
+            (lib.pn_link_close if closing else lib.pn_link_detach)(link)
+            peer.pump_until(lambda n=i: _detaches(peer) > n or _closed(conn), TIMEOUT)
+            assert not _closed(conn), read_condition(lib.pn_connection_remote_condition(conn))
+        _one_accepted(peer, snd)
     finally:
         peer.close()
 
