@@ -1,4 +1,5 @@
-"""qemu command lines, in every spelling discovery must read: keyval, old booleans, JSON."""
+"""qemu command lines, in every spelling discovery must read: keyval, old booleans, JSON,
+and the options qemu reads from -readconfig files or changes with -set."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from connector.discovery.qemu import (
     parse_device,
     parse_keyval,
     split_cmdline,
+)
+from connector.discovery.qemuconfig import (
+    QEMU_LINE_BYTES,
+    ConfigSection,
+    ConfigSyntaxError,
+    parse_config,
 )
 
 # What current libvirt (JSON -device, fd-passed sockets) starts qemu with, abridged.
@@ -222,3 +229,112 @@ def test_json_options_of_the_wrong_shape_are_ignored(option: tuple[str, str]) ->
     assert cmd.ports[-1] == SerialPort("org.qpid.amqp.0", "c0")
     assert all(isinstance(c.path, str | None) for c in cmd.chardevs)
     assert cmd.chardev("c0") == Chardev("c0", "socket", path="/run/q/a.sock", server=True)
+
+
+# -- -readconfig files ------------------------------------------------------------------
+
+# In the style of qemu's docs/config/*.cfg, with a virtio-serial port and its chardev.
+CONFIG = b"""# q35 - a guest with an AMQP channel
+# ===================================
+
+[name]
+  guest = "cfg-vm"
+
+[chardev "ch0"]
+  backend = "socket"
+  path = "/run/vm/amqp.sock"                  # CHANGE ME
+  server = "on"
+  wait = "off"
+
+[device "vs"]
+  driver = "virtio-serial-pci"
+
+[device "p0"]
+  driver = "virtserialport"
+  chardev = "ch0"
+  name = "org.qpid.amqp.0"
+"""
+
+
+def test_config_file_sections() -> None:
+    assert parse_config(CONFIG) == [
+        ConfigSection("name", {"guest": "cfg-vm"}),
+        ConfigSection(
+            "chardev",
+            {
+                "id": "ch0",
+                "backend": "socket",
+                "path": "/run/vm/amqp.sock",
+                "server": "on",
+                "wait": "off",
+            },
+        ),
+        ConfigSection("device", {"id": "vs", "driver": "virtio-serial-pci"}),
+        ConfigSection(
+            "device",
+            {"id": "p0", "driver": "virtserialport", "chardev": "ch0", "name": "org.qpid.amqp.0"},
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "options"),
+    [
+        (b'  path = "a b"\n', {"path": "a b"}),  # blanks inside the quotes are the value's
+        (b"path\n", {"path": ""}),  # a key alone sets it empty, as sscanf lets it
+        (b"path = /a.sock\n", {"path": ""}),  # so does a value without quotes
+        (b'path = "/a.sock\n', {"path": "/a.sock\n"}),  # an unclosed quote runs to the end
+        (b'path="/a"\n', {'path="/a"': ""}),  # %63s takes all to the blank for the key
+        (b'  #path = "/a"\n', {"#path": "/a"}),  # '#' comments only at the line's start
+        (b'id = "other"\n', {"id": "other"}),  # replaces the header's id, as in qemu
+        (b'path = "/a\0b"\n', {"path": "/a"}),  # sscanf stops at a NUL
+        (b'name = "caf\xe9"\n', {"name": "caf\\xe9"}),  # a byte that is not UTF-8
+        (b'%s = "v"\n' % (b"k" * 70), {"k" * 63: ""}),  # a key is cut at 63 bytes
+    ],
+)
+def test_config_lines_read_as_qemus_sscanf_reads_them(line: bytes, options: dict[str, str]) -> None:
+    (section,) = parse_config(b'[chardev "c"]\n' + line)
+    assert section.options == {"id": "c", **options}
+
+
+@pytest.mark.parametrize(
+    ("header", "group", "options"),
+    [
+        (b'[chardev "c0"]', "chardev", {"id": "c0"}),
+        (b'[ chardev   "c0"  ]', "chardev", {"id": "c0"}),
+        (b'[chardev "c0', "chardev", {"id": "c0\n"}),  # %63[^"] takes the newline
+        (b'[chardev"c0"]', 'chardev"c0"', {}),  # %63s takes the quotes: no id, another group
+        (b"[name]", "name", {}),
+        (b"[name", "name\n", {}),
+        (b'[chardev "%s"]' % (b"x" * 70), "chardev", {"id": "x" * 63}),
+    ],
+)
+def test_config_headers(header: bytes, group: str, options: dict[str, str]) -> None:
+    (section,) = parse_config(header + b"\n")
+    assert (section.group, section.options) == (group, options)
+
+
+def test_a_config_line_longer_than_qemus_buffer_is_read_in_pieces() -> None:
+    """fgets into 1024 bytes: the rest of a longer line is a line of its own."""
+    value = b"/" + b"p" * 1100
+    (section,) = parse_config(b'[chardev "c"]\npath = "' + value + b'"\n')
+    first = (b'path = "' + value)[:QEMU_LINE_BYTES].decode()
+    assert section.options == {"id": "c", "path": first[len('path = "') :], "p" * 63: ""}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (b'path = "/a"\n', "line 1: no group defined"),
+        (b'[chardev "c"]\n  \n', "line 2: parse error"),  # blanks only: no key
+        (b'[chardev "c"]\n\0\n', "line 2: parse error"),
+    ],
+)
+def test_config_lines_qemu_refuses(text: bytes, error: str) -> None:
+    with pytest.raises(ConfigSyntaxError, match=error):
+        parse_config(text)
+
+
+def test_empty_lines_and_comments() -> None:
+    assert parse_config(b"") == []
+    assert parse_config(b'\n# [chardev "c"]\n\n') == []
