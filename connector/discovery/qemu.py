@@ -4,15 +4,22 @@ Pure functions over the argument vector (``/proc/PID/cmdline`` split on NUL), so
 spelling qemu accepts can be tested without a qemu: keyval (``socket,id=c0,path=P,server=on``,
 with ``,,`` for a literal comma), the old short booleans (``server``, ``nowait``), and the
 JSON form (``-device '{"driver":"virtserialport",...}'``) that current libvirt uses.
-"""
+
+Options may also come from files (``-readconfig FILE``, and qemu's default config unless
+``-no-user-config``) and be changed by ``-set group.id.key=value``: the files are read
+through a function the caller gives, so that what may be read, and from where, is decided
+outside this module."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from connector.discovery.qemuconfig import ConfigSyntaxError, parse_config
 from connector.discovery.reading import decode, is_text
 
 # qemu's boolean spellings (qapi_bool_parse).
@@ -20,6 +27,14 @@ _TRUE = frozenset({"on", "yes", "true", "y"})
 _FALSE = frozenset({"off", "no", "false", "n"})
 # -device drivers that are virtio-serial ports with a ``name`` the guest sees.
 PORT_DRIVERS = frozenset({"virtserialport", "virtconsole"})
+# The options read here that take a value. Any other option is taken for one without: its
+# value, if it has one, is then looked at as an option and passed over as unknown.
+_VALUED = frozenset(
+    {"-name", "-uuid", "-chardev", "-device", "-readconfig", "-set", "-chroot", "-run-with"}
+)
+# qemu's -set (qemu_set_option): sscanf "%63[^.].%63[^.].%63[^=]%n", then "=" and the value,
+# all of the rest (commas included). An id cannot hold a dot.
+_SET = re.compile(r"([^.]{1,63})\.([^.]{1,63})\.([^=]{1,63})=", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,7 @@ class QemuCommandLine:
     uuid: str | None
     chardevs: tuple[Chardev, ...]
     ports: tuple[SerialPort, ...]
+    problems: tuple[str, ...] = ()  # config files that could not be read, and why
 
     def chardev(self, chardev_id: str) -> Chardev | None:
         """The chardev with this id, if the command line defines it."""
@@ -151,7 +167,11 @@ def parse_chardev(arg: str) -> Chardev | None:
     """One ``-chardev`` argument, keyval or JSON; ``None`` when it has no id."""
     if arg.lstrip().startswith("{"):
         return _chardev_from_json(arg)
-    opts = parse_keyval(arg, "backend")
+    return _chardev_from_options(parse_keyval(arg, "backend"))
+
+
+def _chardev_from_options(opts: dict[str, str]) -> Chardev | None:
+    """A chardev from keyval options or a config file's ``[chardev "id"]`` section."""
     if "id" not in opts or "backend" not in opts:
         return None
     return Chardev(
@@ -203,10 +223,13 @@ def parse_device(arg: str) -> SerialPort | None:
     """One ``-device`` argument; a ``SerialPort`` only for a named virtio-serial port."""
     if arg.lstrip().startswith("{"):
         opts = _json_object(arg)
-        if opts is None:
-            return None
-    else:
-        opts = parse_keyval(arg, "driver")
+        return None if opts is None else _port_from_options(opts)
+    return _port_from_options(parse_keyval(arg, "driver"))
+
+
+def _port_from_options(opts: dict[str, Any]) -> SerialPort | None:
+    """A named virtio-serial port from a device's options, of whatever form; the JSON form's
+    values may be of any type."""
     driver, name, chardev = opts.get("driver"), opts.get("name"), opts.get("chardev")
     if not isinstance(driver, str) or driver not in PORT_DRIVERS:
         return None
@@ -215,36 +238,168 @@ def parse_device(arg: str) -> SerialPort | None:
     return SerialPort(name=name, chardev=chardev)
 
 
-def parse_cmdline(argv: list[str]) -> QemuCommandLine:
-    """Everything discovery needs from a qemu argument vector."""
-    name: str | None = None
-    uuid: str | None = None
-    chardevs: list[Chardev] = []
-    ports: list[SerialPort] = []
+class ConfigUnreadable(Exception):
+    """A config file the caller's reader could not give; the message says why.
+
+    ``missing`` when there is no such file, which qemu passes over for its default config.
+    """
+
+    def __init__(self, why: str, *, missing: bool = False) -> None:
+        super().__init__(why)
+        self.missing = missing
+
+
+ReadConfig = Callable[[str], bytes]  # a config file's bytes, by the name qemu was given
+
+
+def _files_not_read(path: str) -> bytes:
+    """The reader of a parse that reads no files: each ``-readconfig`` is a problem."""
+    raise ConfigUnreadable("config files are not read here", missing=True)
+
+
+class _Groups:
+    """qemu's option groups as qemu builds them, reading its options in order.
+
+    ``-chardev``, ``-device`` (keyval) and a config file's sections make entries that a
+    later ``-set group.id.key=value`` may change, so they are kept as options and turned
+    into chardevs and ports at the end. A JSON ``-device`` is not one of them in qemu
+    (``-set`` cannot name it), and neither is a JSON ``-chardev`` here. Chardevs keep
+    their order, the order qemu creates them in (which pty chardevs depend on).
+    """
+
+    def __init__(self, read_config: ReadConfig) -> None:
+        self.name: str | None = None
+        self.chardevs: list[Chardev | dict[str, str]] = []
+        self.ports: list[SerialPort | dict[str, str]] = []
+        self.problems: list[str] = []
+        self._read_config = read_config
+        self._by_id: dict[tuple[str, str], dict[str, str]] = {}  # what -set may name
+
+    def add(self, group: str, opts: dict[str, str]) -> None:
+        """One option of ``group`` from the command line or a config file."""
+        if group == "name":
+            # One entry, merged (qemu's "name" group has merge_lists): a later guest wins.
+            self.name = opts.get("guest") or self.name
+            return
+        if group == "chardev":
+            self.chardevs.append(opts)
+        elif group == "device":
+            self.ports.append(opts)
+        else:
+            return
+        if "id" in opts:
+            self._by_id.setdefault((group, opts["id"]), opts)  # qemu refuses a second
+
+    def add_json(self, item: Chardev | SerialPort | None) -> None:
+        if isinstance(item, Chardev):
+            self.chardevs.append(item)
+        elif isinstance(item, SerialPort):
+            self.ports.append(item)
+
+    def set(self, assignment: str) -> None:
+        """``-set group.id.key=value``. qemu stops with an error when the entry is not
+        defined by then, so one that names nothing is passed over. An entry's id stays
+        what it was defined with (qemu's lookup key)."""
+        match = _SET.match(assignment)
+        if match is None:
+            return
+        opts = self._by_id.get((match[1], match[2]))
+        if opts is not None and match[3] != "id":
+            opts[match[3]] = assignment[match.end() :]
+
+    def read(self, path: str, label: str, *, missing_ok: bool = False) -> None:
+        """A config file's sections, in place; a file that cannot be read or parsed adds
+        nothing and is a problem (qemu stops at either, so the file changed since)."""
+        try:
+            sections = parse_config(self._read_config(path))
+        except ConfigUnreadable as exc:
+            if not (exc.missing and missing_ok):
+                self.problems.append(
+                    f"{label}: {exc}; the chardevs and devices it gives are not seen"
+                )
+            return
+        except ConfigSyntaxError as exc:
+            self.problems.append(
+                f"{label}: {exc}, which qemu would have refused: the file changed since qemu "
+                "read it; the chardevs and devices it gives are not seen"
+            )
+            return
+        for section in sections:
+            self.add(section.group, section.options)
+
+    def command_line(self, uuid: str | None) -> QemuCommandLine:
+        chardevs = (_chardev_from_options(c) if isinstance(c, dict) else c for c in self.chardevs)
+        ports = (_port_from_options(p) if isinstance(p, dict) else p for p in self.ports)
+        return QemuCommandLine(
+            name=self.name,
+            uuid=uuid,
+            chardevs=tuple(c for c in chardevs if c is not None),
+            ports=tuple(p for p in ports if p is not None),
+            problems=tuple(self.problems),
+        )
+
+
+def _options(argv: list[str]) -> Iterator[tuple[str, str | None]]:
+    """Each option with its value (``None`` for one taken to have none); ``--x`` is ``-x``."""
     i = 1
     while i < len(argv):
         option = argv[i]
         if option.startswith("--"):
             option = option[1:]
-        value = argv[i + 1] if i + 1 < len(argv) else None
-        if value is None or not option.startswith("-"):
+        if option in _VALUED and i + 1 < len(argv):
+            yield option, argv[i + 1]
+            i += 2
+        else:
+            yield option, None
             i += 1
+
+
+def parse_cmdline(
+    argv: list[str], read_config: ReadConfig = _files_not_read, default_config: str | None = None
+) -> QemuCommandLine:
+    """Everything discovery needs from a qemu argument vector, with the config files it
+    names read through ``read_config``: ``default_config`` first (qemu's own, which it
+    reads unless ``-no-user-config``, and passes over when missing), then each
+    ``-readconfig`` where it stands among the options."""
+    groups = _Groups(read_config)
+    uuid: str | None = None
+    options = list(_options(argv))
+    if default_config and ("-no-user-config", None) not in options:
+        groups.read(default_config, f"qemu's default config {default_config}", missing_ok=True)
+    for option, value in options:
+        if value is None:
             continue
         if option == "-name":
-            name = parse_keyval(value, "guest").get("guest") or name
+            groups.add("name", parse_keyval(value, "guest"))
         elif option == "-uuid":
             uuid = value.lower()
-        elif option == "-chardev":
-            chardev = parse_chardev(value)
-            if chardev is not None:
-                chardevs.append(chardev)
-        elif option == "-device":
-            port = parse_device(value)
-            if port is not None:
-                ports.append(port)
-        else:
-            # Options without a value (-S, -no-user-config) would eat the next option.
-            i += 1
-            continue
-        i += 2
-    return QemuCommandLine(name=name, uuid=uuid, chardevs=tuple(chardevs), ports=tuple(ports))
+        elif option in ("-chardev", "-device"):
+            _add_option(groups, option, value)
+        elif option == "-readconfig":
+            groups.read(value, f"-readconfig {value}")
+        elif option == "-set":
+            groups.set(value)
+    return groups.command_line(uuid)
+
+
+def _add_option(groups: _Groups, option: str, value: str) -> None:
+    """A ``-chardev`` or ``-device``: JSON as it is, keyval as options ``-set`` may change."""
+    if value.lstrip().startswith("{"):
+        parse = _chardev_from_json if option == "-chardev" else parse_device
+        groups.add_json(parse(value))
+    else:
+        implied = "backend" if option == "-chardev" else "driver"
+        groups.add(option[1:], parse_keyval(value, implied))
+
+
+def working_dir_moves(argv: list[str]) -> frozenset[str]:
+    """The options that take qemu out of the directory it started in, which its relative
+    paths name: ``-daemonize`` (to ``/``), ``-chroot DIR`` and ``-run-with chroot=DIR``
+    (to DIR's root), each after qemu has opened its chardevs and read its files."""
+    moves: set[str] = set()
+    for option, value in _options(argv):
+        if option in ("-daemonize", "-chroot") or (
+            option == "-run-with" and value is not None and "chroot" in parse_keyval(value, "")
+        ):
+            moves.add(option)
+    return frozenset(moves)

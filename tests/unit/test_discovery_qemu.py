@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 
 from connector.discovery.qemu import (
     Chardev,
+    ConfigUnreadable,
+    ReadConfig,
     SerialPort,
     parse_chardev,
     parse_cmdline,
     parse_device,
     parse_keyval,
     split_cmdline,
+    working_dir_moves,
 )
 from connector.discovery.qemuconfig import (
     QEMU_LINE_BYTES,
@@ -231,7 +234,7 @@ def test_json_options_of_the_wrong_shape_are_ignored(option: tuple[str, str]) ->
     assert cmd.chardev("c0") == Chardev("c0", "socket", path="/run/q/a.sock", server=True)
 
 
-# -- -readconfig files ------------------------------------------------------------------
+# -- -readconfig files, -set ------------------------------------------------------------
 
 # In the style of qemu's docs/config/*.cfg, with a virtio-serial port and its chardev.
 CONFIG = b"""# q35 - a guest with an AMQP channel
@@ -338,3 +341,153 @@ def test_config_lines_qemu_refuses(text: bytes, error: str) -> None:
 def test_empty_lines_and_comments() -> None:
     assert parse_config(b"") == []
     assert parse_config(b'\n# [chardev "c"]\n\n') == []
+
+
+def _reader(files: dict[str, bytes]) -> ReadConfig:
+    """A config reader over a dict: a name not in it is missing."""
+
+    def read(path: str) -> bytes:
+        if path not in files:
+            raise ConfigUnreadable("No such file or directory", missing=True)
+        return files[path]
+
+    return read
+
+
+PORT = "org.qpid.amqp.0"
+PTY_CONFIG = b"""[chardev "cfg-pty"]
+  backend = "pty"
+[device "cfg-port"]
+  driver = "virtserialport"
+  chardev = "cfg-pty"
+  name = "org.qpid.amqp.1"
+"""
+
+
+def test_readconfig_sections_stand_where_the_option_does() -> None:
+    """qemu creates chardevs in the order it read them, -readconfig's among the rest: the
+    n-th pty chardev gets the n-th pty."""
+    argv = [
+        "qemu",
+        "-chardev", "pty,id=first",
+        "-readconfig", "vm.cfg",
+        "-chardev", "pty,id=last",
+        "-device", "virtserialport,chardev=last,name=org.qpid.amqp.2",
+    ]  # fmt: skip
+    cmd = parse_cmdline(argv, _reader({"vm.cfg": PTY_CONFIG}))
+    assert [c.id for c in cmd.chardevs] == ["first", "cfg-pty", "last"]
+    assert cmd.ports == (
+        SerialPort("org.qpid.amqp.1", "cfg-pty"),
+        SerialPort("org.qpid.amqp.2", "last"),
+    )
+    assert cmd.problems == ()
+
+
+def test_name_from_a_config_file_and_the_command_line() -> None:
+    """qemu merges its one "name" entry: the last guest given wins; -uuid has no group."""
+    files = _reader({"a.cfg": b'[name]\nguest = "from-file"\n', "b.cfg": b"[name]\n"})
+    assert parse_cmdline(["q", "-readconfig", "a.cfg"], files).name == "from-file"
+    assert parse_cmdline(["q", "-name", "cli", "-readconfig", "a.cfg"], files).name == "from-file"
+    assert parse_cmdline(["q", "-readconfig", "a.cfg", "-name", "cli"], files).name == "cli"
+    assert parse_cmdline(["q", "-readconfig", "a.cfg", "-readconfig", "b.cfg"], files).name == (
+        "from-file"
+    )
+
+
+def test_set_changes_an_entry_defined_before_it() -> None:
+    argv = [
+        "qemu",
+        "-readconfig", "vm.cfg",
+        "-set", "chardev.ch0.path=/run/x,y.sock",  # the value is all of the rest
+        "-set", "device.p0.name=org.qpid.amqp.7",
+        "-chardev", "socket,id=c1,path=/run/a.sock,server=on",
+        "--set", "chardev.c1.server=off",
+        "-device", "virtserialport,id=d1,chardev=c1,name=org.qpid.amqp.1",
+        "-set", "device.d1.chardev=ch0",
+    ]  # fmt: skip
+    cmd = parse_cmdline(argv, _reader({"vm.cfg": CONFIG}))
+    assert cmd.name == "cfg-vm"
+    assert cmd.chardevs == (
+        Chardev("ch0", "socket", path="/run/x,y.sock", server=True),
+        Chardev("c1", "socket", path="/run/a.sock", server=False),
+    )
+    assert cmd.ports == (
+        SerialPort("org.qpid.amqp.7", "ch0"),
+        SerialPort("org.qpid.amqp.1", "ch0"),
+    )
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "chardev.c1.path=/elsewhere",  # c1 comes later: qemu stops with an error
+        "chardev.missing.path=/elsewhere",
+        "device.json.name=org.qpid.amqp.9",  # a JSON -device is no entry -set can name
+        "chardev.c0.id=c1",  # the id qemu looks it up by stays
+        "chardev.c0path=/elsewhere",  # not group.id.key=value
+        "chardev.c0.path",
+        f"chardev.c0.{'k' * 64}=v",
+    ],
+)
+def test_set_that_names_no_entry_changes_nothing(assignment: str) -> None:
+    argv = [
+        "qemu",
+        "-chardev", "socket,id=c0,path=/run/a.sock,server=on",
+        "-device", json.dumps({"driver": "virtserialport", "id": "json", "chardev": "c0",
+                               "name": PORT}),
+        "-set", assignment,
+        "-chardev", "socket,id=c1,path=/run/b.sock,server=on",
+    ]  # fmt: skip
+    cmd = parse_cmdline(argv)
+    assert cmd.chardev("c0") == Chardev("c0", "socket", path="/run/a.sock", server=True)
+    assert cmd.chardev("c1") == Chardev("c1", "socket", path="/run/b.sock", server=True)
+    assert cmd.ports == (SerialPort(PORT, "c0"),)
+
+
+def test_qemus_default_config_is_read_first_unless_no_user_config() -> None:
+    default = b'[chardev "d"]\nbackend = "pty"\n'
+    files = _reader({"/etc/qemu/qemu.conf": default})
+    argv = ["qemu", "-chardev", "pty,id=c"]
+    cmd = parse_cmdline(argv, files, "/etc/qemu/qemu.conf")
+    assert [c.id for c in cmd.chardevs] == ["d", "c"]
+    no_user = parse_cmdline([*argv, "-no-user-config"], files, "/etc/qemu/qemu.conf")
+    assert [c.id for c in no_user.chardevs] == ["c"]
+    missing = parse_cmdline(argv, _reader({}), "/etc/qemu/qemu.conf")  # qemu passes it over
+    assert ([c.id for c in missing.chardevs], missing.problems) == (["c"], ())
+
+
+def test_a_config_file_not_read_is_a_problem_and_gives_nothing() -> None:
+    def unreadable(path: str) -> bytes:
+        raise ConfigUnreadable("Permission denied")
+
+    argv = ["qemu", "-readconfig", "a.cfg", "-readconfig", "gone.cfg", "-readconfig", "bad.cfg"]
+    files = {"a.cfg": PTY_CONFIG, "bad.cfg": PTY_CONFIG.replace(b"[chardev", b"  \n[chardev")}
+    cmd = parse_cmdline(argv, _reader(files))
+    assert [c.id for c in cmd.chardevs] == ["cfg-pty"]
+    assert cmd.problems == (
+        "-readconfig gone.cfg: No such file or directory; the chardevs and devices it gives "
+        "are not seen",
+        "-readconfig bad.cfg: line 1: parse error, which qemu would have refused: the file "
+        "changed since qemu read it; the chardevs and devices it gives are not seen",
+    )
+    denied = parse_cmdline(["qemu", "-readconfig", "a.cfg"], unreadable, "/etc/qemu/qemu.conf")
+    assert [p.split(";")[0] for p in denied.problems] == [
+        "qemu's default config /etc/qemu/qemu.conf: Permission denied",
+        "-readconfig a.cfg: Permission denied",
+    ]
+    assert parse_cmdline(argv).problems[0].startswith("-readconfig a.cfg: config files are not")
+
+
+@pytest.mark.parametrize(
+    ("argv", "moves"),
+    [
+        (["qemu", "-S", "-name", "vm"], set()),
+        (["qemu", "-daemonize"], {"-daemonize"}),
+        (["qemu", "--daemonize", "-chroot", "/var/empty"], {"-daemonize", "-chroot"}),
+        (["qemu", "-run-with", "chroot=/var/empty,user=qemu"], {"-run-with"}),
+        (["qemu", "-run-with", "async-teardown=on"], set()),
+        (["qemu", "-name", "-daemonize"], set()),  # a value, not the option
+    ],
+)
+def test_options_that_leave_the_start_directory(argv: list[str], moves: set[str]) -> None:
+    assert working_dir_moves(argv) == moves
