@@ -51,6 +51,22 @@ def _tty_index(fdinfo_path: str) -> int | None:
     return None
 
 
+def socket_inodes(pid: int, proc_root: str = "/proc") -> set[int]:
+    """The inodes of the sockets ``pid`` holds (``/proc/PID/fd/N`` -> ``socket:[INODE]``)."""
+    inodes = (
+        _socket_inode(readlink(f"{proc_root}/{pid}/fd/{fd}")) for fd in _fd_numbers(pid, proc_root)
+    )
+    return {inode for inode in inodes if inode is not None}
+
+
+def _socket_inode(target: str | None) -> int | None:
+    """The inode of a descriptor's link target when it is a socket's (``socket:[INODE]``)."""
+    if not target or not target.startswith("socket:[") or not target.endswith("]"):
+        return None
+    inode = target[len("socket:[") : -1]
+    return int(inode) if inode.isascii() and inode.isdigit() else None
+
+
 def unix_socket_path(pid: int, fd: int, proc_root: str = "/proc") -> str | None:
     """The path a unix socket descriptor of ``pid`` is bound to, or ``None``.
 
@@ -59,14 +75,13 @@ def unix_socket_path(pid: int, fd: int, proc_root: str = "/proc") -> str | None:
     this socket's inode for a path of their choosing. Only an inode claimed by exactly
     one row is believed; with two, one is forged and neither can be told from the other.
     """
-    target = readlink(f"{proc_root}/{pid}/fd/{fd}")
-    if not target or not target.startswith("socket:[") or not target.endswith("]"):
+    inode = _socket_inode(readlink(f"{proc_root}/{pid}/fd/{fd}"))
+    if inode is None:
         return None
-    inode = target[len("socket:[") : -1]
     table = read_text(f"{proc_root}/{pid}/net/unix") or ""
     # After a header line (Num RefCount Protocol Flags Type St Inode Path), one line each.
     rows = [line.split(None, 7) for line in table.split("\n")[1:]]
-    claims = [fields for fields in rows if len(fields) >= 7 and fields[6] == inode]
+    claims = [fields for fields in rows if len(fields) >= 7 and fields[6] == str(inode)]
     if len(claims) != 1 or len(claims[0]) != 8 or not claims[0][7].startswith("/"):
         return None
     return claims[0][7]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +58,17 @@ class FakeProc:
 
     def other_fd(self, pid: int, fd: int, target: str) -> None:
         os.symlink(target, self.root / str(pid) / "fd" / str(fd))
+
+    def real_socket(self, pid: int, fd: int, sock: socket.socket) -> None:
+        """A descriptor of the fake process that is one of this test's real sockets, so
+        that the kernel (sock_diag) can tell where it is bound."""
+        self.other_fd(pid, fd, f"socket:[{os.fstat(sock.fileno()).st_ino}]")
+
+    def cwd(self, pid: int, path: str | Path, pwd: str | Path | None = None) -> None:
+        """The working directory, and ``$PWD`` in the environment when given."""
+        os.symlink(path, self.root / str(pid) / "cwd")
+        env = [b"HOME=/root", *([b"PWD=" + os.fsencode(pwd)] if pwd else []), b"LANG=C"]
+        (self.root / str(pid) / "environ").write_bytes(b"".join(e + b"\0" for e in env))
 
 
 @pytest.fixture

@@ -1,0 +1,108 @@
+"""The directory a qemu started in, which every relative path it was given names.
+
+qemu opens its chardevs and reads its config files in the directory it was started in, and
+only then may leave it: ``-daemonize`` moves it to ``/``, ``-chroot`` to the new root.
+Until then, and for a qemu that does neither, ``/proc/PID/cwd`` is that directory. After,
+it has to be found again. A candidate (qemu's working directory, or ``$PWD`` from its
+environment, which a shell sets to where it ran qemu; a program that changes directory
+before running qemu may leave it stale) counts only when it holds, under the very name qemu
+bound it by, a socket qemu still holds: the kernel's sock_diag tells which file a socket is
+bound to. ``/proc/net/unix`` would only tell that some socket of qemu's was bound by that
+relative name, and any socket of that name in a wrong directory would pass for it. A
+directory that cannot be proven is not guessed: the caller reports why.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from functools import cached_property
+
+from connector.discovery.fdinfo import socket_inodes
+from connector.discovery.reading import decode, read_bytes, readlink
+from connector.discovery.sockdiag import BoundSocket, bound_sockets
+
+# The kernel lets argv and the environment together take a quarter of the stack limit,
+# 2 MiB under the usual 8 MiB; a larger environment is cut here, and a PWD past the cut is
+# not seen.
+MAX_ENVIRON_BYTES = 2 * 1024 * 1024
+# Where -daemonize leaves qemu; it moves nowhere else.
+_DAEMONIZED_CWD = "/"
+
+
+class StartDir:
+    """qemu's start directory, found the first time a relative path needs it."""
+
+    def __init__(self, pid: int, moves: frozenset[str], proc_root: str) -> None:
+        self._pid = pid
+        self._moves = moves  # qemu's options that leave the start directory
+        self._proc_root = proc_root
+
+    def join(self, path: str) -> str | None:
+        """``path`` as qemu opened it: in the start directory when relative; ``None`` when
+        that directory is not known (:attr:`why_not` says why)."""
+        if path.startswith("/"):
+            return path
+        directory = self._found[0]
+        return None if directory is None else os.path.join(directory, path)
+
+    @property
+    def why_not(self) -> str:
+        """Why the start directory is not known ("" when it is)."""
+        return self._found[1]
+
+    @cached_property
+    def _found(self) -> tuple[str | None, str]:
+        cwd = readlink(f"{self._proc_root}/{self._pid}/cwd")
+        if self._still_there(cwd):
+            return cwd, "" if cwd is not None else "its working directory cannot be read"
+        return self._proven(cwd)
+
+    def _still_there(self, cwd: str | None) -> bool:
+        """Whether qemu's working directory is where it started: no option moves it, or
+        only -daemonize does and has not yet (it goes to ``/`` and nowhere else)."""
+        if not self._moves:
+            return True
+        return self._moves == {"-daemonize"} and cwd not in (None, _DAEMONIZED_CWD)
+
+    def _proven(self, cwd: str | None) -> tuple[str | None, str]:
+        """The first candidate that holds a socket qemu bound by a relative name."""
+        why = f"qemu has left the directory it started in ({', '.join(sorted(self._moves))})"
+        try:
+            relative = self._relative_sockets()
+        except OSError as exc:
+            return None, f"{why}, and the kernel's sock_diag, which would show where, fails: {exc}"
+        if not relative:
+            return None, f"{why}, and holds no socket it bound by a relative name to show where"
+        candidates = [d for d in dict.fromkeys((cwd, self._pwd())) if d and d.startswith("/")]
+        for directory in candidates:
+            if any(_holds(directory, sock) for sock in relative):
+                return directory, ""
+        return None, (
+            f"{why}, and no candidate ({', '.join(candidates) or 'none'}) holds the socket it "
+            f"bound as {relative[0].name}"
+        )
+
+    def _relative_sockets(self) -> list[BoundSocket]:
+        """qemu's sockets that were bound by a relative name (OSError: sock_diag fails)."""
+        inodes = socket_inodes(self._pid, self._proc_root)
+        bound = bound_sockets(inodes) if inodes else {}
+        return [s for s in bound.values() if s.name and not s.name.startswith("/")]
+
+    def _pwd(self) -> str | None:
+        """``$PWD`` from qemu's environment (the first, as getenv reads it)."""
+        raw = read_bytes(f"{self._proc_root}/{self._pid}/environ", MAX_ENVIRON_BYTES) or b""
+        for entry in raw.split(b"\0"):
+            if entry.startswith(b"PWD="):
+                return decode(entry[len(b"PWD=") :])
+        return None
+
+
+def _holds(directory: str, sock: BoundSocket) -> bool:
+    """Whether ``directory`` holds ``sock``'s file under its bound name (the file itself,
+    not a link to it: a link would prove only where the link is)."""
+    try:
+        st = os.lstat(os.path.join(directory, sock.name))
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and sock.is_file(st)

@@ -1,0 +1,173 @@
+"""The directory qemu started in, found again after -daemonize or -chroot left it: real
+sockets, bound the way qemu binds a relative path, behind a fake /proc."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import connector.discovery.startdir
+from connector.discovery.sockdiag import BoundSocket, bound_sockets
+from connector.discovery.startdir import StartDir
+from tests.unit.test_discovery_resolve import QEMU, FakeProc
+
+PID = 40
+DAEMONIZE = frozenset({"-daemonize"})
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> FakeProc:
+    (tmp_path / "proc").mkdir()
+    fake = FakeProc(tmp_path / "proc")
+    fake.process(PID, QEMU, ["qemu"])
+    return fake
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    made: list[socket.socket] = []
+    yield made
+    for sock in made:
+        sock.close()
+
+
+def bind(sockets: list[socket.socket], directory: Path, name: str) -> socket.socket:
+    """A listening socket bound by ``name`` relative to ``directory``, as qemu binds
+    ``path=amqp.sock`` in the directory it started in."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sockets.append(sock)
+    here = os.getcwd()
+    os.chdir(directory)
+    try:
+        sock.bind(name)
+    finally:
+        os.chdir(here)
+    sock.listen()
+    return sock
+
+
+def inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def test_sock_diag_gives_the_name_as_bound_and_the_file(
+    tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    relative = bind(sockets, tmp_path, "amqp.sock")
+    absolute = bind(sockets, tmp_path, str(tmp_path / "abs.sock"))
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract.bind(b"\0qvc-test-abstract")
+    unbound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sockets.extend([abstract, unbound])
+    found = bound_sockets({inode(s) for s in sockets})
+    assert found[inode(relative)].name == "amqp.sock"
+    assert found[inode(absolute)].name == str(tmp_path / "abs.sock")
+    assert found[inode(relative)].is_file(os.lstat(tmp_path / "amqp.sock"))
+    assert not found[inode(relative)].is_file(os.lstat(tmp_path / "abs.sock"))
+    assert found[inode(abstract)].name == ""  # a name, not a file
+    assert found[inode(abstract)].ino is None
+    assert found[inode(unbound)] == BoundSocket("")
+    assert inode(relative) not in bound_sockets({inode(unbound)})
+
+
+def test_a_qemu_that_does_not_move_is_where_its_working_directory_is(proc: FakeProc) -> None:
+    proc.cwd(PID, "/home/alice/vm", pwd="/stale")
+    start = StartDir(PID, frozenset(), str(proc.root))
+    assert start.join("amqp.sock") == "/home/alice/vm/amqp.sock"
+    assert start.join("/run/a.sock") == "/run/a.sock"
+    assert start.why_not == ""
+
+
+def test_a_daemonized_qemu_not_yet_moved_needs_no_proof(proc: FakeProc) -> None:
+    """-daemonize leaves for / and nowhere else: any other directory is the start."""
+    proc.cwd(PID, "/home/alice/vm")
+    assert StartDir(PID, DAEMONIZE, str(proc.root)).join("a.sock") == "/home/alice/vm/a.sock"
+
+
+def test_after_daemonize_pwd_counts_when_it_holds_qemus_socket(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    (tmp_path / "vm").mkdir()
+    proc.cwd(PID, "/", pwd=tmp_path / "vm")
+    proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
+    start = StartDir(PID, DAEMONIZE, str(proc.root))
+    assert start.join("vm.cfg") == f"{tmp_path}/vm/vm.cfg"
+    assert start.why_not == ""
+
+
+def test_after_daemonize_a_stale_pwd_is_not_taken_for_the_start(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    """qemu started in vm/ but $PWD says other/ (a launcher changed directory without
+    setting it), where another socket of the same name is bound: the name as bound, which
+    is all /proc/net/unix shows, proves nothing; the file's identity does."""
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "other").mkdir()
+    proc.cwd(PID, "/", pwd=tmp_path / "other")
+    proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
+    bind(sockets, tmp_path / "other", "amqp.sock")  # someone else's, same name
+    start = StartDir(PID, DAEMONIZE, str(proc.root))
+    assert start.join("amqp.sock") is None
+    assert start.why_not == (
+        "qemu has left the directory it started in (-daemonize), and no candidate "
+        f"(/, {tmp_path}/other) holds the socket it bound as amqp.sock"
+    )
+
+
+def test_a_link_to_qemus_socket_proves_only_where_the_link_is(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "other").mkdir()
+    proc.cwd(PID, "/", pwd=tmp_path / "other")
+    proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
+    os.symlink(tmp_path / "vm" / "amqp.sock", tmp_path / "other" / "amqp.sock")
+    assert StartDir(PID, DAEMONIZE, str(proc.root)).join("amqp.sock") is None
+
+
+def test_after_daemonize_without_a_relative_socket_nothing_shows_the_start(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    proc.cwd(PID, "/", pwd=tmp_path)
+    proc.real_socket(PID, 7, bind(sockets, tmp_path, str(tmp_path / "abs.sock")))
+    proc.other_fd(PID, 8, "/dev/null")
+    start = StartDir(PID, DAEMONIZE, str(proc.root))
+    assert start.join("vm.cfg") is None
+    assert start.why_not.endswith("holds no socket it bound by a relative name to show where")
+
+
+def test_after_chroot_the_working_directory_needs_proof_too(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    """-chroot DIR ends in DIR's root, which /proc shows as DIR: not the start."""
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "jail").mkdir()
+    proc.cwd(PID, tmp_path / "jail", pwd=tmp_path / "vm")
+    proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
+    bind(sockets, tmp_path / "jail", "amqp.sock")
+    start = StartDir(PID, frozenset({"-chroot"}), str(proc.root))
+    assert start.join("amqp.sock") == f"{tmp_path}/vm/amqp.sock"
+
+
+def test_when_sock_diag_fails_the_start_is_not_guessed(
+    proc: FakeProc, tmp_path: Path, sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(inodes: object) -> dict[int, object]:
+        raise OSError(2, "No such file or directory")  # no unix_diag in this kernel
+
+    monkeypatch.setattr(connector.discovery.startdir, "bound_sockets", refused)
+    proc.cwd(PID, "/", pwd=tmp_path)
+    proc.real_socket(PID, 7, bind(sockets, tmp_path, "amqp.sock"))
+    start = StartDir(PID, DAEMONIZE, str(proc.root))
+    assert start.join("amqp.sock") is None
+    assert "sock_diag, which would show where, fails: [Errno 2]" in start.why_not
+
+
+def test_a_process_gone_has_no_start(proc: FakeProc) -> None:
+    start = StartDir(99, frozenset(), str(proc.root))
+    assert (start.join("a.sock"), start.why_not) == (None, "its working directory cannot be read")
+    assert StartDir(99, DAEMONIZE, str(proc.root)).join("a.sock") is None
