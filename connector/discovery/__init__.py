@@ -187,7 +187,7 @@ class Discovery:
         """The name to log a failure under: qemu's ``-name``, or ``?`` when even reading
         it fails (the failure being logged may be in the parser)."""
         try:
-            cmdline = read_cmdline(pid, self.settings.proc_root)
+            cmdline = read_cmdline(pid, self.settings)
         except Exception:
             return "?"
         return cmdline.name if cmdline is not None and cmdline.name else "?"

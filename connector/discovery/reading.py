@@ -15,6 +15,7 @@ A path decoded this way is not the file's real name when it held such a byte; se
 from __future__ import annotations
 
 import os
+import stat
 
 ENCODING = "utf-8"
 ERRORS = "backslashreplace"
@@ -32,6 +33,26 @@ def read_bytes(path: str, limit: int = -1) -> bytes | None:
             return f.read(limit)
     except OSError:
         return None
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file; OSError for anything else.
+
+    For a file someone else named. Opening a device may act (a watchdog starts counting
+    down, a tape rewinds) and a FIFO blocks until a writer comes, so the type is checked
+    before the file is opened for reading: on a descriptor that only names it (``O_PATH``
+    opens nothing), which is then reopened through ``/proc/self/fd``, so that the name
+    cannot be pointed elsewhere in between.
+    """
+    named = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(named).st_mode):
+            raise OSError("not a regular file")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        with open(os.open(f"/proc/self/fd/{named}", flags), "rb") as f:
+            return f.read(limit)
+    finally:
+        os.close(named)
 
 
 def read_text(path: str) -> str | None:

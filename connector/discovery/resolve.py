@@ -1,10 +1,11 @@
 """From a qemu process to its AMQP channels: which sources say what, and whom to trust.
 
 Sources, most exact first: libvirt's status XML for that pid (libvirt asked qemu over QMP),
-then qemu's own command line, with pty paths read from qemu's ``/dev/ptmx`` descriptors and
-libvirt's passed-in sockets from qemu's socket descriptors. A pid is trusted only when its
-executable is qemu: any process that may open /dev/kvm can create a VM, and a stranger's
-socket must never be routed under a guest's name.
+then qemu's own command line and the config files it names, with pty paths read from
+qemu's ``/dev/ptmx`` descriptors and libvirt's passed-in sockets from qemu's socket
+descriptors. A pid is trusted only when its executable is qemu: any process that may open
+/dev/kvm can create a VM, and a stranger's socket must never be routed under a guest's
+name.
 """
 
 from __future__ import annotations
@@ -17,14 +18,30 @@ from dataclasses import dataclass, replace
 
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
-from connector.discovery.qemu import QemuCommandLine, parse_cmdline, split_cmdline
-from connector.discovery.reading import read_bytes, read_text, readlink
+from connector.discovery.qemu import (
+    Chardev,
+    ConfigUnreadable,
+    QemuCommandLine,
+    parse_cmdline,
+    split_cmdline,
+    working_dir_moves,
+)
+from connector.discovery.reading import read_bytes, read_regular_file, read_text, readlink
 from connector.discovery.settings import DiscoverySettings
+from connector.discovery.startdir import StartDir
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
 # A status file is a few tens of KiB; anything far larger is not libvirt's.
 MAX_STATUS_XML_BYTES = 4 * 1024 * 1024
 _DELETED = " (deleted)"  # readlink suffix when qemu's binary was upgraded under it
+# qemu's config files are written by hand or by a script: a few KiB (qemu's own examples
+# are under 5 KiB). One qemu's files together, read on the daemon's loop at each look, may
+# come to this much; past it they are not read (and whoever runs qemu names them).
+MAX_CONFIG_BYTES = 1024 * 1024
+# Names that mean the opener's own descriptors or directories. What qemu read there is gone
+# (bash's ``<(...)`` gives ``/dev/fd/63``, a pipe), and opened by the connector they would
+# name the connector's own.
+_OPENERS_OWN = ("/dev/fd/", "/dev/std", "/proc/self/", "/proc/thread-self/")
 
 
 @dataclass(frozen=True)
@@ -138,9 +155,64 @@ def port_wanted(port: str | None, settings: DiscoverySettings) -> bool:
     )
 
 
-def read_cmdline(pid: int, proc_root: str) -> QemuCommandLine | None:
-    raw = read_bytes(f"{proc_root}/{pid}/cmdline")
-    return None if raw is None else parse_cmdline(split_cmdline(raw))
+class _ConfigFiles:
+    """Reads one qemu's config files for :func:`parse_cmdline`, as the daemon reads any
+    file: a relative name in qemu's start directory, regular files only, and no more than
+    :data:`MAX_CONFIG_BYTES` for all of them together."""
+
+    def __init__(self, start: StartDir) -> None:
+        self._start = start
+        self._left = MAX_CONFIG_BYTES
+
+    def __call__(self, name: str) -> bytes:
+        path = self._path(name)
+        too_much = f"not read: this qemu's config files come to more than {MAX_CONFIG_BYTES} bytes"
+        if self._left <= 0:
+            raise ConfigUnreadable(too_much)
+        try:
+            data = read_regular_file(path, self._left + 1)
+        except FileNotFoundError as exc:
+            raise ConfigUnreadable(exc.strerror, missing=True) from None
+        except OSError as exc:
+            raise ConfigUnreadable(exc.strerror or str(exc)) from None
+        if len(data) > self._left:
+            self._left = 0
+            raise ConfigUnreadable(too_much)
+        self._left -= len(data)
+        return data
+
+    def _path(self, name: str) -> str:
+        """Where qemu opened ``name``: in its start directory when relative."""
+        path = self._start.join(name)
+        if path is None:
+            raise ConfigUnreadable(f"a relative name, and {self._start.why_not}")
+        if os.path.normpath(path).startswith(_OPENERS_OWN):
+            raise ConfigUnreadable("names a descriptor of qemu's own, which cannot be read again")
+        return path
+
+
+@dataclass(frozen=True)
+class _Qemu:
+    """What a qemu was given, and where its relative paths lead."""
+
+    cmdline: QemuCommandLine
+    start: StartDir
+
+
+def _read_qemu(pid: int, settings: DiscoverySettings) -> _Qemu | None:
+    raw = read_bytes(f"{settings.proc_root}/{pid}/cmdline")
+    if raw is None:
+        return None
+    argv = split_cmdline(raw)
+    start = StartDir(pid, working_dir_moves(argv), settings.proc_root)
+    cmdline = parse_cmdline(argv, _ConfigFiles(start), settings.qemu_default_config)
+    return _Qemu(cmdline, start)
+
+
+def read_cmdline(pid: int, settings: DiscoverySettings) -> QemuCommandLine | None:
+    """What qemu's command line and config files say, or ``None`` if it is gone."""
+    qemu = _read_qemu(pid, settings)
+    return None if qemu is None else qemu.cmdline
 
 
 def read_status(path: str) -> LibvirtDomain | None:
@@ -195,7 +267,7 @@ def specs_from_libvirt(domain: LibvirtDomain, settings: DiscoverySettings) -> Re
 
 
 def specs_from_cmdline(
-    pid: int, cmdline: QemuCommandLine, settings: DiscoverySettings
+    pid: int, cmdline: QemuCommandLine, settings: DiscoverySettings, start: StartDir
 ) -> Resolution:
     """The matching ports of a qemu command line, with paths found through /proc.
 
@@ -205,7 +277,7 @@ def specs_from_cmdline(
     and friends open ptys that have no ``-chardev``, which would shift the order).
     """
     specs: list[ChannelSpec] = []
-    problems: list[str] = []
+    problems: list[str] = list(cmdline.problems)
     pty_order: dict[str, int] = {}  # each pty chardev's place among them
     for chardev in cmdline.chardevs:
         if chardev.backend == "pty":
@@ -222,18 +294,8 @@ def specs_from_cmdline(
             problems.append(f"port {port.name}: an abstract socket, which is not a file")
             continue
         if chardev.backend == "socket":
-            path = chardev.path
-            if path is not None and not path.startswith("/"):
-                path = _in_cwd(pid, path, settings.proc_root)
-            if path is None and chardev.fd is not None:
-                path = unix_socket_path(pid, chardev.fd, settings.proc_root)
+            path, why = _socket_path(pid, chardev, start, settings.proc_root)
             if path is None:
-                why = "socket chardev without a unix path"
-                if chardev.fd is not None:
-                    why = (
-                        f"fd {chardev.fd} has no single unix path in net/unix (not a bound "
-                        "socket, or more than one socket row claims its inode)"
-                    )
                 problems.append(f"port {port.name}: {why}")
                 continue
             kind = ChannelKind.UNIX if chardev.server else ChannelKind.UNIX_LISTEN
@@ -261,15 +323,25 @@ def specs_from_cmdline(
     return Resolution(tuple(specs), tuple(problems))
 
 
-def _in_cwd(pid: int, path: str, proc_root: str) -> str | None:
-    """A relative chardev path, as qemu opened it: in its working directory.
+def _socket_path(
+    pid: int, chardev: Chardev, start: StartDir, proc_root: str
+) -> tuple[str | None, str]:
+    """A socket chardev's path, or why there is none.
 
-    Someone running qemu by hand writes ``path=amqp.sock``. qemu opens its chardevs, and
-    creates its VM, before ``-daemonize`` moves it to ``/``: a scan that meets a daemonized
-    qemu later would join the wrong directory.
+    Someone running qemu by hand writes ``path=amqp.sock``, which qemu opened in the
+    directory it started in; libvirt passes its sockets as ``fd=N``, bound elsewhere.
     """
-    cwd = readlink(f"{proc_root}/{pid}/cwd")
-    return None if cwd is None else os.path.join(cwd, path)
+    if chardev.path is not None:
+        path = start.join(chardev.path)
+        return path, "" if path is not None else f"{chardev.path} is relative, {start.why_not}"
+    if chardev.fd is None:
+        return None, "socket chardev without a unix path"
+    path = unix_socket_path(pid, chardev.fd, proc_root)
+    why = (
+        f"fd {chardev.fd} has no single unix path in net/unix (not a bound socket, or more "
+        "than one socket row claims its inode)"
+    )
+    return path, "" if path is not None else why
 
 
 def resolve_pid(pid: int, settings: DiscoverySettings) -> Resolution:
@@ -278,11 +350,13 @@ def resolve_pid(pid: int, settings: DiscoverySettings) -> Resolution:
     When libvirt has not written its status file yet, the command line answers now and
     ``libvirt_name`` tells the caller which file to look for later.
     """
-    cmdline = read_cmdline(pid, settings.proc_root)
-    if cmdline is None:
+    qemu = _read_qemu(pid, settings)
+    if qemu is None:
         return Resolution((), ("command line unreadable (process gone?)",))
-    if cmdline.name:
-        domain = find_status(pid, cmdline.name, settings)
+    name = qemu.cmdline.name
+    if name:
+        domain = find_status(pid, name, settings)
         if domain is not None:
-            return replace(specs_from_libvirt(domain, settings), libvirt_name=cmdline.name)
-    return replace(specs_from_cmdline(pid, cmdline, settings), libvirt_name=cmdline.name)
+            return replace(specs_from_libvirt(domain, settings), libvirt_name=name)
+    resolution = specs_from_cmdline(pid, qemu.cmdline, settings, qemu.start)
+    return replace(resolution, libvirt_name=name)

@@ -38,6 +38,9 @@ DEFAULT_LIBVIRT_RETRY_INTERVAL = 0.2
 # loop; much more often than this (0 above all) would keep the loop busy doing only that.
 MIN_LIBVIRT_RETRY_INTERVAL = 0.01
 DEFAULT_PROC_ROOT = "/proc"
+# The config file qemu reads before its options unless given -no-user-config (libvirt always
+# gives it): CONFIG_QEMU_CONFDIR/qemu.conf, /etc/qemu in Debian's and Fedora's builds.
+DEFAULT_QEMU_DEFAULT_CONFIG = "/etc/qemu/qemu.conf"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class DiscoverySettings:
     libvirt_retry_seconds: float = DEFAULT_LIBVIRT_RETRY_SECONDS
     libvirt_retry_interval: float = DEFAULT_LIBVIRT_RETRY_INTERVAL
     proc_root: str = DEFAULT_PROC_ROOT
+    qemu_default_config: str = DEFAULT_QEMU_DEFAULT_CONFIG
     # Also watch ``libvirt_status_dir`` for status files, so libvirt guests without KVM
     # (TCG) are found the moment libvirtd records them.
     watch_libvirt_status: bool = True

@@ -6,12 +6,14 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.qemu import Chardev, QemuCommandLine, SerialPort, parse_cmdline
 from connector.discovery.resolve import (
+    MAX_CONFIG_BYTES,
     Distrust,
     distrust,
     exe_name,
@@ -22,6 +24,7 @@ from connector.discovery.resolve import (
     specs_from_cmdline,
 )
 from connector.discovery.settings import DiscoverySettings
+from connector.discovery.startdir import StartDir
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
 NET_UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
@@ -71,6 +74,17 @@ class FakeProc:
         (self.root / str(pid) / "environ").write_bytes(b"".join(e + b"\0" for e in env))
 
 
+def bind_in(sock: socket.socket, directory: Path, name: str) -> None:
+    """Bind ``sock`` by ``name`` relative to ``directory``, as qemu binds ``path=amqp.sock``
+    in the directory it started in (the kernel keeps the name as bound)."""
+    here = os.getcwd()
+    os.chdir(directory)
+    try:
+        sock.bind(name)
+    finally:
+        os.chdir(here)
+
+
 @pytest.fixture
 def proc(tmp_path: Path) -> FakeProc:
     (tmp_path / "proc").mkdir()
@@ -80,10 +94,19 @@ def proc(tmp_path: Path) -> FakeProc:
 @pytest.fixture
 def settings(tmp_path: Path, proc: FakeProc) -> DiscoverySettings:
     (tmp_path / "status").mkdir()
-    return DiscoverySettings(proc_root=str(proc.root), libvirt_status_dir=str(tmp_path / "status"))
+    return DiscoverySettings(
+        proc_root=str(proc.root),
+        libvirt_status_dir=str(tmp_path / "status"),
+        qemu_default_config=str(tmp_path / "etc-qemu.conf"),  # none, unless a test writes it
+    )
 
 
 QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def unmoved(pid: int, settings: DiscoverySettings) -> StartDir:
+    """The start directory of a qemu given no option that leaves it."""
+    return StartDir(pid, frozenset(), settings.proc_root)
 
 
 def test_exe_check(proc: FakeProc, settings: DiscoverySettings) -> None:
@@ -199,7 +222,7 @@ def test_pty_count_mismatch_is_refused(proc: FakeProc, settings: DiscoverySettin
     proc.process(31, QEMU, argv)
     proc.ptmx(31, 8, 1)
     proc.ptmx(31, 9, 2)
-    resolution = specs_from_cmdline(31, parse_cmdline(argv), settings)
+    resolution = specs_from_cmdline(31, parse_cmdline(argv), settings, unmoved(31, settings))
     assert resolution.specs == ()
     assert "2 open ptys for 1 pty chardevs" in resolution.problems[0]
 
@@ -210,7 +233,7 @@ def test_unnamed_guest_and_unsupported_backend(proc: FakeProc, settings: Discove
             "-device", "virtserialport,chardev=t,name=org.qpid.amqp.0",
             "-device", "virtserialport,chardev=f,name=org.qpid.amqp.1"]  # fmt: skip
     proc.process(32, QEMU, argv)
-    resolution = specs_from_cmdline(32, parse_cmdline(argv), settings)
+    resolution = specs_from_cmdline(32, parse_cmdline(argv), settings, unmoved(32, settings))
     assert resolution.specs == ()
     assert len(resolution.problems) == 2
     # Not named, so not libvirt's: no status file is looked for, now or later.
@@ -341,7 +364,7 @@ def test_resolving_a_huge_command_line_takes_work_in_proportion(
     ports = tuple(SerialPort(f"org.qpid.amqp.{n}", _CountedId(f"c{n}")) for n in range(count))
     cmdline = QemuCommandLine("big", None, chardevs, ports)
     _CountedId.compared = 0
-    resolution = specs_from_cmdline(70, cmdline, settings)
+    resolution = specs_from_cmdline(70, cmdline, settings, unmoved(70, settings))
     assert [s.path for s in resolution.specs] == [f"/dev/pts/{n}" for n in range(count)]
     assert _CountedId.compared <= 4 * count
 
@@ -374,3 +397,140 @@ def test_an_abstract_socket_is_refused_not_taken_for_a_file(
     resolution = resolve_pid(80, settings)
     assert resolution.specs == ()
     assert "abstract" in resolution.problems[0]
+
+
+# -- config files and the start directory ---------------------------------------------------
+
+VM_CFG = """# written by hand
+[chardev "ch0"]
+  backend = "socket"
+  path = "amqp.sock"
+  server = "on"
+[device "p0"]
+  driver = "virtserialport"
+  chardev = "ch0"
+  name = "org.qpid.amqp.0"
+"""
+
+
+def _by_hand(tmp_path: Path, *extra: str) -> list[str]:
+    """qemu run by hand in ``tmp_path/vm`` with a config file there, plus ``extra``."""
+    (tmp_path / "vm").mkdir(exist_ok=True)
+    (tmp_path / "vm" / "vm.cfg").write_text(VM_CFG)
+    return ["qemu", "-name", "by-hand", "-readconfig", "vm.cfg", *extra]
+
+
+def test_a_relative_readconfig_is_read_in_qemus_directory(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path
+) -> None:
+    argv = _by_hand(tmp_path, "-set", "device.p0.name=org.qpid.amqp.5")
+    proc.process(90, QEMU, argv)
+    proc.cwd(90, tmp_path / "vm")
+    resolution = resolve_pid(90, settings)
+    ident = GuestIdentity("by-hand", "org.qpid.amqp.5", pid=90, found_by="cmdline")
+    assert resolution.specs == (ChannelSpec(ChannelKind.UNIX, f"{tmp_path}/vm/amqp.sock", ident),)
+    assert resolution.problems == ()
+
+
+def test_qemus_default_config_is_read_from_the_setting(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path
+) -> None:
+    Path(settings.qemu_default_config).write_text(VM_CFG.replace("amqp.sock", "/run/d.sock"))
+    proc.process(91, QEMU, ["qemu", "-name", "d"])
+    assert [s.path for s in resolve_pid(91, settings).specs] == ["/run/d.sock"]
+    proc.process(92, QEMU, ["qemu", "-name", "d", "-no-user-config"])
+    assert resolve_pid(92, settings).specs == ()
+
+
+def _fifo(tmp_path: Path) -> str:
+    os.mkfifo(tmp_path / "fifo")  # opened for reading, it would wait for a writer
+    return str(tmp_path / "fifo")
+
+
+def _huge(tmp_path: Path) -> str:
+    with (tmp_path / "huge.cfg").open("wb") as f:
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: costs no disk
+    return str(tmp_path / "huge.cfg")
+
+
+UNREADABLE = {
+    "a directory": (lambda tmp: str(tmp), "not a regular file"),
+    "a FIFO": (_fifo, "not a regular file"),
+    "a device": (lambda tmp: "/dev/null", "not a regular file"),
+    "missing": (lambda tmp: str(tmp / "nope.cfg"), "No such file or directory"),
+    "too big": (_huge, f"come to more than {MAX_CONFIG_BYTES} bytes"),
+    "bash's <(...)": (lambda tmp: "/dev/fd/63", "a descriptor of qemu's own"),
+    "stdin": (lambda tmp: "/dev/stdin", "a descriptor of qemu's own"),
+    "/proc/self": (lambda tmp: "/proc/self/fd/0", "a descriptor of qemu's own"),
+    "relative to /proc/self": (lambda tmp: "../proc/self/fd/0", "a descriptor of qemu's own"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_a_config_file_that_cannot_be_read_safely_is_a_problem(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path, case: tuple[Any, str]
+) -> None:
+    """Whoever runs qemu names the file: nothing but a regular file of sane size is read,
+    nothing blocks or raises, and the rest of the command line still counts."""
+    make, why = case
+    argv = [*ARGV, "-readconfig", make(tmp_path)]
+    proc.process(30, QEMU, argv)
+    proc.cwd(30, "/tmp")
+    proc.ptmx(30, 8, 6)
+    proc.ptmx(30, 10, 7)
+    resolution = resolve_pid(30, settings)
+    assert len(resolution.specs) == 3
+    (problem,) = (p for p in resolution.problems if p.startswith("-readconfig"))
+    assert why in problem
+    assert problem.endswith("; the chardevs and devices it gives are not seen")
+
+
+def test_config_files_together_are_bounded(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path
+) -> None:
+    """Each file under the bound, many of them over it: the total counts."""
+    half = tmp_path / "half.cfg"
+    half.write_bytes(b"#" * (MAX_CONFIG_BYTES // 2) + b"\n")
+    (tmp_path / "vm.cfg").write_text(VM_CFG)
+    argv = ["qemu", "-readconfig", str(half), "-readconfig", str(half)]
+    proc.process(93, QEMU, [*argv, "-readconfig", "vm.cfg", "-readconfig", "vm.cfg"])
+    proc.cwd(93, tmp_path)
+    problems = resolve_pid(93, settings).problems
+    assert [p.split(":")[0] for p in problems] == [
+        f"-readconfig {half}",
+        "-readconfig vm.cfg",
+        "-readconfig vm.cfg",
+    ]
+
+
+def test_a_daemonized_qemus_relative_paths_join_its_proven_start(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path
+) -> None:
+    """Met after -daemonize took it to /: $PWD holds the socket qemu bound by the
+    relative name, so the config file and the socket are found there."""
+    argv = _by_hand(tmp_path, "-daemonize")
+    proc.process(94, QEMU, argv)
+    proc.cwd(94, "/", pwd=tmp_path / "vm")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        bind_in(sock, tmp_path / "vm", "amqp.sock")
+        proc.real_socket(94, 5, sock)
+        resolution = resolve_pid(94, settings)
+    assert [s.path for s in resolution.specs] == [f"{tmp_path}/vm/amqp.sock"]
+    assert resolution.problems == ()
+
+
+def test_a_daemonized_qemu_whose_start_cannot_be_proven_reports_each_relative_path(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path
+) -> None:
+    """No wrong path: $PWD is stale and qemu holds no socket to show where it started."""
+    argv = _by_hand(tmp_path, "-daemonize", "-chardev", "socket,id=c1,path=rel.sock,server=on",
+                    "-device", "virtserialport,chardev=c1,name=org.qpid.amqp.1")  # fmt: skip
+    proc.process(95, QEMU, argv)
+    proc.cwd(95, "/", pwd=tmp_path)
+    resolution = resolve_pid(95, settings)
+    assert resolution.specs == ()
+    why = "qemu has left the directory it started in (-daemonize), and holds no socket"
+    assert [p.partition(why)[0] for p in resolution.problems] == [
+        "-readconfig vm.cfg: a relative name, and ",
+        "port org.qpid.amqp.1: rel.sock is relative, ",
+    ]

@@ -20,6 +20,7 @@ def test_defaults_fit_a_stock_libvirt_host() -> None:
     assert "/var/lib/libvirt/qemu/channel/target/*/org.qpid.amqp.*" in settings.watch_globs
     assert settings.libvirt_status_dir == "/run/libvirt/qemu"
     assert settings.proc_root == "/proc"
+    assert settings.qemu_default_config == "/etc/qemu/qemu.conf"  # Debian's and Fedora's qemu
 
 
 def test_values_are_converted() -> None:
@@ -34,6 +35,7 @@ def test_values_are_converted() -> None:
             "libvirt_status_dir": "/tmp/status",
             "watch_libvirt_status": False,
             "udev_source": "kernel",
+            "qemu_default_config": "/usr/local/etc/qemu/qemu.conf",
         }
     )
     assert settings.sources == {"watch"}
@@ -42,6 +44,7 @@ def test_values_are_converted() -> None:
     assert settings.qemu_users == ("libvirt-qemu", "107")
     assert settings.libvirt_retry_seconds == 2.0
     assert settings.watch_libvirt_status is False
+    assert settings.qemu_default_config == "/usr/local/etc/qemu/qemu.conf"
     hash(settings)  # frozen all the way down: lists became tuples
 
 
@@ -73,6 +76,7 @@ def test_with_sources_from_the_flag() -> None:
         ({"qemu_users": []}, "discovery.qemu_users"),
         ({"qemu_users": "root"}, "discovery.qemu_users"),
         ({"proc_root": "proc"}, "discovery.proc_root"),
+        ({"qemu_default_config": "qemu.conf"}, "discovery.qemu_default_config"),
         ({"watch_libvirt_status": "yes"}, "discovery.watch_libvirt_status"),
         ({"udev_source": "systemd"}, "discovery.udev_source"),
     ],

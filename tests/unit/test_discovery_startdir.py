@@ -13,7 +13,7 @@ import pytest
 import connector.discovery.startdir
 from connector.discovery.sockdiag import BoundSocket, bound_sockets
 from connector.discovery.startdir import StartDir
-from tests.unit.test_discovery_resolve import QEMU, FakeProc
+from tests.unit.test_discovery_resolve import QEMU, FakeProc, bind_in
 
 PID = 40
 DAEMONIZE = frozenset({"-daemonize"})
@@ -36,16 +36,10 @@ def sockets() -> Iterator[list[socket.socket]]:
 
 
 def bind(sockets: list[socket.socket], directory: Path, name: str) -> socket.socket:
-    """A listening socket bound by ``name`` relative to ``directory``, as qemu binds
-    ``path=amqp.sock`` in the directory it started in."""
+    """A listening socket bound by ``name`` relative to ``directory``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sockets.append(sock)
-    here = os.getcwd()
-    os.chdir(directory)
-    try:
-        sock.bind(name)
-    finally:
-        os.chdir(here)
+    bind_in(sock, directory, name)
     sock.listen()
     return sock
 
