@@ -183,9 +183,9 @@ class _ConfigFiles:
 
     def _path(self, name: str) -> str:
         """Where qemu opened ``name``: in its start directory when relative."""
-        path = self._start.join(name)
+        path, why = self._start.join(name)
         if path is None:
-            raise ConfigUnreadable(f"a relative name, and {self._start.why_not}")
+            raise ConfigUnreadable(f"a relative name, and {why}")
         if os.path.normpath(path).startswith(_OPENERS_OWN):
             raise ConfigUnreadable("names a descriptor of qemu's own, which cannot be read again")
         return path
@@ -328,12 +328,14 @@ def _socket_path(
 ) -> tuple[str | None, str]:
     """A socket chardev's path, or why there is none.
 
-    Someone running qemu by hand writes ``path=amqp.sock``, which qemu opened in the
-    directory it started in; libvirt passes its sockets as ``fd=N``, bound elsewhere.
+    Someone running qemu by hand writes ``path=amqp.sock``: qemu listens on it where it
+    started (``server=on``), or connects to it from where it is at each attempt
+    (``server=off``). libvirt passes its sockets as ``fd=N``, bound elsewhere.
     """
     if chardev.path is not None:
-        path = start.join(chardev.path)
-        return path, "" if path is not None else f"{chardev.path} is relative, {start.why_not}"
+        join = start.join if chardev.server else start.join_later
+        path, why = join(chardev.path)
+        return path, "" if path is not None else f"{chardev.path} is relative, and {why}"
     if chardev.fd is None:
         return None, "socket chardev without a unix path"
     path = unix_socket_path(pid, chardev.fd, proc_root)

@@ -1,7 +1,10 @@
-"""The directory a qemu started in, which every relative path it was given names.
+"""The directories a qemu's relative paths name: where it started, and where it ends up.
 
 qemu opens its chardevs and reads its config files in the directory it was started in, and
 only then may leave it: ``-daemonize`` moves it to ``/``, ``-chroot`` to the new root.
+What qemu opens again later is opened from where it is then: a ``server=off`` socket
+chardev reconnects by the name it was given, so after ``-daemonize`` it connects to
+``/NAME`` (seen with qemu 7.2), not to where it first tried.
 Until then, and for a qemu that does neither, ``/proc/PID/cwd`` is that directory. After,
 it has to be found again. A candidate (qemu's working directory, or ``$PWD`` from its
 environment, which a shell sets to where it ran qemu; a program that changes directory
@@ -30,6 +33,9 @@ MAX_ENVIRON_BYTES = 2 * 1024 * 1024
 _DAEMONIZED_CWD = "/"
 
 
+Joined = tuple[str | None, str]  # a path, or None and why it is not known
+
+
 class StartDir:
     """qemu's start directory, found the first time a relative path needs it."""
 
@@ -38,21 +44,25 @@ class StartDir:
         self._moves = moves  # qemu's options that leave the start directory
         self._proc_root = proc_root
 
-    def join(self, path: str) -> str | None:
-        """``path`` as qemu opened it: in the start directory when relative; ``None`` when
-        that directory is not known (:attr:`why_not` says why)."""
+    def join(self, path: str) -> Joined:
+        """``path`` as qemu opened it when it started: in the start directory if relative."""
         if path.startswith("/"):
-            return path
-        directory = self._found[0]
-        return None if directory is None else os.path.join(directory, path)
+            return path, ""
+        directory, why = self._found
+        return (None, why) if directory is None else (os.path.join(directory, path), "")
 
-    @property
-    def why_not(self) -> str:
-        """Why the start directory is not known ("" when it is)."""
-        return self._found[1]
+    def join_later(self, path: str) -> Joined:
+        """``path`` as qemu opens it from now on (a ``server=off`` chardev reconnecting):
+        in the directory qemu ends up in if relative."""
+        if path.startswith("/") or not self._moves:
+            return self.join(path)
+        if self._moves == {"-daemonize"}:
+            return os.path.join(_DAEMONIZED_CWD, path), ""
+        moves = ", ".join(sorted(self._moves))
+        return None, f"qemu opens it again from inside its chroot ({moves}), which is not followed"
 
     @cached_property
-    def _found(self) -> tuple[str | None, str]:
+    def _found(self) -> Joined:
         cwd = readlink(f"{self._proc_root}/{self._pid}/cwd")
         if self._still_there(cwd):
             return cwd, "" if cwd is not None else "its working directory cannot be read"
@@ -65,22 +75,22 @@ class StartDir:
             return True
         return self._moves == {"-daemonize"} and cwd not in (None, _DAEMONIZED_CWD)
 
-    def _proven(self, cwd: str | None) -> tuple[str | None, str]:
+    def _proven(self, cwd: str | None) -> Joined:
         """The first candidate that holds a socket qemu bound by a relative name."""
         why = f"qemu has left the directory it started in ({', '.join(sorted(self._moves))})"
         try:
             relative = self._relative_sockets()
         except OSError as exc:
-            return None, f"{why}, and the kernel's sock_diag, which would show where, fails: {exc}"
+            return None, f"{why}; the kernel's sock_diag, which would show where, fails: {exc}"
         if not relative:
-            return None, f"{why}, and holds no socket it bound by a relative name to show where"
+            return None, f"{why} and holds no socket it bound by a relative name to show where"
         candidates = [d for d in dict.fromkeys((cwd, self._pwd())) if d and d.startswith("/")]
         for directory in candidates:
             if any(_holds(directory, sock) for sock in relative):
                 return directory, ""
         return None, (
-            f"{why}, and no candidate ({', '.join(candidates) or 'none'}) holds the socket it "
-            f"bound as {relative[0].name}"
+            f"{why}; no candidate ({', '.join(candidates) or 'none'}) holds the socket it bound "
+            f"as {relative[0].name}"
         )
 
     def _relative_sockets(self) -> list[BoundSocket]:

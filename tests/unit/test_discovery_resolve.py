@@ -529,8 +529,21 @@ def test_a_daemonized_qemu_whose_start_cannot_be_proven_reports_each_relative_pa
     proc.cwd(95, "/", pwd=tmp_path)
     resolution = resolve_pid(95, settings)
     assert resolution.specs == ()
-    why = "qemu has left the directory it started in (-daemonize), and holds no socket"
+    why = "qemu has left the directory it started in (-daemonize) and holds no socket"
     assert [p.partition(why)[0] for p in resolution.problems] == [
         "-readconfig vm.cfg: a relative name, and ",
-        "port org.qpid.amqp.1: rel.sock is relative, ",
+        "port org.qpid.amqp.1: rel.sock is relative, and ",
     ]
+
+
+def test_a_daemonized_qemu_connects_by_a_relative_name_from_root(
+    proc: FakeProc, settings: DiscoverySettings
+) -> None:
+    """A ``server=off`` chardev reconnects by the name it was given, from where qemu is at
+    each attempt: after -daemonize, from /. The connector must listen there."""
+    argv = ["qemu", "-daemonize", "-chardev", "socket,id=c,path=listen.sock,reconnect=1",
+            "-device", "virtserialport,chardev=c,name=org.qpid.amqp.0"]  # fmt: skip
+    proc.process(96, QEMU, argv)
+    proc.cwd(96, "/home/alice/vm")  # met before it has gone: it will
+    (spec,) = resolve_pid(96, settings).specs
+    assert (spec.kind, spec.path) == (ChannelKind.UNIX_LISTEN, "/listen.sock")

@@ -71,15 +71,18 @@ def test_sock_diag_gives_the_name_as_bound_and_the_file(
 def test_a_qemu_that_does_not_move_is_where_its_working_directory_is(proc: FakeProc) -> None:
     proc.cwd(PID, "/home/alice/vm", pwd="/stale")
     start = StartDir(PID, frozenset(), str(proc.root))
-    assert start.join("amqp.sock") == "/home/alice/vm/amqp.sock"
-    assert start.join("/run/a.sock") == "/run/a.sock"
-    assert start.why_not == ""
+    assert start.join("amqp.sock") == ("/home/alice/vm/amqp.sock", "")
+    assert start.join("/run/a.sock") == ("/run/a.sock", "")
+    assert start.join_later("listen.sock") == ("/home/alice/vm/listen.sock", "")
 
 
 def test_a_daemonized_qemu_not_yet_moved_needs_no_proof(proc: FakeProc) -> None:
     """-daemonize leaves for / and nowhere else: any other directory is the start."""
     proc.cwd(PID, "/home/alice/vm")
-    assert StartDir(PID, DAEMONIZE, str(proc.root)).join("a.sock") == "/home/alice/vm/a.sock"
+    start = StartDir(PID, DAEMONIZE, str(proc.root))
+    assert start.join("a.sock") == ("/home/alice/vm/a.sock", "")
+    # What it opens again, it opens from / once it has gone there, which it will.
+    assert start.join_later("listen.sock") == ("/listen.sock", "")
 
 
 def test_after_daemonize_pwd_counts_when_it_holds_qemus_socket(
@@ -89,8 +92,8 @@ def test_after_daemonize_pwd_counts_when_it_holds_qemus_socket(
     proc.cwd(PID, "/", pwd=tmp_path / "vm")
     proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
     start = StartDir(PID, DAEMONIZE, str(proc.root))
-    assert start.join("vm.cfg") == f"{tmp_path}/vm/vm.cfg"
-    assert start.why_not == ""
+    assert start.join("vm.cfg") == (f"{tmp_path}/vm/vm.cfg", "")
+    assert start.join_later("listen.sock") == ("/listen.sock", "")
 
 
 def test_after_daemonize_a_stale_pwd_is_not_taken_for_the_start(
@@ -105,10 +108,10 @@ def test_after_daemonize_a_stale_pwd_is_not_taken_for_the_start(
     proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
     bind(sockets, tmp_path / "other", "amqp.sock")  # someone else's, same name
     start = StartDir(PID, DAEMONIZE, str(proc.root))
-    assert start.join("amqp.sock") is None
-    assert start.why_not == (
-        "qemu has left the directory it started in (-daemonize), and no candidate "
-        f"(/, {tmp_path}/other) holds the socket it bound as amqp.sock"
+    assert start.join("amqp.sock") == (
+        None,
+        "qemu has left the directory it started in (-daemonize); no candidate "
+        f"(/, {tmp_path}/other) holds the socket it bound as amqp.sock",
     )
 
 
@@ -120,7 +123,7 @@ def test_a_link_to_qemus_socket_proves_only_where_the_link_is(
     proc.cwd(PID, "/", pwd=tmp_path / "other")
     proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
     os.symlink(tmp_path / "vm" / "amqp.sock", tmp_path / "other" / "amqp.sock")
-    assert StartDir(PID, DAEMONIZE, str(proc.root)).join("amqp.sock") is None
+    assert StartDir(PID, DAEMONIZE, str(proc.root)).join("amqp.sock")[0] is None
 
 
 def test_after_daemonize_without_a_relative_socket_nothing_shows_the_start(
@@ -130,8 +133,11 @@ def test_after_daemonize_without_a_relative_socket_nothing_shows_the_start(
     proc.real_socket(PID, 7, bind(sockets, tmp_path, str(tmp_path / "abs.sock")))
     proc.other_fd(PID, 8, "/dev/null")
     start = StartDir(PID, DAEMONIZE, str(proc.root))
-    assert start.join("vm.cfg") is None
-    assert start.why_not.endswith("holds no socket it bound by a relative name to show where")
+    path, why = start.join("vm.cfg")
+    assert path is None
+    assert why.endswith(
+        "(-daemonize) and holds no socket it bound by a relative name to show where"
+    )
 
 
 def test_after_chroot_the_working_directory_needs_proof_too(
@@ -144,7 +150,11 @@ def test_after_chroot_the_working_directory_needs_proof_too(
     proc.real_socket(PID, 7, bind(sockets, tmp_path / "vm", "amqp.sock"))
     bind(sockets, tmp_path / "jail", "amqp.sock")
     start = StartDir(PID, frozenset({"-chroot"}), str(proc.root))
-    assert start.join("amqp.sock") == f"{tmp_path}/vm/amqp.sock"
+    assert start.join("amqp.sock") == (f"{tmp_path}/vm/amqp.sock", "")
+    assert start.join_later("listen.sock") == (
+        None,
+        "qemu opens it again from inside its chroot (-chroot), which is not followed",
+    )
 
 
 def test_when_sock_diag_fails_the_start_is_not_guessed(
@@ -157,11 +167,12 @@ def test_when_sock_diag_fails_the_start_is_not_guessed(
     proc.cwd(PID, "/", pwd=tmp_path)
     proc.real_socket(PID, 7, bind(sockets, tmp_path, "amqp.sock"))
     start = StartDir(PID, DAEMONIZE, str(proc.root))
-    assert start.join("amqp.sock") is None
-    assert "sock_diag, which would show where, fails: [Errno 2]" in start.why_not
+    path, why = start.join("amqp.sock")
+    assert path is None
+    assert "; the kernel's sock_diag, which would show where, fails: [Errno 2]" in why
 
 
 def test_a_process_gone_has_no_start(proc: FakeProc) -> None:
     start = StartDir(99, frozenset(), str(proc.root))
-    assert (start.join("a.sock"), start.why_not) == (None, "its working directory cannot be read")
-    assert StartDir(99, DAEMONIZE, str(proc.root)).join("a.sock") is None
+    assert start.join("a.sock") == (None, "its working directory cannot be read")
+    assert StartDir(99, DAEMONIZE, str(proc.root)).join("a.sock")[0] is None
