@@ -6,14 +6,18 @@
 - ``-accel tcg``: no uevent at all; the socket appearing under the watched directory leads
   discovery to the qemu process.
 - Start-up scan: qemu first, discovery second.
+- A qemu run by hand: chardevs and ports from ``-readconfig`` and ``-set``, relative paths,
+  and ``-daemonize``, which has moved it to ``/`` before the scan meets it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -77,23 +81,33 @@ def _settings(base: Path, sources: set[str]) -> DiscoverySettings:
     )
 
 
-def _qmp_ptys(path: str) -> dict[str, str]:
-    """qemu's own view: chardev label -> /dev/pts/N (``query-chardev``)."""
+def _qmp(path: str, command: str, arguments: dict[str, str] | None = None) -> object:
+    """One QMP command's answer from qemu itself."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(WAIT_SECONDS)
         sock.connect(path)
         stream = sock.makefile("rwb")
         stream.readline()  # greeting
-        for command in ("qmp_capabilities", "query-chardev"):
-            stream.write(json.dumps({"execute": command}).encode() + b"\n")
+        requests = [{"execute": "qmp_capabilities"}, {"execute": command}]
+        if arguments:
+            requests[1]["arguments"] = arguments  # type: ignore[assignment]
+        for request in requests:
+            stream.write(json.dumps(request).encode() + b"\n")
             stream.flush()
             while "return" not in (reply := json.loads(stream.readline())):
                 pass  # an asynchronous event
-        return {
-            c["label"]: c["filename"].removeprefix("pty:")
-            for c in reply["return"]
-            if c["filename"].startswith("pty:")
-        }
+        return reply["return"]
+
+
+def _qmp_ptys(path: str) -> dict[str, str]:
+    """qemu's own view: chardev label -> /dev/pts/N (``query-chardev``)."""
+    chardevs = _qmp(path, "query-chardev")
+    assert isinstance(chardevs, list)
+    return {
+        c["label"]: c["filename"].removeprefix("pty:")
+        for c in chardevs
+        if c["filename"].startswith("pty:")
+    }
 
 
 def _accept_once(path: str) -> None:
@@ -190,5 +204,103 @@ def test_startup_scan_finds_running_qemu(
             await sink.wait_for(lambda: not sink.of_pid(proc.pid))
         finally:
             discovery.stop()
+
+    asyncio.run(scenario())
+
+
+# What someone running qemu by hand might keep in a file next to the VM's disk.
+BY_HAND_CFG = """# a guest with two AMQP channels
+[name]
+  guest = "by-hand"
+
+[chardev "c0"]
+  backend = "socket"
+  path = "changed-by-set.sock"
+  server = "on"
+  wait = "off"
+
+[chardev "c1"]
+  backend = "pty"
+
+[device "vs"]
+  driver = "virtio-serial-device"
+
+[device "p0"]
+  driver = "virtserialport"
+  chardev = "c0"
+  name = "org.qpid.amqp.0"
+
+[device "p1"]
+  driver = "virtserialport"
+  chardev = "c1"
+  name = "org.qpid.amqp.1"
+"""
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[int]]:
+    """Pids of daemonized qemus (not this process's children) to kill at the end."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_real_qemu_by_hand_with_readconfig_set_and_daemonize(
+    short_tmp: Path, daemons: list[int]
+) -> None:
+    vm = short_tmp / "vm"
+    vm.mkdir()
+    (vm / "vm.cfg").write_text(BY_HAND_CFG)
+    # qemu connects to a relative server=off path from where it is at each attempt: from /
+    # after -daemonize. A name of this test's own, as other suites run qemu here too.
+    listen = f"{short_tmp.name}-listen.sock"
+    args = [
+        str(QEMU), "-accel", "tcg", "-machine", "microvm", "-S",
+        "-display", "none", "-nodefaults", "-no-user-config",
+        "-readconfig", "vm.cfg",
+        "-set", "device.p0.name=org.qpid.amqp.5",
+        "-set", "chardev.c0.path=amqp.sock",
+        "-chardev", f"socket,id=c2,path={listen},server=off,reconnect=1",
+        "-device", "virtserialport,id=p2,chardev=c2,name=org.qpid.amqp.2",
+        "-qmp", "unix:qmp.sock,server=on,wait=off",
+        "-daemonize", "-pidfile", "qemu.pid",
+    ]  # fmt: skip
+    # As from a shell that ran ``cd vm && qemu ...``, which sets PWD.
+    env = {**os.environ, "PWD": str(vm)}
+    started = subprocess.run(args, cwd=vm, env=env, capture_output=True, timeout=WAIT_SECONDS)
+    assert started.returncode == 0, started.stderr
+    pid = int((vm / "qemu.pid").read_text())
+    daemons.append(pid)
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"  # the premise: a later look sees /
+
+    async def scenario() -> None:
+        sink = RecordingSink()
+        discovery = Discovery(_settings(short_tmp, {"kvm"}), sink, asyncio.get_running_loop(), LOG)
+        discovery.start()
+        try:
+            specs = {s.identity.port: s for s in sink.of_pid(pid).values()}
+        finally:
+            discovery.stop()
+        assert {p: (s.kind, s.identity.name) for p, s in specs.items()} == {
+            "org.qpid.amqp.5": (ChannelKind.UNIX, "by-hand"),
+            "org.qpid.amqp.1": (ChannelKind.PTY, "by-hand"),
+            "org.qpid.amqp.2": (ChannelKind.UNIX_LISTEN, "by-hand"),
+        }
+        assert specs["org.qpid.amqp.5"].path == f"{vm}/amqp.sock"
+        assert specs["org.qpid.amqp.2"].path == f"/{listen}"
+        # qemu's own answers: the pty it opened, and the name -set gave the port.
+        qmp = f"{vm}/qmp.sock"
+        assert specs["org.qpid.amqp.1"].path == (await asyncio.to_thread(_qmp_ptys, qmp))["c1"]
+        name = {"path": "/machine/peripheral/p0", "property": "name"}
+        assert await asyncio.to_thread(_qmp, qmp, "qom-get", name) == "org.qpid.amqp.5"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(specs["org.qpid.amqp.5"].path)  # qemu accepts on its socket
+        if os.access("/", os.W_OK):  # the connector's user needs this too: see the docs
+            try:
+                await asyncio.to_thread(_accept_once, specs["org.qpid.amqp.2"].path)
+            finally:
+                os.unlink(specs["org.qpid.amqp.2"].path)
 
     asyncio.run(scenario())
