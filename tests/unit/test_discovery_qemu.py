@@ -417,6 +417,9 @@ def test_set_changes_an_entry_defined_before_it() -> None:
     )
 
 
+LONG_ID = "c" * 64
+
+
 @pytest.mark.parametrize(
     "assignment",
     [
@@ -426,7 +429,7 @@ def test_set_changes_an_entry_defined_before_it() -> None:
         "chardev.c0.id=c1",  # the id qemu looks it up by stays
         "chardev.c0path=/elsewhere",  # not group.id.key=value
         "chardev.c0.path",
-        f"chardev.c0.{'k' * 64}=v",
+        f"chardev.{LONG_ID}.path=/elsewhere",  # %63[^.] stops short of the dot: no -set
     ],
 )
 def test_set_that_names_no_entry_changes_nothing(assignment: str) -> None:
@@ -435,12 +438,16 @@ def test_set_that_names_no_entry_changes_nothing(assignment: str) -> None:
         "-chardev", "socket,id=c0,path=/run/a.sock,server=on",
         "-device", json.dumps({"driver": "virtserialport", "id": "json", "chardev": "c0",
                                "name": PORT}),
+        "-chardev", f"socket,id={LONG_ID},path=/run/long.sock,server=on",
         "-set", assignment,
         "-chardev", "socket,id=c1,path=/run/b.sock,server=on",
     ]  # fmt: skip
     cmd = parse_cmdline(argv)
-    assert cmd.chardev("c0") == Chardev("c0", "socket", path="/run/a.sock", server=True)
-    assert cmd.chardev("c1") == Chardev("c1", "socket", path="/run/b.sock", server=True)
+    assert cmd.chardevs == (
+        Chardev("c0", "socket", path="/run/a.sock", server=True),
+        Chardev(LONG_ID, "socket", path="/run/long.sock", server=True),
+        Chardev("c1", "socket", path="/run/b.sock", server=True),
+    )
     assert cmd.ports == (SerialPort(PORT, "c0"),)
 
 
