@@ -2,9 +2,6 @@
 
 qemu opens its chardevs and reads its config files in the directory it was started in, and
 only then may leave it: ``-daemonize`` moves it to ``/``, ``-chroot`` to the new root.
-What qemu opens again later is opened from where it is then: a ``server=off`` socket
-chardev reconnects by the name it was given, so after ``-daemonize`` it connects to
-``/NAME`` (seen with qemu 7.2), not to where it first tried.
 Until then, and for a qemu that does neither, ``/proc/PID/cwd`` is that directory. After,
 it has to be found again. A candidate (qemu's working directory, or ``$PWD`` from its
 environment, which a shell sets to where it ran qemu; a program that changes directory
@@ -13,6 +10,10 @@ bound it by, a socket qemu still holds: the kernel's sock_diag tells which file 
 bound to. ``/proc/net/unix`` would only tell that some socket of qemu's was bound by that
 relative name, and any socket of that name in a wrong directory would pass for it. A
 directory that cannot be proven is not guessed: the caller reports why.
+
+What qemu opens again later it opens from where it is then: a ``server=off`` socket
+chardev reconnects by the name it was given, so after ``-daemonize`` it connects to
+``/NAME`` (seen with qemu 7.2), not to where it first tried.
 """
 
 from __future__ import annotations
