@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from connector.guest.client import AmqpError, Disconnected, GuestClient, LinkRefused
 from tests.brokers.common import free_port
-from tests.support.connector import Connector, Qemu, run_daemon, wait_for
+from tests.support.connector import Connector, Qemu, run_daemon, serving, wait_for
 
 
 @pytest.mark.parametrize(
@@ -77,10 +80,7 @@ def test_sighup_reloads_channels_without_dropping_unchanged_ones(
     add = Qemu("unix-listen", tmp_path, "added")
     conf = tmp_path / "connector.toml"
     conf.write_text(f"[[channel]]\nkind = 'pty'\npath = '{keep.path}'\nguest = 'keep'\n")
-    daemon = Connector(tmp_path, artemis, [], "--config", str(conf)).start()
-    try:
-        from connector.guest.client import GuestClient
-
+    with serving(Connector(tmp_path, artemis, [], "--config", str(conf)), keep, add) as daemon:
         with GuestClient(keep.fd(), container_id="keeper", timeout=30) as guest:
             guest.send("hup.keep", ["before"])
             conf.write_text(
@@ -94,10 +94,6 @@ def test_sighup_reloads_channels_without_dropping_unchanged_ones(
             assert daemon.channel("keep")["state"] == "connected"
         with GuestClient(add.fd(), container_id="newcomer", timeout=30) as newcomer:
             assert [m.body for m in newcomer.receive("hup.keep", 2)] == ["before", "after"]
-    finally:
-        assert daemon.stop(signal.SIGTERM) == 0
-        keep.hang_up()
-        add.hang_up()
 
 
 def test_sighup_names_the_changed_sections_it_does_not_apply(tmp_path: Path) -> None:
@@ -109,9 +105,8 @@ def test_sighup_names_the_changed_sections_it_does_not_apply(tmp_path: Path) -> 
     channel = f"[[channel]]\nkind = 'unix-listen'\npath = '{vm}'\nguest = 'vm'\n"
     conf = tmp_path / "connector.toml"
     conf.write_text("[limits]\nmax_sessions = 32\n" + channel)
-    daemon = Connector(tmp_path, no_broker, [], "--config", str(conf)).start()
-    assert daemon.proc is not None
-    try:
+    with serving(Connector(tmp_path, no_broker, [], "--config", str(conf))) as daemon:
+        assert daemon.proc is not None
         daemon.wait_state("vm", "waiting")
         conf.write_text("[limits]\nmax_sessions = 8\n[policy.default]\nrelay = false\n" + channel)
         daemon.proc.send_signal(signal.SIGHUP)
@@ -121,8 +116,6 @@ def test_sighup_names_the_changed_sections_it_does_not_apply(tmp_path: Path) -> 
         assert "[limits], [policy] changed" in warnings[0]
         assert "next restart" in warnings[0]
         assert daemon.channel("vm")["state"] == "waiting"  # the unchanged channel untouched
-    finally:
-        assert daemon.stop(signal.SIGTERM) == 0
 
 
 def _broker_section(urls: list[str], user: str, password: str, pwfile: Path) -> str:
@@ -134,6 +127,14 @@ def _broker_section(urls: list[str], user: str, password: str, pwfile: Path) -> 
 
 def _channel_entry(qemu: Qemu) -> str:
     return f"[[channel]]\nkind = '{qemu.kind}'\npath = '{qemu.path}'\nguest = '{qemu.guest}'\n"
+
+
+def _configured(tmp_path: Path, broker: Any, ch: Qemu, toml: str) -> Connector:
+    """The daemon serving ``ch`` on ``broker`` (by its flags), with ``toml`` as the rest of
+    its configuration (its ``--config`` file)."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text(toml)
+    return Connector(tmp_path, broker, [ch], "--config", str(conf))
 
 
 def _reload(daemon: Connector) -> str:
@@ -157,8 +158,6 @@ def test_sighup_moves_new_guest_connections_to_a_new_broker_keeping_connected_on
 ) -> None:
     """``broker.urls`` moved from Artemis to RabbitMQ: the guest connected before the
     reload stays on Artemis, undisturbed; the next guest connection goes to RabbitMQ."""
-    from connector.guest.client import GuestClient
-
     early, late = Qemu("pty", tmp_path, "early"), Qemu("unix-listen", tmp_path, "late")
     channels = _channel_entry(early) + _channel_entry(late)
     conf = tmp_path / "connector.toml"
@@ -166,9 +165,9 @@ def test_sighup_moves_new_guest_connections_to_a_new_broker_keeping_connected_on
     conf.write_text(
         _broker_section([artemis.url], artemis.user, artemis.password, pwfile) + channels
     )
-    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False).start()
+    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False)
     queue = f"/queue/moved-{os.getpid()}"
-    try:
+    with serving(daemon, early, late):
         with GuestClient(early.fd(), container_id="early", timeout=30) as stays:
             assert stays.send("reload.stays", ["before"])[0].state == "accepted"
             conf.write_text(
@@ -186,10 +185,6 @@ def test_sighup_moves_new_guest_connections_to_a_new_broker_keeping_connected_on
             got = stays.receive("reload.stays", 2)
             assert [m.body for m in got] == ["before", "after"]  # both went to Artemis
         assert daemon.snapshot()["connector"]["upstream_urls"] == [rabbitmq.url]
-    finally:
-        assert daemon.stop() == 0
-        early.hang_up()
-        late.hang_up()
 
 
 @pytest.mark.broker
@@ -199,8 +194,6 @@ def test_sighup_takes_a_rotated_password_from_the_password_file(
     """The broker's password is changed and the new one written to ``password_file``;
     after SIGHUP the next guest connection logs in with it (RabbitMQ refuses the old
     one), and the guest connected with the old one stays connected."""
-    from connector.guest.client import GuestClient
-
     user = f"qvc-rotate-{os.getpid()}"
     rabbitmq.ctl("add_user", user, "old-secret-4711")
     rabbitmq.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
@@ -209,9 +202,9 @@ def test_sighup_takes_a_rotated_password_from_the_password_file(
     conf = tmp_path / "connector.toml"
     pwfile = tmp_path / "broker.pw"
     conf.write_text(_broker_section([rabbitmq.url], user, "old-secret-4711", pwfile) + channels)
-    daemon = Connector(tmp_path, rabbitmq, [], "--config", str(conf), broker_flags=False).start()
+    daemon = Connector(tmp_path, rabbitmq, [], "--config", str(conf), broker_flags=False)
     queue = f"/queue/rotated-{os.getpid()}"
-    try:
+    with serving(daemon, early, late):
         with GuestClient(early.fd(), container_id="early", timeout=30) as stays:
             assert stays.send(queue, ["old password"])[0].state == "accepted"
             rabbitmq.ctl("change_password", user, "new-secret-4712")
@@ -226,10 +219,6 @@ def test_sighup_takes_a_rotated_password_from_the_password_file(
         log = daemon.log_text()
         assert "old-secret-4711" not in log
         assert "new-secret-4712" not in log
-    finally:
-        assert daemon.stop() == 0
-        early.hang_up()
-        late.hang_up()
 
 
 @pytest.mark.broker
@@ -239,18 +228,16 @@ def test_sighup_with_an_unusable_broker_section_keeps_the_old_configuration(
     """A new ``[broker]`` whose TLS certificate is not PEM (found only when the pool is
     built) fails the whole reload with one line naming the key and file: the added
     channel is not served, and new guest connections still go to the old broker."""
-    from connector.guest.client import GuestClient
-
     vm, extra = Qemu("unix-listen", tmp_path, "vm"), Qemu("unix-listen", tmp_path, "extra")
     conf = tmp_path / "connector.toml"
     pwfile = tmp_path / "broker.pw"
     old = _broker_section([artemis.url], artemis.user, artemis.password, pwfile)
     conf.write_text(old + _channel_entry(vm))
-    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False).start()
+    daemon = Connector(tmp_path, artemis, [], "--config", str(conf), broker_flags=False)
     cert = tmp_path / "client.pem"
     cert.write_text("not a certificate\n")
     dead = f"amqps://127.0.0.1:{free_port()}"
-    try:
+    with serving(daemon, vm, extra):
         conf.write_text(
             old.replace(repr([artemis.url]), repr([dead]))
             + f"[broker.tls]\ncert_file = '{cert}'\n"
@@ -267,18 +254,12 @@ def test_sighup_with_an_unusable_broker_section_keeps_the_old_configuration(
         assert "reload failed, keeping the old configuration" in errors[0]
         assert f"broker.tls.cert_file: {cert}" in errors[0]
         assert "applied" not in logged
-    finally:
-        assert daemon.stop() == 0
-        vm.hang_up()
-        extra.hang_up()
 
 
 @pytest.mark.broker
 def test_sigterm_closes_guests_with_forced_and_exits_0(artemis: Any, tmp_path: Path) -> None:
     ch = Qemu("unix", tmp_path, "vm")
     daemon = Connector(tmp_path, artemis, [ch]).start()
-    from connector.guest.client import AmqpError, Disconnected, GuestClient
-
     guest = GuestClient(ch.fd(), container_id="term", timeout=30)
     guest.send("term.q", ["x"])
     assert daemon.stop(signal.SIGTERM) == 0
@@ -295,10 +276,7 @@ def test_sigterm_closes_guests_with_forced_and_exits_0(artemis: Any, tmp_path: P
 def test_failover_to_the_next_broker_url(artemis: Any, tmp_path: Path) -> None:
     dead = f"amqp://127.0.0.1:{free_port()}"
     ch = Qemu("pty", tmp_path, "fo")
-    daemon = Connector(tmp_path, artemis, [ch], broker_urls=f"{dead},{artemis.url}").start()
-    from connector.guest.client import AmqpError, Disconnected, GuestClient
-
-    try:
+    with serving(Connector(tmp_path, artemis, [ch], broker_urls=f"{dead},{artemis.url}")) as daemon:
         with pytest.raises((AmqpError, Disconnected)) as refused:
             GuestClient(ch.fd(), container_id="fo-1", timeout=30)
         assert "amqp:connection:forced" in str(refused.value)
@@ -308,9 +286,6 @@ def test_failover_to_the_next_broker_url(artemis: Any, tmp_path: Path) -> None:
             assert guest.send("fo.q", ["via the second URL"])[0].state == "accepted"
         entry = wait_for(lambda: daemon.channel("fo"), 10, "the channel")
         assert "Connection refused" in entry["last_error"]
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 @pytest.mark.broker
@@ -318,14 +293,8 @@ def test_policy_keeps_guests_in_their_namespace_and_out_of_management(
     artemis: Any, tmp_path: Path
 ) -> None:
     ch = Qemu("pty", tmp_path, "tenant1")
-    conf = tmp_path / "policy.toml"
-    conf.write_text(
-        "[policy.default]\naddresses = ['guests.{guest}.#']\nprefix = 'vm.'\ndynamic = false\n"
-    )
-    daemon = Connector(tmp_path, artemis, [ch], "--config", str(conf)).start()
-    from connector.guest.client import GuestClient, LinkRefused
-
-    try:
+    policy = "[policy.default]\naddresses = ['guests.{guest}.#']\nprefix = 'vm.'\ndynamic = false\n"
+    with serving(_configured(tmp_path, artemis, ch, policy)) as daemon:
         with GuestClient(ch.fd(), container_id="tenant-app", timeout=30) as guest:
             for address in ("activemq.management", "guests.tenant2.inbox"):
                 with pytest.raises(LinkRefused) as refused:
@@ -339,9 +308,6 @@ def test_policy_keeps_guests_in_their_namespace_and_out_of_management(
             assert receiver.receive(timeout=30).body == "mine"
         assert "refused attach" in daemon.log_text()
         assert "tenant1" in daemon.log_text()
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 @pytest.mark.broker
@@ -350,12 +316,8 @@ def test_a_guest_that_falls_silent_is_noticed_by_its_idle_timeout(
 ) -> None:
     """The host sees nothing when a guest dies with its port open: only silence tells."""
     ch = Qemu("unix", tmp_path, "silent")
-    conf = tmp_path / "idle.toml"
-    conf.write_text("[limits]\nidle_timeout_s = 1.0\n")
-    daemon = Connector(tmp_path, artemis, [ch], "--config", str(conf)).start()
-    from connector.guest.client import GuestClient
-
-    try:
+    limits = "[limits]\nidle_timeout_s = 1.0\n"
+    with serving(_configured(tmp_path, artemis, ch, limits)) as daemon:
         guest = GuestClient(ch.fd(), container_id="dies", timeout=30, idle_timeout=None)
         guest.send("idle.q", ["last words"])
         daemon.wait_state("silent", "connected")
@@ -363,9 +325,6 @@ def test_a_guest_that_falls_silent_is_noticed_by_its_idle_timeout(
         entry = daemon.wait_state("silent", "waiting", timeout=30)
         assert "idle-timeout" in entry["last_error"]
         assert entry["detail"]["errors"][-1]["condition"] == "amqp:resource-limit-exceeded"
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 @pytest.mark.broker
@@ -373,10 +332,7 @@ def test_no_password_shows_in_status_or_logs(artemis: Any, tmp_path: Path) -> No
     secret = "s3cret-pw-4711"
     url = f"amqp://{artemis.user}:{secret}@127.0.0.1:{artemis.port}"
     ch = Qemu("unix-listen", tmp_path, "private")
-    daemon = Connector(tmp_path, artemis, [ch], broker_urls=url, credentials=False).start()
-    from connector.guest.client import GuestClient
-
-    try:
+    with serving(Connector(tmp_path, artemis, [ch], broker_urls=url, credentials=False)) as daemon:
         with GuestClient(ch.fd(), container_id="pw-check", timeout=30) as guest:
             assert guest.send("pw.q", ["x"])[0].state == "accepted"  # the password worked
             shown = [
@@ -396,18 +352,12 @@ def test_no_password_shows_in_status_or_logs(artemis: Any, tmp_path: Path) -> No
         assert "127.0.0.1" in shown[0]
         for text in shown:
             assert secret not in text
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 @pytest.mark.broker
 def test_a_unix_channel_reconnects_when_qemu_comes_back(artemis: Any, tmp_path: Path) -> None:
-    from connector.guest.client import GuestClient
-
     ch = Qemu("unix", tmp_path, "comeback")
-    daemon = Connector(tmp_path, artemis, [ch]).start()
-    try:
+    with serving(Connector(tmp_path, artemis, [ch])) as daemon:
         with GuestClient(ch.fd(), container_id="first-life", timeout=30) as guest:
             assert guest.send("comeback.q", ["one"])[0].state == "accepted"
         ch.hang_up()  # qemu exits: its socket goes away
@@ -417,19 +367,12 @@ def test_a_unix_channel_reconnects_when_qemu_comes_back(artemis: Any, tmp_path: 
         with GuestClient(again.fd(), container_id="second-life", timeout=30) as guest:
             assert [m.body for m in guest.receive("comeback.q", 1)] == ["one"]
         again.hang_up()
-    finally:
-        assert daemon.stop() == 0
 
 
 @pytest.mark.broker
 def test_unix_listen_serves_one_peer_at_a_time(artemis: Any, tmp_path: Path) -> None:
-    import socket
-
-    from connector.guest.client import GuestClient
-
     ch = Qemu("unix-listen", tmp_path, "single")
-    daemon = Connector(tmp_path, artemis, [ch]).start()
-    try:
+    with serving(Connector(tmp_path, artemis, [ch])) as daemon:
         with GuestClient(ch.fd(), container_id="the-one", timeout=30) as guest:
             intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             intruder.connect(ch.path)
@@ -438,32 +381,23 @@ def test_unix_listen_serves_one_peer_at_a_time(artemis: Any, tmp_path: Path) -> 
             intruder.close()
             assert guest.send("single.q", ["still served"])[0].state == "accepted"
         assert "refused a second peer" in daemon.log_text()
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 @pytest.mark.broker
 def test_heartbeats_keep_a_quiet_guest_connected(artemis: Any, tmp_path: Path) -> None:
     """The guest asks for a 2 s idle timeout and sends nothing for 5 s: the connector's
     heartbeats keep the connection alive."""
-    import time
-
-    from connector.guest.client import GuestClient
-
     ch = Qemu("pty", tmp_path, "quiet")
-    daemon = Connector(tmp_path, artemis, [ch]).start()
-    try:
-        with GuestClient(ch.fd(), container_id="quiet", timeout=30, idle_timeout=2.0) as guest:
-            guest.send("quiet.q", ["before"])
-            end = time.monotonic() + 5
-            while time.monotonic() < end:
-                guest.driver.process(0.5)  # reads heartbeats; writes only its own
-            assert guest.send("quiet.q", ["after"])[0].state == "accepted"
-            assert daemon.channel("quiet")["state"] == "connected"
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
+    with (
+        serving(Connector(tmp_path, artemis, [ch])) as daemon,
+        GuestClient(ch.fd(), container_id="quiet", timeout=30, idle_timeout=2.0) as guest,
+    ):
+        guest.send("quiet.q", ["before"])
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            guest.driver.process(0.5)  # reads heartbeats; writes only its own
+        assert guest.send("quiet.q", ["after"])[0].state == "accepted"
+        assert daemon.channel("quiet")["state"] == "connected"
 
 
 def test_a_low_open_file_limit_is_lifted_for_many_channels(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ which the guest is forced off and its next connection goes to the target.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tests.brokers import Artemis
 from tests.brokers.artemis import RedirectingArtemis
 from tests.brokers.common import free_port
 from tests.support.attach_peer import AttachPeer
-from tests.support.connector import Connector, Qemu
+from tests.support.connector import Connector, Qemu, serving
 from tests.support.redirect_peer import RedirectPeer
 
 pytestmark = pytest.mark.broker
@@ -48,8 +49,11 @@ def _peer(peers: list[RedirectPeer], info: dict[str, Any], **kw: Any) -> Redirec
     return peer
 
 
-def _daemon(tmp_path: Path, broker: Any, url: str, qemu: Qemu, **kw: Any) -> Connector:
-    return Connector(tmp_path, broker, [qemu], broker_urls=url, **kw).start()
+def _daemon(
+    tmp_path: Path, broker: Any, url: str, qemu: Qemu, **kw: Any
+) -> AbstractContextManager[Connector]:
+    """The daemon on the failover list ``url``, serving ``qemu``'s channel for a block."""
+    return serving(Connector(tmp_path, broker, [qemu], broker_urls=url, **kw))
 
 
 def _forced(qemu: Qemu) -> str:
@@ -73,8 +77,7 @@ def test_a_redirect_before_the_open_is_followed_to_the_target(
     Artemis. The guest gets the target's open, sends and receives there, and never hears
     of the redirect; the channel records it, and the log names the guest."""
     qemu = Qemu("unix", tmp_path, "redirected")
-    daemon = _daemon(tmp_path, artemis, redirecting.redirect_url, qemu)
-    try:
+    with _daemon(tmp_path, artemis, redirecting.redirect_url, qemu) as daemon:
         with artemis.connection() as direct:
             direct.create_sender("redirect.to.guest").send(Message(body="from the target"))
         with GuestClient(qemu.fd(), container_id="redirected", timeout=TIMEOUT) as guest:
@@ -91,9 +94,6 @@ def test_a_redirect_before_the_open_is_followed_to_the_target(
         ]
         logged = f"guest redirected/org.qpid.amqp.0: {recorded[0].removesuffix(': followed')}"
         assert f"{logged}; following (redirect 1 of at most {MAX_REDIRECTS})" in daemon.log_text()
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()
 
 
 def test_links_attached_before_the_open_follow_the_redirect(
@@ -103,8 +103,7 @@ def test_links_attached_before_the_open_follow_the_redirect(
     has them all waiting upstream when the redirect comes: they are made again on the
     target's connection, and the attach is answered from there."""
     qemu = Qemu("unix", tmp_path, "pipelined")
-    daemon = _daemon(tmp_path, artemis, redirecting.redirect_url, qemu)
-    try:
+    with _daemon(tmp_path, artemis, redirecting.redirect_url, qemu) as daemon:
         peer = AttachPeer(qemu.fd(), container="pipelined")
         peer.attach("early", "redirect.early", sending=True, extras=LinkExtras())
         assert peer.engine.condition() is None
@@ -112,9 +111,6 @@ def test_links_attached_before_the_open_follow_the_redirect(
         assert len(_redirects_recorded(daemon, "pipelined")) == 1
         queues = artemis.management("getQueueNames")
         assert "redirect.early" in queues  # the attach made it on the target
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()
 
 
 def test_a_redirect_loop_is_bounded(peers: list[RedirectPeer], tmp_path: Path) -> None:
@@ -124,17 +120,13 @@ def test_a_redirect_loop_is_bounded(peers: list[RedirectPeer], tmp_path: Path) -
     peer = _peer(peers, {})
     peer.info.update({"network-host": "127.0.0.1", "port": peer.port, "hostname": "vhost.test"})
     qemu = Qemu("unix", tmp_path, "looped")
-    daemon = _daemon(tmp_path, None, peer.url, qemu, credentials=False)
-    try:
+    with _daemon(tmp_path, None, peer.url, qemu, credentials=False) as daemon:
         why = _forced(qemu)
         assert why.startswith(f"redirect loop: {MAX_REDIRECTS} redirects followed"), why
         assert peer.url in why, why
         assert peer.opens == MAX_REDIRECTS + 1
         assert peer.hostnames == ["127.0.0.1"] + ["vhost.test"] * MAX_REDIRECTS
         assert len(_redirects_recorded(daemon, "looped")) == MAX_REDIRECTS + 1
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()
 
 
 @pytest.mark.parametrize(
@@ -156,15 +148,11 @@ def test_a_redirect_without_a_usable_target_is_an_upstream_failure(
 ) -> None:
     peer = _peer(peers, info)
     qemu = Qemu("unix", tmp_path, "badredirect")
-    daemon = _daemon(tmp_path, None, peer.url, qemu, credentials=False)
-    try:
+    with _daemon(tmp_path, None, peer.url, qemu, credentials=False):
         why = _forced(qemu)
         assert why.startswith(f"{peer.url} redirected the connection to no usable target"), why
         assert why.endswith(reason), why
         assert peer.opens == 1
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()
 
 
 def test_a_redirect_mid_connection_forces_the_guest_and_its_next_connection_goes_there(
@@ -175,8 +163,7 @@ def test_a_redirect_mid_connection_forces_the_guest_and_its_next_connection_goes
     connection goes straight to the target."""
     peer = _peer(peers, {"network-host": artemis.host, "port": artemis.port}, mid_connection=True)
     qemu = Qemu("unix", tmp_path, "midway")
-    daemon = _daemon(tmp_path, None, peer.url, qemu, credentials=False)
-    try:
+    with _daemon(tmp_path, None, peer.url, qemu, credentials=False):
         guest = GuestClient(qemu.fd(), container_id="midway", timeout=TIMEOUT)
         with pytest.raises(AmqpError) as told:
             guest.send("redirect.midway", ["lost"])
@@ -191,9 +178,6 @@ def test_a_redirect_mid_connection_forces_the_guest_and_its_next_connection_goes
             assert again.send("redirect.midway", ["there"])[0].state == "accepted"
             assert [m.body for m in again.receive("redirect.midway", 1)] == ["there"]
         assert peer.opens == 1
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()
 
 
 def test_a_redirect_to_a_dead_target_moves_the_failover_list_past_the_redirector(
@@ -205,14 +189,10 @@ def test_a_redirect_to_a_dead_target_moves_the_failover_list_past_the_redirector
     dead = free_port()
     peer = _peer(peers, {"network-host": "127.0.0.1", "port": dead})
     qemu = Qemu("unix", tmp_path, "deadtarget")
-    daemon = _daemon(tmp_path, artemis, f"{peer.url},{artemis.url}", qemu, credentials=False)
-    try:
+    with _daemon(tmp_path, artemis, f"{peer.url},{artemis.url}", qemu, credentials=False) as daemon:
         why = _forced(qemu)
         assert why.startswith(f"cannot connect to amqp://127.0.0.1:{dead}"), why
         with GuestClient(qemu.fd(), container_id="deadtarget", timeout=TIMEOUT) as guest:
             assert guest.send("redirect.deadtarget", ["past it"])[0].state == "accepted"
             assert daemon.channel("deadtarget")["upstream"] == artemis.url
         assert peer.opens == 1
-    finally:
-        assert daemon.stop() == 0
-        qemu.hang_up()

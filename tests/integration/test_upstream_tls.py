@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from connector.routing.frames import LinkExtras
 from tests.brokers.common import free_port
 from tests.support.attach_peer import AttachPeer
 from tests.support.certs import self_signed
-from tests.support.connector import Connector, Qemu
+from tests.support.connector import Connector, Qemu, serving
 
 TIMEOUT = 30.0
 # Many TLS records, more than a socket buffer holds: partial sends, records split across reads.
@@ -133,14 +134,15 @@ class _Endpoint:
 
 def _daemon(
     tmp_path: Path, port: int, ca: Path, ch: Qemu, broker: str = "", tls: str = ""
-) -> Connector:
-    """The connector on ``amqps://`` to ``port``, trusting ``ca``; ``broker`` and ``tls``
-    are more lines for the ``[broker]`` and ``[broker.tls]`` tables."""
+) -> AbstractContextManager[Connector]:
+    """The connector on ``amqps://`` to ``port``, trusting ``ca``, serving ``ch`` for a
+    block; ``broker`` and ``tls`` are more lines for the ``[broker]`` and ``[broker.tls]``
+    tables."""
     conf = tmp_path / "tls.toml"
     conf.write_text(f"[broker]\n{broker}[broker.tls]\nca_file = '{ca}'\n{tls}")
-    return Connector(
-        tmp_path, _Endpoint(f"amqps://127.0.0.1:{port}"), [ch], "--config", str(conf)
-    ).start()
+    return serving(
+        Connector(tmp_path, _Endpoint(f"amqps://127.0.0.1:{port}"), [ch], "--config", str(conf))
+    )
 
 
 def test_amqps_with_the_right_ca_carries_the_guests_identity(
@@ -148,8 +150,7 @@ def test_amqps_with_the_right_ca_carries_the_guests_identity(
 ) -> None:
     broker, cert = tls_broker
     ch = Qemu("pty", tmp_path, "secure-vm")
-    daemon = _daemon(tmp_path, broker.port, cert, ch)
-    try:
+    with _daemon(tmp_path, broker.port, cert, ch):
         with GuestClient(ch.fd(), container_id="agent-tls", timeout=TIMEOUT) as guest:
             guest.send("inbox", ["over TLS"])
             assert broker.got_message.wait(TIMEOUT)
@@ -160,9 +161,6 @@ def test_amqps_with_the_right_ca_carries_the_guests_identity(
         assert props["qpid-virtio.guest"] == "secure-vm"
         assert props["qpid-virtio.port"] == "org.qpid.amqp.0"
         assert props["qpid-virtio.channel"] == ch.path
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 def test_amqps_with_a_wrong_ca_is_refused_and_the_guest_told(
@@ -171,8 +169,7 @@ def test_amqps_with_a_wrong_ca_is_refused_and_the_guest_told(
     broker, _ = tls_broker
     other_ca, _ = self_signed(tmp_path, "other")
     ch = Qemu("unix-listen", tmp_path, "mitm-vm")
-    daemon = _daemon(tmp_path, broker.port, other_ca, ch)
-    try:
+    with _daemon(tmp_path, broker.port, other_ca, ch) as daemon:
         with pytest.raises((AmqpError, Disconnected)) as refused:
             GuestClient(ch.fd(), container_id="agent-x", timeout=TIMEOUT)
         assert "amqp:connection:forced" in str(refused.value)
@@ -181,9 +178,6 @@ def test_amqps_with_a_wrong_ca_is_refused_and_the_guest_told(
         assert "forced" in last_error
         url = f"amqps://127.0.0.1:{broker.port}"
         assert f"{url}: TLS: certificate verify failed: self-signed certificate" in last_error
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 def test_attach_fields_proton_drops_cross_over_amqps(
@@ -193,9 +187,8 @@ def test_attach_fields_proton_drops_cross_over_amqps(
     # it can do only because it sees that frame in plaintext: TLS is outside the engine.
     broker, cert = tls_broker
     ch = Qemu("unix", tmp_path, "caps-vm")
-    daemon = _daemon(tmp_path, broker.port, cert, ch)
     wish = LinkExtras(desired=Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY")))
-    try:
+    with _daemon(tmp_path, broker.port, cert, ch):
         peer = AttachPeer(ch.fd(), "caps-guest")
         try:
             peer.attach("s", "inbox", sending=True, extras=wish)
@@ -203,9 +196,6 @@ def test_attach_fields_proton_drops_cross_over_amqps(
             peer.close()
         (attach,) = broker.attaches
         assert 'desired-capabilities=@<symbol>[:"DELAYED_DELIVERY"]' in attach
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 def test_a_large_message_each_way_over_amqps(
@@ -219,16 +209,12 @@ def test_a_large_message_each_way_over_amqps(
     broker.outbox.append(down)
     broker.stall_s = 1.0
     ch = Qemu("unix", tmp_path, "big-vm")
-    daemon = _daemon(tmp_path, broker.port, cert, ch)
-    try:
+    with _daemon(tmp_path, broker.port, cert, ch):
         with GuestClient(ch.fd(), container_id="agent-big", timeout=TIMEOUT) as guest:
             assert guest.send("inbox", [up])[0].state == "accepted"
             (got,) = guest.receive("outbox", 1)
         assert broker.messages == [up]
         assert bytes(got.body) == down
-    finally:
-        assert daemon.stop() == 0
-        ch.hang_up()
 
 
 def test_sasl_external_over_amqps_is_our_client_certificate(tmp_path: Path) -> None:
@@ -240,13 +226,9 @@ def test_sasl_external_over_amqps_is_our_client_certificate(tmp_path: Path) -> N
         ch = Qemu("pty", tmp_path, "cert-vm")
         mechs = "sasl_mechanisms = 'EXTERNAL'\n"
         mine = f"cert_file = '{agent_cert}'\nkey_file = '{agent_key}'\n"
-        daemon = _daemon(tmp_path, broker.port, cert, ch, broker=mechs, tls=mine)
-        try:
+        with _daemon(tmp_path, broker.port, cert, ch, broker=mechs, tls=mine):
             with GuestClient(ch.fd(), container_id="agent-ext", timeout=TIMEOUT) as guest:
                 guest.send("inbox", ["as host-a"])
             (opened,) = broker.opens
             assert opened["user"] == "CN=host-a"
             assert broker.messages == ["as host-a"]
-        finally:
-            assert daemon.stop() == 0
-            ch.hang_up()

@@ -219,17 +219,29 @@ class Routed:
 
 
 @contextlib.contextmanager
+def serving(daemon: Connector, *more: Qemu) -> Iterator[Connector]:
+    """Start ``daemon`` for the block; on leaving it, SIGTERM the daemon, hang up qemu's end
+    of each of its channels and of ``more`` (channels its config file names), and check the
+    daemon exited 0: a clean shutdown is part of what every test that runs it checks.
+
+    qemu's ends are hung up even when the daemon's exit fails the test, so that a failure
+    leaves no pty or socket behind for the tests after it."""
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        status = daemon.stop()
+        for ch in (*daemon.channels, *more):
+            ch.hang_up()
+        assert status == 0, daemon.log_text()
+
+
+@contextlib.contextmanager
 def routed(
     broker: Any, workdir: Path, kinds: tuple[str, ...], prefix: str = "g"
 ) -> Iterator[Routed]:
     """Run the daemon on ``broker`` with a ``{prefix}-{kind}`` channel of each kind; on exit
     SIGTERM it and check it exits 0."""
     channels = {kind: Qemu(kind, workdir, f"{prefix}-{kind}") for kind in kinds}
-    daemon = Connector(workdir, broker, list(channels.values())).start()
-    try:
+    with serving(Connector(workdir, broker, list(channels.values()))) as daemon:
         yield Routed(daemon, channels, broker)
-    finally:
-        status = daemon.stop()
-        for ch in channels.values():
-            ch.hang_up()
-        assert status == 0, daemon.log_text()
