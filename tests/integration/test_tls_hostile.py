@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from proton import Message
-from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 import connector.channel as channel_module
@@ -45,6 +44,7 @@ from connector.tls import TLSError, TLSSession
 from connector.upstream import BrokerPool, BrokerURL, TLSSettings, UpstreamSettings
 from tests.brokers.common import free_port
 from tests.support.connector import Qemu
+from tests.support.echo_broker import AddressEchoingHandler
 
 TIMEOUT = 15.0
 FORCED = "amqp:connection:forced"
@@ -168,7 +168,7 @@ def _ssl_pointer(obj: ssl.SSLObject) -> int:
 # -- the broker behind a well-behaved front: proton on plain amqp ----------------------
 
 
-class _BackendHandler(MessagingHandler):
+class _BackendHandler(AddressEchoingHandler):
     """Accepts any link; hands on what it receives; sends the outbox to whoever receives."""
 
     def __init__(self, port: int, received: Any, outbox: Any, ready: Any) -> None:
@@ -178,13 +178,6 @@ class _BackendHandler(MessagingHandler):
     def on_start(self, event: Any) -> None:
         event.container.listen(f"amqp://127.0.0.1:{self.port}")
         self.ready.set()
-
-    def on_link_opening(self, event: Any) -> None:
-        link = event.link
-        if link.remote_target and link.remote_target.address:
-            link.target.address = link.remote_target.address
-        if link.remote_source and link.remote_source.address:
-            link.source.address = link.remote_source.address
 
     def on_sendable(self, event: Any) -> None:
         while event.sender.credit and not self.outbox.empty():

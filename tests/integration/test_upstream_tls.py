@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from proton import UNDESCRIBED, Array, Data, Message, SSLDomain, Transport, symbol
-from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 from connector.guest.client import AmqpError, Disconnected, GuestClient
@@ -31,13 +30,14 @@ from tests.brokers.common import free_port
 from tests.support.attach_peer import AttachPeer
 from tests.support.certs import self_signed
 from tests.support.connector import Connector, Qemu, serving
+from tests.support.echo_broker import AddressEchoingHandler
 
 TIMEOUT = 30.0
 # Many TLS records, more than a socket buffer holds: partial sends, records split across reads.
 BIG = 5 * 1024 * 1024 + 3
 
 
-class _TlsBroker(MessagingHandler):
+class _TlsBroker(AddressEchoingHandler):
     """Accepts connections over TLS; records opens, users, attach frames and messages, and
     sends ``outbox`` to whoever receives from it."""
 
@@ -79,13 +79,6 @@ class _TlsBroker(MessagingHandler):
                 "user": event.transport.user,
             }
         )
-
-    def on_link_opening(self, event: Any) -> None:
-        link = event.link
-        if link.remote_target and link.remote_target.address:
-            link.target.address = link.remote_target.address
-        if link.remote_source and link.remote_source.address:
-            link.source.address = link.remote_source.address
 
     def on_sendable(self, event: Any) -> None:
         while self.outbox and event.sender.credit:
