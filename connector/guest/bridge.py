@@ -211,13 +211,34 @@ def _write_chunks(fd: int, chunks: deque[memoryview]) -> None:
             chunks.popleft()
 
 
-def _write_some(write: Callable[[bytearray], int], buf: bytearray) -> None:
+class _Ended(Exception):
+    """A session's client or port failed or closed: that session ends, for this reason."""
+
+
+def _read(read: Callable[[], bytes | None], side: str, closed: str) -> bytes | None:
+    """One non-blocking read from one side of a session, the same for either side: the
+    bytes read, or None when there are none yet ("would block"). An error ("``side``
+    failed (...)") or the end of the stream (``closed``) raises :class:`_Ended`."""
+    try:
+        data = read()
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        raise _Ended(f"{side} failed ({e})") from e
+    if data == b"":
+        raise _Ended(closed)
+    return data
+
+
+def _write(write: Callable[[bytearray], int], buf: bytearray, side: str) -> None:
     """Write what ``write`` takes of ``buf`` now and drop that from ``buf``. "Would block"
-    writes nothing; any other OSError is the caller's to handle."""
+    writes nothing; any other error raises :class:`_Ended` ("``side`` failed (...)")."""
     try:
         n = write(buf)
     except BlockingIOError:
         return
+    except OSError as e:
+        raise _Ended(f"{side} failed ({e})") from e
     del buf[:n]
 
 
@@ -294,12 +315,15 @@ class Bridge:
             session: _Session = key.data
             if session.port not in self.sessions:
                 continue  # ended earlier in this round
-            if key.fileobj is session.client:
-                self._client_io(session, mask)
-            else:
-                self._port_io(session, mask)
-            if session.port in self.sessions:
-                self._update(session)
+            try:
+                if key.fileobj is session.client:
+                    self._client_io(session, mask)
+                else:
+                    self._port_io(session, mask)
+            except _Ended as ended:
+                self._end(session, str(ended))
+                continue
+            self._update(session)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -340,45 +364,23 @@ class Bridge:
     def _client_io(self, s: _Session, mask: int) -> None:
         # Any error but "would block" (reset, ETIMEDOUT...) ends this session only.
         if mask & selectors.EVENT_READ:
-            try:
-                data = s.client.recv(CHUNK)
-            except BlockingIOError:
-                data = None
-            except OSError as e:
-                self._end(s, f"client failed ({e})")
-                return
-            if data == b"":
-                self._end(s, "client closed")
-                return
+            data = _read(functools.partial(s.client.recv, CHUNK), "client", "client closed")
             if data:
                 s.client_sent = True
                 s.to_port += data
                 s.frames.feed(data)
         if mask & selectors.EVENT_WRITE and s.to_client:
-            try:
-                _write_some(s.client.send, s.to_client)
-            except OSError as e:
-                self._end(s, f"client failed ({e})")
-                return
+            _write(s.client.send, s.to_client, "client")
 
     def _port_io(self, s: _Session, mask: int) -> None:
         # Any error but "would block" (EPIPE, ENODEV once unplugged...) ends this session
         # only. Writing comes first, so a port that fails it is not read any further.
         if mask & selectors.EVENT_WRITE and s.to_port:
-            try:
-                _write_some(functools.partial(os.write, s.fd), s.to_port)
-            except OSError as e:
-                self._end(s, f"port write failed ({e})")
-                return
+            _write(functools.partial(os.write, s.fd), s.to_port, "port write")
         if mask & selectors.EVENT_READ:
-            try:
-                data = _port.read_some(s.fd, CHUNK)
-            except OSError as e:
-                self._end(s, f"port read failed ({e})")
-                return
-            if data == b"":
-                self._end(s, "host side went away")
-                return
+            data = _read(
+                functools.partial(_port.read_some, s.fd, CHUNK), "port read", "host side went away"
+            )
             if data:
                 s.to_client += data
 
