@@ -11,9 +11,8 @@ import errno
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from proton import Message
@@ -22,6 +21,7 @@ from proton.utils import BlockingConnection
 from connector.guest.__main__ import main
 from connector.guest.bridge import CLOSE_FRAME, Bridge, _FrameEdge, parse_listen
 from connector.guest.peer import MemoryBroker, PeerThread
+from tests.support.guest import bridge_running, poll_until
 
 HEADER = b"AMQP\x00\x01\x00\x00"
 
@@ -51,18 +51,8 @@ class Ports:
 def bridge() -> Iterator[tuple[Bridge, Ports]]:
     ports = Ports()
     b = Bridge(("127.0.0.1", 0), ["org.qpid.amqp.0", "org.qpid.amqp.1"], ports.open)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            b.poll(0.05)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield b, ports
-    stop.set()
-    t.join()
-    b.close()
+    with bridge_running(b):
+        yield b, ports
     ports.close()
 
 
@@ -113,14 +103,6 @@ def test_vanished_client_is_closed_on_the_port() -> None:
     assert got == b"AMQP\x00\x01\x00\x00" + CLOSE_FRAME
     b.close()
     far.close()
-
-
-def poll_until(b: Bridge, cond: Callable[[], bool], limit: float = 5.0) -> None:
-    """Run the bridge's loop in this thread until ``cond()`` (bounded)."""
-    end = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < end, "bridge did not get there in time"
-        b.poll(0.05)
 
 
 def test_client_error_other_than_a_reset_ends_only_its_session(

@@ -18,6 +18,7 @@ from proton import Message
 from connector.guest import Disconnected, GuestClient, GuestTimeout, LinkRefused
 from connector.guest.bridge import CLOSE_FRAME
 from connector.guest.peer import MemoryBroker, PeerThread
+from tests.support.guest import OpensOnce
 
 
 @pytest.fixture
@@ -154,15 +155,7 @@ def test_header_answered_by_leftovers_is_retried(target: str) -> None:
     connection's last frame, then waits for a header again: the client starts over on the
     same fd (it never reconnects, so it never reopens a port it opened itself)."""
     a, b = socket.socketpair()
-    opens = 0
-
-    def opener() -> int:
-        nonlocal opens
-        opens += 1
-        if opens > 1:
-            raise ConnectionRefusedError("host side of p is not connected")
-        return os.dup(a.fileno())
-
+    opener = OpensOnce(lambda: os.dup(a.fileno()))
     c, d = socket.socketpair()
     header = b"AMQP\x00\x01\x00\x00"
     peer = PeerThread(d.fileno(), MemoryBroker())
@@ -180,7 +173,7 @@ def test_header_answered_by_leftovers_is_retried(target: str) -> None:
     t.start()
     with GuestClient(a.fileno() if target == "fd" else opener, timeout=10) as client:
         assert client.send("q", ["after retry"])[0].state == "accepted"
-    assert opens == (1 if target == "opener" else 0)
+    assert opener.opens == (1 if target == "opener" else 0)
     a.close()
     t.join(10)
     peer.close()

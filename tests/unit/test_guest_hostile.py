@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,13 @@ from connector.guest import driver as guest_driver
 from connector.guest.bridge import CLOSE_FRAME, Bridge
 from connector.guest.driver import Driver
 from connector.guest.peer import MemoryBroker, PeerThread
+from tests.support.guest import OpensOnce, bridge_running, poll_until
 
 HEADER = b"AMQP\x00\x01\x00\x00"
 REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- helpers -----------------------------------------------------------------------------
-
-
-def poll_until(b: Bridge, cond: Callable[[], bool], limit: float = 5.0) -> None:
-    """Run the bridge's loop in this thread until ``cond()`` (bounded)."""
-    end = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < end, "bridge did not get there in time"
-        b.poll(0.05)
 
 
 def read_to_eof(sock: socket.socket, limit: float = 5.0) -> bytes:
@@ -126,35 +119,19 @@ def raw_pty() -> Iterator[tuple[int, int, str]]:
 def test_second_client_waits_for_the_one_port_then_gets_a_clean_connection(
     host: HostEnd,
 ) -> None:
-    b = Bridge(("127.0.0.1", 0), ["p"], host.open)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            b.poll(0.05)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    second = None
-    try:
+    with bridge_running(Bridge(("127.0.0.1", 0), ["p"], host.open)) as b:
         first = BlockingConnection(f"amqp://127.0.0.1:{b.address[1]}", timeout=5)
         snd = first.create_sender("q")
         snd.send(Message(body="one"))
-        second = socket.create_connection(b.address)
-        second.sendall(HEADER)
-        snd.send(Message(body="two"))  # a round trip while the second client is queued
-        assert host.opens == 1  # the second client is still in the backlog
-        first.close()
-        second.settimeout(5)
-        assert second.recv(8) == HEADER  # served once the port is free, header answered
-        assert host.opens == 2
-        assert [m.body for m in host.broker.queues["q"]] == ["one", "two"]
-    finally:
-        if second is not None:
-            second.close()
-        stop.set()
-        t.join(5)
-        b.close()
+        with socket.create_connection(b.address) as second:
+            second.sendall(HEADER)
+            snd.send(Message(body="two"))  # a round trip while the second client is queued
+            assert host.opens == 1  # the second client is still in the backlog
+            first.close()
+            second.settimeout(5)
+            assert second.recv(8) == HEADER  # served once the port is free, header answered
+            assert host.opens == 2
+            assert [m.body for m in host.broker.queues["q"]] == ["one", "two"]
 
 
 def test_pool_serves_clients_on_a_working_port_when_one_is_unplugged(host: HostEnd) -> None:
@@ -344,14 +321,7 @@ def test_failed_open_closes_the_port_it_opened() -> None:
 
 def test_channel_lost_during_handshake_is_disconnected() -> None:
     a, b = socket.socketpair()
-    opens = 0
-
-    def opener() -> int:
-        nonlocal opens
-        opens += 1
-        if opens > 1:
-            raise ConnectionRefusedError("host side of p is not connected")
-        return a.detach()
+    opener = OpensOnce(a.detach)
 
     def host_leaves() -> None:
         b.settimeout(5)
@@ -368,7 +338,7 @@ def test_channel_lost_during_handshake_is_disconnected() -> None:
     finally:
         t.join(5)
         b.close()
-    assert opens == 1
+    assert opener.opens == 1
 
 
 def test_client_works_on_a_high_fd() -> None:
