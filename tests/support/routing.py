@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proton import Collector, Connection, Event, Link, Session, Transport
+from proton import Collector, Connection, Delivery, Event, Link, Message, Session, Transport
 
 from connector.limits import GuestLimits
 from connector.routing.engine import Engine
@@ -192,13 +192,43 @@ class Harness:
         self.pump()
         return conn, ssn
 
-    def sender(self, name: str, address: str | None) -> tuple[Connection, Link, Link]:
-        """Open a guest session with a sender to ``address`` (None: the anonymous relay);
-        return the guest's connection, its sender, and the broker's end of the link."""
-        conn, ssn = self.guest_session()
+    def pipelined(self, name: str, address: str | None) -> tuple[Session, Link]:
+        """Open the guest's connection, a session and a sender to ``address`` all before
+        anything is answered, as proton clients write them (in one write), then pump;
+        return the session and the sender."""
+        conn = self.guest.connection
+        conn.open()
+        ssn = conn.session()
+        ssn.open()
         snd = attach(ssn, name, address)
         self.pump()
-        return conn, snd, self.broker_link(name)
+        return ssn, snd
+
+    def sender(
+        self, name: str, address: str | None, *, credit: int = 0
+    ) -> tuple[Connection, Link, Link]:
+        """Open a guest session with a sender to ``address`` (None: the anonymous relay),
+        to which the broker grants ``credit``; return the guest's connection, its sender,
+        and the broker's end of the link."""
+        conn, snd, brcv = self._attached(name, address, sending=True)
+        if credit:
+            brcv.flow(credit)
+            self.pump()
+        return conn, snd, brcv
+
+    def receiver(self, name: str, address: str) -> tuple[Connection, Link, Link]:
+        """Open a guest session with a receiver from ``address``; return the guest's
+        connection, its receiver, and the broker's end of the link (its sender)."""
+        return self._attached(name, address, sending=False)
+
+    def _attached(
+        self, name: str, address: str | None, *, sending: bool
+    ) -> tuple[Connection, Link, Link]:
+        """What sender() and receiver() share: a guest session with one link, answered."""
+        conn, ssn = self.guest_session()
+        link = attach(ssn, name, address, sending=sending)
+        self.pump()
+        return conn, link, self.broker_link(name)
 
     def broker_link(self, name: str) -> Link:
         """The broker's end of the link the guest attached as ``name``."""
@@ -218,3 +248,12 @@ def attach(ssn: Session, name: str, address: str | None, *, sending: bool = True
         link.source.address = address
     link.open()
     return link
+
+
+def send_message(link: Link, tag: str, body: Any, *, to: str | None = None) -> Delivery:
+    """Send one whole message with ``body`` (and the ``to`` address, when given) on
+    ``link``, the guest's or the broker's; not pumped. Returns its delivery."""
+    dlv = link.delivery(tag)
+    link.send(Message(address=to, body=body).encode())
+    link.advance()
+    return dlv

@@ -4,11 +4,11 @@ the matching AMQP error, and the broker never sees the offending traffic."""
 from __future__ import annotations
 
 import pytest
-from proton import Collector, Connection, Delivery, Endpoint, Message, Transport
+from proton import Collector, Connection, Delivery, Endpoint, Transport
 
 from connector.errors import ConfigError
 from connector.limits import GuestLimits
-from tests.support.routing import Harness, attach
+from tests.support.routing import Harness, attach, send_message
 
 
 def _closed_with(conn, condition: str) -> str:
@@ -44,9 +44,7 @@ def _stream_with_uncredited_transfer() -> tuple[bytes, bytes]:
     cconn.open()
     ssn = cconn.session()
     ssn.open()
-    snd = ssn.sender("s")
-    snd.target.address = "q"
-    snd.open()
+    snd = attach(ssn, "s", "q")
     pump()
     sconn.open()
     ev = collector.peek()
@@ -61,9 +59,7 @@ def _stream_with_uncredited_transfer() -> tuple[bytes, bytes]:
         ev = collector.peek()
     pump()
     handshake = bytes(written)
-    snd.delivery("x")
-    snd.send(Message(body="no credit here").encode())
-    snd.advance()
+    send_message(snd, "x", "no credit here")
     pump()
     return handshake, bytes(written[len(handshake) :])
 
@@ -85,13 +81,9 @@ def test_transfer_without_credit_ends_the_connection() -> None:
 
 def test_unsettled_limit() -> None:
     h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
-    conn, snd, brcv = h.sender("s", "q")
-    brcv.flow(10)
-    h.pump()
+    conn, snd, _ = h.sender("s", "q", credit=10)
     for i in range(4):
-        snd.delivery(f"u{i}")
-        snd.send(Message(body=i).encode())
-        snd.advance()
+        send_message(snd, f"u{i}", i)
     h.pump()
     assert "more than 3 unsettled" in _closed_with(conn, "amqp:resource-limit-exceeded")
 
@@ -102,17 +94,12 @@ def test_a_guest_that_never_settles_is_sent_no_more_than_its_unsettled_limit() -
     # (each message a proton delivery in both engines until the guest settles it). What
     # the guest settles is given back to the broker as credit; nothing is violated.
     h = Harness(limits=GuestLimits(max_unsettled_per_link=3))
-    _, ssn = h.guest_session()
-    rcv = attach(ssn, "r", "q", sending=False)
-    h.pump()
-    bsnd = h.broker_link("r")
+    _, rcv, bsnd = h.receiver("r", "q")
     rcv.flow(100)
     h.pump()
     assert bsnd.credit == 3
     for i in range(3):
-        bsnd.delivery(f"m{i}")
-        bsnd.send(Message(body=i).encode())
-        bsnd.advance()
+        send_message(bsnd, f"m{i}", i)
     h.pump()
     assert bsnd.credit == 0  # three held for the guest: no more until it settles
     got = [ev.delivery for ev in h.guest.events if ev.type.name == "PN_DELIVERY"]
@@ -127,9 +114,7 @@ def test_a_guest_that_never_settles_is_sent_no_more_than_its_unsettled_limit() -
 
 def test_message_size_limit_aborts_the_forwarded_part() -> None:
     h = Harness(limits=GuestLimits(max_message_size=100_000))
-    conn, snd, brcv = h.sender("s", "q")
-    brcv.flow(1)
-    h.pump()
+    conn, snd, brcv = h.sender("s", "q", credit=1)
     snd.delivery("big")
     snd.send(b"\x00" * 150_000)
     h.pump()

@@ -8,7 +8,7 @@ from proton import Delivery, Message
 from connector.errors import ConfigError
 from connector.policy import Policy
 from connector.routing.route import AttachRequest
-from tests.support.routing import Harness
+from tests.support.routing import Harness, send_message
 
 
 def _req(address: str | None, *, sending: bool = True, dynamic: bool = False) -> AttachRequest:
@@ -79,15 +79,7 @@ def test_bad_policy_names_the_key(table: dict, where: str) -> None:
 def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
     h = Harness()
     h.router._policy = POLICY.for_guest("web1")
-    # Open, begin and attach in one go, as proton clients write them.
-    conn = h.guest.connection
-    conn.open()
-    ssn = conn.session()
-    ssn.open()
-    snd = ssn.sender("peek")
-    snd.target.address = "guests.web2.secrets"
-    snd.open()
-    h.pump()
+    _, snd = h.pipelined("peek", "guests.web2.secrets")
     assert snd.remote_condition.name == "amqp:unauthorized-access"
     assert "guests.web2.secrets" in snd.remote_condition.description
     assert not any(ev.type.name == "PN_LINK_REMOTE_OPEN" for ev in h.broker.events)
@@ -97,16 +89,12 @@ def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
 def _relay_harness(policy: Policy, guest: str = "web1"):
     h = Harness()
     h.router._policy = policy.for_guest(guest)
-    _, snd, brcv = h.sender("relay", None)  # no target address: the anonymous relay
-    brcv.flow(10)
-    h.pump()
+    _, snd, brcv = h.sender("relay", None, credit=10)  # no target address: the anonymous relay
     return h, snd, brcv
 
 
 def _relay(h: Harness, snd, to: str, tag: str):
-    dlv = snd.delivery(tag)
-    snd.send(Message(address=to, body=tag).encode())
-    snd.advance()
+    dlv = send_message(snd, tag, tag, to=to)
     h.pump()
     return dlv
 
@@ -134,14 +122,7 @@ def test_a_prefix_gives_each_guest_its_own_namespace() -> None:
     policy = Policy.from_table({"default": {"prefix": "tenant.{guest}."}})
     h = Harness()
     h.router._policy = policy.for_guest("web1")
-    conn = h.open_guest()
-    ssn = conn.session()
-    ssn.open()
-    rcv = ssn.receiver("in")
-    rcv.source.address = "orders"
-    rcv.open()
-    h.pump()
-    blink = next(ev.link for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN")
+    _, rcv, blink = h.receiver("in", "orders")
     assert blink.remote_source.address == "tenant.web1.orders"
     assert rcv.remote_source.address == "orders"  # the guest sees its own name
     h2, snd, brcv = _relay_harness(policy)

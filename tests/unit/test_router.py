@@ -35,7 +35,7 @@ from tests.reliability.amqp import (
     open_frame,
     performative,
 )
-from tests.support.routing import IDENTITY, Harness, attach, move_bytes
+from tests.support.routing import IDENTITY, Harness, attach, move_bytes, send_message
 
 
 def _value(data: Data):
@@ -212,22 +212,15 @@ def test_refused_attach_error_reaches_the_guest(broker_refuses) -> None:
     assert h.router.routes == {}
 
 
-def _sender_pair(h: Harness, address: str = "q"):
-    _, snd, brcv = h.sender("s1", address)
-    return snd, brcv
-
-
 def test_guest_never_gets_more_credit_than_the_broker_gave() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
+    _, snd, brcv = h.sender("s1", "q")
     assert snd.credit == 0
     brcv.flow(3)
     h.pump()
     assert snd.credit == 3
     for i in range(3):
-        snd.delivery(f"t{i}")
-        snd.send(Message(body=i).encode())
-        snd.advance()
+        send_message(snd, f"t{i}", i)
     h.pump()
     assert snd.credit == 0
     brcv.flow(2)
@@ -246,15 +239,8 @@ def _receive_all(link: Link) -> list:
 
 def test_outcomes_cross_with_their_fields_and_settle_only_when_the_far_side_does() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(5)
-    h.pump()
-    dlvs = []
-    for i in range(5):
-        dlv = snd.delivery(f"t{i}")
-        snd.send(Message(body=i).encode())
-        snd.advance()
-        dlvs.append(dlv)
+    _, snd, brcv = h.sender("s1", "q", credit=5)
+    dlvs = [send_message(snd, f"t{i}", i) for i in range(5)]
     h.pump()
     received = _receive_all(brcv)
     assert [Message().decode(b) or None for _, b in received]  # decodes: bytes untouched
@@ -292,9 +278,7 @@ def test_outcomes_cross_with_their_fields_and_settle_only_when_the_far_side_does
 
 def test_deliveries_are_counted_and_bytes_stream_through_unchanged() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(1)
-    h.pump()
+    _, snd, brcv = h.sender("s1", "q", credit=1)
     payload = Message(body=b"x" * 3_000_000).encode()
     snd.delivery("big")
     # Write it in pieces; the router forwards each piece as it arrives.
@@ -315,9 +299,7 @@ def test_output_proton_holds_behind_a_full_buffer_counts_as_backlog() -> None:
     # max-frame-size (32 KiB here). Nothing reaches the broker in this test, so all of the
     # message waits upstream: the backlog must say so, or backpressure never stops the guest.
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(1)
-    h.pump()
+    _, snd, brcv = h.sender("s1", "q", credit=1)
     up = h.router.upstream
     snd.delivery("big")
     snd.send(b"x" * 1_000_000)
@@ -335,9 +317,7 @@ def test_output_proton_holds_behind_a_full_buffer_counts_as_backlog() -> None:
 
 def test_aborted_transfer_is_passed_on() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(1)
-    h.pump()
+    _, snd, brcv = h.sender("s1", "q", credit=1)
     dlv = snd.delivery("a")
     snd.send(b"\x00" * 200_000)
     h.pump()
@@ -358,10 +338,7 @@ def test_presettled_messages_are_settled_on_both_sides() -> None:
     brcv = h.broker_link("ps")
     brcv.flow(1)
     h.pump()
-    dlv = snd.delivery("p")
-    snd.send(Message(body="hi").encode())
-    snd.advance()
-    dlv.settle()
+    send_message(snd, "p", "hi").settle()
     h.pump()
     bdlv = brcv.current
     assert bdlv is not None and bdlv.settled
@@ -370,18 +347,11 @@ def test_presettled_messages_are_settled_on_both_sides() -> None:
 
 def test_broker_to_guest_credit_and_drain() -> None:
     h = Harness()
-    _, ssn = h.guest_session()
-    rcv = ssn.receiver("r1")
-    rcv.source.address = "q"
-    rcv.open()
-    h.pump()
-    bsnd = h.broker_link("r1")
+    _, rcv, bsnd = h.receiver("r1", "q")
     rcv.flow(4)
     h.pump()
     assert bsnd.credit == 4
-    bsnd.delivery("m1")
-    bsnd.send(Message(body="one").encode())
-    bsnd.advance()
+    send_message(bsnd, "m1", "one")
     h.pump()
     assert rcv.current is not None
     rcv.drain(0)  # ask the broker to use or return the remaining 3
@@ -395,7 +365,7 @@ def test_broker_to_guest_credit_and_drain() -> None:
 
 def test_detach_and_close_carry_conditions_both_ways() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
+    _, snd, brcv = h.sender("s1", "q")
     brcv.condition = Condition("amqp:resource-deleted", "queue deleted")
     brcv.close()
     h.pump()
@@ -411,12 +381,8 @@ def test_detach_and_close_carry_conditions_both_ways() -> None:
 
 def test_guest_gone_closes_upstream_and_leaves_deliveries_unsettled() -> None:
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(1)
-    h.pump()
-    snd.delivery("u")
-    snd.send(Message(body="x").encode())
-    snd.advance()
+    _, snd, brcv = h.sender("s1", "q", credit=1)
+    send_message(snd, "u", "x")
     h.pump()
     bdlv = brcv.current
     h.router.guest_gone("EOF")
@@ -439,9 +405,7 @@ def test_transactional_state_and_declared_outcome_cross() -> None:
     assert bcoord.remote_target.type == Terminus.COORDINATOR
     bcoord.flow(1)
     h.pump()
-    dlv = coord.delivery("d")
-    coord.send(Message(body="declare").encode())
-    coord.advance()
+    dlv = send_message(coord, "d", "declare")
     h.pump()
     bdlv = bcoord.current
     bcoord.advance()
@@ -460,9 +424,7 @@ def _one_message_reaches_the_broker(h: Harness, snd: Link) -> None:
     brcv = h.broker_link(snd.name)
     brcv.flow(1)
     h.pump()
-    snd.delivery("d")
-    snd.send(Message(body="through").encode())
-    snd.advance()
+    send_message(snd, "d", "through")
     h.pump()
     assert len(_receive_all(brcv)) == 1
 
@@ -470,14 +432,7 @@ def _one_message_reaches_the_broker(h: Harness, snd: Link) -> None:
 def test_open_begin_attach_pipelined_in_one_write() -> None:
     """Proton clients write open, begin and attach before any answer arrives."""
     h = Harness()
-    conn = h.guest.connection
-    conn.open()
-    ssn = conn.session()
-    ssn.open()
-    snd = ssn.sender("fast")
-    snd.target.address = "q"
-    snd.open()
-    h.pump()
+    ssn, snd = h.pipelined("fast", "q")
     assert ssn.state & Endpoint.REMOTE_ACTIVE
     assert snd.state & Endpoint.REMOTE_ACTIVE
     _one_message_reaches_the_broker(h, snd)
@@ -503,9 +458,7 @@ def test_deliveries_never_written_upstream_are_not_counted() -> None:
     h.broker_link("s").flow(5)
     h.pump()
     for i in range(3):
-        snd.delivery(f"u{i}")
-        snd.send(Message(body=i).encode())
-        snd.advance()
+        send_message(snd, f"u{i}", i)
     # The guest's bytes reach the router; the broker's answer never comes back.
     h.router.guest.push(h.guest.transport.peek(h.guest.transport.pending()))
     h.router.process()
@@ -608,12 +561,8 @@ def test_each_received_progress_reaches_the_guest() -> None:
     """``received`` is the one state a receiver sends again and again (how far it has
     got with a large message); each update crosses, not only the first."""
     h = Harness()
-    snd, brcv = _sender_pair(h)
-    brcv.flow(1)
-    h.pump()
-    dlv = snd.delivery("t")
-    snd.send(Message(body="x" * 1000).encode())
-    snd.advance()
+    _, snd, brcv = h.sender("s1", "q", credit=1)
+    dlv = send_message(snd, "t", "x" * 1000)
     h.pump()
     (bdlv, _), *_ = _receive_all(brcv)
     for offset in (10, 20):
@@ -701,18 +650,13 @@ def test_a_transfer_the_broker_sends_after_the_guest_closed_is_not_counted() -> 
     more message. It never reaches the guest (the broker redelivers it), so it is not
     counted as routed out."""
     h = Harness()
-    _, ssn = h.guest_session()
-    rcv = attach(ssn, "r", "q", sending=False)
-    h.pump()
+    _, rcv, blink = h.receiver("r", "q")
     rcv.flow(10)
     h.pump()
-    blink = h.broker_link("r")
     h.guest.connection.close()
     move_bytes(h.guest.transport, h.router.guest)
     h.router.process()  # the router closes the upstream; the broker has not read that yet
-    blink.delivery(b"late")
-    blink.send(Message(body="late").encode())
-    blink.advance()
+    send_message(blink, "late", "late")
     move_bytes(h.broker.transport, h.router.upstream)
     h.router.process()
     assert h.counters.deliveries_out == 0
