@@ -103,6 +103,18 @@ def receive_one(conn: BlockingConnection, address: str) -> Message:
     return message
 
 
+def deliver_one(
+    conn: BlockingConnection, broker: Broker, stem: str, body: object
+) -> tuple[str, BlockingReceiver, Message]:
+    """Send ``body`` to a fresh queue and receive it, not yet settled, on a new receiver with
+    one credit: the start of every outcome probe. Returns the queue's address, the receiver
+    and the message."""
+    address = queue_address(broker, stem)
+    send(conn, address, body)
+    receiver = conn.create_receiver(address, credit=1)
+    return address, receiver, receiver.receive(ANSWER_TIMEOUT)
+
+
 def nothing_arrives(receiver: BlockingReceiver) -> bool:
     """True when the receiver gets no message within SILENCE_TIMEOUT."""
     try:
@@ -437,10 +449,7 @@ def test_artemis_redelivers(
 ) -> None:
     """Redelivered at once to the same link; delivery-count counts only delivery-failed."""
     with artemis.connection() as conn:
-        address = queue_address(artemis, "redeliver")
-        send(conn, address, "again")
-        receiver = conn.create_receiver(address, credit=1)
-        first = receiver.receive(ANSWER_TIMEOUT)
+        _, receiver, first = deliver_one(conn, artemis, "redeliver", "again")
         assert (first.delivery_count, first.first_acquirer) == (0, False)
         settle_last(receiver, outcome)
         again = receiver.receive(ANSWER_TIMEOUT)
@@ -451,10 +460,7 @@ def test_artemis_redelivers(
 
 def test_artemis_undeliverable_here_skips_that_link_until_it_detaches(artemis: Artemis) -> None:
     with artemis.connection() as conn:
-        address = queue_address(artemis, "undeliverable")
-        send(conn, address, "not here")
-        receiver = conn.create_receiver(address, credit=1)
-        receiver.receive(ANSWER_TIMEOUT)
+        address, receiver, _ = deliver_one(conn, artemis, "undeliverable", "not here")
         settle_last(receiver, modified_undeliverable)
         assert nothing_arrives(receiver)
         receiver.close()
@@ -464,11 +470,8 @@ def test_artemis_undeliverable_here_skips_that_link_until_it_detaches(artemis: A
 
 def test_artemis_rejected_goes_to_dlq(artemis: Artemis) -> None:
     with artemis.connection() as conn:
-        address = queue_address(artemis, "reject")
         body = f"rejected {uuid.uuid4()}"
-        send(conn, address, body)
-        receiver = conn.create_receiver(address, credit=1)
-        receiver.receive(ANSWER_TIMEOUT)
+        address, receiver, _ = deliver_one(conn, artemis, "reject", body)
         settle_last(receiver, rejected)
         assert nothing_arrives(receiver)
         dlq = conn.create_receiver("DLQ", credit=100)
@@ -542,10 +545,7 @@ def test_rabbitmq_durability_mismatch_ends_session(rabbitmq: RabbitMQ) -> None:
 
 def test_rabbitmq_released_is_redelivered_with_count_0(rabbitmq: RabbitMQ) -> None:
     with rabbitmq.connection() as conn:
-        address = queue_address(rabbitmq, "released")
-        send(conn, address, "again")
-        receiver = conn.create_receiver(address, credit=1)
-        first = receiver.receive(ANSWER_TIMEOUT)
+        _, receiver, first = deliver_one(conn, rabbitmq, "released", "again")
         assert (first.delivery_count, first.first_acquirer) == (0, True)
         settle_last(receiver, released)
         again = receiver.receive(ANSWER_TIMEOUT)
@@ -556,10 +556,7 @@ def test_rabbitmq_released_is_redelivered_with_count_0(rabbitmq: RabbitMQ) -> No
 def test_rabbitmq_rejected_is_dropped(rabbitmq: RabbitMQ) -> None:
     """No dead-letter exchange is configured: a rejected message is gone."""
     with rabbitmq.connection() as conn:
-        address = queue_address(rabbitmq, "rejected")
-        send(conn, address, "drop me")
-        receiver = conn.create_receiver(address, credit=1)
-        receiver.receive(ANSWER_TIMEOUT)
+        address, receiver, _ = deliver_one(conn, rabbitmq, "rejected", "drop me")
         settle_last(receiver, rejected)
         assert nothing_arrives(receiver)
         assert nothing_arrives(conn.create_receiver(address, credit=1, name="second"))
@@ -611,10 +608,7 @@ def test_rabbitmq_drain_ends_session(rabbitmq: RabbitMQ) -> None:
 
 def test_rabbitmq_modified_ends_session(rabbitmq: RabbitMQ) -> None:
     def modify(conn: BlockingConnection) -> Link:
-        address = queue_address(rabbitmq, "modified")
-        send(conn, address, "modify me")
-        receiver = conn.create_receiver(address, credit=1)
-        receiver.receive(ANSWER_TIMEOUT)
+        _, receiver, _ = deliver_one(conn, rabbitmq, "modified", "modify me")
         settle_last(receiver, modified_failed)
         return receiver.link
 
