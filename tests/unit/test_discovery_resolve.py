@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -483,6 +484,46 @@ def test_a_config_file_that_cannot_be_read_safely_is_a_problem(
     (problem,) = (p for p in resolution.problems if p.startswith("-readconfig"))
     assert why in problem
     assert problem.endswith("; the chardevs and devices it gives are not seen")
+
+
+SECRET_CFG = """[name]
+  guest = "the-secret"
+[chardev "s"]
+  backend = "socket"
+  path = "/run/secret.sock"
+  server = "on"
+[device "sp"]
+  driver = "virtserialport"
+  chardev = "s"
+  name = "org.qpid.amqp.7"
+"""
+
+
+@pytest.fixture
+def daemon_file() -> Iterator[int]:
+    """A regular file only this process (the daemon) holds: no name leads to it."""
+    fd = os.memfd_create("daemon-only")
+    os.write(fd, SECRET_CFG.encode())
+    yield fd
+    os.close(fd)
+
+
+@pytest.mark.xfail(strict=True, reason="//dev/fd/N and /proc/DAEMON/fd/N reach the daemon's own")
+@pytest.mark.parametrize("spelling", ["//dev/fd/{fd}", "/proc/{pid}/fd/{fd}"])
+def test_the_daemons_own_descriptors_are_not_read_by_another_spelling(
+    proc: FakeProc, settings: DiscoverySettings, daemon_file: int, spelling: str
+) -> None:
+    """``/dev/fd/N`` names the opener's descriptor N: qemu's when qemu read it, the
+    daemon's when the daemon does. ``//dev/fd`` is the same directory (normpath keeps two
+    leading slashes), and anyone may learn the daemon's pid: nothing the daemon holds open
+    may be read for a qemu, and nothing in it may become a guest's name or port."""
+    name = spelling.format(fd=daemon_file, pid=os.getpid())
+    proc.process(97, QEMU, ["qemu", "-name", "mine", "-readconfig", name])
+    resolution = resolve_pid(97, settings)
+    assert resolution.specs == ()
+    (problem,) = resolution.problems
+    assert problem.startswith(f"-readconfig {name}: ")
+    assert "the-secret" not in problem
 
 
 def test_config_files_together_are_bounded(
