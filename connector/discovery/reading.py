@@ -43,11 +43,18 @@ def read_regular_file(path: str, limit: int) -> bytes:
     before the file is opened for reading: on a descriptor that only names it (``O_PATH``
     opens nothing), which is then reopened through ``/proc/self/fd``, so that the name
     cannot be pointed elsewhere in between.
+
+    A file no name leads to (no link left) is refused too: a deleted file, or a memfd,
+    can only be reached through a descriptor, such as ``/proc/PID/fd/N`` of the daemon's
+    own pid, and then it is the daemon's, not what the name meant to whoever wrote it.
     """
     named = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(named).st_mode):
+        st = os.fstat(named)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError("not a regular file")
+        if st.st_nlink == 0:
+            raise OSError("a file no name leads to (deleted, or reached through a descriptor)")
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         with open(os.open(f"/proc/self/fd/{named}", flags), "rb") as f:
             return f.read(limit)

@@ -186,9 +186,15 @@ class _ConfigFiles:
         path, why = self._start.join(name)
         if path is None:
             raise ConfigUnreadable(f"a relative name, and {why}")
-        if os.path.normpath(path).startswith(_OPENERS_OWN):
+        if _normpath(path).startswith(_OPENERS_OWN):
             raise ConfigUnreadable("names a descriptor of qemu's own, which cannot be read again")
         return path
+
+
+def _normpath(path: str) -> str:
+    """``os.path.normpath``, and one slash for two at the start: POSIX leaves ``//`` to the
+    system, so normpath keeps it, but on Linux ``//dev/fd`` is ``/dev/fd``."""
+    return "/" + os.path.normpath(path).lstrip("/")
 
 
 @dataclass(frozen=True)

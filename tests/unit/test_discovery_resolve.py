@@ -508,7 +508,6 @@ def daemon_file() -> Iterator[int]:
     os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="//dev/fd/N and /proc/DAEMON/fd/N reach the daemon's own")
 @pytest.mark.parametrize("spelling", ["//dev/fd/{fd}", "/proc/{pid}/fd/{fd}"])
 def test_the_daemons_own_descriptors_are_not_read_by_another_spelling(
     proc: FakeProc, settings: DiscoverySettings, daemon_file: int, spelling: str
