@@ -29,6 +29,7 @@ from connector.discovery.startdir import StartDir
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
 NET_UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+ALL_CAPS = 0x000001FFFFFFFFFF  # CapEff of a root process (Linux 6.x)
 
 
 class FakeProc:
@@ -37,7 +38,17 @@ class FakeProc:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def process(self, pid: int, exe: str, argv: list[str], uid: int = 0) -> Path:
+    def process(
+        self,
+        pid: int,
+        exe: str,
+        argv: list[str],
+        uid: int = 0,
+        groups: tuple[int, ...] = (),
+        caps: int | None = None,
+    ) -> Path:
+        """A process run by ``uid`` (its group the same number) in ``groups``, with
+        effective capabilities ``caps``: by default all for root, none for anyone else."""
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
         (base / "fdinfo").mkdir()
@@ -46,7 +57,12 @@ class FakeProc:
         (base / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
         (base / "net" / "unix").write_text(NET_UNIX_HEADER)
         uids = "\t".join([str(uid)] * 4)  # real, effective, saved, file system
-        (base / "status").write_text(f"Name:\tqemu\nPid:\t{pid}\nUid:\t{uids}\n")
+        if caps is None:
+            caps = ALL_CAPS if uid == 0 else 0
+        (base / "status").write_text(
+            f"Name:\tqemu\nPid:\t{pid}\nUid:\t{uids}\nGid:\t{uids}\n"
+            f"Groups:\t{' '.join(map(str, groups))} \nCapEff:\t{caps:016x}\n"
+        )
         return base
 
     def ptmx(self, pid: int, fd: int, index: int) -> None:
@@ -523,6 +539,61 @@ def test_the_daemons_own_descriptors_are_not_read_by_another_spelling(
     (problem,) = resolution.problems
     assert problem.startswith(f"-readconfig {name}: ")
     assert "the-secret" not in problem
+
+
+QEMU_UID = 4242
+OTHER_UID = 12345  # owns what qemu's user may not read
+
+
+def _only_its_owners(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret.cfg"
+    secret.write_text(SECRET_CFG)
+    os.chown(secret, OTHER_UID, OTHER_UID)
+    secret.chmod(0o600)
+    return secret
+
+
+def _in_a_closed_directory(tmp_path: Path) -> Path:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "vm.cfg").write_text(SECRET_CFG)
+    (private / "vm.cfg").chmod(0o644)
+    os.chown(private, OTHER_UID, OTHER_UID)
+    return private / "vm.cfg"
+
+
+def _linked(tmp_path: Path) -> Path:
+    """What qemu's user does to a file it read at start: it may replace it with a link."""
+    link = tmp_path / "mine.cfg"
+    link.symlink_to(_only_its_owners(tmp_path))
+    return link
+
+
+NOT_QEMUS = {
+    "0600 of another user": _only_its_owners,
+    "in a 0700 directory": _in_a_closed_directory,
+    "a link to another user's file": _linked,
+}
+
+
+@pytest.mark.xfail(strict=True, reason="config files are read with the daemon's rights")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon reads as root here")
+@pytest.mark.parametrize("make", NOT_QEMUS.values(), ids=NOT_QEMUS.keys())
+def test_a_config_file_qemus_user_may_not_read_is_not_read(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path, make: Any
+) -> None:
+    """qemu read its files as its own user; the daemon (root, or with CAP_DAC_OVERRIDE) may
+    read anything. A qemu user who may not read a file must not learn what it says through
+    the guest's name, its ports or their paths in the status, the logs or the metrics."""
+    tmp_path.chmod(0o755)
+    name = str(make(tmp_path))
+    proc.process(98, QEMU, ["qemu", "-name", "mine", "-readconfig", name], uid=QEMU_UID)
+    resolution = resolve_pid(98, settings)
+    assert resolution.specs == ()
+    assert resolution.problems == (
+        f"-readconfig {name}: qemu's user (uid {QEMU_UID}) may not read it; the chardevs and "
+        "devices it gives are not seen",
+    )
 
 
 def test_config_files_together_are_bounded(
