@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 ENCODING = "utf-8"
 ERRORS = "backslashreplace"
@@ -35,8 +36,9 @@ def read_bytes(path: str, limit: int = -1) -> bytes | None:
         return None
 
 
-def read_regular_file(path: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a regular file; OSError for anything else.
+def read_regular_file(path: str, limit: int, check: Callable[[int], None]) -> bytes:
+    """At most ``limit`` bytes of a regular file that ``check`` lets be read (it is given
+    the ``O_PATH`` descriptor, and raises OSError to refuse); OSError for anything else.
 
     For a file someone else named. Opening a device may act (a watchdog starts counting
     down, a tape rewinds) and a FIFO blocks until a writer comes, so the type is checked
@@ -55,6 +57,7 @@ def read_regular_file(path: str, limit: int) -> bytes:
             raise OSError("not a regular file")
         if st.st_nlink == 0:
             raise OSError("a file no name leads to (deleted, or reached through a descriptor)")
+        check(named)
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         with open(os.open(f"/proc/self/fd/{named}", flags), "rb") as f:
             return f.read(limit)
@@ -66,6 +69,17 @@ def read_text(path: str) -> str | None:
     """A file's text (see :func:`decode`), or ``None`` if it cannot be read."""
     raw = read_bytes(path)
     return None if raw is None else decode(raw)
+
+
+def proc_status(pid: int, proc_root: str) -> dict[str, list[str]]:
+    """``/proc/PID/status`` as each key's fields (``Uid: 0 0 0 0`` → ``["0", "0", "0",
+    "0"]``); empty if the process is gone. A process cannot disguise these lines, unlike
+    the owner of ``/proc/PID`` (root's for a process made undumpable)."""
+    fields: dict[str, list[str]] = {}
+    for line in (read_text(f"{proc_root}/{pid}/status") or "").splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key, value.split())
+    return fields
 
 
 def readlink(path: str) -> str | None:

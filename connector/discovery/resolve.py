@@ -16,6 +16,7 @@ import os
 import pwd
 from dataclasses import dataclass, replace
 
+from connector.discovery.access import Credentials, NotReadable, credentials
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
 from connector.discovery.qemu import (
@@ -26,7 +27,7 @@ from connector.discovery.qemu import (
     split_cmdline,
     working_dir_moves,
 )
-from connector.discovery.reading import read_bytes, read_regular_file, read_text, readlink
+from connector.discovery.reading import proc_status, read_bytes, read_regular_file, readlink
 from connector.discovery.settings import DiscoverySettings
 from connector.discovery.startdir import StartDir
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
@@ -114,14 +115,9 @@ def is_qemu(pid: int, settings: DiscoverySettings) -> bool:
 
 
 def owner_uid(pid: int, proc_root: str) -> int | None:
-    """The real uid a process runs as, from ``/proc/PID/status`` (which a process cannot
-    disguise, unlike the owner of ``/proc/PID``, root's for a process made undumpable)."""
-    for line in (read_text(f"{proc_root}/{pid}/status") or "").splitlines():
-        key, _, value = line.partition(":")
-        if key == "Uid":
-            fields = value.split()
-            return int(fields[0]) if fields and fields[0].isdigit() else None
-    return None
+    """The real uid a process runs as, from ``/proc/PID/status``."""
+    fields = proc_status(pid, proc_root).get("Uid", [])
+    return int(fields[0]) if fields and fields[0].isdigit() else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,10 +154,13 @@ def port_wanted(port: str | None, settings: DiscoverySettings) -> bool:
 class _ConfigFiles:
     """Reads one qemu's config files for :func:`parse_cmdline`, as the daemon reads any
     file: a relative name in qemu's start directory, regular files only, and no more than
-    :data:`MAX_CONFIG_BYTES` for all of them together."""
+    :data:`MAX_CONFIG_BYTES` for all of them together; and only what qemu's user may read
+    (see ``access``), since what a file says reaches that user through the guest's name,
+    ports and paths."""
 
-    def __init__(self, start: StartDir) -> None:
+    def __init__(self, start: StartDir, user: Credentials | None) -> None:
         self._start = start
+        self._user = user
         self._left = MAX_CONFIG_BYTES
 
     def __call__(self, name: str) -> bytes:
@@ -169,10 +168,14 @@ class _ConfigFiles:
         too_much = f"not read: this qemu's config files come to more than {MAX_CONFIG_BYTES} bytes"
         if self._left <= 0:
             raise ConfigUnreadable(too_much)
+        if self._user is None:
+            raise ConfigUnreadable("not read: qemu's user cannot be told (process gone?)")
         try:
-            data = read_regular_file(path, self._left + 1)
+            data = read_regular_file(path, self._left + 1, self._user.check_readable)
         except FileNotFoundError as exc:
             raise ConfigUnreadable(exc.strerror, missing=True) from None
+        except NotReadable:
+            raise ConfigUnreadable(f"qemu's user (uid {self._user.uid}) may not read it") from None
         except OSError as exc:
             raise ConfigUnreadable(exc.strerror or str(exc)) from None
         if len(data) > self._left:
@@ -211,7 +214,8 @@ def _read_qemu(pid: int, settings: DiscoverySettings) -> _Qemu | None:
         return None
     argv = split_cmdline(raw)
     start = StartDir(pid, working_dir_moves(argv), settings.proc_root)
-    cmdline = parse_cmdline(argv, _ConfigFiles(start), settings.qemu_default_config)
+    files = _ConfigFiles(start, credentials(pid, settings.proc_root))
+    cmdline = parse_cmdline(argv, files, settings.qemu_default_config)
     return _Qemu(cmdline, start)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from connector.discovery.access import CAP_DAC_READ_SEARCH
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.qemu import Chardev, QemuCommandLine, SerialPort, parse_cmdline
 from connector.discovery.resolve import (
@@ -545,6 +548,16 @@ QEMU_UID = 4242
 OTHER_UID = 12345  # owns what qemu's user may not read
 
 
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A directory every user may reach (pytest's own are 0700), so that only what a test
+    closes is closed to qemu's user."""
+    path = Path(tempfile.mkdtemp(prefix="qvc-access-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
 def _only_its_owners(tmp_path: Path) -> Path:
     secret = tmp_path / "secret.cfg"
     secret.write_text(SECRET_CFG)
@@ -576,17 +589,15 @@ NOT_QEMUS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="config files are read with the daemon's rights")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon reads as root here")
 @pytest.mark.parametrize("make", NOT_QEMUS.values(), ids=NOT_QEMUS.keys())
 def test_a_config_file_qemus_user_may_not_read_is_not_read(
-    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path, make: Any
+    proc: FakeProc, settings: DiscoverySettings, open_tmp: Path, make: Any
 ) -> None:
     """qemu read its files as its own user; the daemon (root, or with CAP_DAC_OVERRIDE) may
     read anything. A qemu user who may not read a file must not learn what it says through
     the guest's name, its ports or their paths in the status, the logs or the metrics."""
-    tmp_path.chmod(0o755)
-    name = str(make(tmp_path))
+    name = str(make(open_tmp))
     proc.process(98, QEMU, ["qemu", "-name", "mine", "-readconfig", name], uid=QEMU_UID)
     resolution = resolve_pid(98, settings)
     assert resolution.specs == ()
@@ -594,6 +605,32 @@ def test_a_config_file_qemus_user_may_not_read_is_not_read(
         f"-readconfig {name}: qemu's user (uid {QEMU_UID}) may not read it; the chardevs and "
         "devices it gives are not seen",
     )
+
+
+SHARED_GID = 777
+# How qemu's user may read a 0640 file of (OTHER_UID, SHARED_GID): its owner, a member of
+# its group, or with a capability that reads past modes; as qemu's (uid, groups, CapEff).
+MAY_READ = {
+    "its own file": (OTHER_UID, (), 0),
+    "a member of its group": (QEMU_UID, (SHARED_GID,), 0),
+    "CAP_DAC_READ_SEARCH": (QEMU_UID, (), 1 << CAP_DAC_READ_SEARCH),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns files to other users")
+@pytest.mark.parametrize("user", MAY_READ.values(), ids=MAY_READ.keys())
+def test_a_config_file_qemus_user_may_read_is_read(
+    proc: FakeProc, settings: DiscoverySettings, open_tmp: Path, user: tuple[int, tuple[int], int]
+) -> None:
+    uid, groups, caps = user
+    config = open_tmp / "vm.cfg"
+    config.write_text(SECRET_CFG)
+    os.chown(config, OTHER_UID, SHARED_GID)
+    config.chmod(0o640)
+    proc.process(99, QEMU, ["qemu", "-readconfig", str(config)], uid, groups, caps)
+    resolution = resolve_pid(99, settings)
+    assert [s.identity.name for s in resolution.specs] == ["the-secret"]
+    assert resolution.problems == ()
 
 
 def test_config_files_together_are_bounded(
