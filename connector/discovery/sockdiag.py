@@ -44,6 +44,9 @@ _REQUEST = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, sho
 _REPLY = struct.Struct("=BBBBIII")  # family, type, state, pad, ino, cookie x2
 _ATTR = struct.Struct("=HH")  # len, type
 _VFS = struct.Struct("=II")  # inode, kernel dev_t
+_ERROR = struct.Struct("=i")  # nlmsgerr's error, a negative errno (then the request)
+# What follows the header in each kind of message that is read (at least).
+_BODY_BYTES = {NLMSG_ERROR: _ERROR.size, SOCK_DIAG_BY_FAMILY: _REPLY.size}
 
 
 @dataclass(frozen=True)
@@ -82,21 +85,26 @@ def bound_sockets(inodes: Collection[int]) -> dict[int, BoundSocket]:
 
 
 def _read_replies(data: bytes, wanted: set[int], found: dict[int, BoundSocket]) -> bool:
-    """Add the wanted sockets among one read's replies; whether the dump is done."""
+    """Add the wanted sockets among one read's replies; whether the dump is done.
+
+    A message shorter than its kind's fixed part, or longer than the read, is an OSError
+    (the caller's "sock_diag fails"), never a ``struct.error`` out of the look at a VM.
+    """
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            raise OSError(f"sock_diag reply of {length} bytes")
+        body = data[offset + _NLMSGHDR.size : offset + length]
+        if length < _NLMSGHDR.size + _BODY_BYTES.get(kind, 0) or offset + length > len(data):
+            raise OSError(f"sock_diag message of {length} bytes, type {kind}, is cut short")
         if kind == NLMSG_DONE:
             return True
         if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+            code = -_ERROR.unpack_from(body)[0]
             raise OSError(code, os.strerror(code))
-        body = data[offset + _NLMSGHDR.size : offset + length]
-        inode = _REPLY.unpack_from(body)[4]
-        if inode in wanted:
-            found[inode] = _bound_socket(body[_REPLY.size :])
+        if kind == SOCK_DIAG_BY_FAMILY:
+            inode = _REPLY.unpack_from(body)[4]
+            if inode in wanted:
+                found[inode] = _bound_socket(body[_REPLY.size :])
         offset += _align(length)
     return not data
 

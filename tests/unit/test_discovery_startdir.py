@@ -222,7 +222,6 @@ class _FakeNetlink:
         return self._replies.pop(0) if self._replies else b""
 
 
-@pytest.mark.xfail(strict=True, reason="struct.error escapes from a malformed reply")
 @pytest.mark.parametrize("reply", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_sock_diag_reply_is_sock_diag_failing(
     proc: FakeProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes
