@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,27 @@ def test_a_watched_socket_whose_name_is_not_utf8_is_refused_with_a_warning(
     assert stats["errors"] == 1
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "domain-1-caf\\xe9" in warning and "not UTF-8" in warning
+
+
+@pytest.mark.xfail(strict=True, reason="each of a qemu's problems is a warning of its own")
+def test_a_qemu_with_thousands_of_problems_writes_a_few_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever runs qemu may name 100,000 missing config files (or ports without a
+    chardev) in its 2 MiB of arguments: a warning each, at the end of every window, would
+    be megabytes of log for one VM, and bury the warnings of every other."""
+    proc = FakeProc(tmp_path / "proc")
+    argv = ["qemu", "-name", "noisy"]
+    for n in range(1000):
+        argv += ["-readconfig", f"/nonexistent/{n}.cfg"]
+    proc.process(os.getpid(), QEMU, argv)
+    settings = replace(scan_settings(proc.root, ()), libvirt_retry_seconds=0)
+    with caplog.at_level(logging.WARNING):
+        start_and_stop(settings, Sink())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 < len(warnings) <= 20
+    assert warnings[0].startswith(f"discovery: guest noisy (qemu pid {os.getpid()}): -readconfig /")
+    shown = len(warnings) - 1
+    assert warnings[-1] == (
+        f"discovery: guest noisy (qemu pid {os.getpid()}): {1000 - shown} more problems, not shown"
+    )

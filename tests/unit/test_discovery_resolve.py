@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+import connector.discovery.resolve
 from connector.discovery.access import CAP_DAC_READ_SEARCH
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
 from connector.discovery.qemu import Chardev, QemuCommandLine, SerialPort, parse_cmdline
+from connector.discovery.reading import read_regular_file
 from connector.discovery.resolve import (
     MAX_CONFIG_BYTES,
     Distrust,
@@ -649,6 +651,32 @@ def test_config_files_together_are_bounded(
         "-readconfig vm.cfg",
         "-readconfig vm.cfg",
     ]
+
+
+MANY_FILES = 10_000
+
+
+@pytest.mark.xfail(strict=True, reason="every -readconfig is opened, however many")
+def test_a_qemu_naming_thousands_of_config_files_costs_a_few_opens(
+    proc: FakeProc, settings: DiscoverySettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty file takes nothing of the byte bound, and ``-readconfig e`` is 14 bytes of
+    qemu's 2 MiB of arguments: 140,000 of them took 4 s of the daemon's loop at each look
+    (an open, a stat of each directory on the path, a read). Opens are counted, not time."""
+    (tmp_path / "e").write_bytes(b"")
+    proc.process(100, QEMU, ["qemu", *["-readconfig", "e"] * MANY_FILES])
+    proc.cwd(100, tmp_path)
+    opened: list[str] = []
+
+    def counted(path: str, *args: Any) -> bytes:
+        opened.append(path)
+        return read_regular_file(path, *args)
+
+    monkeypatch.setattr(connector.discovery.resolve, "read_regular_file", counted)
+    resolution = resolve_pid(100, settings)
+    assert 0 < len(opened) <= 64  # qemu's default config among them, which is missing
+    assert len(resolution.problems) == MANY_FILES - (len(opened) - 1)
+    assert resolution.problems[-1].startswith("-readconfig e: not read: this qemu names more")
 
 
 def test_a_daemonized_qemus_relative_paths_join_its_proven_start(
