@@ -44,6 +44,11 @@ from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 
 __all__ = ["Discovery", "DiscoverySettings", "DiscoverySink"]
 
+# Whoever runs qemu may give it 100,000 problems (ports without a chardev, missing config
+# files) in its 2 MiB of arguments. A warning each, at the end of each window, would be
+# megabytes of log for one VM and bury every other's: past this many, one line counts them.
+MAX_PROBLEMS_LOGGED = 10
+
 
 class DiscoverySink(Protocol):
     """Implemented by the daemon: what discovery reports."""
@@ -302,12 +307,15 @@ class Discovery:
                 self.settings.libvirt_retry_interval, self._for_process, self._retry, process.pid
             )
             return
-        for problem in resolution.problems:
+        guest = resolution.libvirt_name or "?"
+        for problem in resolution.problems[:MAX_PROBLEMS_LOGGED]:
+            self._log.warning("discovery: guest %s (qemu pid %d): %s", guest, process.pid, problem)
+        if len(resolution.problems) > MAX_PROBLEMS_LOGGED:
             self._log.warning(
-                "discovery: guest %s (qemu pid %d): %s",
-                resolution.libvirt_name or "?",
+                "discovery: guest %s (qemu pid %d): %d more problems, not shown",
+                guest,
                 process.pid,
-                problem,
+                len(resolution.problems) - MAX_PROBLEMS_LOGGED,
             )
 
     def _retry(self, pid: int) -> None:

@@ -39,6 +39,12 @@ _DELETED = " (deleted)"  # readlink suffix when qemu's binary was upgraded under
 # are under 5 KiB). One qemu's files together, read on the daemon's loop at each look, may
 # come to this much; past it they are not read (and whoever runs qemu names them).
 MAX_CONFIG_BYTES = 1024 * 1024
+# And they are few: libvirt gives none, someone running qemu by hand one or two. Each file
+# costs an open and a stat of every directory on its path at each look, and an empty one
+# takes nothing of the byte bound: 140,000 ``-readconfig e`` fit in qemu's arguments and
+# took 4 s of the loop per look. Past this many (qemu's default config counts), no more
+# are read.
+MAX_CONFIG_FILES = 32
 # Names that mean the opener's own descriptors or directories. What qemu read there is gone
 # (bash's ``<(...)`` gives ``/dev/fd/63``, a pipe), and opened by the connector they would
 # name the connector's own.
@@ -162,8 +168,14 @@ class _ConfigFiles:
         self._start = start
         self._user = user
         self._left = MAX_CONFIG_BYTES
+        self._files_left = MAX_CONFIG_FILES
 
     def __call__(self, name: str) -> bytes:
+        self._files_left -= 1
+        if self._files_left < 0:
+            raise ConfigUnreadable(
+                f"not read: this qemu names more than {MAX_CONFIG_FILES} config files"
+            )
         path = self._path(name)
         too_much = f"not read: this qemu's config files come to more than {MAX_CONFIG_BYTES} bytes"
         if self._left <= 0:

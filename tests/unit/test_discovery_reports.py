@@ -138,7 +138,6 @@ def test_a_watched_socket_whose_name_is_not_utf8_is_refused_with_a_warning(
     assert "domain-1-caf\\xe9" in warning and "not UTF-8" in warning
 
 
-@pytest.mark.xfail(strict=True, reason="each of a qemu's problems is a warning of its own")
 def test_a_qemu_with_thousands_of_problems_writes_a_few_warnings(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
