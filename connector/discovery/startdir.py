@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from functools import cached_property
 
 from connector.discovery.fdinfo import socket_inodes
@@ -32,6 +33,25 @@ from connector.discovery.sockdiag import BoundSocket, bound_sockets
 MAX_ENVIRON_BYTES = 2 * 1024 * 1024
 # Where -daemonize leaves qemu; it moves nowhere else.
 _DAEMONIZED_CWD = "/"
+# A proof dumps every unix socket of the network namespace, about 1 µs each (a look at a
+# daemonized qemu took 19 ms with 19,000 on the host, 0.3 ms without), and a qemu is looked
+# at every retry interval while its window lasts. Where it started does not change, so a
+# proof is kept, for this many qemus (the oldest forgotten first).
+MAX_PROOFS_KEPT = 1024
+
+
+@dataclass(frozen=True)
+class _Proof:
+    """A start directory proven, and the socket of qemu's that proved it."""
+
+    directory: str
+    inode: int  # the socket's, as qemu's descriptor names it
+    sock: BoundSocket
+
+
+# By (proc_root, pid). A proof counts again only while qemu holds that socket and its file
+# is still in the directory: a pid handed to another process holds no such socket.
+_proofs: dict[tuple[str, int], _Proof] = {}
 
 
 Joined = tuple[str | None, str]  # a path, or None and why it is not known
@@ -77,28 +97,30 @@ class StartDir:
         return self._moves == {"-daemonize"} and cwd not in (None, _DAEMONIZED_CWD)
 
     def _proven(self, cwd: str | None) -> Joined:
-        """The first candidate that holds a socket qemu bound by a relative name."""
+        """The first candidate that holds a socket qemu bound by a relative name (or the
+        directory a kept proof names, while it holds)."""
         why = f"qemu has left the directory it started in ({', '.join(sorted(self._moves))})"
+        inodes = socket_inodes(self._pid, self._proc_root)
+        key = (self._proc_root, self._pid)
+        kept = _proofs.get(key)
+        if kept is not None and kept.inode in inodes and _holds(kept.directory, kept.sock):
+            return kept.directory, ""
         try:
-            relative = self._relative_sockets()
+            relative = _relative_sockets(inodes)
         except OSError as exc:
             return None, f"{why}; the kernel's sock_diag, which would show where, fails: {exc}"
         if not relative:
             return None, f"{why} and holds no socket it bound by a relative name to show where"
         candidates = [d for d in dict.fromkeys((cwd, self._pwd())) if d and d.startswith("/")]
         for directory in candidates:
-            if any(_holds(directory, sock) for sock in relative):
-                return directory, ""
+            for inode, sock in relative.items():
+                if _holds(directory, sock):
+                    _keep(key, _Proof(directory, inode, sock))
+                    return directory, ""
         return None, (
             f"{why}; no candidate ({', '.join(candidates) or 'none'}) holds the socket it bound "
-            f"as {relative[0].name}"
+            f"as {next(iter(relative.values())).name}"
         )
-
-    def _relative_sockets(self) -> list[BoundSocket]:
-        """qemu's sockets that were bound by a relative name (OSError: sock_diag fails)."""
-        inodes = socket_inodes(self._pid, self._proc_root)
-        bound = bound_sockets(inodes) if inodes else {}
-        return [s for s in bound.values() if s.name and not s.name.startswith("/")]
 
     def _pwd(self) -> str | None:
         """``$PWD`` from qemu's environment (the first, as getenv reads it)."""
@@ -107,6 +129,21 @@ class StartDir:
             if entry.startswith(b"PWD="):
                 return decode(entry[len(b"PWD=") :])
         return None
+
+
+def _relative_sockets(inodes: set[int]) -> dict[int, BoundSocket]:
+    """Those of ``inodes`` (qemu's sockets) that were bound by a relative name, by inode
+    (OSError: sock_diag fails)."""
+    bound = bound_sockets(inodes) if inodes else {}
+    return {i: s for i, s in bound.items() if s.name and not s.name.startswith("/")}
+
+
+def _keep(key: tuple[str, int], proof: _Proof) -> None:
+    """Keep a proof, forgetting the oldest past :data:`MAX_PROOFS_KEPT`."""
+    _proofs.pop(key, None)
+    _proofs[key] = proof
+    while len(_proofs) > MAX_PROOFS_KEPT:
+        del _proofs[next(iter(_proofs))]
 
 
 def _holds(directory: str, sock: BoundSocket) -> bool:

@@ -238,7 +238,6 @@ def test_a_malformed_sock_diag_reply_is_sock_diag_failing(
     assert "; the kernel's sock_diag, which would show where, fails: " in why
 
 
-@pytest.mark.xfail(strict=True, reason="every look at a daemonized qemu dumps every socket")
 def test_a_start_once_proven_is_not_proven_again_at_each_look(
     proc: FakeProc, tmp_path: Path, sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
