@@ -20,12 +20,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from discovery_helpers import LOG, WAIT_SECONDS, RecordingSink, short_tmp
+from discovery_helpers import LOG, WAIT_SECONDS, RecordingSink, short_tmp, wait_for_path
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
@@ -120,13 +119,6 @@ def _accept_once(path: str) -> None:
         conn.close()
 
 
-def _wait_for_path(path: Path) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
-
-
 @pytest.mark.skipif(not os.access("/dev/kvm", os.W_OK), reason="needs /dev/kvm")
 def test_real_qemu_with_kvm(short_tmp: Path, qemus: list[subprocess.Popen[bytes]]) -> None:
     async def scenario() -> None:
@@ -186,7 +178,7 @@ def test_startup_scan_finds_running_qemu(
     short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
 ) -> None:
     proc = _start(_qemu_args(short_tmp, "tcg", "early"), qemus)
-    _wait_for_path(short_tmp / "target" / "domain-1-early" / "org.qpid.amqp.0")
+    wait_for_path(short_tmp / "target" / "domain-1-early" / "org.qpid.amqp.0")
 
     async def scenario() -> None:
         sink = RecordingSink()

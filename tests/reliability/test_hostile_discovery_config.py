@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import pytest
 
 from connector.discovery import Discovery
 from connector.discovery.settings import DiscoverySettings
-from tests.integration.discovery_helpers import WAIT_SECONDS, RecordingSink, short_tmp
+from tests.integration.discovery_helpers import RecordingSink, short_tmp, wait_for_path
+from tests.unit.test_discovery_resolve import SECRET_CFG
 
 QEMU = shutil.which("qemu-system-x86_64")
 NOBODY = 65534
@@ -30,18 +30,6 @@ pytestmark = [
 ]
 __all__ = ["short_tmp"]  # a fixture, used by name
 
-ROOTS_CFG = """[name]
-  guest = "root-only-secret"
-[chardev "s"]
-  backend = "socket"
-  path = "/run/root-only-secret.sock"
-  server = "on"
-[device "sp"]
-  driver = "virtserialport"
-  chardev = "s"
-  name = "org.qpid.amqp.7"
-"""
-
 
 @pytest.fixture
 def qemus() -> Iterator[list[subprocess.Popen[bytes]]]:
@@ -50,13 +38,6 @@ def qemus() -> Iterator[list[subprocess.Popen[bytes]]]:
     for proc in started:
         proc.kill()
         proc.wait()
-
-
-def _wait_for(path: Path) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
 
 
 def _scan(settings: DiscoverySettings, pid: int) -> set[str]:
@@ -81,7 +62,7 @@ def test_a_config_swapped_for_a_link_to_roots_file_tells_its_user_nothing(
     nobody's guest root's guest name and port; it now reads only what nobody may."""
     short_tmp.chmod(0o755)
     secret = short_tmp / "root.cfg"
-    secret.write_text(ROOTS_CFG)
+    secret.write_text(SECRET_CFG)
     secret.chmod(0o600)
     home = short_tmp / "home"
     home.mkdir()
@@ -99,7 +80,7 @@ def test_a_config_swapped_for_a_link_to_roots_file_tells_its_user_nothing(
     ]  # fmt: skip
     qemu = subprocess.Popen(args, cwd=home, user=NOBODY, group=NOBODY, stderr=subprocess.PIPE)
     qemus.append(qemu)
-    _wait_for(home / "mine.sock")  # qemu has read its file by now
+    wait_for_path(home / "mine.sock")  # qemu has read its file by now
     config.unlink()
     config.symlink_to(secret)
     os.lchown(config, NOBODY, NOBODY)
@@ -114,5 +95,5 @@ def test_a_config_swapped_for_a_link_to_roots_file_tells_its_user_nothing(
     with caplog.at_level(logging.INFO, logger="test.discovery.config"):
         names = _scan(settings, qemu.pid)
     assert names == {"mine"}  # its own port, under its own name
-    assert "root-only-secret" not in caplog.text
+    assert "the-secret" not in caplog.text
     assert f"-readconfig vm.cfg: qemu's user (uid {NOBODY}) may not read it" in caplog.text

@@ -122,6 +122,14 @@ async def poll_until(condition: Callable[[], bool], timeout: float = WAIT_SECOND
         await asyncio.sleep(0.005)
 
 
+def wait_for_path(path: Path) -> None:
+    """Block until ``path`` exists (a socket qemu binds as it starts)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
 def python_named_qemu(directory: Path) -> Path:
     """A copy of the Python binary named ``qemu-system-x86_64``.
 
