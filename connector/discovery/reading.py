@@ -39,6 +39,7 @@ def read_bytes(path: str, limit: int = -1) -> bytes | None:
 def read_regular_file(path: str, limit: int, check: Callable[[int], None]) -> bytes:
     """At most ``limit`` bytes of a regular file that ``check`` lets be read (it is given
     the ``O_PATH`` descriptor, and raises OSError to refuse); OSError for anything else.
+    ``check`` comes first, so that whoever it refuses learns nothing of what the name is.
 
     For a file someone else named. Opening a device may act (a watchdog starts counting
     down, a tape rewinds) and a FIFO blocks until a writer comes, so the type is checked
@@ -52,12 +53,12 @@ def read_regular_file(path: str, limit: int, check: Callable[[int], None]) -> by
     """
     named = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
+        check(named)
         st = os.fstat(named)
         if not stat.S_ISREG(st.st_mode):
             raise OSError("not a regular file")
         if st.st_nlink == 0:
             raise OSError("a file no name leads to (deleted, or reached through a descriptor)")
-        check(named)
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         with open(os.open(f"/proc/self/fd/{named}", flags), "rb") as f:
             return f.read(limit)

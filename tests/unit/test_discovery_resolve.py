@@ -599,10 +599,7 @@ NOT_QEMUS = {
     "0600 of another user": _only_its_owners,
     "in a 0700 directory": _in_a_closed_directory,
     "a link to another user's file": _linked,
-    "a FIFO in a 0700 directory": pytest.param(
-        _fifo_in_a_closed_directory,
-        marks=pytest.mark.xfail(strict=True, reason="the type is told before the rights"),
-    ),
+    "a FIFO in a 0700 directory": _fifo_in_a_closed_directory,
 }
 
 
