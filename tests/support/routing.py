@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cproton_ffi import lib
 from proton import Collector, Connection, Delivery, Event, Link, Message, Session, Transport
 
 from connector.limits import GuestLimits
@@ -64,6 +65,14 @@ class Side:
     def types(self) -> list[str]:
         """Names of the events seen so far."""
         return [ev.type.name for ev in self.events]
+
+    def trace(self) -> list[str]:
+        """From now on, the frames this side's proton sends and receives, as its frame
+        tracer writes them (``<-`` for those it receives)."""
+        lines: list[str] = []
+        self.transport.tracer = lambda _t, line: lines.append(line)
+        self.transport.trace(Transport.TRACE_FRM)
+        return lines
 
 
 def move_bytes(src: Any, dst: Any) -> int:
@@ -176,6 +185,20 @@ class Harness:
             link.target.copy(link.remote_target)
             link.open()
 
+    def answering(self, event: str, answer: Callable[[Event], None]) -> None:
+        """Have the scripted broker answer ``event`` (a proton event type's name) with
+        ``answer``, and everything else as it does by default."""
+
+        def hook(ev: Event) -> None:
+            if ev.type.name == event:
+                answer(ev)
+            else:
+                self.broker_hook = None
+                self._broker_default(ev)
+                self.broker_hook = hook
+
+        self.broker_hook = hook
+
     def open_guest(self, container: str = "guest-app") -> Connection:
         """Open the guest's connection and pump until the router answered."""
         conn = self.guest.connection
@@ -257,3 +280,22 @@ def send_message(link: Link, tag: str, body: Any, *, to: str | None = None) -> D
     link.send(Message(address=to, body=body).encode())
     link.advance()
     return dlv
+
+
+def receive_all(link: Link) -> list[tuple[Delivery, bytes]]:
+    """Take every whole message that has arrived on ``link``: (delivery, its bytes) each."""
+    got = []
+    while link.current is not None and not link.current.partial:
+        dlv = link.current
+        got.append((dlv, link.recv(dlv.pending)))
+        link.advance()
+    return got
+
+
+def link_count(conn: Any) -> int:
+    """Link objects proton still holds on a connection (a proton pointer)."""
+    count, link = 0, lib.pn_link_head(conn, 0)
+    while link:
+        count += 1
+        link = lib.pn_link_next(link, 0)
+    return count

@@ -6,7 +6,6 @@ cover the same paths against Artemis and RabbitMQ.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from proton import (
     Link,
     Message,
     Terminus,
-    Transport,
     symbol,
 )
 
@@ -35,7 +33,15 @@ from tests.reliability.amqp import (
     open_frame,
     performative,
 )
-from tests.support.routing import IDENTITY, Harness, attach, move_bytes, send_message
+from tests.support.routing import (
+    IDENTITY,
+    Harness,
+    attach,
+    link_count,
+    move_bytes,
+    receive_all,
+    send_message,
+)
 
 
 def _value(data: Data):
@@ -228,21 +234,12 @@ def test_guest_never_gets_more_credit_than_the_broker_gave() -> None:
     assert snd.credit == 2
 
 
-def _receive_all(link: Link) -> list:
-    got = []
-    while link.current is not None and not link.current.partial:
-        dlv = link.current
-        got.append((dlv, link.recv(dlv.pending)))
-        link.advance()
-    return got
-
-
 def test_outcomes_cross_with_their_fields_and_settle_only_when_the_far_side_does() -> None:
     h = Harness()
     _, snd, brcv = h.sender("s1", "q", credit=5)
     dlvs = [send_message(snd, f"t{i}", i) for i in range(5)]
     h.pump()
-    received = _receive_all(brcv)
+    received = receive_all(brcv)
     assert [Message().decode(b) or None for _, b in received]  # decodes: bytes untouched
     assert len(received) == 5
     b = [d for d, _ in received]
@@ -287,7 +284,7 @@ def test_deliveries_are_counted_and_bytes_stream_through_unchanged() -> None:
         h.pump()
     snd.advance()
     h.pump()
-    got = _receive_all(brcv)
+    got = receive_all(brcv)
     assert len(got) == 1 and got[0][1] == payload
     assert h.counters.deliveries_in == 1
     assert h.counters.bytes_in == len(payload)
@@ -312,7 +309,7 @@ def test_output_proton_holds_behind_a_full_buffer_counts_as_backlog() -> None:
     # Once the broker has read it all, the backlog is back to nothing.
     h.pump()
     assert up.backlog() == 0
-    assert len(_receive_all(brcv)[0][1]) == 1_000_000
+    assert len(receive_all(brcv)[0][1]) == 1_000_000
 
 
 def test_aborted_transfer_is_passed_on() -> None:
@@ -426,7 +423,7 @@ def _one_message_reaches_the_broker(h: Harness, snd: Link) -> None:
     h.pump()
     send_message(snd, "d", "through")
     h.pump()
-    assert len(_receive_all(brcv)) == 1
+    assert len(receive_all(brcv)) == 1
 
 
 def test_open_begin_attach_pipelined_in_one_write() -> None:
@@ -470,35 +467,11 @@ def test_deliveries_never_written_upstream_are_not_counted() -> None:
     assert h.counters.deliveries_in == 1
 
 
-def _broker_answering(h: Harness, event: str, answer: Callable[[Any], None]) -> None:
-    """Have the scripted broker answer ``event`` (a proton event type's name) with
-    ``answer``, and everything else as it does by default."""
-
-    def hook(ev: Any) -> None:
-        if ev.type.name == event:
-            answer(ev)
-        else:
-            h.broker_hook = None
-            h._broker_default(ev)
-            h.broker_hook = hook
-
-    h.broker_hook = hook
-
-
-def _links(conn) -> int:
-    """Link objects proton still holds on a connection."""
-    count, link = 0, lib.pn_link_head(conn, 0)
-    while link:
-        count += 1
-        link = lib.pn_link_next(link, 0)
-    return count
-
-
 def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
     """A guest that detaches links (closed=false) and attaches new ones on one long-lived
     session leaves no link objects behind on either side of the connector."""
     h = Harness()
-    _broker_answering(h, "PN_LINK_REMOTE_DETACH", lambda ev: ev.link.detach())
+    h.answering("PN_LINK_REMOTE_DETACH", lambda ev: ev.link.detach())
     _, ssn = h.guest_session()
     for i in range(5):
         snd = attach(ssn, f"s{i}", "q")
@@ -508,16 +481,8 @@ def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
         assert h.guest.types().count("PN_LINK_REMOTE_DETACH") == i + 1  # answered in kind
         assert snd.state & Endpoint.REMOTE_ACTIVE  # never closed
     assert h.router.routes == {}
-    assert _links(h.router.guest.connection) == 0
-    assert _links(h.router.upstream.connection) == 0
-
-
-def _trace(side) -> list[str]:
-    """The frames a harness side's proton receives, as its frame tracer writes them."""
-    lines: list[str] = []
-    side.transport.tracer = lambda _t, line: lines.append(line)
-    side.transport.trace(Transport.TRACE_FRM)
-    return lines
+    assert link_count(h.router.guest.connection) == 0
+    assert link_count(h.router.upstream.connection) == 0
 
 
 def test_a_source_without_an_address_reaches_the_broker() -> None:
@@ -527,7 +492,7 @@ def test_a_source_without_an_address_reaches_the_broker() -> None:
     whole: the attach frame the broker receives has it, with its fields."""
     h = Harness()
     _, ssn = h.guest_session()
-    received = _trace(h.broker)
+    received = h.broker.trace()
     snd = ssn.sender("s")
     snd.target.address = "q"
     snd.source.durability = Terminus.DELIVERIES  # a field proton drops with the source
@@ -542,7 +507,7 @@ def test_links_of_an_ended_session_are_not_awaited_after_it_is_freed() -> None:
     waiting for a detach that will never come (the set would grow for the connection's
     life, and a freed link's address, reused by a new link, would swallow its detach)."""
     h = Harness()
-    _broker_answering(h, "PN_SESSION_REMOTE_CLOSE", lambda ev: ev.session.close())
+    h.answering("PN_SESSION_REMOTE_CLOSE", lambda ev: ev.session.close())
     conn = h.open_guest()
     for i in range(3):
         ssn = conn.session()
@@ -564,7 +529,7 @@ def test_each_received_progress_reaches_the_guest() -> None:
     _, snd, brcv = h.sender("s1", "q", credit=1)
     dlv = send_message(snd, "t", "x" * 1000)
     h.pump()
-    (bdlv, _), *_ = _receive_all(brcv)
+    (bdlv, _), *_ = receive_all(brcv)
     for offset in (10, 20):
         bdlv.local.section_offset = offset
         bdlv.update(Delivery.RECEIVED)
@@ -642,7 +607,7 @@ def test_a_link_ended_before_the_broker_opens_is_answered_once_it_does() -> None
     h.broker.connection.open()
     h.pump()
     assert hasty.state & Endpoint.REMOTE_CLOSED
-    assert _links(h.router.guest.connection) == 0  # and then freed
+    assert link_count(h.router.guest.connection) == 0  # and then freed
 
 
 def test_a_transfer_the_broker_sends_after_the_guest_closed_is_not_counted() -> None:
@@ -670,12 +635,12 @@ def test_a_session_the_guest_ends_before_the_brokers_begin_is_ended_when_that_co
     h = Harness()
     conn, snd, _ = h.sender("s", "q")
     held: list[Any] = []
-    _broker_answering(h, "PN_SESSION_REMOTE_OPEN", lambda ev: held.append(ev.session))
+    h.answering("PN_SESSION_REMOTE_OPEN", lambda ev: held.append(ev.session))
     brief = conn.session()
     brief.open()
     h.pump()
     assert brief.state & Endpoint.REMOTE_ACTIVE and len(held) == 1
-    received = _trace(h.broker)
+    received = h.broker.trace()
     held[0].open()
     h.broker.transport.pending()  # the broker's begin is written, on its way
     brief.close()  # and the guest's end overtakes it
@@ -696,7 +661,7 @@ def test_a_session_begun_and_ended_before_the_brokers_open_never_reaches_the_bro
     """Ended before the broker's open, the upstream twin had not been begun: it is freed
     unwritten. Written, its begin and end would race the broker's begin the same way."""
     h = Harness(guest=False, broker_answers_open=False)
-    received = _trace(h.broker)
+    received = h.broker.trace()
     h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + frame(performative(END)))
     h.pump()
     h.broker.connection.open()
