@@ -36,6 +36,26 @@ def link_flows(lines: list[str]) -> list[dict[str, Any]]:
     return [flow for flow in flows if "handle" in flow]
 
 
+def echo_flow(
+    incoming: int,
+    outgoing: int,
+    count: int,
+    credit: int,
+    *,
+    echo: bool = True,
+    channel: int = 0,
+    handle: int = 0,
+) -> bytes:
+    """A flow frame for the link at ``channel`` and ``handle`` with these session and link
+    fields (``incoming``: next-incoming-id, ``outgoing``: next-outgoing-id, ``count``: the
+    delivery-count), asking for an echo unless not ``echo``. Proton cannot send one."""
+    fields = [
+        uint(incoming), _WINDOW, uint(outgoing), _WINDOW,
+        uint(handle), uint(count), uint(credit), None, False, echo,
+    ]  # fmt: skip
+    return encode(FLOW, channel, fields)
+
+
 class AttachPeer:
     """A client connection on ``fd`` (a socket or a pty master) that attaches links."""
 
@@ -85,13 +105,11 @@ class AttachPeer:
         given (proton cannot send one: the caller counts the transfers each way)."""
         key = (ffi.string(lib.pn_link_name(link)).decode(), bool(lib.pn_link_is_receiver(link)))
         channel, handle = self.engine.writer.links.by_key[key]
-        fields = [
-            uint(incoming), _WINDOW, uint(outgoing), _WINDOW,
-            uint(handle), uint(delivery_count), uint(credit), None, False, True,
-        ]  # fmt: skip
         while out := self.engine.peek_output():  # what proton has written goes first
             self.engine.pop_output(os.write(self._fd, out))
-        frame = encode(FLOW, channel, fields)
+        frame = echo_flow(
+            incoming, outgoing, delivery_count, credit, channel=channel, handle=handle
+        )
         assert os.write(self._fd, frame) == len(frame)
 
     def pump_until(self, done: Any, timeout: float) -> None:

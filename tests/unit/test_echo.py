@@ -18,7 +18,7 @@ from proton import Data, Described, Transport, uint, ulong
 from connector.routing import frames
 from connector.routing.engine import Engine
 from connector.routing.frames import FLOW_DECODES_PER_READ
-from tests.support.attach_peer import link_flows
+from tests.support.attach_peer import echo_flow, link_flows
 from tests.support.routing import pump
 
 WINDOW = uint(2**31 - 1)
@@ -84,14 +84,6 @@ def _flow(fields: list[Any]) -> bytes:
     return (8 + len(body)).to_bytes(4, "big") + b"\x02\x00\x00\x00" + body
 
 
-def _echo(incoming: int, outgoing: int, count: int, credit: int, echo: bool = True) -> bytes:
-    """The client's flow for its link (handle 0), asking for an echo."""
-    return _flow([
-        uint(incoming), WINDOW, uint(outgoing), WINDOW,
-        uint(0), uint(count), uint(credit), None, False, echo,
-    ])  # fmt: skip
-
-
 def _send(pair: _Pair, link: Any, n: int, size: int = 1) -> None:
     """Send ``n`` messages of ``size`` bytes on ``link`` and move them across."""
     for i in range(n):
@@ -113,7 +105,7 @@ def test_a_sender_answers_a_receivers_echo_with_its_delivery_count_and_credit() 
     pair = _pair(receiving=True, credit=10)
     _send(pair, pair.ours, 3)
     assert _ask(pair) == []  # proton's sender never writes a flow by itself
-    (answer,) = _ask(pair, _echo(incoming=3, outgoing=0, count=3, credit=7))
+    (answer,) = _ask(pair, echo_flow(incoming=3, outgoing=0, count=3, credit=7))
     assert answer["handle"] == 0
     assert answer["delivery-count"] == 3 and answer["link-credit"] == 7
     assert answer["next-outgoing-id"] == 3 and "echo" not in answer
@@ -130,7 +122,7 @@ def test_a_receiver_answers_a_senders_echo_with_its_own_state() -> None:
     while lib.pn_link_current(pair.ours) != ffi.NULL:
         lib.pn_link_advance(pair.ours)
     before = len(_ask(pair))
-    flows = _ask(pair, _echo(incoming=0, outgoing=2, count=2, credit=3))
+    flows = _ask(pair, echo_flow(incoming=0, outgoing=2, count=2, credit=3))
     assert len(flows) == before + 1
     assert flows[-1]["delivery-count"] == 2 and flows[-1]["link-credit"] == 3
     assert pair.client.condition() is None and lib.pn_link_credit(pair.theirs) == 3
@@ -138,7 +130,7 @@ def test_a_receiver_answers_a_senders_echo_with_its_own_state() -> None:
 
 def test_an_echo_before_our_attach_is_answered_after_it() -> None:
     pair = _pair(receiving=True, credit=4, attach=False)
-    assert _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=4)) == []  # no link yet
+    assert _ask(pair, echo_flow(incoming=0, outgoing=0, count=0, credit=4)) == []  # no link yet
     _open_link(pair.server)
     (answer,) = _ask(pair)
     assert answer["delivery-count"] == 0 and answer["link-credit"] == 4
@@ -153,8 +145,8 @@ def test_a_later_flow_in_the_same_read_moves_the_answer() -> None:
     # The echo, then more credit before the server writes anything.
     (answer,) = _ask(
         pair,
-        _echo(incoming=2, outgoing=0, count=2, credit=0),
-        _echo(incoming=2, outgoing=0, count=2, credit=5, echo=False),
+        echo_flow(incoming=2, outgoing=0, count=2, credit=0),
+        echo_flow(incoming=2, outgoing=0, count=2, credit=5, echo=False),
     )
     assert answer["delivery-count"] == 2 and answer["link-credit"] == 5
 
@@ -162,7 +154,7 @@ def test_a_later_flow_in_the_same_read_moves_the_answer() -> None:
 def test_flows_without_echo_get_no_answer() -> None:
     pair = _pair(receiving=True)
     session_echo = _flow([uint(0), WINDOW, uint(0), WINDOW, None, None, None, None, False, True])
-    assert _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=3, echo=False)) == []
+    assert _ask(pair, echo_flow(incoming=0, outgoing=0, count=0, credit=3, echo=False)) == []
     assert _ask(pair, session_echo) == []
     assert pair.server.condition() is None
 
@@ -179,7 +171,7 @@ def test_an_answer_waits_for_frames_hidden_behind_a_full_output_buffer() -> None
     first = pair.server.peek_output()
     pair.client.push(bytes(first))
     pair.server.pop_output(len(first))
-    (answer,) = _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=10))
+    (answer,) = _ask(pair, echo_flow(incoming=0, outgoing=0, count=0, credit=10))
     assert answer["delivery-count"] == 1 and answer["link-credit"] == 9
     assert lib.pn_link_credit(pair.theirs) - lib.pn_link_queued(pair.theirs) == 9
     # It waited without asking proton for a session flow at every try.
@@ -200,7 +192,7 @@ def test_a_flood_of_echo_flows_is_not_decoded_past_the_limit(
     # Decoding a flow costs far more than proton's taking it, so a guest that sends nothing
     # but echo requests must not make the shared loop pay that for each.
     pair = _pair(receiving=True, credit=5)
-    echo = _echo(incoming=0, outgoing=0, count=0, credit=5)
+    echo = echo_flow(incoming=0, outgoing=0, count=0, credit=5)
     decoded = _count_decodes(monkeypatch)
     flows = _ask(pair, echo * (FLOW_DECODES_PER_READ * 10))
     assert len(decoded) == FLOW_DECODES_PER_READ
@@ -211,7 +203,7 @@ def test_a_flood_of_echo_flows_is_not_decoded_past_the_limit(
     assert answer["delivery-count"] == 0 and answer["link-credit"] == 5
 
 
-def test_a_long_flow_without_echo_is_read_only_as_far_as_its_echo(
+def test_a_long_flow_without_echo_is_read_only_as_far_as_itsecho_flow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Some clients write all eleven fields of every flow; only echo's being set may cost a
@@ -223,5 +215,5 @@ def test_a_long_flow_without_echo_is_read_only_as_far_as_its_echo(
     decoded = _count_decodes(monkeypatch)
     assert _ask(pair, long_flow) == []
     assert decoded == []
-    (answer,) = _ask(pair, _echo(incoming=0, outgoing=0, count=0, credit=6))
+    (answer,) = _ask(pair, echo_flow(incoming=0, outgoing=0, count=0, credit=6))
     assert decoded == [1] and answer["link-credit"] == 6
