@@ -167,6 +167,30 @@ class Harness:
                 return
         raise AssertionError(f"the harness did not settle in {rounds} rounds")
 
+    def hops(self, *hops: str) -> None:
+        """Move what is pending along ``hops``, one at a time and in that order, each with
+        what it sets off: "guest>" the guest's frames into the router, ">guest" the
+        router's to the guest, "broker>" and ">broker" the same for the broker. A side whose
+        frames were written first (``transport.pending()`` writes them) has them cross
+        what the other side sends meanwhile."""
+        for hop in hops:
+            up = self.router.upstream
+            if hop == "guest>":
+                move_bytes(self.guest.transport, self.router.guest)
+                self.router.process()
+            elif hop == ">guest":
+                move_bytes(self.router.guest, self.guest.transport)
+                self.guest.collect()
+            elif hop == "broker>":
+                move_bytes(self.broker.transport, up)
+                self.router.process()
+            elif hop == ">broker":
+                move_bytes(up, self.broker.transport)
+                for ev in self.broker.collect():
+                    self._broker_default(ev)
+            else:
+                raise ValueError(f"no such hop: {hop}")
+
     def _broker_default(self, ev: Event) -> None:
         """A minimal broker: answers open, begin and attach unless the test hooks in."""
         if self.broker_hook is not None:

@@ -1,0 +1,111 @@
+"""Frames that cross in flight: what the guest sends meets what the broker sends.
+
+The router stands between two peers that each act without waiting for the other, and it
+answers some frames itself (a begin, a detach) before the far side has. So any frame of
+one side can cross any frame of the other, and proton's engine has rules of its own about
+what it forgets when, and in what order it writes (every attach of one output pass before
+every detach). Each test here makes frames cross in the harness: a side's frames are
+written (``transport.pending()``) before it reads what the other side sent meanwhile.
+"""
+
+from __future__ import annotations
+
+import pytest
+from proton import Endpoint
+
+from tests.support.routing import Harness, attach, link_count, send_message
+
+# Larger than proton's output buffer can grow to for the scripted broker (its max-frame-size):
+# while it waits to be read, proton produces nothing more for the broker.
+LARGE = 2_000_000
+
+
+def _guest_link_frames(lines: list[str], name: str) -> list[str]:
+    """The attaches of link ``name`` and every detach among frames a side received, by kind."""
+    kinds = []
+    for line in lines:
+        if f'<- @attach(18) [name="{name}"' in line:
+            kinds.append("attach")
+        elif "<- @detach" in line:
+            kinds.append("detach")
+    return kinds
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="proton writes every attach of an output pass before every detach: the broker "
+    "gets the link attached again while it is still attached",
+)
+@pytest.mark.parametrize("how", ["in-one-write", "behind-a-large-message"])
+def test_a_link_detached_and_attached_again_reaches_the_broker_in_that_order(how: str) -> None:
+    """A guest detaches a link and attaches it again under the same name (JMS does so with
+    a durable subscription). Proton's engine writes the attaches of one output pass before
+    its detaches, so when both fall in one pass, because they came in one read or because
+    the upstream was held up by a large message (proton produces nothing while its output
+    is full), the broker got the second attach while the first link was still attached:
+    a proton broker fails the whole connection ("link name already attached"), and Artemis
+    never answers the attach. The second attach goes up once the broker has answered the
+    detach."""
+    h = Harness()
+    h.answering("PN_LINK_REMOTE_CLOSE", lambda ev: ev.link.close())
+    _, big, _ = h.sender("big", "q", credit=1)
+    ssn = big.session
+    first = attach(ssn, "sub", "topic", sending=False)
+    h.pump()
+    received = h.broker.trace()
+    if how == "in-one-write":
+        first.close()
+        h.guest.transport.pending()  # the guest writes its detach, then its attach
+    else:
+        send_message(big, "big", "x" * LARGE)
+        first.close()
+        while h.guest.transport.pending() > 0:  # the broker reads none of it yet
+            h.hops("guest>")
+        h.hops(">guest")  # the detach is answered at once, as the guest waits for
+        assert first.state & Endpoint.REMOTE_CLOSED
+    again = attach(ssn, "sub", "topic", sending=False)
+    h.pump(rounds=200)
+    assert h.broker.transport.condition is None
+    assert _guest_link_frames(received, "sub") == ["detach", "attach"]
+    assert again.state & Endpoint.REMOTE_ACTIVE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the second attach goes up at once, while the broker's link of that name is "
+    "still attached",
+)
+@pytest.mark.parametrize("gives_up", [False, True], ids=["waits", "gives-up"])
+def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
+    gives_up: bool,
+) -> None:
+    """The guest's detach is answered at once, so the guest may attach the link again while
+    the broker's answer to the detach is still on its way: until it comes, the broker's
+    link of that name is attached, so the new attach waits for it. A guest that gives up
+    on the new link meanwhile is answered at once, and the broker never hears of it."""
+    h = Harness()
+    detached = []
+    h.answering("PN_LINK_REMOTE_CLOSE", lambda ev: detached.append(ev.link))
+    _, ssn = h.guest_session()
+    first = attach(ssn, "sub", "q")
+    h.pump()
+    received = h.broker.trace()
+    first.close()
+    h.pump()
+    again = attach(ssn, "sub", "q")
+    h.pump()
+    if gives_up:
+        again.close()
+        h.pump()
+        assert again.state & Endpoint.REMOTE_CLOSED
+    assert _guest_link_frames(received, "sub") == ["detach"]
+    detached[0].close()  # the broker answers the first detach at last
+    h.pump()
+    assert h.broker.transport.condition is None
+    if gives_up:
+        assert _guest_link_frames(received, "sub") == ["detach"]
+        assert h.router.routes == {}
+        assert link_count(h.router.upstream.connection) == 0
+    else:
+        assert _guest_link_frames(received, "sub") == ["detach", "attach"]
+        assert again.state & Endpoint.REMOTE_ACTIVE
