@@ -778,8 +778,10 @@ class Router:
         groute.address = _guest_address(glink)
         self.routes[glink] = groute
         self._pair(groute, ulink)
-        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE:
-            lib.pn_link_open(ulink)  # else _begin opens it: proton drops it before its begin
+        # Else _begin opens it (proton drops a link opened before its session's begin), or
+        # _attach_held does, once the broker has detached the link's namesake.
+        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE and not self._namesake_attached(ulink):
+            lib.pn_link_open(ulink)
         self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
 
     def _upstream_link(self, glink: Any, up_ssn: Any) -> Any:
@@ -798,6 +800,30 @@ class Router:
                 term = lib.pn_link_target(ulink) if request.sending else lib.pn_link_source(ulink)
                 lib.pn_terminus_set_address(term, mapped.encode())
         return ulink
+
+    def _namesake_attached(self, ulink: Any) -> bool:
+        """Whether a link of ``ulink``'s name and role is still attached at the broker: one
+        we detached, and whose detach the broker has not answered yet.
+
+        The guest's detach is answered at once, so the guest may attach the link again
+        under the same name (a JMS durable subscriber made again) before the broker has
+        answered ours. AMQP allows one attached link of a name at a time, and proton's
+        engine writes every attach of one output pass before every detach: with both in one
+        pass (they came in one read, or the upstream output was full behind a large
+        message) the broker got the new attach first. A proton broker then fails the whole
+        connection ("link name already attached"), and Artemis never answers it. So the new
+        link waits for that answer (``_attach_held``)."""
+        return any(_namesakes(link, ulink) for link in self._awaiting_detach)
+
+    def _attach_held(self, detached: Any) -> None:
+        """The broker has answered our detach of ``detached``: attach the link the guest
+        attached again under its name meanwhile, if there is one (``_namesake_attached``)."""
+        for route in self.routes.values():
+            link = route.link
+            held = not route.from_guest and lib.pn_link_state(link) & _LOCAL_UNINIT
+            if held and _namesakes(link, detached):
+                lib.pn_link_open(link)
+                return
 
     def _pair(self, groute: Route, ulink: Any) -> None:
         """Route the guest's link through ``ulink``."""
@@ -872,6 +898,7 @@ class Router:
         if link in self._awaiting_detach:
             # We already closed this one on behalf of its twin; this is the answer.
             self._awaiting_detach.discard(link)
+            self._attach_held(link)
             lib.pn_link_free(link)
             return
         route = self.routes.get(link)
@@ -883,7 +910,9 @@ class Router:
             if not from_guest and tstate & _LOCAL_UNINIT:
                 lib.pn_link_open(twin)  # refused: the guest gets an attach, then the detach
             copy_condition(lib.pn_link_condition(twin), lib.pn_link_remote_condition(link))
-            if not tstate & _LOCAL_CLOSED:
+            # An upstream twin never attached (before the broker's open, or held behind
+            # its namesake's detach) is freed unsent in _drop_route: ended, it would go up.
+            if not tstate & (_LOCAL_CLOSED | (_LOCAL_UNINIT if from_guest else 0)):
                 end(twin)
             cond = read_condition(lib.pn_link_remote_condition(link))
             if cond:
@@ -916,11 +945,11 @@ class Router:
             if r.link in self._ended_unbegun:
                 continue  # answered and freed once its session is begun
             state = lib.pn_link_state(r.link)
-            unsent = state & _REMOTE_UNINIT and _session_unbegun(r.link)
+            unsent = upstream and state & _LOCAL_UNINIT
             if unsent or r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
-                # (Never sent: our twin of a link the guest ended before the broker's open.
-                # Proton would never write it now, and kept it would take the broker's
-                # answer to a later attach under the same name.)
+                # (Never sent: our twin of a link the guest ended before the broker's open,
+                # or before its namesake's detach was answered. Kept, it would take the
+                # broker's answer to a later attach under the same name.)
                 lib.pn_link_free(r.link)
             else:
                 # Still waiting for the far end's detach; free it when that arrives.
@@ -948,6 +977,17 @@ def _copy_capabilities(dst: Any, src: Any) -> None:
     copy_data(
         lib.pn_connection_desired_capabilities(dst),
         lib.pn_connection_remote_desired_capabilities(src),
+    )
+
+
+def _namesakes(a: Any, b: Any) -> bool:
+    """Whether links ``a`` and ``b`` of one connection have one name and one role: one link
+    as far as the peer is concerned (AMQP 1.0 §2.6.1)."""
+    return (
+        lib.pn_link_is_sender(a) == lib.pn_link_is_sender(b)
+        and lib.pn_session_connection(lib.pn_link_session(a))
+        == lib.pn_session_connection(lib.pn_link_session(b))
+        and ffi.string(lib.pn_link_name(a)) == ffi.string(lib.pn_link_name(b))
     )
 
 

@@ -43,10 +43,6 @@ def _written(peer: AttachPeer) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the second attach reaches Artemis before the detach, and Artemis never answers it",
-)
 def test_a_link_detached_and_attached_again_in_one_write_is_answered_by_artemis(
     art: Routed,
 ) -> None:

@@ -31,11 +31,6 @@ def _guest_link_frames(lines: list[str], name: str) -> list[str]:
     return kinds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proton writes every attach of an output pass before every detach: the broker "
-    "gets the link attached again while it is still attached",
-)
 @pytest.mark.parametrize("how", ["in-one-write", "behind-a-large-message"])
 def test_a_link_detached_and_attached_again_reaches_the_broker_in_that_order(how: str) -> None:
     """A guest detaches a link and attaches it again under the same name (JMS does so with
@@ -70,11 +65,6 @@ def test_a_link_detached_and_attached_again_reaches_the_broker_in_that_order(how
     assert again.state & Endpoint.REMOTE_ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the second attach goes up at once, while the broker's link of that name is "
-    "still attached",
-)
 @pytest.mark.parametrize("gives_up", [False, True], ids=["waits", "gives-up"])
 def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
     gives_up: bool,
