@@ -99,16 +99,16 @@ class EchoAnswers:
             return
         if engine.output_hidden(before):
             return  # frames may hide behind a full buffer: not every one is in sight
+        # Our frames so far, looked at first: they say which of our links are attached.
+        engine.writer.scan(memoryview(_peek(transport, before)), lambda _n: None)
         ready = self._mark_ready(engine)
         if not ready:
             return
         total = lib.pn_transport_pending(transport)
         if total < 0 or engine.output_hidden(total):
             return  # try again when the output has drained
-        buf = ffi.new("char[]", total)
-        lib.pn_transport_peek(transport, buf, total)
         frames: list[tuple[int, Any]] = []
-        engine.writer.scan(memoryview(ffi.buffer(buf)), lambda _n: None, frames)
+        engine.writer.scan(memoryview(_peek(transport, total)), lambda _n: None, frames)
         written = [(at, frame) for at, frame in frames if at >= before]
         for key, link in ready:
             where = engine.writer.links.by_key.get(key)
@@ -138,6 +138,12 @@ class EchoAnswers:
                 continue
             if not lib.pn_link_state(link) & lib.PN_LOCAL_ACTIVE:
                 continue  # answered once our attach is out
+            if key not in engine.writer.links.by_key:
+                # Our detach is out (a detach without closing leaves the link active): no
+                # answer is owed. Kept due, the session marked below made proton write a
+                # session flow on every output, for as long as the peer did not answer.
+                del self.due[key]
+                continue
             if (
                 not key[1]
                 and lib.pn_link_get_drain(link)
@@ -164,6 +170,13 @@ class EchoAnswers:
             bool(lib.pn_link_get_drain(link)),
         ]
         return encode(FLOW, where[0], fields)
+
+
+def _peek(transport: Any, size: int) -> Any:
+    """The first ``size`` bytes of the transport's pending output, left pending."""
+    buf = ffi.new("char[]", size)
+    lib.pn_transport_peek(transport, buf, size)
+    return ffi.buffer(buf)
 
 
 def _find_link(connection: Any, key: LinkKey) -> Any:

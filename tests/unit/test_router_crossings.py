@@ -102,11 +102,6 @@ def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
         assert again.state & Endpoint.REMOTE_ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an echo owed to a link only detached (closed=false) is never dropped: each "
-    "output makes proton write another session flow",
-)
 @pytest.mark.parametrize("receiving", [True, False], ids=["guest-receives", "guest-sends"])
 def test_an_echo_crossing_the_brokers_detach_is_not_answered(receiving: bool) -> None:
     """The broker detaches a link without closing it; the guest, not having read the
