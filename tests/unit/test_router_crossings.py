@@ -122,3 +122,38 @@ def test_an_echo_crossing_the_brokers_detach_is_not_answered(receiving: bool) ->
     h.router.guest.push(echo_flow(0, 0, 0, 3 if receiving else 0))  # sent before it read that
     h.pump()
     assert [line for line in received if "<- @" in line] == ["FRAME: 0 <- @detach(22) [handle=0x0]"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a link whose peer detached is freed before our detach is written: proton then "
+    "settles its unsettled deliveries on the wire",
+)
+@pytest.mark.parametrize("detaching", ["guest", "broker"])
+def test_a_detach_settles_nothing_on_the_far_sides_behalf(detaching: str) -> None:
+    """A peer detaches its sending link while a delivery on it waits for an outcome from
+    the far side (the broker's for the guest's message, the guest's for the broker's).
+    Nothing may be settled towards that peer for the far side: the connector freed its end
+    of the link before writing its detach, and proton settled every unsettled delivery of a
+    freed link on the wire: a disposition settled without an outcome. To the guest, its
+    message looked done though the broker had said nothing (proton's BlockingSender takes
+    it for sent); RabbitMQ 4's AMQP 1.0 code ends the session on one ("Unrecognised
+    state")."""
+    h = Harness()
+    if detaching == "guest":
+        _, snd, _ = h.sender("s", "q", credit=1)
+        dlv = send_message(snd, "m", "waits for the broker")
+        h.pump()
+        received = h.guest.trace()
+    else:
+        _, rcv, snd = h.receiver("r", "q")
+        rcv.flow(1)
+        h.pump()
+        dlv = send_message(snd, "m", "the guest holds it")
+        h.pump()
+        assert rcv.current is not None and not rcv.current.settled
+        received = h.broker.trace()
+    snd.close()
+    h.pump()
+    assert not [line for line in received if "<- @disposition" in line]
+    assert not dlv.settled
