@@ -131,6 +131,7 @@ class Router:
         # written at all, and the guest never hears its detach answered. So they are
         # answered when the session is begun (``_begin``) and freed once that is written.
         self._ended_unbegun: dict[Any, bool] = {}
+        # Links we have ended, to free once their detach is out (``_free_written_links``).
         self._unwritten_links: list[Any] = []
         # A broker's redirect, the info of its close, while the channel has not yet decided
         # what to do with it (follow it, or end the guest's connection): never for the guest.
@@ -721,6 +722,10 @@ class Router:
             awaiting -= {link for link in awaiting if lib.pn_link_session(link) == ssn}
         for link in self._ended_on(ssn):
             del self._ended_unbegun[link]
+        if self._unwritten_links:  # freed with it
+            self._unwritten_links = [
+                link for link in self._unwritten_links if lib.pn_link_session(link) != ssn
+            ]
         lib.pn_session_free(ssn)
 
     def _answer_ended_links(self, ssn: Any) -> None:
@@ -738,11 +743,24 @@ class Router:
         return [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]
 
     def _free_written_links(self) -> None:
-        """Free the links ``_answer_ended_links`` answered: the output just produced holds
-        their attach and detach."""
+        """Free the links we have ended (``_drop_route``, ``_answer_ended_links``) once the
+        output just produced holds their detach. Proton produces none while its output
+        buffer is full, so an engine's links wait for a round in which it had room.
+
+        Freed before its detach is written, a link has its unsettled deliveries settled by
+        proton on the wire: its peer, which detached first, would get a disposition settled
+        without an outcome that the far side never gave (to a guest, its message looked
+        done; RabbitMQ 4's code takes one for a protocol error). Freed after, the link goes
+        without a word."""
+        waiting = []
         for link in self._unwritten_links:
-            lib.pn_link_free(link)
-        self._unwritten_links.clear()
+            conn = lib.pn_session_connection(lib.pn_link_session(link))
+            engine = self.guest if conn == self.guest.connection else self.upstream
+            if engine.output_hidden(lib.pn_transport_pending(engine.transport)):
+                waiting.append(link)
+            else:
+                lib.pn_link_free(link)
+        self._unwritten_links = waiting
 
     # -- links ---------------------------------------------------------------------------
 
@@ -945,12 +963,13 @@ class Router:
             if r.link in self._ended_unbegun:
                 continue  # answered and freed once its session is begun
             state = lib.pn_link_state(r.link)
-            unsent = upstream and state & _LOCAL_UNINIT
-            if unsent or r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
-                # (Never sent: our twin of a link the guest ended before the broker's open,
+            if upstream and state & _LOCAL_UNINIT:
+                # Never sent: our twin of a link the guest ended before the broker's open,
                 # or before its namesake's detach was answered. Kept, it would take the
-                # broker's answer to a later attach under the same name.)
+                # broker's answer to a later attach under the same name.
                 lib.pn_link_free(r.link)
+            elif r.link == ended or (state & _LOCAL_CLOSED and state & _REMOTE_CLOSED):
+                self._unwritten_links.append(r.link)  # ended both ways: once our detach is out
             else:
                 # Still waiting for the far end's detach; free it when that arrives.
                 self._awaiting_detach.add(r.link)

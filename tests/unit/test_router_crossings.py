@@ -124,11 +124,6 @@ def test_an_echo_crossing_the_brokers_detach_is_not_answered(receiving: bool) ->
     assert [line for line in received if "<- @" in line] == ["FRAME: 0 <- @detach(22) [handle=0x0]"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a link whose peer detached is freed before our detach is written: proton then "
-    "settles its unsettled deliveries on the wire",
-)
 @pytest.mark.parametrize("detaching", ["guest", "broker"])
 def test_a_detach_settles_nothing_on_the_far_sides_behalf(detaching: str) -> None:
     """A peer detaches its sending link while a delivery on it waits for an outcome from
