@@ -716,10 +716,14 @@ class Router:
     def _free_session(self, ssn: Any) -> None:
         """Free a session ended both ways. Its links go with it, so none of them is awaited
         any more: no detach comes for them, and a freed link's address, once proton reuses
-        it for a new link, would make that link's detach look like the awaited one."""
+        it for a new link, would make that link's detach look like the awaited one. The
+        end answered their detach: a namesake held behind one of them goes up now."""
         awaiting = self._awaiting_detach
         if awaiting:
-            awaiting -= {link for link in awaiting if lib.pn_link_session(link) == ssn}
+            ended = {link for link in awaiting if lib.pn_link_session(link) == ssn}
+            awaiting -= ended
+            for link in ended:
+                self._attach_held(link)
         for link in self._ended_on(ssn):
             del self._ended_unbegun[link]
         if self._unwritten_links:  # freed with it

@@ -209,12 +209,12 @@ class Harness:
             link.target.copy(link.remote_target)
             link.open()
 
-    def answering(self, event: str, answer: Callable[[Event], None]) -> None:
-        """Have the scripted broker answer ``event`` (a proton event type's name) with
+    def answering(self, answer: Callable[[Event], None], *events: str) -> None:
+        """Have the scripted broker answer ``events`` (proton event types' names) with
         ``answer``, and everything else as it does by default."""
 
         def hook(ev: Event) -> None:
-            if ev.type.name == event:
+            if ev.type.name in events:
                 answer(ev)
             else:
                 self.broker_hook = None
@@ -278,8 +278,8 @@ class Harness:
         return conn, link, self.broker_link(name)
 
     def broker_link(self, name: str) -> Link:
-        """The broker's end of the link the guest attached as ``name``."""
-        for ev in self.broker.events:
+        """The broker's end of the link the guest attached as ``name`` (the latest)."""
+        for ev in reversed(self.broker.events):
             if ev.type.name == "PN_LINK_REMOTE_OPEN" and ev.link.name == name:
                 return ev.link
         raise AssertionError(f"the broker never saw link {name}")

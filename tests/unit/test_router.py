@@ -471,7 +471,7 @@ def test_links_detached_without_closing_are_freed_on_both_sides() -> None:
     """A guest that detaches links (closed=false) and attaches new ones on one long-lived
     session leaves no link objects behind on either side of the connector."""
     h = Harness()
-    h.answering("PN_LINK_REMOTE_DETACH", lambda ev: ev.link.detach())
+    h.answering(lambda ev: ev.link.detach(), "PN_LINK_REMOTE_DETACH")
     _, ssn = h.guest_session()
     for i in range(5):
         snd = attach(ssn, f"s{i}", "q")
@@ -507,7 +507,7 @@ def test_links_of_an_ended_session_are_not_awaited_after_it_is_freed() -> None:
     waiting for a detach that will never come (the set would grow for the connection's
     life, and a freed link's address, reused by a new link, would swallow its detach)."""
     h = Harness()
-    h.answering("PN_SESSION_REMOTE_CLOSE", lambda ev: ev.session.close())
+    h.answering(lambda ev: ev.session.close(), "PN_SESSION_REMOTE_CLOSE")
     conn = h.open_guest()
     for i in range(3):
         ssn = conn.session()
@@ -635,7 +635,7 @@ def test_a_session_the_guest_ends_before_the_brokers_begin_is_ended_when_that_co
     h = Harness()
     conn, snd, _ = h.sender("s", "q")
     held: list[Any] = []
-    h.answering("PN_SESSION_REMOTE_OPEN", lambda ev: held.append(ev.session))
+    h.answering(lambda ev: held.append(ev.session), "PN_SESSION_REMOTE_OPEN")
     brief = conn.session()
     brief.open()
     h.pump()

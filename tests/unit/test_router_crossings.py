@@ -21,7 +21,7 @@ from tests.support.routing import Harness, attach, link_count, send_message
 LARGE = 2_000_000
 
 
-def _guest_link_frames(lines: list[str], name: str) -> list[str]:
+def _link_frames(lines: list[str], name: str) -> list[str]:
     """The attaches of link ``name`` and every detach among frames a side received, by kind."""
     kinds = []
     for line in lines:
@@ -43,7 +43,7 @@ def test_a_link_detached_and_attached_again_reaches_the_broker_in_that_order(how
     never answers the attach. The second attach goes up once the broker has answered the
     detach."""
     h = Harness()
-    h.answering("PN_LINK_REMOTE_CLOSE", lambda ev: ev.link.close())
+    h.answering(lambda ev: ev.link.close(), "PN_LINK_REMOTE_CLOSE")
     _, big, _ = h.sender("big", "q", credit=1)
     ssn = big.session
     first = attach(ssn, "sub", "topic", sending=False)
@@ -62,7 +62,7 @@ def test_a_link_detached_and_attached_again_reaches_the_broker_in_that_order(how
     again = attach(ssn, "sub", "topic", sending=False)
     h.pump(rounds=200)
     assert h.broker.transport.condition is None
-    assert _guest_link_frames(received, "sub") == ["detach", "attach"]
+    assert _link_frames(received, "sub") == ["detach", "attach"]
     assert again.state & Endpoint.REMOTE_ACTIVE
 
 
@@ -76,7 +76,7 @@ def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
     on the new link meanwhile is answered at once, and the broker never hears of it."""
     h = Harness()
     detached = []
-    h.answering("PN_LINK_REMOTE_CLOSE", lambda ev: detached.append(ev.link))
+    h.answering(lambda ev: detached.append(ev.link), "PN_LINK_REMOTE_CLOSE")
     _, ssn = h.guest_session()
     first = attach(ssn, "sub", "q")
     h.pump()
@@ -89,16 +89,16 @@ def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
         again.close()
         h.pump()
         assert again.state & Endpoint.REMOTE_CLOSED
-    assert _guest_link_frames(received, "sub") == ["detach"]
+    assert _link_frames(received, "sub") == ["detach"]
     detached[0].close()  # the broker answers the first detach at last
     h.pump()
     assert h.broker.transport.condition is None
     if gives_up:
-        assert _guest_link_frames(received, "sub") == ["detach"]
+        assert _link_frames(received, "sub") == ["detach"]
         assert h.router.routes == {}
         assert link_count(h.router.upstream.connection) == 0
     else:
-        assert _guest_link_frames(received, "sub") == ["detach", "attach"]
+        assert _link_frames(received, "sub") == ["detach", "attach"]
         assert again.state & Endpoint.REMOTE_ACTIVE
 
 
@@ -152,3 +152,35 @@ def test_a_detach_settles_nothing_on_the_far_sides_behalf(detaching: str) -> Non
     h.pump()
     assert not [line for line in received if "<- @disposition" in line]
     assert not dlv.settled
+
+
+def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -> None:
+    """The guest ends a session and begins another, which takes the same channel, before
+    the broker has answered the end upstream; a link it attaches there under the name of
+    one the end took waits for that answer (``_namesake_attached``: the end answers the
+    detach too). Then the broker ends the new session while the guest attaches on it."""
+    h = Harness()
+    ends = []
+    h.answering(ends.append, "PN_SESSION_REMOTE_CLOSE")
+    conn, ssn = h.guest_session()
+    attach(ssn, "a", "q")
+    h.pump()
+    ssn.close()
+    h.pump()
+    again = attach(conn.session(), "a", "q")
+    again.session.open()
+    h.pump()
+    assert again.session.state & Endpoint.REMOTE_ACTIVE
+    assert not again.state & Endpoint.REMOTE_ACTIVE
+    ends[0].session.close()  # the broker's answer to the first end, at last
+    h.pump()
+    assert again.state & Endpoint.REMOTE_ACTIVE
+    h.broker_link("a").session.close()  # the broker ends the second session...
+    h.broker.transport.pending()
+    late = attach(again.session, "late", "q")  # ...as the guest attaches on it
+    h.pump()
+    assert again.session.state & Endpoint.REMOTE_CLOSED and not late.state & Endpoint.REMOTE_ACTIVE
+    again.session.close()
+    h.pump()
+    assert h.broker.transport.condition is None and h.guest.transport.condition is None
+    assert h.router.routes == {} and h.router.session_count() == 0
