@@ -11,10 +11,10 @@ written (``transport.pending()``) before it reads what the other side sent meanw
 from __future__ import annotations
 
 import pytest
-from proton import Endpoint
+from proton import Endpoint, Event, Link
 
 from tests.support.attach_peer import echo_flow
-from tests.support.routing import Harness, attach, link_count, send_message
+from tests.support.routing import Harness, attach, link_count, receive_all, send_message
 
 # Larger than proton's output buffer can grow to for the scripted broker (its max-frame-size):
 # while it waits to be read, proton produces nothing more for the broker.
@@ -102,6 +102,38 @@ def test_a_link_attached_again_waits_for_the_brokers_answer_to_its_detach(
         assert again.state & Endpoint.REMOTE_ACTIVE
 
 
+def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -> None:
+    """The guest ends a session and begins another, which takes the same channel, before
+    the broker has answered the end upstream; a link it attaches there under the name of
+    one the end took waits for that answer (``_namesake_attached``: the end answers the
+    detach too). Then the broker ends the new session while the guest attaches on it."""
+    h = Harness()
+    ends = []
+    h.answering(ends.append, "PN_SESSION_REMOTE_CLOSE")
+    conn, ssn = h.guest_session()
+    attach(ssn, "a", "q")
+    h.pump()
+    ssn.close()
+    h.pump()
+    again = attach(conn.session(), "a", "q")
+    again.session.open()
+    h.pump()
+    assert again.session.state & Endpoint.REMOTE_ACTIVE
+    assert not again.state & Endpoint.REMOTE_ACTIVE
+    ends[0].session.close()  # the broker's answer to the first end, at last
+    h.pump()
+    assert again.state & Endpoint.REMOTE_ACTIVE
+    h.broker_link("a").session.close()  # the broker ends the second session...
+    h.broker.transport.pending()
+    late = attach(again.session, "late", "q")  # ...as the guest attaches on it
+    h.pump()
+    assert again.session.state & Endpoint.REMOTE_CLOSED and not late.state & Endpoint.REMOTE_ACTIVE
+    again.session.close()
+    h.pump()
+    assert h.broker.transport.condition is None and h.guest.transport.condition is None
+    assert h.router.routes == {} and h.router.session_count() == 0
+
+
 @pytest.mark.parametrize("receiving", [True, False], ids=["guest-receives", "guest-sends"])
 def test_an_echo_crossing_the_brokers_detach_is_not_answered(receiving: bool) -> None:
     """The broker detaches a link without closing it; the guest, not having read the
@@ -154,33 +186,108 @@ def test_a_detach_settles_nothing_on_the_far_sides_behalf(detaching: str) -> Non
     assert not dlv.settled
 
 
-def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -> None:
-    """The guest ends a session and begins another, which takes the same channel, before
-    the broker has answered the end upstream; a link it attaches there under the name of
-    one the end took waits for that answer (``_namesake_attached``: the end answers the
-    detach too). Then the broker ends the new session while the guest attaches on it."""
+# ---- crossings that already worked, kept working ------------------------------------------
+
+
+def _answering_in_kind(h: Harness) -> None:
+    """The broker answers a detach or an end by closing its own end, as brokers do."""
+
+    def close(ev: Event) -> None:
+        endpoint = ev.link if ev.type.name == "PN_LINK_REMOTE_CLOSE" else ev.session
+        if not endpoint.state & Endpoint.LOCAL_CLOSED:
+            endpoint.close()
+
+    h.answering(close, "PN_LINK_REMOTE_CLOSE", "PN_SESSION_REMOTE_CLOSE")
+
+
+def _end(link: Link, what: str) -> None:
+    """End ``link`` (close it) or its whole session."""
+    (link if what == "link" else link.session).close()
+
+
+@pytest.mark.parametrize("first", ["guests", "brokers"])
+@pytest.mark.parametrize("broker_ends", ["link", "session"])
+@pytest.mark.parametrize("guest_ends", ["link", "session"])
+def test_ends_that_cross_leave_the_connection_up_and_nothing_behind(
+    guest_ends: str, broker_ends: str, first: str
+) -> None:
+    """The guest and the broker end one link, or its session, at the same time, and the
+    router gets ``first``'s frames first: each side's end crosses the router's answer to
+    the other's. Nothing fails, each side hears its end answered, no link is left on
+    either side, and the guest's other session still carries a message."""
     h = Harness()
-    ends = []
-    h.answering(ends.append, "PN_SESSION_REMOTE_CLOSE")
-    conn, ssn = h.guest_session()
-    attach(ssn, "a", "q")
+    _answering_in_kind(h)
+    conn, link, far = h.sender("s", "q", credit=1)
+    other = attach(conn.session(), "other", "q2")
+    other.session.open()
     h.pump()
-    ssn.close()
+    send_message(link, "m", "unsettled when the ends cross")
     h.pump()
-    again = attach(conn.session(), "a", "q")
-    again.session.open()
-    h.pump()
-    assert again.session.state & Endpoint.REMOTE_ACTIVE
-    assert not again.state & Endpoint.REMOTE_ACTIVE
-    ends[0].session.close()  # the broker's answer to the first end, at last
-    h.pump()
-    assert again.state & Endpoint.REMOTE_ACTIVE
-    h.broker_link("a").session.close()  # the broker ends the second session...
+    _end(far, broker_ends)
     h.broker.transport.pending()
-    late = attach(again.session, "late", "q")  # ...as the guest attaches on it
+    _end(link, guest_ends)
+    h.guest.transport.pending()
+    if first == "guests":
+        h.hops("guest>", ">broker", "broker>", ">guest")
+    else:
+        h.hops("broker>", ">guest", "guest>", ">broker")
     h.pump()
-    assert again.session.state & Endpoint.REMOTE_CLOSED and not late.state & Endpoint.REMOTE_ACTIVE
-    again.session.close()
-    h.pump()
+    # An end answers a detach too: it ends every link of the session.
+    answered = link.session if guest_ends == "session" or broker_ends == "session" else link
+    assert answered.state & Endpoint.REMOTE_CLOSED
+    if link.session.state & Endpoint.LOCAL_ACTIVE and answered is link.session:
+        link.session.close()  # the guest answers the end we passed on
+        h.pump()
     assert h.broker.transport.condition is None and h.guest.transport.condition is None
-    assert h.router.routes == {} and h.router.session_count() == 0
+    assert {r.name for r in h.router.routes.values()} == {"other"}
+    assert not h.router._awaiting_detach
+    assert link_count(h.router.guest.connection) == link_count(h.router.upstream.connection) == 1
+    h.broker_link("other").flow(1)
+    h.pump()
+    send_message(other, "o", "after")
+    h.pump()
+    assert len(receive_all(h.broker_link("other"))) == 1
+
+
+@pytest.mark.parametrize("peer", ["guest", "broker"])
+def test_a_detach_and_an_end_in_one_read_free_each_link_once(peer: str) -> None:
+    """A peer detaches a link and ends its session in one write: the link, to be freed once
+    our detach is out, goes with the session instead (freed again after that, it would
+    crash the process)."""
+    h = Harness()
+    _answering_in_kind(h)
+    _, link, far = h.receiver("r", "q")
+    link.flow(1)
+    h.pump()
+    send_message(far, "m", "unsettled")
+    h.pump()
+    ending = link if peer == "guest" else far
+    ending.close()
+    ending.session.close()
+    h.pump()
+    if peer == "broker":
+        link.session.close()
+        h.pump()
+    assert h.router.routes == {}
+    assert link_count(h.router.guest.connection) == link_count(h.router.upstream.connection) == 0
+
+
+def test_a_drain_crossing_the_brokers_transfers_ends_with_them() -> None:
+    """The guest drains while the broker's transfers are on their way to it: the guest gets
+    them, then hears it has drained, and later credit flows again."""
+    h = Harness()
+    _, rcv, snd = h.receiver("r", "q")
+    rcv.flow(5)
+    h.pump()
+    for i in range(2):
+        send_message(snd, f"m{i}", i)
+    h.broker.transport.pending()
+    rcv.drain(0)
+    h.hops("guest>", ">broker", "broker>", ">guest")
+    assert len(receive_all(rcv)) == 2 and rcv.draining()
+    assert snd.drained() == 3
+    h.pump()
+    assert not rcv.draining() and rcv.credit == 0 and snd.credit == 0
+    rcv.flow(1)
+    h.pump()
+    assert snd.credit == 1
