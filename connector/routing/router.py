@@ -949,6 +949,11 @@ class Router:
                 end(link)
         if route is not None:
             self._drop_route(route, ended=link)
+        elif lib.pn_link_state(link) & _LOCAL_CLOSED and link not in self._ended_unbegun:
+            # Routed nowhere and ended both ways: a link we refused (policy, limits), its
+            # detach answered. Nothing else holds it; kept, every refusal would stay for the
+            # session's life.
+            self._unwritten_links.append(link)
 
     def _drop_route(self, route: Route, ended: Any = None) -> None:
         """Forget a link pair; free each link once both its ends are closed, or detached:

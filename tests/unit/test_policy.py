@@ -8,7 +8,7 @@ from proton import Delivery, Message
 from connector.errors import ConfigError
 from connector.policy import Policy
 from connector.routing.route import AttachRequest
-from tests.support.routing import Harness, send_message
+from tests.support.routing import Harness, attach, link_count, send_message
 
 
 def _req(address: str | None, *, sending: bool = True, dynamic: bool = False) -> AttachRequest:
@@ -84,6 +84,23 @@ def test_a_refused_attach_is_answered_and_detached_with_the_reason() -> None:
     assert "guests.web2.secrets" in snd.remote_condition.description
     assert not any(ev.type.name == "PN_LINK_REMOTE_OPEN" for ev in h.broker.events)
     assert any("refused attach" in line for line in h.log.lines)
+
+
+@pytest.mark.parametrize("closing", [True, False], ids=["closed", "detached"])
+def test_refused_links_are_freed_once_the_guest_answers(closing: bool) -> None:
+    """A refused link is ours to free once the guest has answered its detach; kept, each
+    refusal left a link object behind for the session's life, so a guest retrying a
+    forbidden address on a long-lived session grew the connector without bound."""
+    h = Harness()
+    h.router._policy = POLICY.for_guest("web1")
+    _, ssn = h.guest_session()
+    for i in range(5):
+        snd = attach(ssn, f"peek{i}", "guests.web2.secrets")
+        h.pump()
+        assert snd.remote_condition.name == "amqp:unauthorized-access"
+        (snd.close if closing else snd.detach)()
+        h.pump()
+    assert link_count(h.router.guest.connection) == 0
 
 
 def _relay_harness(policy: Policy, guest: str = "web1"):
