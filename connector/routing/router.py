@@ -133,6 +133,9 @@ class Router:
         self._ended_unbegun: dict[Any, bool] = {}
         # Links we have ended, to free once their detach is out (``_free_written_links``).
         self._unwritten_links: list[Any] = []
+        # Broker answers to a guest's attach, held while that guest link's namesake waits
+        # for its detach to be written (``_answer_guest_attach``).
+        self._answers_held: list[Any] = []
         # A broker's redirect, the info of its close, while the channel has not yet decided
         # what to do with it (follow it, or end the guest's connection): never for the guest.
         self.redirect: dict[Any, Any] | None = None
@@ -765,6 +768,10 @@ class Router:
             else:
                 lib.pn_link_free(link)
         self._unwritten_links = waiting
+        if self._answers_held:  # attaches waiting for a namesake's detach to go out
+            held, self._answers_held = self._answers_held, []
+            for ulink in held:
+                self._answer_guest_attach(ulink)
 
     # -- links ---------------------------------------------------------------------------
 
@@ -897,6 +904,14 @@ class Router:
         if uroute is None or uroute.peer is None:
             return
         glink = uroute.peer.link
+        if any(_namesakes(link, glink) for link in self._unwritten_links):
+            # The guest attached this name again before our answer to its detach of the
+            # last one could be written (its output was full): proton writes every attach
+            # of one pass before every detach, and the guest's proton would take this
+            # answer for a second link of that name and fail the connection. Answered once
+            # that detach is out (``_free_written_links``).
+            self._answers_held.append(ulink)
+            return
         copy_attach(glink, ulink, self.guest, self.upstream)
         for term in (lib.pn_link_source(glink), lib.pn_link_target(glink)):
             addr = lib.pn_terminus_get_address(term)

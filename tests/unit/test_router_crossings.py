@@ -134,13 +134,8 @@ def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -
     assert h.router.routes == {} and h.router.session_count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: the guest engine writes the new attach's answer before the old "
-    "detach's when its output was full, and the guest's proton fails on it",
-)
 def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
-    """The guest side of the same proton rule, left open: a guest that reads slowly (a
+    """The guest side of the same proton rule: a guest that reads slowly (a
     large message on its way to it fills our output to it) detaches a link and attaches it
     again without waiting for our answer. Our answer to the detach cannot be produced until
     the guest reads; the broker answers the new attach meanwhile, and proton then writes our
