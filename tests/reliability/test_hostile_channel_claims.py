@@ -1,0 +1,301 @@
+"""Channels a hostile qemu user names: real qemu processes, run as ``nobody`` (a user in
+``qemu_users``, so discovery believes its qemu speaks for its guest), and real sockets.
+
+The daemon runs as root or with ``CAP_DAC_OVERRIDE``: it may bind, unlink and connect where
+qemu's user may not. What a qemu's command line names must not let that user use those
+rights: the connector must not remove or take over a socket someone serves, nor make one
+where qemu's user could not. Each test here showed a hole (strict xfail until it was
+fixed), or pins what the fix must keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.channel import Channel, ChannelState
+from connector.discovery import Discovery
+from connector.discovery.settings import DiscoverySettings
+from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
+from connector.limits import GuestLimits
+from connector.upstream import BrokerPool, BrokerURL, UpstreamSettings
+from tests.integration.discovery_helpers import RecordingSink, short_tmp, wait_for_path
+
+QEMU = shutil.which("qemu-system-x86_64")
+NOBODY = 65534
+PORT = "org.qpid.amqp.0"
+# Nothing here opens an upstream: no guest ever sends a protocol header.
+POOL = BrokerPool(UpstreamSettings(urls=(BrokerURL.parse("amqp://127.0.0.1:1"),)))
+# A turn of the daemon's loop is far shorter; qemu's reconnect interval (1 s) is not.
+SETTLE_S = 0.1
+pytestmark = [
+    pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="runs qemu as nobody, serves as root"),
+]
+__all__ = ["short_tmp"]  # a fixture, used by name
+LOG = logging.getLogger("test.channel.claims")
+
+
+@pytest.fixture
+def qemus() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def qemu_args(name: str, qmp: Path, chardev: str, *extra: str) -> list[str]:
+    """A guestless microvm named ``name`` whose one AMQP port is on ``chardev`` (id c0),
+    with a QMP socket at ``qmp`` that shows when its chardevs exist."""
+    return [
+        str(QEMU), "-accel", "tcg", "-machine", "microvm", "-S",
+        "-display", "none", "-nodefaults", "-no-user-config",
+        "-name", f"guest={name}", "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-chardev", chardev,
+        "-device", "virtio-serial-device",
+        "-device", f"virtserialport,chardev=c0,name={PORT}",
+        *extra,
+    ]  # fmt: skip
+
+
+def home_of_nobody(base: Path) -> Path:
+    """A directory ``nobody`` owns, under ``base`` (made searchable for it)."""
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    return home
+
+
+def root_only(base: Path) -> Path:
+    """A directory root owns and others may only search, as ``/run/dbus`` is."""
+    directory = base / "run"
+    directory.mkdir(mode=0o755)
+    return directory
+
+
+def start_qemu(
+    qemus: list[subprocess.Popen[bytes]], args: list[str], qmp: Path, user: int = NOBODY
+) -> subprocess.Popen[bytes]:
+    """qemu run by ``user``, once its chardevs exist."""
+    proc = subprocess.Popen(
+        args,
+        cwd=qmp.parent,
+        user=user,
+        group=user,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    qemus.append(proc)
+    wait_for_path(qmp)
+    return proc
+
+
+def discovered(base: Path, pid: int) -> dict[str, ChannelSpec]:
+    """What a start-up scan reports for qemu ``pid``, by port name."""
+    settings = DiscoverySettings(
+        sources=frozenset({"kvm"}),
+        qemu_users=("root", "nobody"),
+        libvirt_status_dir=str(base / "no-libvirt"),
+        libvirt_retry_seconds=0,
+        watch_globs=(),
+    )
+
+    async def scan() -> dict[str, ChannelSpec]:
+        sink = RecordingSink()
+        discovery = Discovery(settings, sink, asyncio.get_running_loop(), LOG)
+        discovery.start()
+        discovery.stop()
+        return {spec.identity.port: spec for spec in sink.of_pid(pid).values()}
+
+    return asyncio.run(scan())
+
+
+@contextlib.contextmanager
+def serving(spec: ChannelSpec) -> Iterator[Channel]:
+    """The daemon's channel for ``spec``, started, with a loop turned for ``SETTLE_S``."""
+    loop = asyncio.new_event_loop()
+    channel = Channel(spec, loop=loop, brokers=lambda: POOL, limits=GuestLimits())
+    try:
+        channel.start()
+        turn(channel, SETTLE_S)
+        yield channel
+    finally:
+        channel.close("test over")
+        loop.close()
+
+
+def turn(channel: Channel, seconds: float) -> None:
+    """Run the channel's loop for ``seconds``."""
+    channel._loop.run_until_complete(asyncio.sleep(seconds))
+
+
+def listening(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    return sock
+
+
+def still_served_by(service: socket.socket, path: Path) -> bool:
+    """Whether a connect to ``path`` reaches ``service``'s listener."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        service.settimeout(1.0)
+        try:
+            conn, _ = service.accept()
+        except TimeoutError:
+            return False
+        conn.close()
+        return True
+
+
+def stale_socket(path: Path) -> None:
+    """A socket file nobody serves (its socket closed)."""
+    listening(path).close()
+
+
+def served(path: Path) -> bool:
+    """Whether anyone listens on the socket at ``path`` (its inode would not tell: ext4
+    hands a freed inode number straight to the next socket bound)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        try:
+            client.connect(str(path))
+        except ConnectionRefusedError:
+            return False
+        return True
+
+
+# -- unix-listen: what the connector binds and removes ---------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="unix-listen removes whatever socket is at the path")
+def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """nobody's qemu names a system service's socket (``/run/dbus/system_bus_socket``, the
+    connector's own control socket) as its ``server=off`` path. The connector removed it
+    and bound its own: the service was cut off, and its clients reached the connector."""
+    home = home_of_nobody(short_tmp)
+    bus = root_only(short_tmp) / "bus.sock"
+    with listening(bus) as service:
+        chardev = f"socket,id=c0,path={bus},server=off,reconnect=1"
+        qemu = start_qemu(qemus, qemu_args("taker", home / "qmp.sock", chardev), home / "qmp.sock")
+        spec = discovered(short_tmp, qemu.pid)[PORT]
+        assert (spec.kind, spec.path) == (ChannelKind.UNIX_LISTEN, str(bus))
+        with serving(spec) as channel:
+            assert channel.state is ChannelState.ERROR
+            assert channel.last_error is not None
+            assert channel.last_error.startswith(f"{bus}: ")
+            assert "someone serves it" in channel.last_error
+            assert still_served_by(service, bus)
+
+
+@pytest.mark.xfail(strict=True, reason="unix-listen binds wherever the daemon may")
+@pytest.mark.parametrize("there", ["a stale socket", "nothing"])
+def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], there: str
+) -> None:
+    """In a directory only root may write, the connector (root, or CAP_DAC_OVERRIDE)
+    replaced a stale socket and made new ones for nobody's qemu: a socket where a
+    service will look for its own, served by the connector under nobody's guest."""
+    home = home_of_nobody(short_tmp)
+    path = root_only(short_tmp) / "service.sock"
+    if there == "a stale socket":
+        stale_socket(path)
+    chardev = f"socket,id=c0,path={path},server=off,reconnect=1"
+    qemu = start_qemu(qemus, qemu_args("maker", home / "qmp.sock", chardev), home / "qmp.sock")
+    with serving(discovered(short_tmp, qemu.pid)[PORT]) as channel:
+        assert channel.state is ChannelState.ERROR
+        assert channel.last_error is not None
+        assert f"qemu's user (uid {NOBODY}) may not write {path.parent}" in channel.last_error
+        if there == "nothing":
+            assert not os.path.lexists(path)
+        else:
+            assert not served(path)
+
+
+@pytest.mark.xfail(strict=True, reason="unix-listen binds wherever the daemon may")
+def test_a_daemonized_qemus_relative_socket_is_not_made_at_root_for_it(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """After ``-daemonize`` qemu connects to a relative ``server=off`` name from ``/``, so
+    discovery reports ``/NAME``: the connector, as root, bound it there for nobody."""
+    home = home_of_nobody(short_tmp)
+    name = f"{short_tmp.name}-listen.sock"
+    chardev = f"socket,id=c0,path={name},server=off,reconnect=1"
+    args = qemu_args("rooted", home / "qmp.sock", chardev, "-daemonize", "-pidfile", "qemu.pid")
+    started = subprocess.run(args, cwd=home, user=NOBODY, group=NOBODY, capture_output=True)
+    assert started.returncode == 0, started.stderr
+    pid = int((home / "qemu.pid").read_text())
+    try:
+        spec = discovered(short_tmp, pid)[PORT]
+        assert spec.path == f"/{name}"
+        with serving(spec) as channel:
+            assert channel.state is ChannelState.ERROR
+            assert f"qemu's user (uid {NOBODY}) may not write /" in (channel.last_error or "")
+            assert not os.path.lexists(spec.path)
+    finally:
+        os.kill(pid, 9)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/{name}")
+
+
+def test_a_stale_socket_in_qemus_own_directory_is_replaced(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """What the checks must keep working: a socket left by an earlier run, where qemu's
+    user may write, is replaced by the connector's."""
+    home = home_of_nobody(short_tmp)
+    path = home / "listen.sock"
+    stale_socket(path)
+    chardev = f"socket,id=c0,path={path},server=off,reconnect=1"
+    qemu = start_qemu(qemus, qemu_args("mine", home / "qmp.sock", chardev), home / "qmp.sock")
+    with serving(discovered(short_tmp, qemu.pid)[PORT]) as channel:
+        assert (channel.state, channel.last_error) == (ChannelState.WAITING, None)
+        assert served(path)  # by the connector (its mode keeps nobody's qemu out)
+
+
+def configured(path: Path) -> ChannelSpec:
+    """An operator's ``--channel unix-listen:PATH``: no qemu behind it to ask."""
+    return ChannelSpec(ChannelKind.UNIX_LISTEN, str(path), GuestIdentity("configured"))
+
+
+@pytest.mark.xfail(strict=True, reason="unix-listen removes whatever socket is at the path")
+def test_a_configured_channel_does_not_take_a_live_socket_either(short_tmp: Path) -> None:
+    """The operator's path may be mistyped onto a socket in use: refused too."""
+    path = short_tmp / "in-use.sock"
+    with listening(path) as service, serving(configured(path)) as channel:
+        assert channel.state is ChannelState.ERROR
+        assert "someone serves it" in (channel.last_error or "")
+        assert still_served_by(service, path)
+
+
+def test_a_configured_channel_still_replaces_a_stale_socket(short_tmp: Path) -> None:
+    path = short_tmp / "stale.sock"
+    stale_socket(path)
+    with serving(configured(path)) as channel:
+        assert channel.state is ChannelState.WAITING
+        assert served(path)
+
+
+@pytest.mark.xfail(strict=True, reason="a closing unix-listen channel unlinks whatever is there")
+def test_a_closing_channel_removes_only_its_own_socket(short_tmp: Path) -> None:
+    """qemu's user replaced the connector's socket with one it serves (its directory, its
+    right); the connector, closing the channel, removed that live socket too."""
+    path = short_tmp / "listen.sock"
+    with serving(configured(path)):
+        os.unlink(path)
+        service = listening(path)
+    with service:
+        assert still_served_by(service, path)
