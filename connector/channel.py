@@ -132,12 +132,12 @@ def _bytes_waiting(fd: int) -> bool:
 
 
 def make_endpoint(spec: ChannelSpec) -> Endpoint:
-    """The endpoint class for a channel kind."""
+    """The endpoint for a channel, of its kind, for the qemu discovery found it for."""
     return {
         ChannelKind.UNIX: UnixEndpoint,
         ChannelKind.UNIX_LISTEN: UnixListenEndpoint,
         ChannelKind.PTY: PtyEndpoint,
-    }[spec.kind](spec.path)
+    }[spec.kind](spec.path, spec.identity.pid)
 
 
 class _Hop(NamedTuple):

@@ -15,6 +15,9 @@ import socket
 # "the other end is not there yet": the channel reports them as an error (a warning, state
 # ``error``) and retries, where a missing peer is only waited for.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Where a discovered channel's qemu is looked up (its user, its sockets): the daemon runs in
+# the host's PID namespace, as discovery does.
+PROC_ROOT = "/proc"
 
 
 class EndpointGone(Exception):
@@ -31,8 +34,11 @@ class Endpoint(abc.ABC):
     # Socket endpoints use send/recv; a pty uses read/write.
     is_socket = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, qemu_pid: int | None = None) -> None:
         self.path = path
+        # The qemu the channel was discovered for, whose user's rights and sockets count
+        # (``unix``, ``unix-listen``); None for a channel the operator configured.
+        self.qemu_pid = qemu_pid
 
     @abc.abstractmethod
     def connect(self) -> socket.socket | int | None:

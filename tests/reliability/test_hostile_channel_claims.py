@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+import connector.channels.unix_listen
 from connector.channel import Channel, ChannelState
 from connector.discovery import Discovery
+from connector.discovery.access import Credentials
 from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
@@ -179,18 +181,20 @@ def served(path: Path) -> bool:
 # -- unix-listen: what the connector binds and removes ---------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="unix-listen removes whatever socket is at the path")
 def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
     short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
 ) -> None:
-    """nobody's qemu names a system service's socket (``/run/dbus/system_bus_socket``, the
+    """A qemu names a system service's socket (``/run/dbus/system_bus_socket``, the
     connector's own control socket) as its ``server=off`` path. The connector removed it
-    and bound its own: the service was cut off, and its clients reached the connector."""
+    and bound its own: the service was cut off, and its clients reached the connector.
+    This qemu runs as root (in ``qemu_users`` by default), which may write there: only
+    the liveness of the socket keeps it."""
     home = home_of_nobody(short_tmp)
     bus = root_only(short_tmp) / "bus.sock"
     with listening(bus) as service:
         chardev = f"socket,id=c0,path={bus},server=off,reconnect=1"
-        qemu = start_qemu(qemus, qemu_args("taker", home / "qmp.sock", chardev), home / "qmp.sock")
+        args = qemu_args("taker", home / "qmp.sock", chardev)
+        qemu = start_qemu(qemus, args, home / "qmp.sock", user=0)
         spec = discovered(short_tmp, qemu.pid)[PORT]
         assert (spec.kind, spec.path) == (ChannelKind.UNIX_LISTEN, str(bus))
         with serving(spec) as channel:
@@ -201,7 +205,6 @@ def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
             assert still_served_by(service, bus)
 
 
-@pytest.mark.xfail(strict=True, reason="unix-listen binds wherever the daemon may")
 @pytest.mark.parametrize("there", ["a stale socket", "nothing"])
 def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
     short_tmp: Path, qemus: list[subprocess.Popen[bytes]], there: str
@@ -225,7 +228,6 @@ def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
             assert not served(path)
 
 
-@pytest.mark.xfail(strict=True, reason="unix-listen binds wherever the daemon may")
 def test_a_daemonized_qemus_relative_socket_is_not_made_at_root_for_it(
     short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -271,7 +273,6 @@ def configured(path: Path) -> ChannelSpec:
     return ChannelSpec(ChannelKind.UNIX_LISTEN, str(path), GuestIdentity("configured"))
 
 
-@pytest.mark.xfail(strict=True, reason="unix-listen removes whatever socket is at the path")
 def test_a_configured_channel_does_not_take_a_live_socket_either(short_tmp: Path) -> None:
     """The operator's path may be mistyped onto a socket in use: refused too."""
     path = short_tmp / "in-use.sock"
@@ -289,7 +290,6 @@ def test_a_configured_channel_still_replaces_a_stale_socket(short_tmp: Path) -> 
         assert served(path)
 
 
-@pytest.mark.xfail(strict=True, reason="a closing unix-listen channel unlinks whatever is there")
 def test_a_closing_channel_removes_only_its_own_socket(short_tmp: Path) -> None:
     """qemu's user replaced the connector's socket with one it serves (its directory, its
     right); the connector, closing the channel, removed that live socket too."""
@@ -299,3 +299,68 @@ def test_a_closing_channel_removes_only_its_own_socket(short_tmp: Path) -> None:
         service = listening(path)
     with service:
         assert still_served_by(service, path)
+
+
+@pytest.fixture
+def nobodys_process() -> Iterator[int]:
+    """A process of nobody's, standing for its qemu: the endpoint asks only whose it is."""
+    proc = subprocess.Popen(["sleep", "60"], user=NOBODY, group=NOBODY)
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def discovered_for(pid: int, path: Path) -> ChannelSpec:
+    """A unix-listen channel as discovery reports it for qemu ``pid``."""
+    return ChannelSpec(
+        ChannelKind.UNIX_LISTEN, str(path), GuestIdentity("vm", pid=pid, found_by="cmdline")
+    )
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_does_not_move_the_socket(
+    short_tmp: Path, nobodys_process: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nobody swaps its directory for a link to a root-only one at the worst moment: after
+    the connector checked that nobody may write the directory, before the bind. A check of
+    the path followed by a bind by the path would put the socket in the root-only one."""
+    home = home_of_nobody(short_tmp)
+    elsewhere = root_only(short_tmp)
+    vm = home / "vm"
+    vm.mkdir()
+    os.chown(vm, NOBODY, NOBODY)
+    looked_up = connector.channels.unix_listen.credentials
+
+    def swapped_meanwhile(pid: int, proc_root: str) -> Credentials | None:
+        os.rename(vm, home / "moved")  # nobody may: its home
+        os.symlink(elsewhere, vm)
+        return looked_up(pid, proc_root)
+
+    monkeypatch.setattr(connector.channels.unix_listen, "credentials", swapped_meanwhile)
+    with serving(discovered_for(nobodys_process, vm / "listen.sock")) as channel:
+        assert (channel.state, channel.last_error) == (ChannelState.WAITING, None)
+        assert served(home / "moved" / "listen.sock")
+        assert not os.path.lexists(elsewhere / "listen.sock")
+    assert not os.path.lexists(home / "moved" / "listen.sock")  # removed where it was made
+
+
+def test_another_users_stale_socket_in_a_sticky_directory_is_left(
+    short_tmp: Path, nobodys_process: int
+) -> None:
+    """In a sticky directory (``/tmp``) nobody may make names but not remove another
+    user's: nor may the connector for it."""
+    sticky = short_tmp / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    short_tmp.chmod(0o755)
+    path = sticky / "root.sock"
+    stale_socket(path)
+    with serving(discovered_for(nobodys_process, path)) as channel:
+        assert channel.state is ChannelState.ERROR
+        assert f"may not remove another user's file from {sticky} (sticky)" in (
+            channel.last_error or ""
+        )
+        assert os.path.lexists(path)
+    os.chown(path, NOBODY, NOBODY)  # its own: replaced
+    with serving(discovered_for(nobodys_process, path)) as channel:
+        assert channel.state is ChannelState.WAITING
+        assert served(path)
