@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from tests.integration.discovery_helpers import RecordingSink, short_tmp, wait_f
 
 QEMU = shutil.which("qemu-system-x86_64")
 NOBODY = 65534
+OTHER_USER = 12345  # runs a qemu discovery does not trust: not in qemu_users
 PORT = "org.qpid.amqp.0"
 # Nothing here opens an upstream: no guest ever sends a protocol header.
 POOL = BrokerPool(UpstreamSettings(urls=(BrokerURL.parse("amqp://127.0.0.1:1"),)))
@@ -56,14 +58,15 @@ def qemus() -> Iterator[list[subprocess.Popen[bytes]]]:
         proc.wait()
 
 
-def qemu_args(name: str, qmp: Path, chardev: str, *extra: str) -> list[str]:
-    """A guestless microvm named ``name`` whose one AMQP port is on ``chardev`` (id c0),
-    with a QMP socket at ``qmp`` that shows when its chardevs exist."""
+def qemu_args(name: str, qmp: Path, chardev: str | None, *extra: str) -> list[str]:
+    """A guestless microvm named ``name`` whose one AMQP port is on ``chardev`` (id c0;
+    None: given in ``extra``), with a QMP socket at ``qmp`` that shows when its chardevs
+    exist."""
     return [
         str(QEMU), "-accel", "tcg", "-machine", "microvm", "-S",
         "-display", "none", "-nodefaults", "-no-user-config",
         "-name", f"guest={name}", "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-chardev", chardev,
+        *(["-chardev", chardev] if chardev else []),
         "-device", "virtio-serial-device",
         "-device", f"virtserialport,chardev=c0,name={PORT}",
         *extra,
@@ -103,24 +106,34 @@ def start_qemu(
     return proc
 
 
-def discovered(base: Path, pid: int) -> dict[str, ChannelSpec]:
-    """What a start-up scan reports for qemu ``pid``, by port name."""
-    settings = DiscoverySettings(
-        sources=frozenset({"kvm"}),
+def discovery_settings(base: Path, *globs: str) -> DiscoverySettings:
+    """Discovery that trusts root's and nobody's qemu, and watches ``globs`` if given."""
+    return DiscoverySettings(
+        sources=frozenset({"kvm", "watch"} if globs else {"kvm"}),
         qemu_users=("root", "nobody"),
         libvirt_status_dir=str(base / "no-libvirt"),
-        libvirt_retry_seconds=0,
-        watch_globs=(),
+        libvirt_retry_seconds=0,  # warn of a qemu's problems at the first look
+        watch_globs=globs,
     )
+
+
+def scanned(settings: DiscoverySettings) -> dict[str, ChannelSpec]:
+    """Every channel a start-up scan reports, by path."""
 
     async def scan() -> dict[str, ChannelSpec]:
         sink = RecordingSink()
         discovery = Discovery(settings, sink, asyncio.get_running_loop(), LOG)
         discovery.start()
         discovery.stop()
-        return {spec.identity.port: spec for spec in sink.of_pid(pid).values()}
+        return sink.live()
 
     return asyncio.run(scan())
+
+
+def discovered(base: Path, pid: int) -> dict[str, ChannelSpec]:
+    """What a start-up scan reports for qemu ``pid``, by port name."""
+    specs = scanned(discovery_settings(base)).values()
+    return {spec.identity.port: spec for spec in specs if spec.identity.pid == pid}
 
 
 @contextlib.contextmanager
@@ -364,3 +377,231 @@ def test_another_users_stale_socket_in_a_sticky_directory_is_left(
     with serving(discovered_for(nobodys_process, path)) as channel:
         assert channel.state is ChannelState.WAITING
         assert served(path)
+
+
+# -- a claim on another VM's channel -----------------------------------------------------------
+
+# A config file nobody's qemu reads at start (its port's chardev, a socket of its own),
+# rewritten once qemu has read it: discovery reads it when it looks, so the rewrite is a
+# claim on whatever path it names.
+CLAIM_CFG = """[chardev "c0"]
+  backend = "socket"
+  path = "{path}"
+  server = "{server}"
+  wait = "off"
+"""
+
+
+def claiming_qemu(
+    qemus: list[subprocess.Popen[bytes]], home: Path, claimed: Path, server: str = "on"
+) -> subprocess.Popen[bytes]:
+    """nobody's qemu ``attacker``, whose config names ``claimed`` once it has started."""
+    config = home / "vm.cfg"
+    config.write_text(CLAIM_CFG.format(path="own.sock", server="on"))
+    os.chown(config, NOBODY, NOBODY)
+    args = qemu_args("attacker", home / "qmp.sock", None, "-readconfig", "vm.cfg")
+    qemu = start_qemu(qemus, args, home / "qmp.sock")
+    config.write_text(CLAIM_CFG.format(path=claimed, server=server))
+    return qemu
+
+
+def root_dir(base: Path, name: str) -> Path:
+    directory = base / name
+    directory.mkdir(parents=True)
+    return directory
+
+
+@pytest.mark.xfail(strict=True, reason="a server=on path is reported to whoever claims it first")
+def test_a_qemu_naming_another_vms_socket_does_not_get_its_channel(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """nobody's qemu (started first, so the scan meets it first) names root's VM's
+    listening socket: the VM's traffic went to the broker under nobody's guest name."""
+    home = home_of_nobody(short_tmp)
+    socket_path = root_dir(short_tmp, "victim") / "amqp.sock"
+    attacker = claiming_qemu(qemus, home, socket_path)
+    chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
+    victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
+    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    assert attacker.pid < victim.pid
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        spec = scanned(discovery_settings(short_tmp))[str(socket_path)]
+    assert (spec.identity.name, spec.identity.pid) == ("victim", victim.pid)
+    assert f"port {PORT}: {socket_path} is not a socket this qemu listens on" in caplog.text
+
+
+@pytest.mark.xfail(strict=True, reason="a watched socket is given to whoever claims it")
+def test_a_watched_socket_no_trusted_qemu_holds_is_not_given_to_one_that_names_it(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """A VM whose qemu discovery does not trust (its user is not in qemu_users) is served
+    from its socket's path alone, under its directory's name. nobody's qemu named that
+    socket and had it reported again, under nobody's guest name."""
+    home = home_of_nobody(short_tmp)
+    target = root_dir(short_tmp, "target/domain-3-victim")
+    os.chown(target, OTHER_USER, OTHER_USER)
+    socket_path = target / PORT
+    claiming_qemu(qemus, home, socket_path)
+    chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
+    qmp = target / "qmp.sock"
+    start_qemu(qemus, qemu_args("victim", qmp, chardev), qmp, user=OTHER_USER)
+    settings = discovery_settings(short_tmp, f"{short_tmp}/target/*/org.qpid.amqp.*")
+    identity = scanned(settings)[str(socket_path)].identity
+    assert (identity.name, identity.pid, identity.found_by) == ("victim", None, "watch")
+
+
+@pytest.mark.xfail(strict=True, reason="a unix channel connects to whoever listens at its path")
+def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """root's VM listens in a directory nobody may write (libvirt's channel directories
+    are qemu's user's). nobody's qemu, given the same path, unlinks that socket and binds
+    its own, as qemu does: the connector, (re)connecting for root's VM, served nobody's
+    guest under root's VM's name."""
+    home = home_of_nobody(short_tmp)
+    socket_path = home / "amqp.sock"
+    chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
+    victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
+    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    spec = discovered(short_tmp, victim.pid)[PORT]
+    taker_qmp = root_dir(short_tmp, "taker-qmp") / "qmp.sock"
+    os.chown(taker_qmp.parent, NOBODY, NOBODY)
+    taker = start_qemu(qemus, qemu_args("taker", taker_qmp, chardev), taker_qmp)
+    with serving(spec) as channel:
+        assert channel.state is ChannelState.ERROR
+        assert f"its listener was made by pid {taker.pid}" in (channel.last_error or "")
+        assert f"not qemu pid {victim.pid}'s" in (channel.last_error or "")
+        assert channel.errors_by_condition["connector:wrong-peer"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
+def test_a_unix_listen_channel_refuses_another_vms_qemu(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """nobody's qemu claims the path root's VM connects to (``server=off``), and gets the
+    channel. root's VM's qemu connected to it, and its guest was served as nobody's."""
+    home = home_of_nobody(short_tmp)
+    socket_path = home / "shared.sock"
+    attacker = claiming_qemu(qemus, home, socket_path, server="off")
+    chardev = f"socket,id=c0,path={socket_path},server=off,reconnect=1"
+    victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
+    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    assert attacker.pid < victim.pid
+    spec = scanned(discovery_settings(short_tmp))[str(socket_path)]
+    assert spec.identity.pid == attacker.pid  # the path is its to listen on; not its peer
+    with caplog.at_level(logging.INFO), serving(spec) as channel:
+        for _ in range(40):  # the victim's qemu connects within its reconnect interval
+            if channel.errors_by_condition["connector:wrong-peer"]:
+                break
+            turn(channel, 0.1)
+        assert channel.errors_by_condition["connector:wrong-peer"] >= 1
+        assert channel.state is ChannelState.WAITING
+        assert f"channel {socket_path} open" not in caplog.text
+        refusal = f"refused pid {victim.pid}: not qemu pid {attacker.pid}, whose channel this is"
+        assert refusal in caplog.text
+
+
+@pytest.fixture
+def peers() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+# A process that connects to argv[1] when told (a line on stdin), and holds the connection.
+PEER = (
+    "import socket, sys\n"
+    "sys.stdin.readline()\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.connect(sys.argv[1])\n"
+    "sys.stdin.readline()\n"
+)
+
+
+@pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
+def test_after_a_wrong_peer_the_channel_serves_its_own_qemu(
+    short_tmp: Path, peers: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused peer costs the channel nothing: it keeps listening, and the qemu it was
+    discovered for (here a process standing for it) is served when it connects."""
+    path = short_tmp / "listen.sock"
+    own = subprocess.Popen(
+        [sys.executable, "-c", PEER, str(path)], stdin=subprocess.PIPE, text=True
+    )
+    peers.append(own)
+    with caplog.at_level(logging.INFO), serving(discovered_for(own.pid, path)) as channel:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+            stranger.connect(str(path))
+            turn(channel, SETTLE_S)
+            stranger.settimeout(1.0)
+            assert stranger.recv(1) == b""  # closed on it
+        assert channel.errors_by_condition["connector:wrong-peer"] == 1
+        assert own.stdin is not None
+        own.stdin.write("go\n")
+        own.stdin.flush()
+        for _ in range(50):
+            if f"channel {path} open" in caplog.text:
+                break
+            turn(channel, 0.1)
+        assert f"channel {path} open (unix-listen)" in caplog.text
+
+
+def test_a_listener_libvirt_makes_and_passes_to_qemu_is_qemus(
+    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+) -> None:
+    """What the checks must keep working: libvirt binds a channel's socket and passes it
+    to qemu (``fd=N``); the socket is qemu's, though another process made it."""
+    directory = root_dir(short_tmp, "target/domain-4-libvirt")
+    socket_path = directory / PORT
+    listener = listening(socket_path)
+    fd = listener.fileno()
+    qmp = directory / "qmp.sock"
+    chardev = f"socket,id=c0,fd={fd},server=on,wait=off"
+    proc = subprocess.Popen(
+        qemu_args("passed", qmp, chardev), pass_fds=(fd,), stderr=subprocess.PIPE
+    )
+    qemus.append(proc)
+    listener.close()  # as libvirt does once qemu runs
+    wait_for_path(qmp)
+    spec = discovered(short_tmp, proc.pid)[PORT]
+    assert spec.path == str(socket_path)
+    with serving(spec) as channel:
+        assert (channel.state, channel.last_error) == (ChannelState.WAITING, None)
+        assert channel._fd is not None  # connected
+
+
+def test_a_daemonized_qemus_channels_are_its_own(short_tmp: Path) -> None:
+    """What the checks must keep working: after ``-daemonize`` the running qemu is the
+    forked child, whose pid discovery reports; it listens on its ``server=on`` socket (in
+    the directory it started in) and connects to its ``server=off`` one (at ``/NAME``)."""
+    vm = root_dir(short_tmp, "vm")
+    name = f"{short_tmp.name}-listen.sock"
+    args = qemu_args(
+        "daemonized", vm / "qmp.sock", "socket,id=c0,path=amqp.sock,server=on,wait=off",
+        "-chardev", f"socket,id=c1,path={name},server=off,reconnect=1",
+        "-device", "virtserialport,chardev=c1,name=org.qpid.amqp.1",
+        "-daemonize", "-pidfile", "qemu.pid",
+    )  # fmt: skip
+    env = {**os.environ, "PWD": str(vm)}
+    started = subprocess.run(args, cwd=vm, env=env, capture_output=True)
+    assert started.returncode == 0, started.stderr
+    pid = int((vm / "qemu.pid").read_text())
+    try:
+        specs = discovered(short_tmp, pid)
+        assert specs[PORT].path == f"{vm}/amqp.sock"
+        assert specs["org.qpid.amqp.1"].path == f"/{name}"
+        with serving(specs[PORT]) as unix, serving(specs["org.qpid.amqp.1"]) as listen:
+            for _ in range(40):  # qemu reconnects every second
+                if listen._fd is not None:
+                    break
+                turn(listen, 0.1)
+            assert (unix.state, unix.last_error, unix._fd is not None) == (
+                ChannelState.WAITING, None, True,
+            )  # fmt: skip
+            assert (listen.last_error, listen._fd is not None) == (None, True)
+    finally:
+        os.kill(pid, 9)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/{name}")
