@@ -19,11 +19,11 @@ chardev reconnects by the name it was given, so after ``-daemonize`` it connects
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from functools import cached_property
 
 from connector.discovery.fdinfo import socket_inodes
+from connector.discovery.held import Kept
 from connector.discovery.reading import decode, read_bytes, readlink
 from connector.discovery.sockdiag import BoundSocket, bound_sockets
 
@@ -51,7 +51,7 @@ class _Proof:
 
 # By (proc_root, pid). A proof counts again only while qemu holds that socket and its file
 # is still in the directory: a pid handed to another process holds no such socket.
-_proofs: dict[tuple[str, int], _Proof] = {}
+_proofs: Kept[tuple[str, int], _Proof] = Kept(MAX_PROOFS_KEPT)
 
 
 Joined = tuple[str | None, str]  # a path, or None and why it is not known
@@ -115,7 +115,7 @@ class StartDir:
         for directory in candidates:
             for inode, sock in relative.items():
                 if _holds(directory, sock):
-                    _keep(key, _Proof(directory, inode, sock))
+                    _proofs.put(key, _Proof(directory, inode, sock))
                     return directory, ""
         return None, (
             f"{why}; no candidate ({', '.join(candidates) or 'none'}) holds the socket it bound "
@@ -138,19 +138,6 @@ def _relative_sockets(inodes: set[int]) -> dict[int, BoundSocket]:
     return {i: s for i, s in bound.items() if s.name and not s.name.startswith("/")}
 
 
-def _keep(key: tuple[str, int], proof: _Proof) -> None:
-    """Keep a proof, forgetting the oldest past :data:`MAX_PROOFS_KEPT`."""
-    _proofs.pop(key, None)
-    _proofs[key] = proof
-    while len(_proofs) > MAX_PROOFS_KEPT:
-        del _proofs[next(iter(_proofs))]
-
-
 def _holds(directory: str, sock: BoundSocket) -> bool:
-    """Whether ``directory`` holds ``sock``'s file under its bound name (the file itself,
-    not a link to it: a link would prove only where the link is)."""
-    try:
-        st = os.lstat(os.path.join(directory, sock.name))
-    except OSError:
-        return False
-    return stat.S_ISSOCK(st.st_mode) and sock.is_file(st)
+    """Whether ``directory`` holds ``sock``'s file under its bound name."""
+    return sock.is_at(os.path.join(directory, sock.name))

@@ -39,6 +39,13 @@ def check(who: Credentials, directory: Path, there: Path | None = None) -> str |
     return None
 
 
+def file_of(path: Path, uid: int) -> Path:
+    """A file at ``path`` that ``uid`` owns."""
+    path.touch()
+    os.chown(path, uid, uid)
+    return path
+
+
 @pytest.fixture
 def base(open_tmp: Path) -> Path:
     return open_tmp
@@ -78,12 +85,7 @@ def test_a_sticky_directory_keeps_another_users_file(base: Path) -> None:
     sticky = base / "tmp"
     sticky.mkdir()
     sticky.chmod(0o1777)
-    theirs = sticky / "theirs.sock"
-    theirs.touch()
-    os.chown(theirs, OTHER, OTHER)
-    mine = sticky / "mine.sock"
-    mine.touch()
-    os.chown(mine, USER, USER)
+    theirs, mine = (file_of(sticky / name, uid) for name, uid in (("a", OTHER), ("b", USER)))
     refused = f"may not remove another user's file from {sticky} (sticky)"
     assert check(user(), sticky, theirs) == refused
     assert check(user(), sticky) is None  # a new name is fine

@@ -20,6 +20,7 @@ import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,17 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="qvd-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Processes a test starts (a qemu, or a process standing for one): killed and reaped
+    when the test ends, however it ends."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass(frozen=True)
