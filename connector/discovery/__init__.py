@@ -68,6 +68,7 @@ class _Process:
     retry: asyncio.TimerHandle | None = None
     from_libvirt: bool = False
     deadline: float = 0.0  # monotonic end of the window for looking again (``_resolve``)
+    unproven: frozenset[str] = frozenset()  # unix paths it named, not seen listening on
 
 
 class Discovery:
@@ -288,6 +289,7 @@ class Discovery:
         file of this qemu's name and pid.
         """
         resolution = resolve_pid(process.pid, self.settings)
+        process.unproven = resolution.unproven
         if resolution.from_libvirt:
             process.from_libvirt = True
             named = {spec.path for spec in resolution.specs}
@@ -428,8 +430,13 @@ class Discovery:
         if not appeared:
             return
         # A new socket usually belongs to a qemu that has just started: take that qemu up
-        # first, so the channel is reported with its full identity (pid, uuid).
+        # first, so the channel is reported with its full identity (pid, uuid). A qemu
+        # already known that names the path, and was not listening there when looked at
+        # (a slow start: that look may have been its last), gets a new window: its claim
+        # counts once it listens there (the socket appears at its bind, before its listen).
         self._scan_processes("watch")
+        for process in [p for p in self._processes.values() if p.unproven.intersection(appeared)]:
+            self._for_process(self._look_again, process.pid)
         for path in appeared:
             if path not in self._owners:
                 name, port = guest_from_channel_path(path, self.settings.port_patterns)

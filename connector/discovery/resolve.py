@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from connector.discovery.access import Credentials, NotReadable, credentials
 from connector.discovery.fdinfo import pty_indices, unix_socket_path
+from connector.discovery.held import QemuSockets
 from connector.discovery.libvirt import LibvirtDomain, StatusXmlError, parse_status_xml
 from connector.discovery.qemu import (
     Chardev,
@@ -59,6 +60,9 @@ class Resolution:
     problems: tuple[str, ...] = ()
     from_libvirt: bool = False  # the specs come from libvirt's status file
     libvirt_name: str | None = None  # the guest name libvirt would file its status under
+    # The ``unix`` paths qemu names but was not seen listening on (yet): worth a look again
+    # when a socket appears there.
+    unproven: frozenset[str] = frozenset()
 
 
 def exe_name(pid: int, proc_root: str) -> str | None:
@@ -383,4 +387,35 @@ def resolve_pid(pid: int, settings: DiscoverySettings) -> Resolution:
         if domain is not None:
             return replace(specs_from_libvirt(domain, settings), libvirt_name=name)
     resolution = specs_from_cmdline(pid, qemu.cmdline, settings, qemu.start)
-    return replace(resolution, libvirt_name=name)
+    return replace(held_only(resolution, pid, settings), libvirt_name=name)
+
+
+def held_only(resolution: Resolution, pid: int, settings: DiscoverySettings) -> Resolution:
+    """``resolution`` without the ``unix`` channels whose socket qemu does not listen on,
+    each a problem instead.
+
+    A path is reported to the first qemu that names it, and whoever runs qemu writes its
+    command line and config files (read when discovery looks): naming another VM's socket
+    would have that VM's traffic served under this guest's name. The kernel says whose a
+    socket is (``held``): a listening socket qemu holds must be bound to that very file.
+    A ``unix-listen`` path is the connector's own socket, so there the peer that connects
+    is checked instead (``connector/channels/unix_listen.py``).
+
+    libvirt's status file is not checked here: libvirtd (root) writes it for this very
+    pid, from what it asked qemu, and no qemu user writes it. Its channels, like every
+    discovered one, are checked again at each connect (``connector/channels/unix.py``).
+    """
+    sockets = QemuSockets(pid, settings.proc_root)
+    specs: list[ChannelSpec] = []
+    problems = list(resolution.problems)
+    unproven: set[str] = set()
+    for spec in resolution.specs:
+        why = sockets.listener_at(spec.path) if spec.kind is ChannelKind.UNIX else None
+        if why is None:
+            specs.append(spec)
+        else:
+            problems.append(f"port {spec.identity.port}: {why}")
+            unproven.add(spec.path)
+    return replace(
+        resolution, specs=tuple(specs), problems=tuple(problems), unproven=frozenset(unproven)
+    )

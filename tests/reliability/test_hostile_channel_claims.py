@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +33,16 @@ from connector.discovery.settings import DiscoverySettings
 from connector.identity import ChannelKind, ChannelSpec, GuestIdentity
 from connector.limits import GuestLimits
 from connector.upstream import BrokerPool, BrokerURL, UpstreamSettings
-from tests.integration.discovery_helpers import RecordingSink, short_tmp, wait_for_path
+from tests.integration.discovery_helpers import (
+    FakeQemuProcess,
+    RecordingSink,
+    children,
+    poll_until,
+    python_named_qemu,
+    short_tmp,
+    wait_for_path,
+)
+from tests.reliability.test_hostile_discovery import qemu_args as fake_qemu_args
 
 QEMU = shutil.which("qemu-system-x86_64")
 NOBODY = 65534
@@ -45,17 +56,8 @@ pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64"),
     pytest.mark.skipif(os.geteuid() != 0, reason="runs qemu as nobody, serves as root"),
 ]
-__all__ = ["short_tmp"]  # a fixture, used by name
+__all__ = ["children", "short_tmp"]  # fixtures, used by name
 LOG = logging.getLogger("test.channel.claims")
-
-
-@pytest.fixture
-def qemus() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 def qemu_args(name: str, qmp: Path, chardev: str | None, *extra: str) -> list[str]:
@@ -90,7 +92,7 @@ def root_only(base: Path) -> Path:
 
 
 def start_qemu(
-    qemus: list[subprocess.Popen[bytes]], args: list[str], qmp: Path, user: int = NOBODY
+    children: list[subprocess.Popen[Any]], args: list[str], qmp: Path, user: int = NOBODY
 ) -> subprocess.Popen[bytes]:
     """qemu run by ``user``, once its chardevs exist."""
     proc = subprocess.Popen(
@@ -101,7 +103,7 @@ def start_qemu(
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    qemus.append(proc)
+    children.append(proc)
     wait_for_path(qmp)
     return proc
 
@@ -195,7 +197,7 @@ def served(path: Path) -> bool:
 
 
 def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """A qemu names a system service's socket (``/run/dbus/system_bus_socket``, the
     connector's own control socket) as its ``server=off`` path. The connector removed it
@@ -207,7 +209,7 @@ def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
     with listening(bus) as service:
         chardev = f"socket,id=c0,path={bus},server=off,reconnect=1"
         args = qemu_args("taker", home / "qmp.sock", chardev)
-        qemu = start_qemu(qemus, args, home / "qmp.sock", user=0)
+        qemu = start_qemu(children, args, home / "qmp.sock", user=0)
         spec = discovered(short_tmp, qemu.pid)[PORT]
         assert (spec.kind, spec.path) == (ChannelKind.UNIX_LISTEN, str(bus))
         with serving(spec) as channel:
@@ -220,7 +222,7 @@ def test_a_live_socket_a_qemu_names_is_left_to_whoever_serves_it(
 
 @pytest.mark.parametrize("there", ["a stale socket", "nothing"])
 def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], there: str
+    short_tmp: Path, children: list[subprocess.Popen[Any]], there: str
 ) -> None:
     """In a directory only root may write, the connector (root, or CAP_DAC_OVERRIDE)
     replaced a stale socket and made new ones for nobody's qemu: a socket where a
@@ -230,7 +232,7 @@ def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
     if there == "a stale socket":
         stale_socket(path)
     chardev = f"socket,id=c0,path={path},server=off,reconnect=1"
-    qemu = start_qemu(qemus, qemu_args("maker", home / "qmp.sock", chardev), home / "qmp.sock")
+    qemu = start_qemu(children, qemu_args("maker", home / "qmp.sock", chardev), home / "qmp.sock")
     with serving(discovered(short_tmp, qemu.pid)[PORT]) as channel:
         assert channel.state is ChannelState.ERROR
         assert channel.last_error is not None
@@ -242,7 +244,7 @@ def test_no_socket_is_made_or_removed_where_qemus_user_may_not_write(
 
 
 def test_a_daemonized_qemus_relative_socket_is_not_made_at_root_for_it(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """After ``-daemonize`` qemu connects to a relative ``server=off`` name from ``/``, so
     discovery reports ``/NAME``: the connector, as root, bound it there for nobody."""
@@ -267,7 +269,7 @@ def test_a_daemonized_qemus_relative_socket_is_not_made_at_root_for_it(
 
 
 def test_a_stale_socket_in_qemus_own_directory_is_replaced(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """What the checks must keep working: a socket left by an earlier run, where qemu's
     user may write, is replaced by the connector's."""
@@ -275,7 +277,7 @@ def test_a_stale_socket_in_qemus_own_directory_is_replaced(
     path = home / "listen.sock"
     stale_socket(path)
     chardev = f"socket,id=c0,path={path},server=off,reconnect=1"
-    qemu = start_qemu(qemus, qemu_args("mine", home / "qmp.sock", chardev), home / "qmp.sock")
+    qemu = start_qemu(children, qemu_args("mine", home / "qmp.sock", chardev), home / "qmp.sock")
     with serving(discovered(short_tmp, qemu.pid)[PORT]) as channel:
         assert (channel.state, channel.last_error) == (ChannelState.WAITING, None)
         assert served(path)  # by the connector (its mode keeps nobody's qemu out)
@@ -315,12 +317,10 @@ def test_a_closing_channel_removes_only_its_own_socket(short_tmp: Path) -> None:
 
 
 @pytest.fixture
-def nobodys_process() -> Iterator[int]:
+def nobodys_process(children: list[subprocess.Popen[Any]]) -> int:
     """A process of nobody's, standing for its qemu: the endpoint asks only whose it is."""
-    proc = subprocess.Popen(["sleep", "60"], user=NOBODY, group=NOBODY)
-    yield proc.pid
-    proc.kill()
-    proc.wait()
+    children.append(subprocess.Popen(["sleep", "60"], user=NOBODY, group=NOBODY))
+    return children[-1].pid
 
 
 def discovered_for(pid: int, path: Path) -> ChannelSpec:
@@ -393,14 +393,14 @@ CLAIM_CFG = """[chardev "c0"]
 
 
 def claiming_qemu(
-    qemus: list[subprocess.Popen[bytes]], home: Path, claimed: Path, server: str = "on"
+    children: list[subprocess.Popen[Any]], home: Path, claimed: Path, server: str = "on"
 ) -> subprocess.Popen[bytes]:
     """nobody's qemu ``attacker``, whose config names ``claimed`` once it has started."""
     config = home / "vm.cfg"
     config.write_text(CLAIM_CFG.format(path="own.sock", server="on"))
     os.chown(config, NOBODY, NOBODY)
     args = qemu_args("attacker", home / "qmp.sock", None, "-readconfig", "vm.cfg")
-    qemu = start_qemu(qemus, args, home / "qmp.sock")
+    qemu = start_qemu(children, args, home / "qmp.sock")
     config.write_text(CLAIM_CFG.format(path=claimed, server=server))
     return qemu
 
@@ -411,18 +411,17 @@ def root_dir(base: Path, name: str) -> Path:
     return directory
 
 
-@pytest.mark.xfail(strict=True, reason="a server=on path is reported to whoever claims it first")
 def test_a_qemu_naming_another_vms_socket_does_not_get_its_channel(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+    short_tmp: Path, children: list[subprocess.Popen[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """nobody's qemu (started first, so the scan meets it first) names root's VM's
     listening socket: the VM's traffic went to the broker under nobody's guest name."""
     home = home_of_nobody(short_tmp)
     socket_path = root_dir(short_tmp, "victim") / "amqp.sock"
-    attacker = claiming_qemu(qemus, home, socket_path)
+    attacker = claiming_qemu(children, home, socket_path)
     chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
     victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
-    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    victim = start_qemu(children, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
     assert attacker.pid < victim.pid
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         spec = scanned(discovery_settings(short_tmp))[str(socket_path)]
@@ -430,9 +429,8 @@ def test_a_qemu_naming_another_vms_socket_does_not_get_its_channel(
     assert f"port {PORT}: {socket_path} is not a socket this qemu listens on" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason="a watched socket is given to whoever claims it")
 def test_a_watched_socket_no_trusted_qemu_holds_is_not_given_to_one_that_names_it(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """A VM whose qemu discovery does not trust (its user is not in qemu_users) is served
     from its socket's path alone, under its directory's name. nobody's qemu named that
@@ -441,10 +439,10 @@ def test_a_watched_socket_no_trusted_qemu_holds_is_not_given_to_one_that_names_i
     target = root_dir(short_tmp, "target/domain-3-victim")
     os.chown(target, OTHER_USER, OTHER_USER)
     socket_path = target / PORT
-    claiming_qemu(qemus, home, socket_path)
+    claiming_qemu(children, home, socket_path)
     chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
     qmp = target / "qmp.sock"
-    start_qemu(qemus, qemu_args("victim", qmp, chardev), qmp, user=OTHER_USER)
+    start_qemu(children, qemu_args("victim", qmp, chardev), qmp, user=OTHER_USER)
     settings = discovery_settings(short_tmp, f"{short_tmp}/target/*/org.qpid.amqp.*")
     identity = scanned(settings)[str(socket_path)].identity
     assert (identity.name, identity.pid, identity.found_by) == ("victim", None, "watch")
@@ -452,7 +450,7 @@ def test_a_watched_socket_no_trusted_qemu_holds_is_not_given_to_one_that_names_i
 
 @pytest.mark.xfail(strict=True, reason="a unix channel connects to whoever listens at its path")
 def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """root's VM listens in a directory nobody may write (libvirt's channel directories
     are qemu's user's). nobody's qemu, given the same path, unlinks that socket and binds
@@ -462,11 +460,11 @@ def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
     socket_path = home / "amqp.sock"
     chardev = f"socket,id=c0,path={socket_path},server=on,wait=off"
     victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
-    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    victim = start_qemu(children, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
     spec = discovered(short_tmp, victim.pid)[PORT]
     taker_qmp = root_dir(short_tmp, "taker-qmp") / "qmp.sock"
     os.chown(taker_qmp.parent, NOBODY, NOBODY)
-    taker = start_qemu(qemus, qemu_args("taker", taker_qmp, chardev), taker_qmp)
+    taker = start_qemu(children, qemu_args("taker", taker_qmp, chardev), taker_qmp)
     with serving(spec) as channel:
         assert channel.state is ChannelState.ERROR
         assert f"its listener was made by pid {taker.pid}" in (channel.last_error or "")
@@ -476,16 +474,16 @@ def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
 
 @pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
 def test_a_unix_listen_channel_refuses_another_vms_qemu(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+    short_tmp: Path, children: list[subprocess.Popen[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """nobody's qemu claims the path root's VM connects to (``server=off``), and gets the
     channel. root's VM's qemu connected to it, and its guest was served as nobody's."""
     home = home_of_nobody(short_tmp)
     socket_path = home / "shared.sock"
-    attacker = claiming_qemu(qemus, home, socket_path, server="off")
+    attacker = claiming_qemu(children, home, socket_path, server="off")
     chardev = f"socket,id=c0,path={socket_path},server=off,reconnect=1"
     victim_qmp = root_dir(short_tmp, "victim-qmp") / "qmp.sock"
-    victim = start_qemu(qemus, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
+    victim = start_qemu(children, qemu_args("victim", victim_qmp, chardev), victim_qmp, user=0)
     assert attacker.pid < victim.pid
     spec = scanned(discovery_settings(short_tmp))[str(socket_path)]
     assert spec.identity.pid == attacker.pid  # the path is its to listen on; not its peer
@@ -501,15 +499,6 @@ def test_a_unix_listen_channel_refuses_another_vms_qemu(
         assert refusal in caplog.text
 
 
-@pytest.fixture
-def peers() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
-
-
 # A process that connects to argv[1] when told (a line on stdin), and holds the connection.
 PEER = (
     "import socket, sys\n"
@@ -522,7 +511,7 @@ PEER = (
 
 @pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
 def test_after_a_wrong_peer_the_channel_serves_its_own_qemu(
-    short_tmp: Path, peers: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+    short_tmp: Path, children: list[subprocess.Popen[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A refused peer costs the channel nothing: it keeps listening, and the qemu it was
     discovered for (here a process standing for it) is served when it connects."""
@@ -530,7 +519,7 @@ def test_after_a_wrong_peer_the_channel_serves_its_own_qemu(
     own = subprocess.Popen(
         [sys.executable, "-c", PEER, str(path)], stdin=subprocess.PIPE, text=True
     )
-    peers.append(own)
+    children.append(own)
     with caplog.at_level(logging.INFO), serving(discovered_for(own.pid, path)) as channel:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
             stranger.connect(str(path))
@@ -549,7 +538,7 @@ def test_after_a_wrong_peer_the_channel_serves_its_own_qemu(
 
 
 def test_a_listener_libvirt_makes_and_passes_to_qemu_is_qemus(
-    short_tmp: Path, qemus: list[subprocess.Popen[bytes]]
+    short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     """What the checks must keep working: libvirt binds a channel's socket and passes it
     to qemu (``fd=N``); the socket is qemu's, though another process made it."""
@@ -562,7 +551,7 @@ def test_a_listener_libvirt_makes_and_passes_to_qemu_is_qemus(
     proc = subprocess.Popen(
         qemu_args("passed", qmp, chardev), pass_fds=(fd,), stderr=subprocess.PIPE
     )
-    qemus.append(proc)
+    children.append(proc)
     listener.close()  # as libvirt does once qemu runs
     wait_for_path(qmp)
     spec = discovered(short_tmp, proc.pid)[PORT]
@@ -605,3 +594,43 @@ def test_a_daemonized_qemus_channels_are_its_own(short_tmp: Path) -> None:
         os.kill(pid, 9)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/{name}")
+
+
+def test_a_qemu_that_binds_its_socket_after_its_last_look_still_claims_it(
+    short_tmp: Path,
+) -> None:
+    """A socket is claimed only once qemu listens on it, and a qemu met while starting is
+    looked at for a few seconds only. A TCG qemu (no uevent) slower than that would have
+    its socket served from the path alone, under the directory's name: the socket's
+    appearance makes discovery look at the children that name it again."""
+    qemu = python_named_qemu(short_tmp)
+    directory = root_dir(short_tmp, "target/domain-5-slow")
+    path = directory / f"{PORT}.sock"
+    args = fake_qemu_args(directory, "slow", "-accel", "tcg", sock=PORT)
+    settings = replace(
+        discovery_settings(short_tmp, f"{short_tmp}/target/*/org.qpid.amqp.*"),
+        sources=frozenset({"watch"}),
+        libvirt_retry_seconds=0.05,
+    )
+
+    async def scenario() -> None:
+        slow = FakeQemuProcess(qemu, args, hold=True)
+        try:
+            await poll_until(lambda: "slow" in Path(f"/proc/{slow.pid}/cmdline").read_text())
+            sink = RecordingSink()
+            discovery = Discovery(settings, sink, asyncio.get_running_loop(), LOG)
+            discovery.start()
+            try:
+                await asyncio.sleep(0.2)  # its window has closed
+                assert sink.live(str(directory)) == {}
+                slow.command("go")
+                # It binds before it listens, and the watch may see the socket in between:
+                # served from its path alone until the look that sees it listening.
+                await sink.wait_for(lambda: str(path) in sink.of_pid(slow.pid))
+                assert sink.live()[str(path)].identity.name == "slow"
+            finally:
+                discovery.stop()
+        finally:
+            slow.stop()
+
+    asyncio.run(scenario())

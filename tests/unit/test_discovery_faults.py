@@ -23,7 +23,7 @@ from tests.unit.test_discovery_resolve import QEMU, FakeProc
 def _argv(name: str) -> list[str]:
     return [
         "qemu", "-name", f"guest={name}",
-        "-chardev", f"socket,id=c0,path=/run/{name}.sock,server=on",
+        "-chardev", f"socket,id=c0,path=/run/{name}.sock,server=off",
         "-device", f"virtserialport,chardev=c0,name={PORT}",
     ]  # fmt: skip
 
