@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable
+from .channels.endpoint import Endpoint, EndpointGone, EndpointUnavailable, WrongPeer
 from .channels.framing import SASL_HEADER, HeaderFound, HeaderScanner, starts_new_connection
 from .channels.pty import PtyEndpoint
 from .channels.unix import UnixEndpoint
@@ -68,6 +68,9 @@ BACKOFF_MAX_S = 5.0
 ERROR_RETRY_S = 30.0
 # Errors kept per channel for `qpid-virtio-status guest NAME`.
 RECENT_ERRORS = 20
+# The condition a refused peer is counted under (``errors_by_condition``): a process that
+# is not the channel's qemu, at its path (``WrongPeer``).
+WRONG_PEER = "connector:wrong-peer"
 # Stop reading one side while the other side has this much waiting to be written, and
 # resume below the low mark: memory per channel stays bounded whatever the peers do.
 BACKLOG_HIGH = 4 * 1024 * 1024
@@ -290,6 +293,10 @@ class Channel:
             return
         try:
             result = self._endpoint.connect()
+        except WrongPeer as err:
+            if not self._wrong_peer(str(err)):
+                return
+            result = None  # a listener: listen on for the peer it is for
         except EndpointUnavailable as err:
             self._stop_listening()
             self._note_wait(f"{self.spec.path}: {err}")
@@ -312,6 +319,19 @@ class Channel:
             self._set_state(ChannelState.WAITING, None)
             return
         self._attach_fd(result)
+
+    def _wrong_peer(self, why: str) -> bool:
+        """A peer the endpoint refused (not the qemu this channel was discovered for):
+        logged (the guest's name with it) and counted. A listener listens on for its own
+        qemu (True); a socket connected to is someone else's, an error retried slowly."""
+        message = f"{self.spec.path}: {why}"
+        self.log.warning("%s", message)
+        self._record_error(message, WRONG_PEER)
+        if self._endpoint.listen_fd() is not None:
+            return True
+        self._set_state(ChannelState.ERROR, None)
+        self._schedule_retry(ERROR_RETRY_S)
+        return False
 
     def _stop_listening(self) -> None:
         """Until the retry: a peer waiting to be accepted keeps the listening socket

@@ -10,6 +10,7 @@ import abc
 import errno
 import os
 import socket
+import struct
 
 # Errors that say the connector itself ran out of descriptors or memory. They are never
 # "the other end is not there yet": the channel reports them as an error (a warning, state
@@ -26,6 +27,23 @@ class EndpointGone(Exception):
 
 class EndpointUnavailable(Exception):
     """The endpoint is not reachable now (socket missing, refused); try again later."""
+
+
+class WrongPeer(Exception):
+    """The far end is not the qemu the channel was discovered for, as the kernel says:
+    refused. The message says whose it is instead, with both pids."""
+
+
+# struct ucred, as SO_PEERCRED returns it: pid, uid, gid.
+_UCRED = struct.Struct("=iII")
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid the kernel recorded for a unix socket's peer (``SO_PEERCRED``): the process
+    that connected, for an accepted socket; the one that called ``listen``, for a socket
+    that connected. 0 when that process is in a PID namespace the daemon cannot see."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(raw)[0])
 
 
 class Endpoint(abc.ABC):

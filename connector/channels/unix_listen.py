@@ -1,7 +1,12 @@
 """``unix-listen``: we listen on the path and qemu connects (``server=off,reconnect=N``).
 
 One peer at a time: a channel is one virtio-serial port, so a second connection while one
-is served is closed at once (and logged by the channel) rather than queued.
+is served is closed at once (and logged by the channel) rather than queued. For a
+discovered channel the peer must be the qemu it was discovered for: the kernel records
+the pid of the process that connected (``SO_PEERCRED``), which after ``-daemonize`` is the
+running qemu, the pid discovery reports (qemu connects anew at each attempt). Any other
+peer, another VM's qemu given the same path, is closed (``WrongPeer``, which the channel
+logs and counts) and the channel listens on for its own.
 
 The path comes from qemu's command line (or the operator's configuration), and the daemon
 binds and unlinks with its own rights, root's or ``CAP_DAC_OVERRIDE``. Named by a qemu
@@ -40,7 +45,14 @@ from dataclasses import dataclass
 
 from connector.discovery.access import NotPermitted, credentials
 
-from .endpoint import OUT_OF_RESOURCES, PROC_ROOT, Endpoint, EndpointUnavailable
+from .endpoint import (
+    OUT_OF_RESOURCES,
+    PROC_ROOT,
+    Endpoint,
+    EndpointUnavailable,
+    WrongPeer,
+    peer_pid,
+)
 
 # An AF_UNIX address is at most 108 bytes (sun_path), NUL included for whoever reads it
 # back as a string. ``/proc/self/fd/N/`` takes 16 to 22 of them, so a discovered socket's
@@ -169,7 +181,8 @@ class UnixListenEndpoint(Endpoint):
 
     def connect(self) -> socket.socket | None:
         """Accept a waiting peer, or None when nobody has connected yet. A socket that
-        cannot be bound is an OSError (the channel's ``error``), not a wait."""
+        cannot be bound is an OSError (the channel's ``error``), not a wait; a peer that
+        is not the discovered qemu is closed, and WrongPeer says whose it was."""
         listener = self._listen()
         try:
             conn, _ = listener.accept()
@@ -179,6 +192,13 @@ class UnixListenEndpoint(Endpoint):
             if err.errno in OUT_OF_RESOURCES:
                 raise  # the connector's problem, not the peer's: an error, not a wait
             raise EndpointUnavailable(str(err)) from err
+        if self.qemu_pid is not None:
+            pid = peer_pid(conn)
+            if pid != self.qemu_pid:
+                conn.close()
+                raise WrongPeer(
+                    f"refused pid {pid}: not qemu pid {self.qemu_pid}, whose channel this is"
+                )
         conn.setblocking(False)
         return conn
 

@@ -448,7 +448,6 @@ def test_a_watched_socket_no_trusted_qemu_holds_is_not_given_to_one_that_names_i
     assert (identity.name, identity.pid, identity.found_by) == ("victim", None, "watch")
 
 
-@pytest.mark.xfail(strict=True, reason="a unix channel connects to whoever listens at its path")
 def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
     short_tmp: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
@@ -472,7 +471,6 @@ def test_a_socket_another_qemu_took_after_discovery_is_refused_at_connect(
         assert channel.errors_by_condition["connector:wrong-peer"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
 def test_a_unix_listen_channel_refuses_another_vms_qemu(
     short_tmp: Path, children: list[subprocess.Popen[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -509,7 +507,6 @@ PEER = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="a unix-listen channel accepts any peer")
 def test_after_a_wrong_peer_the_channel_serves_its_own_qemu(
     short_tmp: Path, children: list[subprocess.Popen[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,8 @@ import pytest
 
 import connector.discovery.held
 import connector.discovery.sockdiag
+from connector.channels.endpoint import WrongPeer
+from connector.channels.unix import UnixEndpoint
 from connector.discovery.held import Kept, QemuSockets, holds_connection
 from connector.discovery.sockdiag import BoundSocket, sockets_by_inode
 from tests.integration.discovery_helpers import children
@@ -191,3 +193,19 @@ def test_a_connection_waiting_on_or_accepted_by_qemus_socket_is_qemus(
     assert holder.stdout.readline() == "accepted\n"
     assert holds_connection(holder.pid, conn, "/proc")
     assert not holds_connection(os.getppid(), conn, "/proc")  # a process holding neither
+
+
+def test_a_unix_channel_serves_qemus_passed_listener_and_refuses_another(
+    tmp_path: Path, sockets: list[socket.socket], children: list[subprocess.Popen[Any]]
+) -> None:
+    path = tmp_path / "passed.sock"
+    holder = holding(children, listening(sockets, path))
+    served = UnixEndpoint(str(path), holder.pid).connect()
+    served.close()
+    with pytest.raises(WrongPeer) as refused:
+        UnixEndpoint(str(path), os.getppid()).connect()
+    assert str(refused.value) == (
+        f"the socket there is not qemu pid {os.getppid()}'s: its listener was made by pid "
+        f"{os.getpid()}, and qemu holds neither it nor this connection"
+    )
+    assert UnixEndpoint(str(path), os.getpid()).connect()  # SO_PEERCRED settles it
