@@ -4,8 +4,10 @@
 The daemon runs as root or with ``CAP_DAC_OVERRIDE``: it may bind, unlink and connect where
 qemu's user may not. What a qemu's command line names must not let that user use those
 rights: the connector must not remove or take over a socket someone serves, nor make one
-where qemu's user could not. Each test here showed a hole (strict xfail until it was
-fixed), or pins what the fix must keep working.
+where qemu's user could not. Nor may a qemu claim another VM's channel by naming its path:
+a socket is a qemu's only when the kernel says so, and a channel's peer must be its qemu.
+Each test here showed a hole (strict xfail until it was fixed), or pins what the fix must
+keep working.
 """
 
 from __future__ import annotations
