@@ -71,6 +71,10 @@ RECENT_ERRORS = 20
 # The condition a refused peer is counted under (``errors_by_condition``): a process that
 # is not the channel's qemu, at its path (``WrongPeer``).
 WRONG_PEER = "connector:wrong-peer"
+# A refused peer is logged at most once per this many seconds (the rest are counted in
+# that line and in the channel's errors): a process connecting in a loop must not flood
+# the journal.
+WRONG_PEER_LOG_S = 60.0
 # Stop reading one side while the other side has this much waiting to be written, and
 # resume below the low mark: memory per channel stays bounded whatever the peers do.
 BACKLOG_HIGH = 4 * 1024 * 1024
@@ -230,6 +234,8 @@ class Channel:
         self._scanner = HeaderScanner()
         self._sock: socket.socket | None = None
         self._fd: int | None = None
+        self._wrong_peer_logged = -WRONG_PEER_LOG_S  # when a refused peer was last logged
+        self._wrong_peers_quiet = 0  # refused since, not logged
         self._listening = False
         self._writing = False
         self._paused = False
@@ -325,7 +331,14 @@ class Channel:
         logged (the guest's name with it) and counted. A listener listens on for its own
         qemu (True); a socket connected to is someone else's, an error retried slowly."""
         message = f"{self.spec.path}: {why}"
-        self.log.warning("%s", message)
+        now = time.monotonic()
+        if now - self._wrong_peer_logged >= WRONG_PEER_LOG_S:
+            quiet, self._wrong_peers_quiet = self._wrong_peers_quiet, 0
+            more = f" ({quiet} more refused since the last line)" if quiet else ""
+            self.log.warning("%s%s", message, more)
+            self._wrong_peer_logged = now
+        else:
+            self._wrong_peers_quiet += 1
         self._record_error(message, WRONG_PEER)
         if self._endpoint.listen_fd() is not None:
             return True

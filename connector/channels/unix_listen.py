@@ -58,6 +58,8 @@ from .endpoint import (
 # back as a string. ``/proc/self/fd/N/`` takes 16 to 22 of them, so a discovered socket's
 # name may be up to about 85 bytes.
 MAX_ADDRESS_BYTES = 107
+# A discovered channel's socket is rw for all (0666): its qemu runs as another user.
+CONNECTABLE_UMASK = 0o111
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,10 @@ class UnixListenEndpoint(Endpoint):
                 os.unlink(place.name, dir_fd=place.directory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(place.address)
+            if place.directory is None:
+                sock.bind(place.address)  # the operator's path, under the daemon's umask
+            else:
+                _bind_connectable(sock, place.address)
             sock.listen(1)
         except OSError:
             sock.close()
@@ -224,6 +229,21 @@ class UnixListenEndpoint(Endpoint):
             with contextlib.suppress(OSError):
                 os.unlink(place.name, dir_fd=place.directory)
         place.close()
+
+
+def _bind_connectable(sock: socket.socket, address: str) -> None:
+    """Bind a discovered channel's socket so that its qemu, another user's process, may
+    connect: connecting to a unix socket needs write permission on its file, which the
+    daemon's umask (022) takes from everyone else. Only the discovered qemu is served
+    whoever connects (``SO_PEERCRED``, in ``connect``), and the directory is one qemu's
+    user may write anyway. The mode is set by the bind itself, under a umask changed for
+    that call (the loop's thread is the only one that makes files): a chmod after it would
+    follow whatever qemu's user had put at the name meanwhile."""
+    old = os.umask(CONNECTABLE_UMASK)
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
 
 
 def _same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
