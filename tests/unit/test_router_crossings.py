@@ -11,7 +11,7 @@ written (``transport.pending()``) before it reads what the other side sent meanw
 from __future__ import annotations
 
 import pytest
-from proton import Endpoint, Event, Link
+from proton import Condition, Endpoint, Event, Link
 
 from tests.support.attach_peer import echo_flow
 from tests.support.routing import Harness, attach, link_count, receive_all, send_message
@@ -161,6 +161,63 @@ def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
     h.pump(rounds=2000)
     assert h.guest.transport.condition is None
     assert again.state & Endpoint.REMOTE_ACTIVE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a held attach answer is bypassed when the link ends meanwhile",
+)
+@pytest.mark.parametrize("ender", ["broker-refuses", "guest-gives-up"])
+def test_a_held_answer_stays_held_when_its_link_ends_meanwhile(ender: str) -> None:
+    """As above, the answer to the guest's new attach waits for our answer to its detach
+    of the namesake; but the new link ends while it waits: the broker refuses it (attach
+    and detach), or the guest detaches it again. Either way the guest is owed an attach
+    and a detach, and that attach, written with the namesake's detach, failed the guest's
+    connection ("link name already attached") just as the held answer would have."""
+    h = Harness()
+    attaches = []
+
+    def broker(ev: Event) -> None:
+        link = ev.link
+        if ev.type.name == "PN_LINK_REMOTE_CLOSE":
+            link.close()
+            return
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        link.open()
+        attaches.append(link.name)
+        if ender == "broker-refuses" and attaches.count("sub") == 2:
+            link.condition = Condition("amqp:resource-locked", "still in use")
+            link.close()
+
+    h.answering(broker, "PN_LINK_REMOTE_OPEN", "PN_LINK_REMOTE_CLOSE")
+    _, big, far = h.receiver("big", "q")
+    big.flow(1)
+    h.pump()
+    first = attach(big.session, "sub", "q2", sending=False)
+    h.pump()
+    send_message(far, "big", "x" * LARGE)
+    for _ in range(200):  # we take the large message; the guest reads none of it
+        h.hops(">broker", "broker>")
+    first.close()
+    h.guest.transport.pending()
+    again = attach(big.session, "sub", "q2", sending=False)
+    h.hops("guest>")
+    for _ in range(3):  # the broker answers the detach, then the new attach
+        h.hops(">broker", "broker>")
+    if ender == "guest-gives-up":
+        again.close()
+        h.guest.transport.pending()
+        h.hops("guest>", ">broker", "broker>")
+    h.pump(rounds=2000)
+    assert h.guest.transport.condition is None
+    assert again.state & Endpoint.REMOTE_CLOSED
+    if ender == "broker-refuses":
+        assert again.remote_condition.name == "amqp:resource-locked"
+        again.close()
+        h.pump()
+    assert not h.router._answers_held and not h.router._ended_unbegun
+    assert link_count(h.router.guest.connection) == 1  # "big" alone
 
 
 @pytest.mark.parametrize("receiving", [True, False], ids=["guest-receives", "guest-sends"])
