@@ -130,12 +130,15 @@ class Router:
         # once its session's begin is written: ended (or freed) before, the link is never
         # written at all, and the guest never hears its detach answered. So they are
         # answered when the session is begun (``_begin``) and freed once that is written.
+        # So are those ended while a namesake's detach waits to be written: their attach
+        # may not go before it (``_answer_guest_attach``, ``_free_written_links``).
         self._ended_unbegun: dict[Any, bool] = {}
         # Links we have ended, to free once their detach is out (``_free_written_links``).
         self._unwritten_links: list[Any] = []
         # Broker answers to a guest's attach, held while that guest link's namesake waits
-        # for its detach to be written (``_answer_guest_attach``).
-        self._answers_held: list[Any] = []
+        # for its detach to be written (``_answer_guest_attach``), and whether the broker
+        # then only detached the link (None: it has not ended it).
+        self._answers_held: dict[Any, bool | None] = {}
         # A broker's redirect, the info of its close, while the channel has not yet decided
         # what to do with it (follow it, or end the guest's connection): never for the guest.
         self.redirect: dict[Any, Any] | None = None
@@ -737,13 +740,23 @@ class Router:
 
     def _answer_ended_links(self, ssn: Any) -> None:
         """The guest's session ``ssn`` has just been begun: answer the attach and the
-        detach of its links that the guest ended before (``_ended_unbegun``). They are
-        freed once that output is produced (``_free_written_links``)."""
+        detach of its links that the guest ended before (``_ended_unbegun``)."""
         for link in self._ended_on(ssn):
-            detach_only = self._ended_unbegun.pop(link)
-            lib.pn_link_open(link)
-            (lib.pn_link_detach if detach_only else lib.pn_link_close)(link)
-            self._unwritten_links.append(link)
+            self._answer_ended(link)
+
+    def _answer_ended(self, link: Any) -> None:
+        """Answer the attach and the detach of ``link``, which the guest ended before we
+        could (``_ended_unbegun``); it is freed once that output is produced
+        (``_free_written_links``)."""
+        detach_only = self._ended_unbegun.pop(link)
+        lib.pn_link_open(link)
+        (lib.pn_link_detach if detach_only else lib.pn_link_close)(link)
+        self._unwritten_links.append(link)
+
+    def _namesake_unwritten(self, glink: Any) -> bool:
+        """Whether a namesake of the guest's link ``glink`` waits for our detach of it to be
+        written: ``glink``'s attach may not be written before it (``_answer_guest_attach``)."""
+        return any(_namesakes(link, glink) for link in self._unwritten_links)
 
     def _ended_on(self, ssn: Any) -> list[Any]:
         """The links of session ``ssn`` in ``_ended_unbegun``."""
@@ -769,9 +782,16 @@ class Router:
                 lib.pn_link_free(link)
         self._unwritten_links = waiting
         if self._answers_held:  # attaches waiting for a namesake's detach to go out
-            held, self._answers_held = self._answers_held, []
-            for ulink in held:
+            held, self._answers_held = self._answers_held, {}
+            for ulink, detach_only in held.items():
                 self._answer_guest_attach(ulink)
+                if ulink in self._answers_held:
+                    self._answers_held[ulink] = detach_only  # still held
+                elif detach_only is not None and ulink in self.routes:  # the broker ended it
+                    self._link_ended(ulink, False, detach_only)
+        for link in [link for link in self._ended_unbegun if not _session_unbegun(link)]:
+            if not self._namesake_unwritten(link):  # held behind a namesake's detach
+                self._answer_ended(link)
 
     # -- links ---------------------------------------------------------------------------
 
@@ -904,13 +924,13 @@ class Router:
         if uroute is None or uroute.peer is None:
             return
         glink = uroute.peer.link
-        if any(_namesakes(link, glink) for link in self._unwritten_links):
+        if self._namesake_unwritten(glink):
             # The guest attached this name again before our answer to its detach of the
             # last one could be written (its output was full): proton writes every attach
             # of one pass before every detach, and the guest's proton would take this
             # answer for a second link of that name and fail the connection. Answered once
             # that detach is out (``_free_written_links``).
-            self._answers_held.append(ulink)
+            self._answers_held.setdefault(ulink, None)
             return
         copy_attach(glink, ulink, self.guest, self.upstream)
         for term in (lib.pn_link_source(glink), lib.pn_link_target(glink)):
@@ -932,6 +952,16 @@ class Router:
 
     def _on_link_remote_close(self, ev: Any, from_guest: bool) -> None:
         link = lib.pn_event_link(ev)
+        detach_only = lib.pn_event_type(ev) == lib.PN_LINK_REMOTE_DETACH
+        if not from_guest and link in self._answers_held:
+            # Its attach's answer waits for a namesake's detach to be written: so does its
+            # detach, passed on once that attach is (``_free_written_links``).
+            self._answers_held[link] = detach_only
+            return
+        self._link_ended(link, from_guest, detach_only)
+
+    def _link_ended(self, link: Any, from_guest: bool, detach_only: bool) -> None:
+        """The peer on ``link``'s side detached it (``detach_only``) or closed it."""
         if link in self._awaiting_detach:
             # We already closed this one on behalf of its twin; this is the answer.
             self._awaiting_detach.discard(link)
@@ -939,7 +969,6 @@ class Router:
             lib.pn_link_free(link)
             return
         route = self.routes.get(link)
-        detach_only = lib.pn_event_type(ev) == lib.PN_LINK_REMOTE_DETACH
         end = lib.pn_link_detach if detach_only else lib.pn_link_close
         if route is not None and route.peer is not None:
             twin = route.peer.link
@@ -955,7 +984,12 @@ class Router:
             if cond:
                 who = "guest" if from_guest else "broker"
                 self._log.info("%s detached link %s%s", who, route.name, _fmt_cond(cond))
-        if from_guest and _session_unbegun(link):
+        # Our answer to its attach must wait: for its session's begin, or for our answer to
+        # a namesake's detach to be written (``_answer_guest_attach``).
+        waits = _session_unbegun(link) or (
+            lib.pn_link_state(link) & _LOCAL_UNINIT and self._namesake_unwritten(link)
+        )
+        if from_guest and waits:
             self._ended_unbegun[link] = detach_only
         else:
             if lib.pn_link_state(link) & _LOCAL_UNINIT:
@@ -984,6 +1018,7 @@ class Router:
                 # holds): the link is going, so these never go, and were not routed.
                 self._uncount(upstream, max(0, -lib.pn_link_credit(r.link)))
             self.routes.pop(r.link, None)
+            self._answers_held.pop(r.link, None)  # gone, it is owed no answer
             if r.link in self._ended_unbegun:
                 continue  # answered and freed once its session is begun
             state = lib.pn_link_state(r.link)

@@ -163,10 +163,6 @@ def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
     assert again.state & Endpoint.REMOTE_ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a held attach answer is bypassed when the link ends meanwhile",
-)
 @pytest.mark.parametrize("ender", ["broker-refuses", "guest-gives-up"])
 def test_a_held_answer_stays_held_when_its_link_ends_meanwhile(ender: str) -> None:
     """As above, the answer to the guest's new attach waits for our answer to its detach
