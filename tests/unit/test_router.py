@@ -669,3 +669,34 @@ def test_a_session_begun_and_ended_before_the_brokers_open_never_reaches_the_bro
     assert not h.router.upstream_dead
     assert not [line for line in received if "@begin" in line or "@end" in line]
     assert h.router.session_count() == 0
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: the freed twin's state is read")
+def test_a_twin_freed_unbegun_is_not_touched_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest session ended before the broker's open has its upstream twin freed unwritten
+    (``_end_upstream``); the end's handling then read that freed twin's state to decide
+    whether to free it again: a use after free, and a double free should the freed memory
+    read as ended."""
+    from connector.routing import router as module
+
+    freed: set[Any] = set()
+    real = module.lib
+
+    class Watch:
+        def __getattr__(self, name: str) -> Any:
+            fn = getattr(real, name)
+            if not name.startswith("pn_session_"):
+                return fn
+
+            def call(ssn: Any, *args: Any) -> Any:
+                assert ssn not in freed, f"{name} on a freed session"
+                if name == "pn_session_free":
+                    freed.add(ssn)
+                return fn(ssn, *args)
+
+            return call
+
+    monkeypatch.setattr(module, "lib", Watch())
+    h = Harness(guest=False, broker_answers_open=False)
+    h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + frame(performative(END)))
+    h.pump()
