@@ -685,7 +685,8 @@ class Router:
         if twin is not None:
             copy_condition(lib.pn_session_condition(twin), lib.pn_session_remote_condition(ssn))
             if from_guest:
-                self._end_upstream(twin)
+                if self._end_upstream(twin):
+                    twin = None  # freed: not to be touched again below
             else:
                 if lib.pn_session_state(twin) & _LOCAL_UNINIT:
                     lib.pn_session_open(twin)  # an end must follow a begin
@@ -699,7 +700,7 @@ class Router:
         if twin is not None and lib.pn_session_state(twin) & _REMOTE_CLOSED:
             self._free_session(twin)
 
-    def _end_upstream(self, up: Any) -> None:
+    def _end_upstream(self, up: Any) -> bool:
         """The guest ended the session whose upstream twin is ``up``: end ``up`` too, once
         that is safe.
 
@@ -709,15 +710,18 @@ class Router:
         reply to unknown channel"), and every other link of the guest with it; Artemis, given
         the end first, even answers for channel 65535. So ``up`` is ended when the broker's
         begin arrives. One never begun (the broker's open had not come) was never written:
-        it is freed, and the broker never hears of it.
+        it is freed, and the broker never hears of it: whether it was is returned, so the
+        caller does not read the freed session again.
         """
         state = lib.pn_session_state(up)
         if state & _LOCAL_UNINIT:
             self._free_session(up)
-        elif state & _REMOTE_UNINIT:
+            return True
+        if state & _REMOTE_UNINIT:
             self._end_when_begun.add(up)
         elif not state & _LOCAL_CLOSED:
             lib.pn_session_close(up)
+        return False
 
     def _free_session(self, ssn: Any) -> None:
         """Free a session ended both ways. Its links go with it, so none of them is awaited

@@ -671,7 +671,6 @@ def test_a_session_begun_and_ended_before_the_brokers_open_never_reaches_the_bro
     assert h.router.session_count() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the freed twin's state is read")
 def test_a_twin_freed_unbegun_is_not_touched_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest session ended before the broker's open has its upstream twin freed unwritten
     (``_end_upstream``); the end's handling then read that freed twin's state to decide
