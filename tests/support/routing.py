@@ -323,3 +323,37 @@ def link_count(conn: Any) -> int:
         count += 1
         link = lib.pn_link_next(link, 0)
     return count
+
+
+class FreedWatch:
+    """Stands in for the router module's ``lib`` and fails any ``pn_session_*`` or
+    ``pn_link_*`` call on a session the router freed, or on a link freed with it (proton
+    frees a session's links with it): a use after free that proton would not report, and
+    that reads whatever the memory holds by then."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._freed: set[Any] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._real, name)
+        if not name.startswith(("pn_session_", "pn_link_")):
+            return fn
+
+        def call(obj: Any, *args: Any) -> Any:
+            assert obj not in self._freed, f"{name} on a freed session or link"
+            if name == "pn_session_free":
+                self._freed.add(obj)
+                self._freed.update(self._links_of(obj))
+            return fn(obj, *args)
+
+        return call
+
+    def _links_of(self, ssn: Any) -> list[Any]:
+        real = self._real
+        links, link = [], real.pn_link_head(real.pn_session_connection(ssn), 0)
+        while link:
+            if real.pn_link_session(link) == ssn:
+                links.append(link)
+            link = real.pn_link_next(link, 0)
+        return links

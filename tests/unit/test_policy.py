@@ -8,7 +8,16 @@ from proton import Delivery, Message
 from connector.errors import ConfigError
 from connector.policy import Policy
 from connector.routing.route import AttachRequest
-from tests.support.routing import Harness, attach, link_count, send_message
+from tests.reliability.amqp import (
+    AMQP_HEADER,
+    END,
+    attach_frame,
+    begin_frame,
+    frame,
+    open_frame,
+    performative,
+)
+from tests.support.routing import FreedWatch, Harness, attach, link_count, send_message
 
 
 def _req(address: str | None, *, sending: bool = True, dynamic: bool = False) -> AttachRequest:
@@ -101,6 +110,28 @@ def test_refused_links_are_freed_once_the_guest_answers(closing: bool) -> None:
         (snd.close if closing else snd.detach)()
         h.pump()
     assert link_count(h.router.guest.connection) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the deferred refusal outlives its freed link")
+def test_a_refusal_waiting_for_the_brokers_open_goes_with_its_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal waits for our open, which waits for the broker's. A guest that ends the
+    link's session meanwhile has the link freed with it; the refusal, still listed, then
+    read that freed link at the open."""
+    from connector.routing import router as module
+
+    monkeypatch.setattr(module, "lib", FreedWatch(module.lib))
+    h = Harness(guest=False, broker_answers_open=False)
+    h.router._policy = POLICY.for_guest("web1")
+    forbidden = attach_frame("peek", 0, sender=True, address="guests.web2.secrets")
+    h.router.guest.push(
+        AMQP_HEADER + open_frame() + begin_frame() + forbidden + frame(performative(END))
+    )
+    h.pump()
+    h.broker.connection.open()
+    h.pump()
+    assert h.router.error is None
 
 
 def _relay_harness(policy: Policy, guest: str = "web1"):

@@ -35,6 +35,7 @@ from tests.reliability.amqp import (
 )
 from tests.support.routing import (
     IDENTITY,
+    FreedWatch,
     Harness,
     attach,
     link_count,
@@ -678,24 +679,7 @@ def test_a_twin_freed_unbegun_is_not_touched_again(monkeypatch: pytest.MonkeyPat
     read as ended."""
     from connector.routing import router as module
 
-    freed: set[Any] = set()
-    real = module.lib
-
-    class Watch:
-        def __getattr__(self, name: str) -> Any:
-            fn = getattr(real, name)
-            if not name.startswith("pn_session_"):
-                return fn
-
-            def call(ssn: Any, *args: Any) -> Any:
-                assert ssn not in freed, f"{name} on a freed session"
-                if name == "pn_session_free":
-                    freed.add(ssn)
-                return fn(ssn, *args)
-
-            return call
-
-    monkeypatch.setattr(module, "lib", Watch())
+    monkeypatch.setattr(module, "lib", FreedWatch(module.lib))
     h = Harness(guest=False, broker_answers_open=False)
     h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + frame(performative(END)))
     h.pump()
