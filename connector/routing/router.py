@@ -736,6 +736,11 @@ class Router:
                 self._attach_held(link)
         for link in self._ended_on(ssn):
             del self._ended_unbegun[link]
+        if self._deferred_refusals:  # its links go with it: no refusal is owed them
+            self._deferred_refusals = [
+                (link, why) for link, why in self._deferred_refusals
+                if lib.pn_link_session(link) != ssn
+            ]  # fmt: skip
         if self._unwritten_links:  # freed with it
             self._unwritten_links = [
                 link for link in self._unwritten_links if lib.pn_link_session(link) != ssn

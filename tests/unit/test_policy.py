@@ -112,7 +112,6 @@ def test_refused_links_are_freed_once_the_guest_answers(closing: bool) -> None:
     assert link_count(h.router.guest.connection) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the deferred refusal outlives its freed link")
 def test_a_refusal_waiting_for_the_brokers_open_goes_with_its_session(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
