@@ -329,7 +329,14 @@ class FreedWatch:
     """Stands in for the router module's ``lib`` and fails any ``pn_session_*`` or
     ``pn_link_*`` call on a session the router freed, or on a link freed with it (proton
     frees a session's links with it): a use after free that proton would not report, and
-    that reads whatever the memory holds by then."""
+    that reads whatever the memory holds by then. Proton may put a new session or link at
+    a freed one's address: one handed out again (by an event, or made by the router) is
+    live."""
+
+    # Calls that hand out a live session or link, perhaps at a freed one's address.
+    _LIVE = frozenset(
+        {"pn_event_session", "pn_event_link", "pn_session", "pn_sender", "pn_receiver"}
+    )
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -337,6 +344,14 @@ class FreedWatch:
 
     def __getattr__(self, name: str) -> Any:
         fn = getattr(self._real, name)
+        if name in self._LIVE:
+
+            def live(*args: Any) -> Any:
+                made = fn(*args)
+                self._freed.discard(made)
+                return made
+
+            return live
         if not name.startswith(("pn_session_", "pn_link_")):
             return fn
 
