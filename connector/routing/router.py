@@ -343,6 +343,8 @@ class Router:
             copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
             lib.pn_connection_open(g)
             for ssn, twin in list(self._sessions.items()):  # in the order the guest began them
+                if ssn not in self._sessions:
+                    continue  # the upstream twin of one refused just now: freed (_begin)
                 guest_side = lib.pn_session_connection(ssn) == g
                 if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
                     self._begin(ssn, twin)
