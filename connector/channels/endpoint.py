@@ -16,9 +16,6 @@ import struct
 # "the other end is not there yet": the channel reports them as an error (a warning, state
 # ``error``) and retries, where a missing peer is only waited for.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Where a discovered channel's qemu is looked up (its user, its sockets): the daemon runs in
-# the host's PID namespace, as discovery does.
-PROC_ROOT = "/proc"
 
 
 class EndpointGone(Exception):

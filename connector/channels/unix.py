@@ -22,9 +22,9 @@ import errno
 import socket
 
 from connector.discovery.held import holds_connection
+from connector.discovery.settings import DEFAULT_PROC_ROOT
 
 from .endpoint import (
-    PROC_ROOT,
     Endpoint,
     EndpointUnavailable,
     WrongPeer,
@@ -64,7 +64,7 @@ class UnixEndpoint(Endpoint):
         if made_by == qemu:
             return
         try:
-            if holds_connection(qemu, sock, PROC_ROOT):
+            if holds_connection(qemu, sock, DEFAULT_PROC_ROOT):
                 return
             why = "qemu holds neither it nor this connection"
         except OSError as exc:

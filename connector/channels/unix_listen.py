@@ -44,10 +44,10 @@ import stat
 from dataclasses import dataclass
 
 from connector.discovery.access import NotPermitted, credentials
+from connector.discovery.settings import DEFAULT_PROC_ROOT
 
 from .endpoint import (
     OUT_OF_RESOURCES,
-    PROC_ROOT,
     Endpoint,
     EndpointUnavailable,
     WrongPeer,
@@ -144,7 +144,7 @@ class UnixListenEndpoint(Endpoint):
                     f"a name of {len(os.fsencode(name))} bytes is too long to bind through "
                     "its directory",
                 )
-            user = credentials(self.qemu_pid, PROC_ROOT)
+            user = credentials(self.qemu_pid, DEFAULT_PROC_ROOT)
             if user is None:
                 raise OSError(errno.ESRCH, f"qemu pid {self.qemu_pid} is gone")
             try:
