@@ -134,16 +134,10 @@ def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -
     assert h.router.routes == {} and h.router.session_count() == 0
 
 
-def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
-    """The guest side of the same proton rule: a guest that reads slowly (a
-    large message on its way to it fills our output to it) detaches a link and attaches it
-    again without waiting for our answer. Our answer to the detach cannot be produced until
-    the guest reads; the broker answers the new attach meanwhile, and proton then writes our
-    answers to both in one pass, the attach first: the guest's proton takes it for a second
-    link of that name ("link name already attached") and fails the connection. Artemis,
-    reached directly, answers the two in order."""
-    h = Harness()
-    h.answering(lambda ev: ev.link.close(), "PN_LINK_REMOTE_CLOSE")
+def _reattach_behind_a_large_message(h: Harness) -> Link:
+    """The guest detaches its link ``sub`` and attaches it again at once, while a large
+    message on its way to it fills our output to it (the guest reads none of it); the
+    broker answers the detach, then the new attach. Returns the new link."""
     _, big, far = h.receiver("big", "q")
     big.flow(1)
     h.pump()
@@ -158,6 +152,20 @@ def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
     h.hops("guest>")
     for _ in range(3):  # the broker answers the detach, then the new attach
         h.hops(">broker", "broker>")
+    return again
+
+
+def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
+    """The guest side of the same proton rule: a guest that reads slowly (a
+    large message on its way to it fills our output to it) detaches a link and attaches it
+    again without waiting for our answer. Our answer to the detach cannot be produced until
+    the guest reads; the broker answers the new attach meanwhile, and proton then writes our
+    answers to both in one pass, the attach first: the guest's proton takes it for a second
+    link of that name ("link name already attached") and fails the connection. Artemis,
+    reached directly, answers the two in order."""
+    h = Harness()
+    h.answering(lambda ev: ev.link.close(), "PN_LINK_REMOTE_CLOSE")
+    again = _reattach_behind_a_large_message(h)
     h.pump(rounds=2000)
     assert h.guest.transport.condition is None
     assert again.state & Endpoint.REMOTE_ACTIVE
@@ -187,20 +195,7 @@ def test_a_held_answer_stays_held_when_its_link_ends_meanwhile(ender: str) -> No
             link.close()
 
     h.answering(broker, "PN_LINK_REMOTE_OPEN", "PN_LINK_REMOTE_CLOSE")
-    _, big, far = h.receiver("big", "q")
-    big.flow(1)
-    h.pump()
-    first = attach(big.session, "sub", "q2", sending=False)
-    h.pump()
-    send_message(far, "big", "x" * LARGE)
-    for _ in range(200):  # we take the large message; the guest reads none of it
-        h.hops(">broker", "broker>")
-    first.close()
-    h.guest.transport.pending()
-    again = attach(big.session, "sub", "q2", sending=False)
-    h.hops("guest>")
-    for _ in range(3):  # the broker answers the detach, then the new attach
-        h.hops(">broker", "broker>")
+    again = _reattach_behind_a_large_message(h)
     if ender == "guest-gives-up":
         again.close()
         h.guest.transport.pending()
