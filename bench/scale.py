@@ -275,7 +275,7 @@ def one_size(
         direct.close()
 
     channels = [support.Qemu("unix", work, f"scale-{n}-{i}") for i in range(n)]
-    daemon = support.Connector(work, broker, channels, "--log-level", "warning")
+    daemon = support.Connector(work, broker, channels, "--log-level", "warning", watched=False)
     daemon.start()
     try:
         assert daemon.proc is not None

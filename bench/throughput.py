@@ -190,7 +190,7 @@ class Connector:
     def __init__(self, work: Path, broker: Broker) -> None:
         self.qemu = {kind: support.Qemu(kind, work, f"bench-{kind}") for kind in CHANNELS}
         self.daemon = support.Connector(
-            work, broker, list(self.qemu.values()), "--log-level", "warning"
+            work, broker, list(self.qemu.values()), "--log-level", "warning", watched=False
         )
         self.daemon.start()
         assert self.daemon.proc is not None

@@ -1,4 +1,5 @@
-"""Session-wide real brokers, each started on first use and stopped at the end of the session.
+"""Session-wide real brokers, each started on first use and stopped at the end of the session;
+and the use-after-free watch that every test runs the routing core under.
 
 A test asks for `artemis`, `rabbitmq` or `redirecting` (an Artemis connection router in front
 of `artemis`, started per module); the broker starts the first time one does (Artemis about
@@ -14,6 +15,17 @@ import pytest
 
 from tests.brokers import Artemis, Broker, RabbitMQ
 from tests.brokers.artemis import RedirectingArtemis
+from tests.support import freed
+
+
+@pytest.fixture(autouse=True)
+def _freed_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run whatever the test runs of the routing core in this process under ``FreedWatch``
+    (tests/support/freed.py): a call on a session or link the core has freed, or on a
+    delivery it has settled, fails the test where it happens. Proton does not report such a
+    use after free; it reads whatever the memory holds by then, which a test would rarely
+    see fail. (The daemons the tests start run under it too: tests/support/connector.py.)"""
+    freed.install(monkeypatch.setattr)
 
 
 def _serve(broker: Broker) -> Iterator[Broker]:

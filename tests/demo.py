@@ -77,7 +77,7 @@ def main() -> int:
     pty = Qemu("pty", work, "vm-pty")
     sock = Qemu("unix", work, "vm-unix")
     _say("starting qpid-virtio-connector on a pty channel and a unix-socket channel")
-    daemon = Connector(work, broker, [pty, sock]).start()
+    daemon = Connector(work, broker, [pty, sock], watched=False).start()
     print(" ".join(daemon.argv()[1:]))
     echo = _Echo(broker)
     container = Container(echo)

@@ -127,6 +127,7 @@ class Connector:
         broker_urls: str | None = None,
         credentials: bool = True,
         broker_flags: bool = True,
+        watched: bool = True,
     ) -> None:
         self.workdir = workdir
         self.control = str(workdir / "control.sock")
@@ -139,10 +140,14 @@ class Connector:
         # False: no --broker flags; the --config file's [broker] says where (flags would
         # override the file again on each reload, so a test of [broker] reloads needs this).
         self.broker_flags = broker_flags
+        # True: the routing core runs under the use-after-free watch
+        # (tests/support/watched_daemon.py); a benchmark wants the daemon as shipped.
+        self.watched = watched
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "connector"]
+        module = "tests.support.watched_daemon" if self.watched else "connector"
+        argv = [sys.executable, "-m", module]
         if self.broker_flags:
             argv += ["--broker", self.broker_urls]
         if self.broker_flags and self.credentials and self.broker.user:

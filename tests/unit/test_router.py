@@ -675,7 +675,7 @@ def test_a_twin_freed_unbegun_is_not_touched_again() -> None:
     """A guest session ended before the broker's open has its upstream twin freed unwritten
     (``_end_upstream``); the end's handling then read that freed twin's state to decide
     whether to free it again: a use after free, and a double free should the freed memory
-    read as ended. (tests/unit/conftest.py's FreedWatch fails the call.)"""
+    read as ended. (tests/conftest.py's FreedWatch fails the call.)"""
     h = Harness(guest=False, broker_answers_open=False)
     h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + frame(performative(END)))
     h.pump()
