@@ -348,10 +348,7 @@ class Router:
                 guest_side = lib.pn_session_connection(ssn) == g
                 if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
                     self._begin(ssn, twin)
-            for glink, refusal in self._deferred_refusals:
-                if not lib.pn_session_state(lib.pn_link_session(glink)) & _LOCAL_CLOSED:
-                    self._refuse(glink, refusal)
-            self._deferred_refusals.clear()
+            self._answer_deferred_refusals()
         if self.state is RouterState.OPENING:
             self.state = RouterState.OPEN
             self._log.info("upstream open; guest connection routed")
@@ -622,11 +619,15 @@ class Router:
             # Before the broker's open (which answers the guest's) both wait for it: proton
             # drops work on a session opened before its connection, and only the broker's
             # open says how many sessions it allows.
-            if lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
+            if self._guest_answered():
                 self._begin(ssn, up)
         elif ssn in self._end_when_begun:  # the guest ended it meanwhile (_end_upstream)
             self._end_when_begun.discard(ssn)
             lib.pn_session_close(ssn)
+
+    def _guest_answered(self) -> bool:
+        """Whether we have answered the guest's open (once the broker's came)."""
+        return bool(lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE)
 
     def _begin(self, ssn: Any, up: Any) -> None:
         """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest, or end
@@ -803,6 +804,8 @@ class Router:
         for link in [link for link in self._ended_unbegun if not _session_unbegun(link)]:
             if not self._namesake_unwritten(link):  # held behind a namesake's detach
                 self._answer_ended(link)
+        if self._deferred_refusals and self._guest_answered():
+            self._answer_deferred_refusals()  # those held behind a namesake's detach
 
     # -- links ---------------------------------------------------------------------------
 
@@ -915,9 +918,13 @@ class Router:
         return True
 
     def _refuse(self, glink: Any, refusal: tuple[str, str]) -> None:
-        """Answer an attach with a null terminus, then detach it with the reason."""
-        if not lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE:
-            self._deferred_refusals.append((glink, refusal))  # answered with our open
+        """Answer an attach with a null terminus, then detach it with the reason.
+
+        Deferred (``_deferred_refusals``) until our open, which waits for the broker's; and
+        while our answer to the guest's detach of a namesake is unwritten, since proton
+        would write this attach before that detach (``_answer_guest_attach``)."""
+        if not self._guest_answered() or self._namesake_unwritten(glink):
+            self._deferred_refusals.append((glink, refusal))
             return
         condition, description = refusal
         lib.pn_link_open(glink)
@@ -929,6 +936,14 @@ class Router:
             _guest_address(glink),
             description,
         )
+
+    def _answer_deferred_refusals(self) -> None:
+        """Refuse the attaches ``_refuse`` deferred, unless their session has ended (which
+        freed them) or they must wait longer."""
+        deferred, self._deferred_refusals = self._deferred_refusals, []
+        for glink, refusal in deferred:
+            if not lib.pn_session_state(lib.pn_link_session(glink)) & _LOCAL_CLOSED:
+                self._refuse(glink, refusal)
 
     def _answer_guest_attach(self, ulink: Any) -> None:
         uroute = self.routes.get(ulink)
@@ -979,6 +994,9 @@ class Router:
             self._attach_held(link)
             lib.pn_link_free(link)
             return
+        if from_guest and self._deferred_refusals:
+            # Refused, but the refusal waits: the answer to this detach carries the attach.
+            self._deferred_refusals = [(r, why) for r, why in self._deferred_refusals if r != link]
         route = self.routes.get(link)
         end = lib.pn_link_detach if detach_only else lib.pn_link_close
         if route is not None and route.peer is not None:

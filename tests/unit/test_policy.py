@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from proton import Delivery, Message
+from proton import Delivery, Message, uint
 
 from connector.errors import ConfigError
 from connector.policy import Policy
 from connector.routing.route import AttachRequest
 from tests.reliability.amqp import (
     AMQP_HEADER,
+    ATTACH_DESCRIPTOR,
+    DETACH,
     END,
     attach_frame,
     begin_frame,
@@ -112,20 +114,26 @@ def test_refused_links_are_freed_once_the_guest_answers(closing: bool) -> None:
     assert link_count(h.router.guest.connection) == 0
 
 
-def test_a_refusal_waiting_for_the_brokers_open_goes_with_its_session() -> None:
+@pytest.mark.parametrize("ending", ["session", "link"])
+def test_a_refusal_waiting_for_the_brokers_open_goes_with_its_end(ending: str) -> None:
     """A refusal waits for our open, which waits for the broker's. A guest that ends the
     link's session meanwhile has the link freed with it; the refusal, still listed, then
-    read that freed link at the open. (tests/unit/conftest.py's FreedWatch fails the call.)"""
+    read that freed link at the open. (tests/conftest.py's FreedWatch fails the call.) A
+    guest that detaches the link meanwhile is owed its attach and its detach, once: not a
+    refusal on top of them."""
     h = Harness(guest=False, broker_answers_open=False)
     h.router._policy = POLICY.for_guest("web1")
     forbidden = attach_frame("peek", 0, sender=True, address="guests.web2.secrets")
-    h.router.guest.push(
-        AMQP_HEADER + open_frame() + begin_frame() + forbidden + frame(performative(END))
-    )
+    end = performative(END) if ending == "session" else performative(DETACH, uint(0), True)
+    h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame() + forbidden + frame(end))
     h.pump()
     h.broker.connection.open()
     h.pump()
     assert h.router.error is None
+    assert not h.router._deferred_refusals
+    if ending == "link":
+        assert bytes(h.written).count(ATTACH_DESCRIPTOR) == 1
+        assert link_count(h.router.guest.connection) == 0
 
 
 def _relay_harness(policy: Policy, guest: str = "web1"):

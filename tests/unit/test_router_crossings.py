@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 from proton import Condition, Endpoint, Event, Link
 
+from connector.policy import Policy
 from tests.support.attach_peer import echo_flow
 from tests.support.routing import Harness, attach, link_count, receive_all, send_message
 
@@ -134,10 +135,11 @@ def test_a_session_ended_and_begun_again_while_the_brokers_end_is_on_its_way() -
     assert h.router.routes == {} and h.router.session_count() == 0
 
 
-def _reattach_behind_a_large_message(h: Harness) -> Link:
-    """The guest detaches its link ``sub`` and attaches it again at once, while a large
-    message on its way to it fills our output to it (the guest reads none of it); the
-    broker answers the detach, then the new attach. Returns the new link."""
+def _reattach_behind_a_large_message(h: Harness, again_from: str = "q2") -> Link:
+    """The guest detaches its link ``sub`` (from ``q2``) and attaches it again at once (from
+    ``again_from``), while a large message on its way to it fills our output to it (the guest
+    reads none of it); the broker answers the detach, then the new attach. Returns the new
+    link."""
     _, big, far = h.receiver("big", "q")
     big.flow(1)
     h.pump()
@@ -148,7 +150,7 @@ def _reattach_behind_a_large_message(h: Harness) -> Link:
         h.hops(">broker", "broker>")
     first.close()
     h.guest.transport.pending()
-    again = attach(big.session, "sub", "q2", sending=False)
+    again = attach(big.session, "sub", again_from, sending=False)
     h.hops("guest>")
     for _ in range(3):  # the broker answers the detach, then the new attach
         h.hops(">broker", "broker>")
@@ -169,6 +171,36 @@ def test_a_slow_guest_attaching_again_at_once_hears_the_detach_first() -> None:
     h.pump(rounds=2000)
     assert h.guest.transport.condition is None
     assert again.state & Endpoint.REMOTE_ACTIVE
+
+
+@pytest.mark.parametrize("guest_gives_up", [False, True], ids=["answered", "guest-gives-up"])
+def test_a_refused_reattach_waits_for_the_namesakes_detach(guest_gives_up: bool) -> None:
+    """The same crossing, but the guest attaches the name again to an address its policy
+    forbids: the refusal (an attach and a detach of ours) waits like the broker's answer
+    would, since proton would write its attach before our answer to the namesake's detach
+    and the guest's proton would fail the connection ("link name already attached"). A
+    guest that detaches the link meanwhile is owed the attach and the detach once, not a
+    refusal on top."""
+    h = Harness()
+    h.router._policy = Policy.from_table({"default": {"addresses": ["q", "q2"]}}).for_guest("vm1")
+    h.answering(lambda ev: ev.link.close(), "PN_LINK_REMOTE_CLOSE")
+    again = _reattach_behind_a_large_message(h, again_from="forbidden")
+    received = h.guest.trace()
+    if guest_gives_up:
+        again.close()
+        h.guest.transport.pending()
+        h.hops("guest>")
+    h.pump(rounds=2000)
+    assert h.guest.transport.condition is None
+    assert again.state & Endpoint.REMOTE_CLOSED
+    if not guest_gives_up:
+        assert again.remote_condition.name == "amqp:unauthorized-access"
+        again.close()
+        h.pump()
+    answers = [line for line in received if "<- @attach" in line or "<- @detach" in line]
+    assert len(answers) == 3, answers  # the namesake's detach; the new link's attach, detach
+    assert not h.router._deferred_refusals and not h.router._ended_unbegun
+    assert link_count(h.router.guest.connection) == 1  # "big" alone
 
 
 @pytest.mark.parametrize("ender", ["broker-refuses", "guest-gives-up"])
