@@ -26,6 +26,7 @@ import connector.routing
 # reuses memory, so an object handed out again is a new one.
 _LIVE = frozenset(
     {
+        "pn_connection",
         "pn_event_session",
         "pn_event_link",
         "pn_event_delivery",
@@ -40,10 +41,11 @@ _LIVE = frozenset(
         "pn_delivery",
     }
 )
-# Of those, the calls whose first argument is a connection or an event, not an object that
-# may have been freed.
+# Of those, the calls whose first argument (if any) is a connection or an event, not an
+# object that may have been freed.
 _FROM_PARENT = frozenset(
     {
+        "pn_connection",
         "pn_event_session",
         "pn_event_link",
         "pn_event_delivery",
@@ -56,14 +58,17 @@ _FROM_PARENT = frozenset(
 _DELIVERY = frozenset({"pn_event_delivery", "pn_link_current", "pn_delivery"})
 # Calls whose first argument must not be a freed object.
 _WATCHED = ("pn_session_", "pn_link_", "pn_delivery_")
-# Calls that free their first argument (and, for a session or link, what it holds).
-_FREEING = frozenset({"pn_session_free", "pn_link_free", "pn_delivery_settle"})
+# Calls that free their first argument (and what it holds): a connection released frees
+# its sessions and links.
+_FREEING = frozenset(
+    {"pn_connection_release", "pn_session_free", "pn_link_free", "pn_delivery_settle"}
+)
 
 
 class FreedWatch:
     """Stands in for ``lib``: fails a ``pn_session_*``, ``pn_link_*`` or ``pn_delivery_*``
-    call on an object freed before (a session or link freed, one freed with its session, a
-    delivery settled or settled by proton with its link)."""
+    call on an object freed before (a session or link freed, or freed with its session or
+    connection; a delivery settled, or settled by proton with its link)."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -96,7 +101,7 @@ class FreedWatch:
                 return made
 
             return live
-        if not callable(fn) or not name.startswith(_WATCHED):
+        if not callable(fn) or not (name.startswith(_WATCHED) or name in _FREEING):
             return fn
         freeing = name in _FREEING
 
@@ -120,19 +125,29 @@ class FreedWatch:
             self._deliveries.pop(obj, None)
             return [obj]
         real = self._real
+        sessions = []
         if name == "pn_link_free":
             links = [obj]
-        else:
+        elif name == "pn_session_free":
             links, link = [], real.pn_link_head(real.pn_session_connection(obj), 0)
             while link:
                 if real.pn_link_session(link) == obj:
                     links.append(link)
                 link = real.pn_link_next(link, 0)
+        else:
+            links, link = [], real.pn_link_head(obj, 0)
+            while link:
+                links.append(link)
+                link = real.pn_link_next(link, 0)
+            ssn = real.pn_session_head(obj, 0)
+            while ssn:
+                sessions.append(ssn)
+                ssn = real.pn_session_next(ssn, 0)
         gone = set(links)  # proton settles a freed link's unsettled deliveries
         settled = [dlv for dlv, link in self._deliveries.items() if link in gone]
         for dlv in settled:
             del self._deliveries[dlv]
-        return [obj, *links, *settled]
+        return [obj, *sessions, *links, *settled]
 
 
 def install(setattr_: Callable[[Any, str, Any], None]) -> FreedWatch:

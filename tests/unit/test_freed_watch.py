@@ -64,3 +64,13 @@ def test_freeing_a_session_frees_its_links() -> None:
         deliveries._current(glink)
     with pytest.raises(AssertionError):
         deliveries._settled(dlv)
+
+
+def test_releasing_a_connection_frees_its_sessions_and_links() -> None:
+    h, dlv, _twin = _unsettled_message()
+    glink = router.lib.pn_delivery_link(dlv)
+    h.router.guest.free()
+    with pytest.raises(AssertionError):
+        credit.lib.pn_link_credit(glink)
+    with pytest.raises(AssertionError):
+        deliveries._settled(dlv)
