@@ -22,28 +22,10 @@ from cproton_ffi import lib
 
 import connector.routing
 
-# Calls that hand out a live object, perhaps at the address of one freed before: proton
-# reuses memory, so an object handed out again is a new one.
-_LIVE = frozenset(
-    {
-        "pn_connection",
-        "pn_event_session",
-        "pn_event_link",
-        "pn_event_delivery",
-        "pn_session",
-        "pn_session_head",
-        "pn_session_next",
-        "pn_sender",
-        "pn_receiver",
-        "pn_link_head",
-        "pn_link_next",
-        "pn_link_current",
-        "pn_delivery",
-    }
-)
-# Of those, the calls whose first argument (if any) is a connection or an event, not an
-# object that may have been freed.
-_FROM_PARENT = frozenset(
+# Calls that hand out a live object, perhaps at the address of one freed before (proton
+# reuses memory, so an object handed out again is a new one): those given a connection or an
+# event (or nothing), and those given an object that must itself be live.
+_LIVE_FROM_PARENT = frozenset(
     {
         "pn_connection",
         "pn_event_session",
@@ -54,6 +36,14 @@ _FROM_PARENT = frozenset(
         "pn_link_head",
     }
 )
+_LIVE = _LIVE_FROM_PARENT | {
+    "pn_session_next",
+    "pn_sender",
+    "pn_receiver",
+    "pn_link_next",
+    "pn_link_current",
+    "pn_delivery",
+}
 # Of those, the calls that hand out a delivery.
 _DELIVERY = frozenset({"pn_event_delivery", "pn_link_current", "pn_delivery"})
 # Calls whose first argument must not be a freed object.
@@ -89,7 +79,7 @@ class FreedWatch:
         if name in _LIVE:
             delivery = name in _DELIVERY
             link_of = self._real.pn_delivery_link
-            check = name not in _FROM_PARENT
+            check = name not in _LIVE_FROM_PARENT
 
             def live(*args: Any) -> Any:
                 if check:
