@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 from cproton_ffi import lib
-from proton import Delivery, Endpoint, Message, uint
+from proton import Condition, Delivery, Endpoint, Event, Message, uint
 
 from connector.limits import GuestLimits
 from connector.policy import Policy
 from tests.reliability.amqp import TRANSFER, attach_frame, frame, handshake, performative
-from tests.support.routing import Harness, attach, link_count, receive_all
+from tests.support.routing import Harness, attach, link_count, receive_all, send_message
 
 # The guest vm1 may attach to q and q2 only.
 POLICY = Policy.from_table({"default": {"addresses": ["q", "q2"]}})
@@ -165,3 +165,100 @@ def test_a_relayed_message_with_two_properties_sections_is_refused() -> None:
     h.pump()
     assert receive_all(brcv) == []
     assert dlv.remote_state == Delivery.REJECTED
+
+
+# ---- crossings that already work, kept working --------------------------------------------
+
+
+@pytest.mark.parametrize("ender", ["session", "connection"])
+def test_a_refusal_and_the_guests_end_in_one_write_leave_nothing(ender: str) -> None:
+    """The guest attaches to a forbidden address and, in the same write, ends the link's
+    session or closes its connection. The refusal's attach and detach go out before our
+    end or close, and the refused link goes with its session: nothing is left behind,
+    and the broker hears nothing of the link."""
+    h = _refusing()
+    conn, ssn = h.guest_session()
+    received = h.guest.trace()
+    refused = attach(ssn, "x", FORBIDDEN)
+    (ssn if ender == "session" else conn).close()
+    h.pump()
+    assert h.guest.transport.condition is None
+    assert _answers(received) == ["attach", "detach"]
+    assert refused.remote_condition.name == "amqp:unauthorized-access"
+    assert not any(ev.type.name == "PN_LINK_REMOTE_OPEN" for ev in h.broker.events)
+    _nothing_left(h)
+    if ender == "session":
+        assert link_count(h.router.guest.connection) == 0
+
+
+def test_a_brokers_end_crossing_a_detach_and_a_refused_reattach() -> None:
+    """RabbitMQ refuses an attach by ending its session. Before the guest reads that end,
+    it detaches the link and attaches it again under its name, now to a forbidden address,
+    with another link beside it. The guest gets its detach answered, the refusal (which
+    waited for that detach to be written), then the broker's end with its error; the other
+    link, whose session is gone, gets nothing more than the end. Once the guest answers the
+    end nothing is left, and the guest's connection stays up."""
+    h = _refusing()
+
+    def rabbit(ev: Event) -> None:
+        ev.session.condition = Condition("amqp:not-found", "no such queue")
+        ev.session.close()
+
+    h.answering(rabbit, "PN_LINK_REMOTE_OPEN")
+    _, ssn = h.guest_session()
+    received = h.guest.trace()
+    first = attach(ssn, "x", "q")
+    h.guest.transport.pending()
+    h.hops("guest>", ">broker")  # the broker ends the session; its end is on its way
+    h.broker.transport.pending()
+    first.close()
+    h.guest.transport.pending()  # written alone: the guest's proton would put the attach first
+    h.hops("guest>")
+    again = attach(ssn, "x", FORBIDDEN)
+    beside = attach(ssn, "y", "q2")
+    h.guest.transport.pending()
+    h.hops("guest>", "broker>", ">guest")
+    h.pump()
+    assert h.guest.transport.condition is None and h.broker.transport.condition is None
+    assert _answers(received) == ["attach", "detach", "attach", "detach"]
+    assert again.remote_condition.name == "amqp:unauthorized-access"
+    assert not beside.state & Endpoint.REMOTE_ACTIVE
+    assert ssn.remote_condition.name == "amqp:not-found"
+    ssn.close()
+    h.pump()
+    _nothing_left(h)
+    assert h.router.routes == {} and link_count(h.router.guest.connection) == 0
+
+
+def test_links_on_a_session_over_the_channel_max_cross_its_refusal() -> None:
+    """The broker allows one session; the guest begins a second one and, before reading
+    our end of it, attaches an allowed link and a forbidden one there and detaches both.
+    Nothing of it reaches the broker, the guest's connection and first session go on, and
+    once the guest answers the end nothing is left of the refused session."""
+    h = _refusing()
+    h.broker.transport.channel_max = 0
+    conn, snd, far = h.sender("s", "q", credit=1)
+    extra = conn.session()
+    extra.open()
+    h.guest.transport.pending()
+    h.hops("guest>")  # refused: our begin and end are on their way
+    links = [attach(extra, "a", "q"), attach(extra, "b", FORBIDDEN)]
+    h.guest.transport.pending()
+    h.hops("guest>")
+    for link in links:
+        link.close()
+    h.guest.transport.pending()
+    h.hops("guest>", ">guest")
+    h.pump()
+    assert extra.remote_condition.name == "amqp:resource-limit-exceeded"
+    extra.close()
+    h.pump()
+    assert h.guest.transport.condition is None and h.broker.transport.condition is None
+    assert [ev.link.name for ev in h.broker.events if ev.type.name == "PN_LINK_REMOTE_OPEN"] == [
+        "s"
+    ]
+    _nothing_left(h)
+    assert link_count(h.router.guest.connection) == 1  # "s" alone
+    send_message(snd, "m", "after")
+    h.pump()
+    assert len(receive_all(far)) == 1
