@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from cproton_ffi import ffi, lib
-from proton import Message
 
-from . import credit
+from . import credit, sections
 from .engine import copy_condition, copy_data, set_condition
 from .route import GuestViolation, Route
 
@@ -151,8 +150,10 @@ def _settle_both(route: Route, dlv: Any, twin: Any) -> None:
 
 
 def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
-    """An anonymous-relay message whose 'to' the policy checks: collect it whole, decode
-    its properties, then refuse it (rejected, settled) or send it on, its 'to' mapped.
+    """An anonymous-relay message whose 'to' the policy checks: collect it whole, read its
+    sections (``sections.read``), then refuse it (rejected, settled) or send it on, its 'to'
+    mapped. A message that is not one well-formed message is refused: its 'to' cannot be
+    checked.
 
     Off the fast path: only relay links of guests whose policy restricts addresses.
     """
@@ -179,10 +180,13 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
         return 0, 0
     data = bytes(buf)
     buf.clear()
-    msg = Message()
-    msg.decode(data)
     lib.pn_link_advance(link)
-    refusal = route.relay.check_relay(msg.address)
+    try:
+        msg = sections.read(data)
+    except sections.BadMessage as err:
+        refusal: tuple[str, str] | None = ("amqp:decode-error", f"a relayed message: {err}")
+    else:
+        refusal = route.relay.check_relay(msg.to)
     if refusal is not None:
         local = lib.pn_delivery_local(dlv)
         set_condition(lib.pn_disposition_condition(local), *refusal)
@@ -190,10 +194,10 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
         lib.pn_delivery_settle(dlv)
         credit.sync_credit(route.peer)  # the refused message's credit goes back to the guest
         return 0, 0
-    mapped = route.relay.to_broker(msg.address)
-    if mapped != msg.address:
-        msg.address = mapped
-        data = msg.encode()
+    assert msg.to is not None  # check_relay refuses a message without one
+    mapped = route.relay.to_broker(msg.to)
+    if mapped != msg.to:
+        data = msg.with_to(mapped)
     twin = _open_twin(route, dlv)
     out_link = route.peer.link
     lib.pn_link_send(out_link, ffi.from_buffer(data), len(data))
