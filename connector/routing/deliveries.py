@@ -175,6 +175,9 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
     if lib.pn_delivery_aborted(dlv):
         buf.clear()
         lib.pn_delivery_settle(dlv)
+        # Nothing went upstream, so the broker still grants this message's credit: the guest
+        # gets it back, as it does for a refused message below.
+        credit.sync_credit(route.peer)
         return 0, 0
     if lib.pn_delivery_partial(dlv):
         return 0, 0

@@ -170,11 +170,6 @@ def test_a_message_settled_half_way_leaves_nothing_held(settler: str) -> None:
 # ---- aborts -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_forward_relayed settles an aborted relay message without sync_credit: the "
-    "guest loses the credit the broker still holds for it",
-)
 def test_a_relayed_message_aborted_half_way_gives_its_credit_back() -> None:
     """On an anonymous-relay link whose messages the policy checks, a message is collected
     whole before anything goes to the broker. The guest aborts one half way: the broker
