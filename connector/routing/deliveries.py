@@ -19,7 +19,7 @@ from typing import Any
 from cproton_ffi import ffi, lib
 
 from . import credit, sections
-from .engine import copy_condition, copy_data, set_condition
+from .engine import copy_condition, copy_data, read_condition, set_condition
 from .route import GuestViolation, Route
 
 # The copy buffer for message bytes. Large enough that a 1 KiB message takes one call each
@@ -30,7 +30,6 @@ _copy = bytearray(COPY_CHUNK)
 _copy_ptr = ffi.from_buffer(_copy)
 
 _ACCEPTED = lib.PN_ACCEPTED
-_RECEIVED = lib.PN_RECEIVED
 _recv = lib.pn_link_recv
 _send = lib.pn_link_send
 _aborted = lib.pn_delivery_aborted
@@ -213,12 +212,19 @@ def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
 def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
     """The peer of ``dlv`` sent a disposition: say the same on ``twin``; settle if it did."""
     state = _remote_state(dlv)
-    if state and (state != _local_state(twin) or state == _RECEIVED):
-        # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare), or
-        # more progress: received is the one state a peer sends again with new fields.
+    if state and state != _local_state(twin):
+        # A new outcome (proton's engine keeps no "seen" flag we can clear, so compare).
         if state != _ACCEPTED:  # accepted has no fields; everything else carries some
             copy_state(lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin))
         _update(twin, state)
+    elif state and state != _ACCEPTED:
+        # The same type again: passed on if its fields are new (received with more progress,
+        # transactional-state in another transaction), not if this event is for something
+        # else (proton writes a disposition for every update, duplicates included).
+        remote, local = lib.pn_delivery_remote(dlv), lib.pn_delivery_local(twin)
+        if _state_fields(remote) != _state_fields(local):
+            copy_state(remote, local)
+            _update(twin, state)
     if _settled(dlv):
         # Settled on the far side: only now settle here, so nothing is acknowledged early.
         _settle_both(route, dlv, twin)
@@ -237,6 +243,29 @@ def copy_state(src: Any, dst: Any) -> None:
     copy_data(lib.pn_disposition_annotations(dst), lib.pn_disposition_annotations(src))
     copy_data(lib.pn_disposition_data(dst), lib.pn_disposition_data(src))
     copy_condition(lib.pn_disposition_condition(dst), lib.pn_disposition_condition(src))
+
+
+def _state_fields(disp: Any) -> tuple[Any, ...]:
+    """Everything ``copy_state`` copies of a disposition, comparable."""
+    return (
+        lib.pn_disposition_get_section_number(disp),
+        lib.pn_disposition_get_section_offset(disp),
+        lib.pn_disposition_is_failed(disp),
+        lib.pn_disposition_is_undeliverable(disp),
+        _encoded(lib.pn_disposition_annotations(disp)),
+        _encoded(lib.pn_disposition_data(disp)),
+        read_condition(lib.pn_disposition_condition(disp)),
+    )
+
+
+def _encoded(data: Any) -> bytes:
+    """A pn_data_t's contents in AMQP encoding (empty when it holds nothing)."""
+    size = lib.pn_data_encoded_size(data)
+    if size <= 0:
+        return b""
+    buf = ffi.new("char[]", size)
+    n = lib.pn_data_encode(data, buf, size)
+    return ffi.buffer(buf, n)[:] if n > 0 else b""
 
 
 def _forget(route: Route, dlv: Any, twin: Any) -> None:

@@ -261,11 +261,6 @@ def _retire(dlv: Delivery, txn: bytes) -> None:
     dlv.update(TRANSACTIONAL_STATE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mirror_disposition passes a state on only when its type changes: a second "
-    "transactional-state (another txn-id) never reaches the broker",
-)
 def test_a_delivery_retired_again_in_a_second_transaction_tells_the_broker() -> None:
     """A guest accepts a message within transaction 1 (transactional-state, unsettled);
     the transaction is rolled back, which leaves the delivery unsettled with no outcome,
