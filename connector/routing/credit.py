@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cproton_ffi import lib
+from cproton_ffi import ffi, lib
 
 from .route import Route
 
@@ -90,5 +90,9 @@ def finish_drain(rcv_route: Route) -> None:
     if not lib.pn_link_get_drain(snd):
         return
     lib.pn_link_drained(rcv)  # reset proton's drained counter on the receiver
-    if lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) <= 0:
+    # A message still streaming through holds our sender's credit, though proton counts it
+    # only once the message is complete: drained now, the rest could not be sent. Its
+    # last frame makes proton post PN_LINK_FLOW on our sender, which comes back here.
+    streaming = lib.pn_link_current(snd) != ffi.NULL
+    if lib.pn_link_credit(rcv) - lib.pn_link_queued(rcv) <= 0 and not streaming:
         lib.pn_link_drained(snd)

@@ -54,11 +54,6 @@ def _incoming_bytes(link: Any) -> int:
 # ---- drains crossing a message that is still streaming -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish_drain drains the guest's sender while its delivery is partial: the rest "
-    "is held until new credit, and then one credit is lost",
-)
 def test_a_drain_asked_while_a_message_streams_to_the_guest_ends_after_it() -> None:
     """A guest with one credit drains (JMS's receive with a timeout does) while the broker's
     message is half way through. Nothing is left to drain: the credit is the message's. The
@@ -90,11 +85,6 @@ def test_a_drain_asked_while_a_message_streams_to_the_guest_ends_after_it() -> N
     assert rcv.credit == snd.credit == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish_drain drains the upstream sender while its delivery is partial: the rest "
-    "waits for new credit, then one credit of the broker's is lost for good",
-)
 def test_a_drain_from_the_broker_while_a_guest_message_streams_ends_after_it() -> None:
     """The other way round: the broker drains the guest's sending link while the guest's
     message is half way through. The broker should get the whole message, then the drain's
