@@ -189,6 +189,28 @@ def _discard(route: Route, dlv: Any) -> tuple[int, int]:
     return 0, 0
 
 
+def drop_unrouted(dlv: Any) -> bool:
+    """A transfer on a link that is routed no more (refused, or detached for a limit or by
+    the far side), sent before its sender read our detach or never reading it: its bytes
+    are read and dropped as they come. Left alone, proton would keep every byte of it for
+    the link's life, and a guest could grow the connector without bound. It is not
+    settled: the far side said nothing of it (the broker redelivers its own; the guest's
+    stays unsettled, its fate unknown, until the link goes).
+
+    Returns whether it came without credit (the caller ends a guest's connection for that,
+    as for a routed link): a refused link never had any, so only a bounded number of
+    deliveries can arrive on one, each read to nothing."""
+    link = lib.pn_delivery_link(dlv)
+    if not lib.pn_link_is_receiver(link) or _current(link) != dlv:
+        return False  # a disposition on a link we sent on, or a delivery already dropped
+    while _recv(link, _copy_ptr, COPY_CHUNK) > 0:
+        pass
+    overdrawn = lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0
+    if not _partial(dlv):
+        _advance(link)
+    return overdrawn
+
+
 def _forward_relayed(route: Route, dlv: Any) -> tuple[int, int]:
     """An anonymous-relay message whose 'to' the policy checks: collect it whole, read its
     sections (``sections.read``), then refuse it (rejected, settled) or send it on, its 'to'

@@ -32,7 +32,7 @@ from proton import Data, symbol
 from ..limits import GuestLimits
 from ..redirect import ESTABLISHMENT_FAILED, REDIRECT
 from . import credit
-from .deliveries import forget_route, on_delivery
+from .deliveries import drop_unrouted, forget_route, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
 from .route import AttachRequest, GuestViolation, LinkPolicy, Route
 from .terminus import copy_attach
@@ -256,6 +256,8 @@ class Router:
                         else:
                             counters.deliveries_out += done
                             counters.bytes_out += moved
+                elif route is None and drop_unrouted(dlv) and from_guest:
+                    self._without_credit(_delivery_link(dlv))
             elif etype == _LINK_FLOW:
                 route = routes.get(lib.pn_event_link(ev))
                 if route is not None:
@@ -266,6 +268,12 @@ class Router:
             else:
                 self._on_endpoint_event(etype, ev, from_guest)
             pop(collector)
+
+    def _without_credit(self, link: Any) -> None:
+        """The guest sent on ``link`` without credit: it never had any (refused), or sent
+        past what it had. As on a routed link (``deliveries._admit``), that ends it."""
+        name = ffi.string(lib.pn_link_name(link)).decode(errors="replace")
+        self.violation("amqp:link:transfer-limit-exceeded", f"transfer without credit on {name}")
 
     # -- connection ----------------------------------------------------------------------
 
