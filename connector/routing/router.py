@@ -760,9 +760,13 @@ class Router:
 
     def _answer_ended_links(self, ssn: Any) -> None:
         """The guest's session ``ssn`` has just been begun: answer the attach and the
-        detach of its links that the guest ended before (``_ended_unbegun``)."""
+        detach of its links that the guest ended before (``_ended_unbegun``). Of several
+        under one name, only the first: proton would write all their attaches before all
+        their detaches, which the guest's proton takes for a second link of that name; the
+        next is answered once its namesake's detach is written (``_free_written_links``)."""
         for link in self._ended_on(ssn):
-            self._answer_ended(link)
+            if not self._namesake_unwritten(link):
+                self._answer_ended(link)
 
     def _answer_ended(self, link: Any) -> None:
         """Answer the attach and the detach of ``link``, which the guest ended before we

@@ -83,11 +83,6 @@ def test_a_relayed_message_cannot_smuggle_a_forbidden_address_past_the_relay_che
     assert outcome.state == "rejected"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_begin answers both links of one name ended before the broker's open in one "
-    "pass, attaches first: the guest's proton fails 'link name already attached'",
-)
 @pytest.mark.parametrize("address", ["forbidden", ALLOWED + "q"], ids=["refused", "routed"])
 def test_a_name_attached_and_detached_twice_before_the_brokers_open(
     daemon: Connector, address: str
@@ -95,10 +90,10 @@ def test_a_name_attached_and_detached_twice_before_the_brokers_open(
     """A guest writes its open, a begin, and a link attached and detached twice under one
     name in one write, as a client that gives up and retries at once does. The daemon
     reads it all before Artemis has answered its open, so nothing can be answered until
-    then; then both links are answered in one pass, and proton writes both attaches before
-    the detaches. The guest's proton takes the second attach for a second link of that name
-    and fails the whole connection, whether the links were refused by the policy or
-    routed."""
+    then; then both links were answered in one pass, and proton wrote both attaches before
+    the detaches. The guest's proton took the second attach for a second link of that name
+    and failed the whole connection, whether the links were refused by the policy or
+    routed. Now the guest gets attach, detach, attach, detach."""
     fd = daemon.channels[1].fd()
     peer = AttachPeer(fd, _name("rf-twice"))
     conn = peer.engine.connection

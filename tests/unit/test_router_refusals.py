@@ -77,11 +77,6 @@ def _transfer(first: bool) -> bytes:
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_begin answers every link ended before the broker's open in one output pass: "
-    "attach, attach, detach, detach; the guest fails 'link name already attached'",
-)
 @pytest.mark.parametrize("address", [FORBIDDEN, "q"], ids=["refused", "routed"])
 def test_namesakes_ended_before_the_brokers_open_are_answered_one_after_the_other(
     address: str,
@@ -89,10 +84,10 @@ def test_namesakes_ended_before_the_brokers_open_are_answered_one_after_the_othe
     """Before the broker's open a guest attaches a link, detaches it, and attaches and
     detaches it again under the same name (a client retrying, say after a refusal it has
     not heard yet: none can come before our open). Nothing can be answered until the
-    broker's open, so both links wait, and then both are answered at once. Proton writes
+    broker's open, so both links wait, and then both were answered at once. Proton writes
     every attach of an output pass before every detach, so the guest read two attaches of
     one name, its proton failed the connection ("link name already attached"), and every
-    other link of the guest went with it. The second answer must wait for the first
+    other link of the guest went with it. The second answer now waits for the first
     link's detach to be written, as it does once the session is begun
     (``_free_written_links``)."""
     h = _refusing(broker_answers_open=False)
