@@ -62,8 +62,6 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     link = route.link
     out_link = route.peer.link
     if twin is None:
-        if route.discarding is not None and dlv == route.discarding:
-            return _discard(route, dlv)
         if route.max_unsettled:
             _admit(route)
         twin = _open_twin(route, dlv)
@@ -85,16 +83,13 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
             raise _oversize(route)
     if _aborted(dlv):
         route.message_bytes = 0
-        route.streaming = None
         lib.pn_delivery_abort(twin)
         _forget(route, dlv, twin)
         lib.pn_delivery_settle(dlv)
         return 0, moved
     if _partial(dlv):
-        route.streaming = dlv  # the far side may settle it before it is whole
         return 0, moved
     route.message_bytes = 0
-    route.streaming = None
     # Complete: both links advance together, which keeps their credit in step.
     _advance(link)
     _advance(out_link)
@@ -151,42 +146,6 @@ def _settle_both(route: Route, dlv: Any, twin: Any) -> None:
     _forget(route, dlv, twin)
     lib.pn_delivery_settle(twin)
     lib.pn_delivery_settle(dlv)
-
-
-def _settled_mid_stream(route: Route, dlv: Any, twin: Any) -> None:
-    """The far side settled ``dlv`` while its message, ``twin``, still streams in from the
-    other side (a broker rejecting it on its headers, a guest releasing it after its first
-    frames). Our send is aborted: the rest would go to a side that has settled it. ``twin``,
-    its outcome already given, stays unsettled while the rest of its bytes are read and
-    dropped as they come (``_discard``), then is settled: settled now, proton would keep
-    every later frame of it, unread, for as long as the link lives."""
-    peer = route.peer
-    _forget(route, dlv, twin)
-    lib.pn_delivery_abort(dlv)  # settles it
-    peer.streaming = None
-    peer.discarding = twin
-
-
-def _discard(route: Route, dlv: Any) -> tuple[int, int]:
-    """Read and drop what has arrived of ``route.discarding`` (``_settled_mid_stream``);
-    settle it once it is whole. Its bytes count against the guest's message size limit,
-    so a guest cannot stream into it for ever."""
-    link = route.link
-    moved = 0
-    while (n := _recv(link, _copy_ptr, COPY_CHUNK)) > 0:
-        moved += n
-    if route.max_message:
-        route.message_bytes += moved
-        if route.message_bytes > route.max_message:
-            route.discarding = None
-            raise _oversize(route)
-    if _partial(dlv):
-        return 0, 0
-    route.discarding = None
-    route.message_bytes = 0
-    _advance(link)
-    lib.pn_delivery_settle(dlv)
-    return 0, 0
 
 
 def drop_unrouted(dlv: Any) -> bool:
@@ -290,11 +249,7 @@ def mirror_disposition(route: Route, dlv: Any, twin: Any) -> None:
             _update(twin, state)
     if _settled(dlv):
         # Settled on the far side: only now settle here, so nothing is acknowledged early.
-        streaming = route.peer.streaming
-        if streaming is not None and twin == streaming:
-            _settled_mid_stream(route, dlv, twin)
-        else:
-            _settle_both(route, dlv, twin)
+        _settle_both(route, dlv, twin)
         if route.held:  # the guest's unsettled limit held credit back: room again
             credit.sync_credit(route)
 

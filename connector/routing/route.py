@@ -69,7 +69,6 @@ class Route:
         "address",
         "bytes",
         "deliveries",
-        "discarding",
         "from_guest",
         "held",
         "inflight",
@@ -82,7 +81,6 @@ class Route:
         "receiving",
         "relay",
         "relay_buffer",
-        "streaming",
     )
 
     def __init__(self, link: Any, *, from_guest: bool) -> None:
@@ -101,10 +99,6 @@ class Route:
         self.held = False  # credit held back by max_unsettled: a settlement re-issues it
         self.max_message = 0
         self.message_bytes = 0  # bytes of the message being received, while it is partial
-        # On a receiving link: the delivery still streaming in (None once it is whole), and
-        # one the far side settled before it was whole, whose rest is read and dropped.
-        self.streaming: Any = None
-        self.discarding: Any = None
         # Set on a guest's anonymous-relay sender when each message's 'to' is checked: its
         # messages are collected whole (relay messages are small) and decoded.
         self.relay: LinkPolicy | None = None
