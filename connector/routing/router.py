@@ -131,10 +131,12 @@ class Router:
         # written at all, and the guest never hears its detach answered. So they are
         # answered when the session is begun (``_begin``) and freed once that is written.
         # So are those ended while a namesake's detach waits to be written: their attach
-        # may not go before it (``_answer_guest_attach``, ``_free_written_links``).
+        # may not go before it (``_answer_guest_attach``, ``_free_written``).
         self._ended_unbegun: dict[Any, bool] = {}
-        # Links we have ended, to free once their detach is out (``_free_written_links``).
+        # Links and sessions we have ended, to free once their detach or end is out
+        # (``_free_written``).
         self._unwritten_links: list[Any] = []
+        self._unwritten_sessions: list[Any] = []
         # Broker answers to a guest's attach, held while that guest link's namesake waits
         # for its detach to be written (``_answer_guest_attach``), and whether the broker
         # then only detached the link (None: it has not ended it).
@@ -187,8 +189,8 @@ class Router:
             guest.output_pending()
             if upstream is not None:
                 upstream.output_pending()
-            if self._unwritten_links:
-                self._free_written_links()
+            if self._unwritten_links or self._unwritten_sessions:
+                self._free_written()
             if not self.events_pending():
                 return
 
@@ -707,9 +709,9 @@ class Router:
             lib.pn_session_open(ssn)
         if not lib.pn_session_state(ssn) & _LOCAL_CLOSED:
             lib.pn_session_close(ssn)
-        self._free_session(ssn)
+        self._free_session(ssn, ended=True)
         if twin is not None and lib.pn_session_state(twin) & _REMOTE_CLOSED:
-            self._free_session(twin)
+            self._free_session(twin, ended=True)
 
     def _end_upstream(self, up: Any) -> bool:
         """The guest ended the session whose upstream twin is ``up``: end ``up`` too, once
@@ -734,11 +736,12 @@ class Router:
             lib.pn_session_close(up)
         return False
 
-    def _free_session(self, ssn: Any) -> None:
-        """Free a session ended both ways. Its links go with it, so none of them is awaited
-        any more: no detach comes for them, and a freed link's address, once proton reuses
-        it for a new link, would make that link's detach look like the awaited one. The
-        end answered their detach: a namesake held behind one of them goes up now."""
+    def _free_session(self, ssn: Any, *, ended: bool = False) -> None:
+        """Free a session ended both ways (``ended``: once our end of it is written, in
+        ``_free_written``), or one never begun. Its links go with it, so none of them is
+        awaited any more: no detach comes for them, and a freed link's address, once proton
+        reuses it for a new link, would make that link's detach look like the awaited one.
+        The end answered their detach: a namesake held behind one of them goes up now."""
         awaiting = self._awaiting_detach
         if awaiting:
             ended = {link for link in awaiting if lib.pn_link_session(link) == ssn}
@@ -756,14 +759,17 @@ class Router:
             self._unwritten_links = [
                 link for link in self._unwritten_links if lib.pn_link_session(link) != ssn
             ]
-        lib.pn_session_free(ssn)
+        if ended:
+            self._unwritten_sessions.append(ssn)
+        else:
+            lib.pn_session_free(ssn)
 
     def _answer_ended_links(self, ssn: Any) -> None:
         """The guest's session ``ssn`` has just been begun: answer the attach and the
         detach of its links that the guest ended before (``_ended_unbegun``). Of several
         under one name, only the first: proton would write all their attaches before all
         their detaches, which the guest's proton takes for a second link of that name; the
-        next is answered once its namesake's detach is written (``_free_written_links``)."""
+        next is answered once its namesake's detach is written (``_free_written``)."""
         for link in self._ended_on(ssn):
             if not self._namesake_unwritten(link):
                 self._answer_ended(link)
@@ -771,7 +777,7 @@ class Router:
     def _answer_ended(self, link: Any) -> None:
         """Answer the attach and the detach of ``link``, which the guest ended before we
         could (``_ended_unbegun``); it is freed once that output is produced
-        (``_free_written_links``)."""
+        (``_free_written``)."""
         detach_only = self._ended_unbegun.pop(link)
         lib.pn_link_open(link)
         (lib.pn_link_detach if detach_only else lib.pn_link_close)(link)
@@ -786,25 +792,33 @@ class Router:
         """The links of session ``ssn`` in ``_ended_unbegun``."""
         return [link for link in self._ended_unbegun if lib.pn_link_session(link) == ssn]
 
-    def _free_written_links(self) -> None:
-        """Free the links we have ended (``_drop_route``, ``_answer_ended_links``) once the
-        output just produced holds their detach. Proton produces none while its output
-        buffer is full, so an engine's links wait for a round in which it had room.
+    def _free_written(self) -> None:
+        """Free the links and sessions we have ended (``_drop_route``,
+        ``_answer_ended_links``, ``_on_session_remote_close``) once the output just produced
+        holds their detach or end. Proton produces none while its output buffer is full, so
+        an engine's links and sessions wait for a round in which it had room.
 
-        Freed before its detach is written, a link has its unsettled deliveries settled by
-        proton on the wire: its peer, which detached first, would get a disposition settled
-        without an outcome that the far side never gave (to a guest, its message looked
-        done; RabbitMQ 4's code takes one for a protocol error). Freed after, the link goes
-        without a word."""
+        Freed before its detach or end is written, a link (or every link of a session) has
+        its unsettled deliveries settled by proton on the wire: its peer, which detached or
+        ended first, would get a disposition settled without an outcome that the far side
+        never gave (to a guest, its message looked done; to a broker, a transactional
+        transfer looked settled by the guest; RabbitMQ 4's code takes one for a protocol
+        error). Freed after, they go without a word."""
         waiting = []
         for link in self._unwritten_links:
-            conn = lib.pn_session_connection(lib.pn_link_session(link))
-            engine = self.guest if conn == self.guest.connection else self.upstream
-            if engine.output_hidden(lib.pn_transport_pending(engine.transport)):
-                waiting.append(link)
-            else:
+            if self._written(lib.pn_session_connection(lib.pn_link_session(link))):
                 lib.pn_link_free(link)
+            else:
+                waiting.append(link)
         self._unwritten_links = waiting
+        if self._unwritten_sessions:
+            sessions = []
+            for ssn in self._unwritten_sessions:
+                if self._written(lib.pn_session_connection(ssn)):
+                    lib.pn_session_free(ssn)
+                else:
+                    sessions.append(ssn)
+            self._unwritten_sessions = sessions
         if self._answers_held:  # attaches waiting for a namesake's detach to go out
             held, self._answers_held = self._answers_held, {}
             for ulink, detach_only in held.items():
@@ -818,6 +832,12 @@ class Router:
                 self._answer_ended(link)
         if self._deferred_refusals and self._guest_answered():
             self._answer_deferred_refusals()  # those held behind a namesake's detach
+
+    def _written(self, conn: Any) -> bool:
+        """Whether the output just produced on ``conn`` holds everything ended on it: not
+        while its engine's output buffer is full (frames may hide behind it)."""
+        engine = self.guest if conn == self.guest.connection else self.upstream
+        return not engine.output_hidden(lib.pn_transport_pending(engine.transport))
 
     # -- links ---------------------------------------------------------------------------
 
@@ -967,7 +987,7 @@ class Router:
             # last one could be written (its output was full): proton writes every attach
             # of one pass before every detach, and the guest's proton would take this
             # answer for a second link of that name and fail the connection. Answered once
-            # that detach is out (``_free_written_links``).
+            # that detach is out (``_free_written``).
             self._answers_held.setdefault(ulink, None)
             return
         copy_attach(glink, ulink, self.guest, self.upstream)
@@ -993,7 +1013,7 @@ class Router:
         detach_only = lib.pn_event_type(ev) == lib.PN_LINK_REMOTE_DETACH
         if not from_guest and link in self._answers_held:
             # Its attach's answer waits for a namesake's detach to be written: so does its
-            # detach, passed on once that attach is (``_free_written_links``).
+            # detach, passed on once that attach is (``_free_written``).
             self._answers_held[link] = detach_only
             return
         self._link_ended(link, from_guest, detach_only)

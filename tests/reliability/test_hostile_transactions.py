@@ -58,22 +58,18 @@ def rabbit(rabbitmq: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the guest's session is freed before our end is written: proton tells the guest "
-    "the broker settled the messages it still held",
-)
 def test_a_guest_ending_its_session_is_not_told_artemis_settled_what_it_held(
     art: Routed,
 ) -> None:
     """A guest holds a message from Artemis unsettled and ends the session it came on (a
     JMS consumer's session closed before its acknowledgement, or a transacted session
     whose transaction was never discharged). Artemis settled nothing: it gives the message
-    to the next receiver. But the guest's delivery reads as settled by the broker once the
-    end is answered: the connector wrote a disposition ``settled=true``, with no outcome,
-    before its end (``Router._on_session_remote_close`` frees the session before the end
-    is written, and proton settles a freed link's deliveries on the wire). A client that
-    takes the sender's settlement for the broker being done with the message is wrong."""
+    to the next receiver. But the guest's delivery read as settled by the broker once the
+    end was answered: the connector wrote a disposition ``settled=true``, with no outcome,
+    before its end (``Router._on_session_remote_close`` freed the session before the end
+    was written, and proton settles a freed link's deliveries on the wire). A client that
+    takes the sender's settlement for the broker being done with the message was misled.
+    The session is now freed once its end is written."""
     queue = _name("held")
     with art.client("unix", _name("end")) as guest:
         guest.send(queue, ["a"])

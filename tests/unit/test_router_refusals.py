@@ -89,7 +89,7 @@ def test_namesakes_ended_before_the_brokers_open_are_answered_one_after_the_othe
     one name, its proton failed the connection ("link name already attached"), and every
     other link of the guest went with it. The second answer now waits for the first
     link's detach to be written, as it does once the session is begun
-    (``_free_written_links``)."""
+    (``_free_written``)."""
     h = _refusing(broker_answers_open=False)
     _, ssn = h.guest_session()  # its begin waits for the broker's open
     received = h.guest.trace()

@@ -68,11 +68,6 @@ def _control(link: Link, tag: str, descriptor: Any, fields: list[Any]) -> Delive
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a session's end frees it before our end is written: proton settles its "
-    "unsettled sender deliveries on the wire, to the side that ended it",
-)
 @pytest.mark.parametrize("ender", ["guest", "broker"])
 def test_a_session_end_settles_nothing_on_the_far_sides_behalf(ender: str) -> None:
     """A peer ends a session while deliveries on it wait for the far side, inside a
@@ -81,14 +76,13 @@ def test_a_session_end_settles_nothing_on_the_far_sides_behalf(ender: str) -> No
     guest's transactional transfer without an outcome. Nothing may be settled towards the
     peer that ended the session on the far side's behalf: the far side settled nothing.
 
-    The router frees the session it was ended on as soon as it closes its own end
-    (``Router._on_session_remote_close`` calls ``_free_session`` right after
-    ``pn_session_close``), before that end is written. Proton then settles the session's
-    unsettled deliveries and writes, for each of our sender deliveries, a disposition
-    ``settled=true`` with no state before the end: the guest hears the broker forgot its
-    transactional retirement's message, and the broker hears the guest gave up its
-    transactional transfer. The same as the link fix of session 8
-    (``test_a_detach_settles_nothing_on_the_far_sides_behalf``), one level up."""
+    The router freed the session it was ended on as soon as it closed its own end, before
+    that end was written. Proton then settled the session's unsettled deliveries and wrote,
+    for each of our sender deliveries, a disposition ``settled=true`` with no state before
+    the end: the guest heard the broker forgot its transactional retirement's message, and
+    the broker heard the guest gave up its transactional transfer. The session is now freed
+    once its end is written, as a link is once its detach is
+    (``test_a_detach_settles_nothing_on_the_far_sides_behalf``)."""
     h = Harness()
     if ender == "guest":
         _, rcv, far = h.receiver("r", "q")
