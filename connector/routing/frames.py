@@ -48,6 +48,8 @@ _NAME = 0
 _HANDLE = 1
 _ROLE = 2
 _SOURCE = 5
+_UNSETTLED = 7
+_INCOMPLETE_UNSETTLED = 8
 _OFFERED = 11
 _DESIRED = 12
 _DEFAULT_OUTCOME = 8
@@ -95,6 +97,11 @@ class LinkExtras:
     # A source with neither an address nor dynamic set, which proton takes for no source at
     # all (every sender of proton's own clients attaches one), with all its fields.
     source: Any = None
+    # A resumed link's unsettled map and incomplete-unsettled flag (§2.6.13). Proton's engine
+    # resumes nothing itself: a delivery the peer resends on it arrives as a new one, a
+    # duplicate that at-least-once allows; the peer still decides from the map.
+    unsettled: Any = None
+    incomplete_unsettled: Any = None
 
 
 LinkKey = tuple[str, bool]  # (link name, role: True for a receiver), as in the attach frame
@@ -197,11 +204,19 @@ def channel_of(frame: Any) -> int:
     return _frame_header(frame, 0)[3]
 
 
+class PlainData(Data):
+    """Proton's ``Data``, whose binary values come out as bytes. Proton's own are views of
+    its buffer: gone with the ``Data``, and unhashable, so a map keyed by them (a resumed
+    attach's unsettled map, keyed by delivery tags) could not be decoded at all."""
+
+    get_mappings = {**Data.get_mappings, Data.BINARY: lambda data: bytes(data.get_binary())}
+
+
 def decode(frame: Any) -> tuple[int, list[Any]] | None:
     """(performative code, fields) of a whole frame, or None if proton cannot decode it as
     one of the performatives walked here (proton's own decoding of the same frame then ends
     the connection with the error)."""
-    data = Data()
+    data = PlainData()
     try:
         data.decode(bytes(frame[4 * frame[4] :]))
         data.rewind()
@@ -351,13 +366,15 @@ class FrameReader:
         if code != ATTACH or len(fields) <= _ROLE or not isinstance(fields[_NAME], str):
             return
         dropped = _source_dropped(fields)
-        if len(fields) <= _OFFERED and not _source_outcome(fields) and dropped is None:
+        if len(fields) <= _UNSETTLED and not _source_outcome(fields) and dropped is None:
             return
         extras = LinkExtras(
             offered=_field(fields, _OFFERED),
             desired=_field(fields, _DESIRED),
             default_outcome=_source_outcome(fields),
             source=dropped,
+            unsettled=_field(fields, _UNSETTLED),
+            incomplete_unsettled=_field(fields, _INCOMPLETE_UNSETTLED) or None,
         )
         if extras != LinkExtras():
             self.found[(fields[_NAME], bool(fields[_ROLE]))] = extras
@@ -485,6 +502,8 @@ def _completed(frame: Any, fields: list[Any], extras: LinkExtras) -> bytes:
     fields.extend([None] * (_DESIRED + 1 - len(fields)))
     fields[_OFFERED] = extras.offered
     fields[_DESIRED] = extras.desired
+    fields[_UNSETTLED] = extras.unsettled
+    fields[_INCOMPLETE_UNSETTLED] = extras.incomplete_unsettled
     if fields[_SOURCE] is None:
         fields[_SOURCE] = extras.source
     source = fields[_SOURCE]

@@ -21,6 +21,8 @@ from typing import Any
 
 from proton import Data, Described, ulong
 
+from .frames import PlainData
+
 # Section descriptors (AMQP 1.0 §3.2), by code and by name, with their rank in a message.
 _HEADER, _DELIVERY_ANN, _MESSAGE_ANN, _PROPERTIES, _APP_PROPERTIES = range(0x70, 0x75)
 _DATA, _SEQUENCE, _VALUE, _FOOTER = range(0x75, 0x79)
@@ -121,16 +123,15 @@ def _descriptor(value: Data) -> int | None:
 
 
 def _properties(section: bytes, at: int) -> list[Any]:
-    """The fields of the properties section ``section`` (at byte ``at``), binary ones as
-    bytes: proton hands them out as views of its own buffer, gone with the ``Data``."""
-    value = Data()
+    """The fields of the properties section ``section`` (at byte ``at``)."""
+    value = PlainData()  # binary ids as bytes, not views of a buffer gone with the Data
     value.decode(section)
     value.rewind()
     value.next()
     fields = value.get_object().value
     if not isinstance(fields, list):
         raise BadMessage(f"a properties section that is not a list at byte {at}")
-    return [bytes(f) if isinstance(f, memoryview) else f for f in fields]
+    return fields
 
 
 def _name(code: int) -> str:

@@ -90,6 +90,21 @@ def test_an_attach_larger_than_a_peek_is_completed() -> None:
     assert 'desired-capabilities=@<symbol>[:"DELAYED_DELIVERY"]' in attach
 
 
+def test_a_resumed_attach_is_read_and_written_with_its_unsettled_map() -> None:
+    """A resumed link's attach names its unsettled deliveries in a map keyed by their tags
+    (binary): proton's Python codec cannot decode such a map (its binary values are
+    unhashable views), so the reader skipped the whole attach, and the writer never knew
+    the map. Both now carry it, and the incomplete-unsettled flag."""
+    resumed = LinkExtras(
+        unsettled={b"tag-1": Described(ulong(0x24), [])}, incomplete_unsettled=True
+    )
+    stream = _drain(_client(("r", False, resumed)))
+    (attach,) = _traced(stream)
+    assert 'unsettled={b"tag-1"=@accepted(36) []}' in attach
+    assert "incomplete-unsettled=true" in attach
+    assert _read(stream, []) == {("r", True): resumed}
+
+
 def _read(stream: bytes, cuts: list[int]) -> dict[Any, LinkExtras]:
     reader = FrameReader()
     last = 0

@@ -119,11 +119,6 @@ def test_a_session_end_settles_nothing_on_the_far_sides_behalf(ender: str) -> No
     assert h.router.error is None and ended.connection.state & Endpoint.REMOTE_ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the attach's unsettled map and incomplete-unsettled flag are dropped: proton's "
-    "engine neither decodes nor writes them, and frames.py does not carry them",
-)
 def test_a_resumed_attach_carries_its_unsettled_map_to_the_broker() -> None:
     """A guest whose connection dropped attaches its receiver again under the same name to
     resume it (AMQP 1.0 §2.6.13): the attach's ``unsettled`` map names the deliveries it
