@@ -1,0 +1,152 @@
+"""Limits, echo and credit crossing the guest's or the broker's other frames in flight.
+
+The connector bounds what one guest may cost (``[limits]``: links, attach rate, unsettled
+deliveries, message size) and answers some frames itself (a flow's echo, a refusal, a
+detach), so each of those meets whatever else is in flight: a link whose detach the broker
+has not answered, a refusal the guest has not answered, a guest that reads nothing, a
+message still streaming. The harness (``tests/support/routing.py``) makes them meet in
+exact orders; the same cases through the daemon are in
+``tests/reliability/test_hostile_limits.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from connector.limits import GuestLimits
+from connector.policy import Policy
+from tests.support.attach_peer import echo_flow, link_flows
+from tests.support.routing import Harness, attach, link_count, receive_all
+
+MAX_LINKS = 2
+# Attaches far beyond MAX_LINKS, each within it (the link is gone before the next comes).
+CHURN = 8
+# The guest may attach as fast as it likes here: what is counted is links, not their rate.
+NO_RATE_LIMIT = {"attach_rate": 1e9, "attach_burst": 10**9}
+# Credit the receiver grants before a message starts to stream.
+CREDIT = 5
+# The start of one message of 200 data bytes, 100 of them: the rest comes later.
+HALF_A_MESSAGE = b"\x00Su\xb0" + (200).to_bytes(4, "big") + b"x" * 100
+
+
+def _policed(**limits: Any) -> Harness:
+    """A harness whose guest (vm1) may attach to "q" only, with these limits."""
+    h = Harness(limits=GuestLimits(**limits))
+    h.router._policy = Policy.from_table({"default": {"addresses": ["q"]}}).for_guest("vm1")
+    return h
+
+
+# ---- bugs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="echo answer from our sender counts no partial delivery: delivery-count 1 low",
+)
+@pytest.mark.parametrize("receiver", ["guest", "broker"])
+def test_an_echo_while_a_message_streams_counts_that_message(receiver: str) -> None:
+    """The receiver of a message that is still streaming (its first frame has come, the
+    rest has not) asks for an echo. AMQP counts a delivery when its first transfer is
+    sent: the receiver's proton has delivery-count 1 and link-credit 4 by then. Our answer
+    (``EchoAnswers._sender_flow``) takes its link-credit as ``pn_link_credit +
+    pn_link_queued`` and its delivery-count as the receiver's limit less that; proton
+    counts a delivery on our sender only once it is advanced (whole), so the answer says
+    delivery-count 0, link-credit 5. The receiver's proton takes the count going back by
+    one as 2^32 - 1 deliveries (serial arithmetic) and adds one credit it never issued:
+    once the message is whole the two ends of the link disagree by one credit for the
+    link's life (the guest believes it has issued 5, the broker holds 4; or the reverse)."""
+    h = Harness()
+    if receiver == "guest":
+        _, far, near = h.receiver("r", "q")  # far: the guest's receiver; near: the broker's
+        far.flow(CREDIT)
+        h.pump()
+        ask = h.router.guest
+    else:
+        _, near, far = h.sender("s", "q", credit=CREDIT)
+        ask = h.router.upstream
+    side = h.guest if receiver == "guest" else h.broker
+    received = side.trace()
+    near.delivery("streaming")
+    near.send(HALF_A_MESSAGE)
+    h.pump()
+    assert far.current is not None and far.current.partial
+    # What the receiver counts now: one delivery (next-incoming-id 1), credit 4.
+    ask.push(echo_flow(incoming=1, outgoing=0, count=1, credit=CREDIT - 1))
+    h.pump()
+    (answer,) = link_flows([line for line in received if "<- @flow" in line])
+    assert (answer["delivery-count"], answer["link-credit"]) == (1, CREDIT - 1), answer
+    near.send(b"y" * 100)
+    near.advance()
+    h.pump()
+    assert len(receive_all(far)) == 1
+    assert far.credit == near.credit == CREDIT - 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="max_links counts routes only: links awaiting the broker's detach are not counted",
+)
+def test_links_awaiting_the_brokers_detach_count_against_max_links() -> None:
+    """A guest attaches a link and detaches it, again and again under new names, each
+    within ``max_links`` (2). Its detach is answered at once; the broker's link stays
+    until the broker answers our detach, and this broker never does (a slow or wedged
+    one). ``Router._attach_allowed`` counts only routed links, and a detached link is
+    routed no more, so every new attach went up: the broker held 8 links of this guest,
+    the connector 8 upstream links, and with the attach rate (50/s) the only bound, a
+    guest churning links grows both without end. The guest did nothing wrong, so it must
+    not be cut for this either: its attach can wait for a detach to be answered."""
+    h = Harness(limits=GuestLimits(max_links=MAX_LINKS, **NO_RATE_LIMIT))
+    h.answering(lambda _ev: None, "PN_LINK_REMOTE_CLOSE")  # detaches are never answered
+    _, ssn = h.guest_session()
+    for i in range(CHURN):
+        link = attach(ssn, f"churn-{i}", "q")
+        h.pump()
+        link.close()
+        h.pump()
+        assert link_count(h.router.upstream.connection) <= MAX_LINKS, f"after {i + 1} links"
+    assert h.router.error is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="max_links counts routes only: refused links the guest keeps are not counted",
+)
+def test_refused_links_the_guest_never_detaches_count_against_max_links() -> None:
+    """A guest attaches to an address its policy forbids, again and again under new
+    names, and never answers our detach of them. Each refused link stays a proton link
+    in the connector until the guest answers (it is only freed then:
+    ``_link_ended``), yet is counted nowhere: ``_attach_allowed`` counts routed links.
+    So the attach rate is the only bound, and at the default 50/s a guest grows the
+    connector by some 100 MB an hour (``test_hostile_limits.py`` measures it)."""
+    h = _policed(max_links=MAX_LINKS, **NO_RATE_LIMIT)
+    _, ssn = h.guest_session()
+    for i in range(CHURN):
+        attach(ssn, f"refused-{i}", "forbidden")
+        h.pump()
+    held = link_count(h.router.guest.connection)
+    assert h.router.error is not None or held <= MAX_LINKS, f"{held} refused links held"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="links ended while the guest reads nothing wait in _unwritten_links, uncounted",
+)
+def test_a_guest_that_reads_nothing_cannot_pile_up_ended_links() -> None:
+    """A guest reads nothing (its port is full) and attaches and detaches links under new
+    names. Our answers cannot be written, so each ended link waits in
+    ``_unwritten_links`` to be freed once its detach is out; none of them is a route, so
+    ``max_links`` never counts them, and the guest makes the connector hold as many links
+    as it attaches, without bound."""
+    h = Harness(limits=GuestLimits(max_links=MAX_LINKS, **NO_RATE_LIMIT))
+    _, ssn = h.guest_session()
+    for i in range(50 * CHURN):
+        link = attach(ssn, f"unread-{i}", "q")
+        h.guest.transport.pending()
+        h.hops("guest>", ">broker", "broker>")  # never ">guest"
+        link.close()
+        h.guest.transport.pending()
+        h.hops("guest>", ">broker", "broker>")
+    held = link_count(h.router.guest.connection)
+    assert h.router.error is not None or held <= MAX_LINKS, f"{held} ended links held"
+
