@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from connector.limits import GuestLimits
 from connector.policy import Policy
 from tests.support.attach_peer import echo_flow, link_flows
@@ -149,4 +150,3 @@ def test_a_guest_that_reads_nothing_cannot_pile_up_ended_links() -> None:
         h.hops("guest>", ">broker", "broker>")
     held = link_count(h.router.guest.connection)
     assert h.router.error is not None or held <= MAX_LINKS, f"{held} ended links held"
-
