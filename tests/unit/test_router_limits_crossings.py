@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cproton_ffi import lib
 
 from connector.limits import GuestLimits
 from connector.policy import Policy
@@ -21,6 +22,7 @@ from tests.support.attach_peer import echo_flow, link_flows
 from tests.support.routing import Harness, attach, link_count, receive_all
 
 MAX_LINKS = 2
+MAX_SESSIONS = 2
 # Attaches far beyond MAX_LINKS, each within it (the link is gone before the next comes).
 CHURN = 8
 # The guest may attach as fast as it likes here: what is counted is links, not their rate.
@@ -29,6 +31,15 @@ NO_RATE_LIMIT = {"attach_rate": 1e9, "attach_burst": 10**9}
 CREDIT = 5
 # The start of one message of 200 data bytes, 100 of them: the rest comes later.
 HALF_A_MESSAGE = b"\x00Su\xb0" + (200).to_bytes(4, "big") + b"x" * 100
+
+
+def _session_count(conn: Any) -> int:
+    """Session objects proton still holds on a connection (a proton pointer)."""
+    count, ssn = 0, lib.pn_session_head(conn, 0)
+    while ssn:
+        count += 1
+        ssn = lib.pn_session_next(ssn, 0)
+    return count
 
 
 def _policed(**limits: Any) -> Harness:
@@ -107,6 +118,32 @@ def test_links_awaiting_the_brokers_detach_count_against_max_links() -> None:
         h.pump()
         assert link_count(h.router.upstream.connection) <= MAX_LINKS, f"after {i + 1} links"
     assert h.router.error is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sessions awaiting the broker's end are not held to max_sessions",
+)
+def test_sessions_awaiting_the_brokers_end_count_against_max_sessions() -> None:
+    """The session analogue: a guest begins a session and ends it, again and again, each
+    within ``max_sessions`` (2). Its end is answered at once and its channel is free for
+    its next begin; our session upstream stays until the broker answers our end, which
+    this broker never does. ``max_sessions`` is only the guest engine's channel-max, and
+    ``_begin`` holds sessions only to the broker's channel-max (65535 for Artemis), so
+    every begin went up: the broker held 8 sessions of this guest. Begins have no rate
+    limit either, so a guest could grow both sides as fast as it writes."""
+    h = Harness(limits=GuestLimits(max_sessions=MAX_SESSIONS))
+    h.answering(lambda _ev: None, "PN_SESSION_REMOTE_CLOSE")  # ends are never answered
+    conn = h.open_guest()
+    for i in range(CHURN):
+        ssn = conn.session()
+        ssn.open()
+        h.pump()
+        ssn.close()
+        h.pump()
+        held = _session_count(h.router.upstream.connection)
+        assert held <= MAX_SESSIONS, f"after {i + 1} sessions"
+    assert h.guest.transport.condition is None and h.router.error is None
 
 
 @pytest.mark.xfail(
