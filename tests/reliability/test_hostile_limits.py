@@ -3,7 +3,8 @@
 tests/unit/test_router_limits_crossings.py shows in the harness which links ``max_links``
 does not count. Here the same guests go through the daemon, and what is measured is what
 the limit is for: the daemon's memory (its RSS, from /proc), which one guest must not be
-able to grow without bound.
+able to grow without bound. One more crosses a refusal with a redirect the daemon
+follows, through a real Artemis connection router (the ``redirecting`` fixture).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cproton_ffi import lib
 from proton import uint
 
+from connector.routing.engine import Engine, read_condition
+from tests.brokers.artemis import RedirectingArtemis
 from tests.reliability.amqp import (
     AMQP_HEADER,
     DETACH,
@@ -32,7 +36,8 @@ from tests.reliability.amqp import (
 from tests.reliability.harness import read_until
 from tests.reliability.procstat import cpu_seconds, rss_bytes
 from tests.reliability.test_hostile_guests import _own_daemon
-from tests.support.connector import wait_for
+from tests.reliability.test_hostile_redirect_reload import TIMEOUT, _pump, _sender
+from tests.support.connector import Connector, Qemu, serving, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -177,3 +182,46 @@ def test_a_guest_that_reads_nothing_cannot_slow_the_daemon_with_links(
         # The first batch is cheap whatever the daemon does: the socket takes our answers.
         stalled = len(costs) < CPU_BATCHES
         assert stalled or costs[-1] < 2 * costs[1] + MIN_COST, f"CPU per batch: {costs}"
+
+
+def test_a_refusal_waiting_for_the_open_crosses_a_followed_redirect(
+    redirecting: RedirectingArtemis, artemis: Any, tmp_path: Path
+) -> None:
+    """A guest writes its open, a begin, a link to a forbidden address and one to an
+    allowed address in one write, as proton's C clients do. Nothing can be answered
+    before the broker's open, and that open is a redirect, which the daemon follows: the
+    refusal waits in ``_deferred_refusals`` while the upstream, its sessions and links are
+    made again under it. Once the target's open comes the guest gets the refusal and the
+    allowed link attached, and its connection stays up."""
+    conf = tmp_path / "connector.toml"
+    conf.write_text(LIMITS)
+    qemu = Qemu("unix", tmp_path, "hl-hasty")
+    daemon = Connector(
+        tmp_path, artemis, [qemu], "--config", str(conf), broker_urls=redirecting.redirect_url
+    )
+    with serving(daemon):
+        fd = qemu.fd()
+        guest = Engine(server=False)
+        try:
+            conn = guest.connection
+            lib.pn_connection_set_container(conn, b"hl-hasty")
+            lib.pn_connection_open(conn)
+            session = lib.pn_session(conn)
+            lib.pn_session_open(session)
+            refused = _sender(session, "refused", "hl-forbidden")
+            allowed = _sender(session, "allowed", "hl-ok.redirect")
+
+            def answered() -> bool:
+                return bool(
+                    lib.pn_link_state(refused) & lib.PN_REMOTE_CLOSED
+                    and lib.pn_link_state(allowed) & lib.PN_REMOTE_ACTIVE
+                )
+
+            _pump(fd, guest, answered, TIMEOUT)
+            assert "followed" in daemon.channel("hl-hasty")["last_error"]
+            cond = read_condition(lib.pn_link_remote_condition(refused))
+            assert cond is not None and cond[0] == "amqp:unauthorized-access"
+            assert guest.condition() is None
+            assert not lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED
+        finally:
+            guest.free()
