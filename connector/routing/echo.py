@@ -160,7 +160,10 @@ class EchoAnswers:
 
     @staticmethod
     def _sender_flow(link: Any, limit: int | None, session: list[Any], where: Any) -> bytes:
-        credit = (lib.pn_link_credit(link) + lib.pn_link_queued(link)) & _SEQUENCE
+        # Proton counts a delivery against our sender's credit once it is advanced; the
+        # peer, at its first frame: a message still streaming is the peer's already.
+        streaming = lib.pn_link_current(link) != ffi.NULL
+        credit = max(0, lib.pn_link_credit(link) + lib.pn_link_queued(link) - streaming)
         fields = [
             *session,
             uint(where[1]),

@@ -52,10 +52,6 @@ def _policed(**limits: Any) -> Harness:
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="echo answer from our sender counts no partial delivery: delivery-count 1 low",
-)
 @pytest.mark.parametrize("receiver", ["guest", "broker"])
 def test_an_echo_while_a_message_streams_counts_that_message(receiver: str) -> None:
     """The receiver of a message that is still streaming (its first frame has come, the
