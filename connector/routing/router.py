@@ -656,7 +656,8 @@ class Router:
             self._answer_ended_links(ssn)
             for route in self.routes.values():  # links the guest attached before the open
                 link = route.link
-                if lib.pn_link_session(link) == up and lib.pn_link_state(link) & _LOCAL_UNINIT:
+                uninit = lib.pn_link_state(link) & _LOCAL_UNINIT
+                if lib.pn_link_session(link) == up and uninit and self._may_attach(link):
                     lib.pn_link_open(link)
             return
         why = f"the broker allows {allowed} sessions on a connection"
@@ -746,8 +747,8 @@ class Router:
         if awaiting:
             ended = {link for link in awaiting if lib.pn_link_session(link) == ssn}
             awaiting -= ended
-            for link in ended:
-                self._attach_held(link)
+            if ended:
+                self._open_held()
         for link in self._ended_on(ssn):
             del self._ended_unbegun[link]
         if self._deferred_refusals:  # its links go with it: no refusal is owed them
@@ -855,7 +856,7 @@ class Router:
         if lib.pn_link_name(glink) == ffi.NULL:
             self.violation("amqp:invalid-field", "an attach without a link name")
             return
-        if not self._attach_allowed():
+        if not self._attach_allowed(glink):
             return
         request = _attach_request(glink)
         refusal = self._policy.check_attach(request)
@@ -874,8 +875,8 @@ class Router:
         self.routes[glink] = groute
         self._pair(groute, ulink)
         # Else _begin opens it (proton drops a link opened before its session's begin), or
-        # _attach_held does, once the broker has detached the link's namesake.
-        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE and not self._namesake_attached(ulink):
+        # _open_held does, once the broker has detached the link's namesake or another.
+        if lib.pn_session_state(up_ssn) & _LOCAL_ACTIVE and self._may_attach(ulink):
             lib.pn_link_open(ulink)
         self._log.debug("attach %s %s (%s)", groute.name, groute.direction, groute.address)
 
@@ -907,18 +908,36 @@ class Router:
         pass (they came in one read, or the upstream output was full behind a large
         message) the broker got the new attach first. A proton broker then fails the whole
         connection ("link name already attached"), and Artemis never answers it. So the new
-        link waits for that answer (``_attach_held``)."""
+        link waits for that answer (``_open_held``)."""
         return any(_namesakes(link, ulink) for link in self._awaiting_detach)
 
-    def _attach_held(self, detached: Any) -> None:
-        """The broker has answered our detach of ``detached``: attach the link the guest
-        attached again under its name meanwhile, if there is one (``_namesake_attached``)."""
-        for route in self.routes.values():
+    def _may_attach(self, ulink: Any) -> bool:
+        """Whether the upstream link ``ulink`` may attach now: not while a namesake is still
+        attached at the broker (``_namesake_attached``), nor while the broker holds
+        ``max_links`` of this guest's links, counting those whose detach it has not
+        answered yet. The guest detaches and attaches as it likes, its detach answered at
+        once; counted only by its routes, a guest churning links at a broker slow to answer
+        (or never answering) made it hold ever more of them. Held, the attach waits for an
+        answer (``_open_held``), and the guest for its attach's."""
+        if self._namesake_attached(ulink):
+            return False
+        attached = sum(
+            1
+            for r in self.routes.values()
+            if not r.from_guest and not lib.pn_link_state(r.link) & _LOCAL_UNINIT
+        )
+        return attached + len(self._awaiting_detach) < self._limits.max_links
+
+    def _open_held(self) -> None:
+        """The broker has answered a detach of ours (or ended its session): attach the
+        upstream links held for it (``_may_attach``), in the order the guest attached them."""
+        for route in list(self.routes.values()):
             link = route.link
-            held = not route.from_guest and lib.pn_link_state(link) & _LOCAL_UNINIT
-            if held and _namesakes(link, detached):
+            if route.from_guest or not lib.pn_link_state(link) & _LOCAL_UNINIT:
+                continue
+            begun = lib.pn_session_state(lib.pn_link_session(link)) & _LOCAL_ACTIVE
+            if begun and self._may_attach(link):
                 lib.pn_link_open(link)
-                return
 
     def _pair(self, groute: Route, ulink: Any) -> None:
         """Route the guest's link through ``ulink``."""
@@ -927,11 +946,21 @@ class Router:
         uroute.address = groute.address
         self.routes[ulink] = uroute
 
-    def _attach_allowed(self) -> bool:
-        """Count the guest's links and attach rate; end the connection over a limit."""
+    def _attach_allowed(self, glink: Any) -> bool:
+        """Count the guest's links and attach rate; end the connection over a limit.
+
+        Every link the guest makes us hold counts, not only routed ones: those refused whose
+        detach it has not answered, and those ended whose answer waits for it to read (it
+        reads nothing, say). Counted by routes alone, a guest attaching to a forbidden
+        address without ever answering, or churning links while reading nothing, made the
+        connector hold as many as it attached (some 2 KB each), and the lists of them grew
+        dearer to walk for every guest on the loop."""
         lim = self._limits
-        links = sum(1 for r in self.routes.values() if r.from_guest)
-        if links >= lim.max_links:
+        held, link = -1, lib.pn_link_head(self.guest.connection, 0)  # -1: not glink itself
+        while link != ffi.NULL:
+            held += 1
+            link = lib.pn_link_next(link, 0)
+        if held >= lim.max_links:
             self.violation("amqp:resource-limit-exceeded", f"more than {lim.max_links} links")
             return False
         now = time.monotonic()
@@ -1023,8 +1052,8 @@ class Router:
         if link in self._awaiting_detach:
             # We already closed this one on behalf of its twin; this is the answer.
             self._awaiting_detach.discard(link)
-            self._attach_held(link)
             lib.pn_link_free(link)
+            self._open_held()
             return
         if from_guest and self._deferred_refusals:
             # Refused, but the refusal waits: the answer to this detach carries the attach.

@@ -127,47 +127,47 @@ def _opened(fd: int) -> None:
     read_until(fd, BEGIN_DESCRIPTOR)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="refused links the guest never detaches are held, uncounted by max_links"
-)
 def test_refused_links_a_guest_never_detaches_do_not_grow_the_daemon(
     artemis: Any, tmp_path: Path
 ) -> None:
     """A guest attaches to an address its policy forbids, 20,000 times under new names,
     reads our refusals (an attach and a detach each) and never answers them with its own
     detach. Each refused link stays in the daemon until the guest answers, and
-    ``max_links`` (8 here) never counts it: the daemon holds every one, some 40 MB here
+    ``max_links`` (8 here) never counted it: the daemon held every one, some 40 MB here
     (2 KB a link), and at the default attach rate (50/s) about 400 MB an hour for as long
-    as the guest goes on. It must end the guest's connection or hold no more than
-    ``max_links`` links for it."""
+    as the guest goes on. Now they count: past ``max_links`` held, the guest's connection
+    ends with ``amqp:resource-limit-exceeded``."""
     with _own_daemon(artemis, tmp_path, LIMITS, "hl-keeper") as (daemon, channel):
         fd = channel.fd()
         _opened(fd)
         pid = daemon.proc.pid
         before = rss_bytes(pid)
         for start in range(0, ATTACHES, BATCH):
-            assert _written(fd, _refused(start, BATCH, detach=False)), "the daemon stalled"
+            if not _written(fd, _refused(start, BATCH, detach=False)):
+                break  # the daemon stopped reading: it ended the connection (below)
             _drain(fd)
-        _answered(fd, f"hl-{ATTACHES - 1}".encode())
+        else:
+            _answered(fd, f"hl-{ATTACHES - 1}".encode())
         grown = rss_bytes(pid) - before
         assert grown < GROWTH, f"the daemon grew by {grown / 1e6:.0f} MB"
+        error = daemon.channel("hl-keeper")["detail"]["errors"][-1]
+        assert error["condition"] == "amqp:resource-limit-exceeded", error
+        assert "links" in error["description"], error
 
 
-@pytest.mark.xfail(
-    strict=True, reason="each attach scans _unwritten_links, which a guest reading nothing fills"
-)
 def test_a_guest_that_reads_nothing_cannot_slow_the_daemon_with_links(
     artemis: Any, tmp_path: Path
 ) -> None:
     """A guest reads nothing (its port is full) and attaches links to a forbidden address
     under new names, detaching each at once without waiting for our refusal. Our answers
     cannot be written, so each link waits in ``_unwritten_links`` to be freed once they
-    are; ``max_links`` never counts them, and every attach and every pump walks the whole
-    list (``_namesake_unwritten``, ``_free_written_links``), reading each link's name. The
-    daemon's CPU per attach grows with the links held: the 4th thousand cost five times
+    are; ``max_links`` never counted them, and every attach and every pump walked the
+    whole list (``_namesake_unwritten``, ``_free_written``), reading each link's name. The
+    daemon's CPU per attach grew with the links held: the 4th thousand cost five times
     the 2nd (12 s of CPU for 4,000 in the harness), so a few minutes at the default 50/s
-    leave the shared loop no time for the other guests. The 4th thousand must cost about
-    what the 2nd did."""
+    left the shared loop no time for the other guests. Now they count, and the guest is
+    cut past ``max_links``; had it not been, the 4th thousand must cost about what the
+    2nd did."""
     with _own_daemon(artemis, tmp_path, LIMITS, "hl-deaf") as (daemon, channel):
         fd = channel.fd()
         _opened(fd)
