@@ -641,7 +641,8 @@ class Router:
 
     def _begin(self, ssn: Any, up: Any) -> None:
         """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest, or end
-        the guest's session when the broker allows no more (its channel-max).
+        the guest's session when the broker allows no more (its channel-max), or holds
+        ``max_sessions`` of this guest's, counting those whose end it has not answered.
 
         The guest's begin is answered without waiting for the broker's: a begin carries
         nothing end to end (windows are per hop), and proton sends nothing for a link, not
@@ -649,7 +650,11 @@ class Router:
         the guest's. Past the broker's channel-max proton's engine would not refuse the
         begin: it stops writing anything at all, which would hang every link of the guest.
         """
-        allowed = lib.pn_transport_get_channel_max(self.upstream.transport) + 1
+        broker = lib.pn_transport_get_channel_max(self.upstream.transport) + 1
+        # Ours too: the guest's own channel-max holds only the sessions it has open, and its
+        # end is answered at once, so a guest churning sessions at a broker slow to answer
+        # our end made it hold ever more of them.
+        allowed = min(broker, self._limits.max_sessions)
         if self._upstream_sessions() < allowed:
             lib.pn_session_open(up)
             lib.pn_session_open(ssn)
@@ -660,7 +665,10 @@ class Router:
                 if lib.pn_link_session(link) == up and uninit and self._may_attach(link):
                     lib.pn_link_open(link)
             return
-        why = f"the broker allows {allowed} sessions on a connection"
+        if allowed < broker:
+            why = f"the broker still holds {allowed} sessions of this guest (max_sessions)"
+        else:
+            why = f"the broker allows {allowed} sessions on a connection"
         self._log.warning("refused a session: %s", why)
         del self._sessions[ssn], self._sessions[up]
         for route in [r for r in self.routes.values() if lib.pn_link_session(r.link) == ssn]:

@@ -112,18 +112,16 @@ def test_links_awaiting_the_brokers_detach_count_against_max_links() -> None:
     assert h.router.error is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sessions awaiting the broker's end are not held to max_sessions",
-)
 def test_sessions_awaiting_the_brokers_end_count_against_max_sessions() -> None:
     """The session analogue: a guest begins a session and ends it, again and again, each
     within ``max_sessions`` (2). Its end is answered at once and its channel is free for
     its next begin; our session upstream stays until the broker answers our end, which
     this broker never does. ``max_sessions`` is only the guest engine's channel-max, and
-    ``_begin`` holds sessions only to the broker's channel-max (65535 for Artemis), so
+    ``_begin`` held sessions only to the broker's channel-max (65535 for Artemis), so
     every begin went up: the broker held 8 sessions of this guest. Begins have no rate
-    limit either, so a guest could grow both sides as fast as it writes."""
+    limit either, so a guest could grow both sides as fast as it wrote. A begin past
+    ``max_sessions`` upstream sessions is now refused (its session ended), the guest not
+    cut."""
     h = Harness(limits=GuestLimits(max_sessions=MAX_SESSIONS))
     h.answering(lambda _ev: None, "PN_SESSION_REMOTE_CLOSE")  # ends are never answered
     conn = h.open_guest()
