@@ -42,6 +42,12 @@ UNAUTHORIZED = "amqp:unauthorized-access"
 
 # Open-frame property keys the connector asserts; a guest may not supply its own.
 IDENTITY_PREFIX = "qpid-virtio."
+# What a guest we have cut for a violation may still write into proton: enough for the
+# frames it had in flight and its answering close. Past it, its bytes are dropped unread,
+# and the close times out (or is written). Read on without bound, a guest writing begins
+# and attaches after our close had proton make an object for each (some 3 KB a session:
+# 350 MB in the test) for as long as the close was awaited.
+AFTER_VIOLATION_INPUT = 64 * 1024
 
 _DELIVERY = lib.PN_DELIVERY
 _TRANSPORT = lib.PN_TRANSPORT
@@ -102,6 +108,8 @@ class Router:
         self.upstream: Engine | None = None
         self.state = RouterState.OPENING
         self.error: tuple[str, str] | None = None  # why the connection ended, if not cleanly
+        self._violated = False  # we ended the guest's connection for breaking a rule
+        self._after_violation = 0  # bytes of the guest's read since (AFTER_VIOLATION_INPUT)
         self.routes: dict[Any, Route] = {}  # link pointer (either side) -> its route
         self._sessions: dict[Any, Any] = {}  # session pointer -> its twin, both directions
         self._make_upstream = make_upstream
@@ -158,6 +166,10 @@ class Router:
         Proton stops reading at some undecodable input (an unknown performative) without
         setting an error; that is turned into a framing error here, so the guest is told.
         """
+        if self._violated:
+            self._after_violation += len(data)
+            if self._after_violation > AFTER_VIOLATION_INPUT:
+                return True  # dropped unread: it was told, and only its close matters now
         taken = self.guest.push(data)
         stalled = taken < len(data) or self.guest.input_closed
         # After the guest's close, proton rightly takes no more: what follows belongs to
@@ -281,8 +293,18 @@ class Router:
 
     def _on_endpoint_event(self, etype: int, ev: Any, from_guest: bool) -> None:
         handler = _HANDLERS.get(etype)
-        if handler is not None:
-            handler(self, ev, from_guest)
+        if handler is None:
+            return
+        if from_guest and etype in _GUEST_ENDPOINTS and self._guest_closed():
+            # We have closed the guest's connection (a violation, the upstream failing):
+            # its sessions and links go with it unanswered. Answered, each could cost a
+            # channel proton no longer has (a guest cut for churning sessions), and a guest
+            # that goes on writing until it reads our close kept the loop busy answering.
+            return
+        handler(self, ev, from_guest)
+
+    def _guest_closed(self) -> bool:
+        return bool(lib.pn_connection_state(self.guest.connection) & _LOCAL_CLOSED)
 
     def _on_connection_remote_open(self, ev: Any, from_guest: bool) -> None:
         if from_guest:
@@ -401,8 +423,13 @@ class Router:
     def _on_transport_error(self, ev: Any, from_guest: bool) -> None:
         if from_guest:
             cond = self.guest.condition() or ("amqp:internal-error", "guest transport failed")
-            self.error = cond
-            self._log.warning("guest protocol error: %s: %s", *cond)
+            if self.error is not None and self._guest_closed():
+                # We had ended the connection (a violation) and the guest wrote on: what
+                # proton makes of that is noise, and the cause stays the one recorded.
+                self._log.debug("after our close, guest protocol error: %s: %s", *cond)
+            else:
+                self.error = cond
+                self._log.warning("guest protocol error: %s: %s", *cond)
             if self.upstream is not None and not self._upstream_dead:
                 _close_connection(self.upstream.connection)
             self.state = RouterState.CLOSING
@@ -503,6 +530,7 @@ class Router:
             return
         self._log.warning("ending the guest's connection: %s: %s", condition, description)
         self.error = (condition, description)
+        self._violated = True
         g = self.guest.connection
         state = lib.pn_connection_state(g)
         # With no open from the guest yet, proton would hold our close back: its error path
@@ -623,6 +651,8 @@ class Router:
         if from_guest:
             if self.upstream is None or self._upstream_dead:
                 return
+            if self._sessions_unanswerable():
+                return
             up = lib.pn_session(self.upstream.connection)
             self._sessions[ssn] = up
             self._sessions[up] = ssn
@@ -634,6 +664,26 @@ class Router:
         elif ssn in self._end_when_begun:  # the guest ended it meanwhile (_end_upstream)
             self._end_when_begun.discard(ssn)
             lib.pn_session_close(ssn)
+
+    def _sessions_unanswerable(self) -> bool:
+        """A guest that reads nothing yet begins and ends sessions: each ended one waits for
+        our end to be written before its channel is free (``_free_written``), and proton,
+        once it holds ``max_sessions`` of them, finds no channel to answer the next begin
+        and fails the connection with a framing error that says nothing of why. Cut such a
+        guest first, saying why. (One that reads is not held to this: its ended sessions
+        go as our output is written, however many it churns in one write.)"""
+        held, ssn = 0, lib.pn_session_head(self.guest.connection, 0)
+        while ssn != ffi.NULL:
+            held += 1
+            ssn = lib.pn_session_next(ssn, 0)
+        limit = self._limits.max_sessions
+        if held <= limit or self._written(self.guest.connection):
+            return False
+        self.violation(
+            "amqp:resource-limit-exceeded",
+            f"more than {limit} sessions held: the guest reads none of our answers",
+        )
+        return True
 
     def _guest_answered(self) -> bool:
         """Whether we have answered the guest's open (once the broker's came)."""
@@ -1219,6 +1269,16 @@ def _fmt_cond(cond: tuple[str, str] | None) -> str:
     return f": {cond[0]}: {cond[1]}" if cond else ""
 
 
+# The guest's endpoint events that go unanswered once we have closed its connection.
+_GUEST_ENDPOINTS = frozenset(
+    {
+        lib.PN_SESSION_REMOTE_OPEN,
+        lib.PN_SESSION_REMOTE_CLOSE,
+        lib.PN_LINK_REMOTE_OPEN,
+        lib.PN_LINK_REMOTE_CLOSE,
+        lib.PN_LINK_REMOTE_DETACH,
+    }
+)
 _HANDLERS: dict[int, Callable[[Router, Any, bool], None]] = {
     lib.PN_CONNECTION_REMOTE_OPEN: Router._on_connection_remote_open,
     lib.PN_CONNECTION_REMOTE_CLOSE: Router._on_connection_remote_close,

@@ -27,6 +27,7 @@ from tests.brokers.artemis import RedirectingArtemis
 from tests.reliability.amqp import (
     AMQP_HEADER,
     DETACH,
+    END,
     OPEN,
     attach_frame,
     begin_frame,
@@ -66,11 +67,18 @@ BEGIN_DESCRIPTOR = b"\x00S\x11"
 CLOSE_DESCRIPTOR = b"\x00S\x18"
 
 
-def _drain(fd: int) -> None:
-    """Read and drop whatever the daemon has written to the guest by now."""
+def _drain(fd: int) -> bool:
+    """Read and drop whatever the daemon has written to the guest by now; whether that
+    held our close of the guest's connection."""
+    got = b""
     while select.select([fd], [], [], 0)[0]:
-        if not os.read(fd, 1 << 16):
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
             raise AssertionError("the daemon hung up on the guest")
+        got = got[-len(CLOSE_DESCRIPTOR) :] + chunk
+        if CLOSE_DESCRIPTOR in got:
+            return True
+    return False
 
 
 def _answered(fd: int, name: bytes) -> None:
@@ -145,12 +153,18 @@ def test_refused_links_a_guest_never_detaches_do_not_grow_the_daemon(
         for start in range(0, ATTACHES, BATCH):
             if not _written(fd, _refused(start, BATCH, detach=False)):
                 break  # the daemon stopped reading: it ended the connection (below)
-            _drain(fd)
+            if _drain(fd):
+                break  # it closed the guest's connection (below)
         else:
             _answered(fd, f"hl-{ATTACHES - 1}".encode())
         grown = rss_bytes(pid) - before
         assert grown < GROWTH, f"the daemon grew by {grown / 1e6:.0f} MB"
-        error = daemon.channel("hl-keeper")["detail"]["errors"][-1]
+        entry = wait_for(
+            lambda: (e := daemon.channel("hl-keeper"))["detail"]["errors"] and e,
+            ANSWER_TIMEOUT,
+            "the guest's connection to end",
+        )  # recorded once the close exchange is over (or timed out)
+        error = entry["detail"]["errors"][-1]
         assert error["condition"] == "amqp:resource-limit-exceeded", error
         assert "links" in error["description"], error
 
@@ -225,3 +239,43 @@ def test_a_refusal_waiting_for_the_open_crosses_a_followed_redirect(
             assert not lib.pn_connection_state(conn) & lib.PN_REMOTE_CLOSED
         finally:
             guest.free()
+
+
+# Sessions a guest that reads nothing begins and ends, one at a time: far more than it may
+# hold, and more than one read of the daemon's takes.
+SESSION_PAIRS = 100_000
+# What the daemon may grow by for it: proton takes one read of the guest's (256 KiB, some
+# 4,000 begins and ends) whole before the router meets the begin past the limit, and makes a
+# session of each; then what the guest may write after our close (AFTER_VIOLATION_INPUT).
+# Read on without bound, the same guest grew it by 350 MB.
+SESSION_GROWTH = 48 * 1024 * 1024
+
+
+def test_a_guest_that_reads_nothing_and_churns_sessions_is_told_why_it_is_cut(
+    artemis: Any, tmp_path: Path
+) -> None:
+    """A guest reads nothing (its port is full) and begins and ends sessions, one at a
+    time, each ended before the next: within its channel-max. Each ended session waits for
+    our end to be written before its channel is free, and past ``max_sessions`` of them
+    proton found no channel for the next begin's answer and failed the connection as
+    ``amqp:connection:framing-error`` "malformed frame", which told the guest and the
+    operator nothing. The guest is now cut first, with ``amqp:resource-limit-exceeded``
+    saying it holds too many sessions and reads none of the answers, and the daemon does
+    not grow meanwhile."""
+    with _own_daemon(artemis, tmp_path, LIMITS, "hl-mute") as (daemon, channel):
+        fd = channel.fd()
+        _opened(fd)
+        pid = daemon.proc.pid
+        before = rss_bytes(pid)
+        pair = begin_frame(1) + frame(performative(END), 1)
+        _written(fd, pair * SESSION_PAIRS)  # the daemon may stop reading: it cut the guest
+        entry = wait_for(
+            lambda: (e := daemon.channel("hl-mute"))["state"] == "waiting" and e,
+            ANSWER_TIMEOUT,
+            "the guest's connection to end",
+        )
+        error = entry["detail"]["errors"][-1]
+        assert error["condition"] == "amqp:resource-limit-exceeded", error
+        assert "sessions" in error["description"], error
+        grown = rss_bytes(pid) - before
+        assert grown < SESSION_GROWTH, f"the daemon grew by {grown / 1e6:.0f} MB"

@@ -18,6 +18,8 @@ from cproton_ffi import lib
 
 from connector.limits import GuestLimits
 from connector.policy import Policy
+from connector.routing.router import AFTER_VIOLATION_INPUT
+from tests.reliability.amqp import AMQP_HEADER, END, begin_frame, frame, open_frame, performative
 from tests.support.attach_peer import echo_flow, link_flows
 from tests.support.routing import Harness, attach, link_count, receive_all
 
@@ -170,3 +172,25 @@ def test_a_guest_that_reads_nothing_cannot_pile_up_ended_links() -> None:
         h.hops("guest>", ">broker", "broker>")
     held = link_count(h.router.guest.connection)
     assert h.router.error is not None or held <= MAX_LINKS, f"{held} ended links held"
+
+
+def test_a_guest_cut_for_churning_sessions_unread_is_told_why_and_read_no_further() -> None:
+    """A guest that reads nothing begins and ends sessions, one at a time. Each ended one
+    waits for our end to be written, so past ``max_sessions`` of them proton had no channel
+    left to answer a begin and failed the connection with a framing error that said
+    nothing. The guest is cut first, with ``amqp:resource-limit-exceeded`` naming sessions;
+    its sessions are not answered any more, and of what it writes after our close only
+    ``AFTER_VIOLATION_INPUT`` reaches proton, which would make a session object of every
+    begin for as long as the close was awaited."""
+    h = Harness(guest=False, limits=GuestLimits(max_sessions=MAX_SESSIONS))
+    h.router.guest.set_limits(max_frame=512, channel_max=MAX_SESSIONS - 1, idle_timeout_ms=0)
+    h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame())
+    h.pump()  # open and begin answered; from here the guest reads nothing
+    pair = begin_frame(1) + frame(performative(END), 1)
+    for _ in range(20):
+        assert h.router.feed_guest(pair * 1000)
+        h.router.process()
+    assert h.router.error is not None
+    assert h.router.error[0] == "amqp:resource-limit-exceeded" and "sessions" in h.router.error[1]
+    held = _session_count(h.router.guest.connection)
+    assert held < AFTER_VIOLATION_INPUT // len(pair) + 1000, held
