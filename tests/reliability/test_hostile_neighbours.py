@@ -50,20 +50,22 @@ BEGIN_DESCRIPTOR = b"\x00S\x11"
 
 
 @contextlib.contextmanager
-def _neighbours(artemis: Any, tmp_path: Path, toml: str = "") -> Iterator[tuple[Connector, int]]:
+def _neighbours(
+    artemis: Any, tmp_path: Path, toml: str = ""
+) -> Iterator[tuple[Connector, GuestClient, int]]:
     """A daemon of the test's own on ``artemis`` with the quiet and the hostile guest's
-    unix channels; yields it and the hostile channel's fd (the quiet one is ``_quiet``'s)."""
+    unix channels; yields it and the hostile channel's fd, with the quiet guest's client
+    connected on the other (``_quiet``)."""
     conf = tmp_path / "connector.toml"
     conf.write_text(toml)
     channels = [Qemu("unix", tmp_path, QUIET), Qemu("unix", tmp_path, HOSTILE)]
-    with serving(Connector(tmp_path, artemis, channels, "--config", str(conf))) as daemon:
-        daemon.quiet_fd = channels[0].fd()  # type: ignore[attr-defined]
-        yield daemon, channels[1].fd()
-
-
-def _quiet(daemon: Connector) -> GuestClient:
-    """The quiet guest's client, connected."""
-    return GuestClient(daemon.quiet_fd, container_id="quiet", timeout=TIMEOUT)  # type: ignore[attr-defined]
+    daemon = Connector(tmp_path, artemis, channels, "--config", str(conf))
+    # The quiet guest's channel is connected to once the daemon has started.
+    with (
+        serving(daemon),
+        GuestClient(channels[0].fd(), container_id="quiet", timeout=TIMEOUT) as quiet,
+    ):
+        yield daemon, quiet, channels[1].fd()
 
 
 def _round_trip(guest: GuestClient, queue: str, n: int) -> float:
@@ -129,7 +131,7 @@ def test_a_disposition_storm_over_held_deliveries_stalls_no_neighbour(
     the storm must stay within a factor of its own baseline, and the daemon must not grow
     by more than allocator noise."""
     queue, rr = _queue("held"), _queue("rr")
-    with _neighbours(artemis, tmp_path) as (daemon, fd), _quiet(daemon) as quiet:
+    with _neighbours(artemis, tmp_path) as (daemon, quiet, fd):
         assert {o.state for o in quiet.send(queue, ["h"] * HELD)} == {"accepted"}
         baseline = _trips(quiet, rr, lambda t: len(t) < BASELINE_TRIPS)
         with GuestClient(fd, container_id="hoarder", timeout=TIMEOUT) as hoarder:
@@ -210,7 +212,7 @@ def test_long_echo_flows_do_not_slow_a_neighbour(artemis: Any, tmp_path: Path) -
     flood must stay within a factor of its baseline, and so must the status request."""
     rr = _queue("rr")
     flow = _long_echo_flow()
-    with _neighbours(artemis, tmp_path) as (daemon, fd), _quiet(daemon) as quiet:
+    with _neighbours(artemis, tmp_path) as (daemon, quiet, fd):
         baseline = _trips(quiet, rr, lambda t: len(t) < BASELINE_TRIPS)
         status_before = _snapshot_s(daemon)
         os.write(fd, handshake())
