@@ -54,8 +54,8 @@ def _neighbours(
     artemis: Any, tmp_path: Path, toml: str = ""
 ) -> Iterator[tuple[Connector, GuestClient, int]]:
     """A daemon of the test's own on ``artemis`` with the quiet and the hostile guest's
-    unix channels; yields it and the hostile channel's fd, with the quiet guest's client
-    connected on the other (``_quiet``)."""
+    unix channels; yields it, the quiet guest's client (connected) and the hostile
+    guest's fd, which each test drives as its case needs."""
     conf = tmp_path / "connector.toml"
     conf.write_text(toml)
     channels = [Qemu("unix", tmp_path, QUIET), Qemu("unix", tmp_path, HOSTILE)]
