@@ -134,7 +134,8 @@ class OpenFrameTap:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
-        threading.Thread(target=self._accept_loop, name="tap-accept", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="tap-accept", daemon=True)
+        self._acceptor.start()
 
     @property
     def url(self) -> str:
@@ -158,6 +159,12 @@ class OpenFrameTap:
     def close(self) -> None:
         """Stop accepting and drop every forwarded connection (both ends see EOF/reset)."""
         self._closed = True
+        # Wake the accept first and wait for it: closed under a blocked accept, the
+        # listener's fd number could be reused by a socket of the test's (a unix one, say)
+        # before the accept ran again, which it would then take for its own.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(timeout=10)
         self._listener.close()
         with self._lock:
             sockets, self._sockets = self._sockets, []
