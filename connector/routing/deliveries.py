@@ -62,7 +62,7 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
     link = route.link
     out_link = route.peer.link
     if twin is None:
-        if route.max_unsettled:
+        if route.policed:
             _admit(route)
         twin = _open_twin(route, dlv)
     moved = 0
@@ -100,13 +100,13 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
 
 def _admit(route: Route) -> None:
     """A guest's new delivery: it may only come with credit (proton does not check) and
-    only so many may be unsettled."""
+    only so many may be unsettled (``max_unsettled_per_link``; 0: no limit)."""
     link = route.link
     if lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0:
         raise GuestViolation(
             "amqp:link:transfer-limit-exceeded", f"transfer without credit on {route.name}"
         )
-    if len(route.inflight) >= route.max_unsettled:
+    if route.max_unsettled and len(route.inflight) >= route.max_unsettled:
         raise GuestViolation(
             "amqp:resource-limit-exceeded",
             f"more than {route.max_unsettled} unsettled deliveries on {route.name}",

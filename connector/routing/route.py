@@ -78,6 +78,7 @@ class Route:
         "message_bytes",
         "name",
         "peer",
+        "policed",
         "receiving",
         "relay",
         "relay_buffer",
@@ -96,6 +97,8 @@ class Route:
         # Limits checked on the per-message path (0 = none); set for guest-side links only.
         # On a link to the guest, max_unsettled bounds what is held for it (credit.py).
         self.max_unsettled = 0
+        # A guest's link: what it sends is admitted only with credit (``_admit``).
+        self.policed = False
         self.held = False  # credit held back by max_unsettled: a settlement re-issues it
         self.max_message = 0
         self.message_bytes = 0  # bytes of the message being received, while it is partial

@@ -254,7 +254,10 @@ class Router:
             if etype == _DELIVERY:
                 dlv = _event_delivery(ev)
                 route = routes.get(_delivery_link(dlv))
-                if route is not None and route.peer is not None and forward:
+                # Nor anything from a guest we cut for a violation, from the event it broke
+                # a rule with on: what it wrote after (a discharge, say) must not reach the
+                # broker. Checked per event, since the violation comes in this same call.
+                if route is not None and route.peer is not None and forward and not self._violated:
                     try:
                         done, moved = on_delivery(route, dlv)
                     except GuestViolation as err:
@@ -411,7 +414,12 @@ class Router:
                 return
             if lib.pn_connection_state(g) & _LOCAL_UNINIT:
                 lib.pn_connection_open(g)
-            copy_condition(lib.pn_connection_condition(g), lib.pn_connection_remote_condition(up))
+            if not self._guest_closed():
+                # Closed already (the guest closed first, or was cut), our close says what
+                # it said: not the broker's words, nor a redirect the guest cannot follow.
+                copy_condition(
+                    lib.pn_connection_condition(g), lib.pn_connection_remote_condition(up)
+                )
             _close_connection(g)
             _close_connection(up)
             if cond and self.error is None:  # a guest's violation stays the recorded cause
@@ -925,6 +933,7 @@ class Router:
         groute = Route(glink, from_guest=True)
         # Sent by the guest: more unsettled is a violation. Sent to it: credit waits.
         groute.max_unsettled = self._limits.max_unsettled_per_link
+        groute.policed = True
         if groute.receiving:  # the guest sends on it: the per-message limits apply
             groute.max_message = self._limits.max_message_size
             if request.address is None and not request.coordinator and self._policy.checks_relay:

@@ -75,10 +75,6 @@ def prefixed(artemis: Artemis, tmp_path: Path) -> Iterator[tuple[Connector, Qemu
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a commit the guest wrote after the frame it was cut for is carried out by Artemis",
-)
 def test_a_guest_cut_for_a_violation_does_not_commit_what_it_wrote_after(
     cut: tuple[Connector, Qemu],
 ) -> None:

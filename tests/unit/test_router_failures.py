@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from proton import Condition, Delivery, Link, Message, symbol
 
 from connector.limits import GuestLimits
@@ -67,10 +66,6 @@ def _txn_send(link: Link, tag: str, body: Any) -> Delivery:
 # ---- bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deliveries a guest wrote after the frame it is cut for still reach the broker",
-)
 def test_a_discharge_written_after_the_frame_a_guest_is_cut_for_does_not_commit() -> None:
     """A guest with ``max_unsettled_per_link = 1`` sends two messages in its transaction,
     then its commit, in one write (as a client that does not wait for outcomes does). The
@@ -112,10 +107,6 @@ def test_a_discharge_written_after_the_frame_a_guest_is_cut_for_does_not_commit(
     assert [line for line in transfers if 'delivery-tag=b"commit"' in line] == [], transfers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a broker's redirect crossing the guest's close reaches the guest in our close",
-)
 def test_a_redirect_crossing_the_guests_close_is_not_passed_on() -> None:
     """A guest that reads nothing for the moment (a large message is on its way to it, so
     the router's output to it is full) closes its connection, and the broker, before it
@@ -162,10 +153,6 @@ def test_a_redirect_crossing_the_guests_close_is_not_passed_on() -> None:
     assert REDIRECT not in answer and "network-host" not in answer, answer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_unsettled_per_link = 0 (no limit) cuts the guest at its first checked relay",
-)
 def test_a_checked_relay_without_an_unsettled_limit_carries_messages() -> None:
     """``max_unsettled_per_link = 0`` means no limit to the routing core: a guest's own link
     takes any number of unsettled messages (``deliveries._forward`` admits only when the
