@@ -197,11 +197,6 @@ def _flood(fd: int, chunk: bytes, stop: threading.Event, errors: list[BaseExcept
         errors.append(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="frames.FrameReader decodes each echo flow whole in Python (~45 ms for 64 KB of "
-    "empty lists): a guest flooding them holds the shared loop for the others",
-)
 def test_long_echo_flows_do_not_slow_a_neighbour(artemis: Any, tmp_path: Path) -> None:
     """A guest opens a session and then writes nothing but session flows that ask for an
     echo, each carrying 64 KB of properties: 65,000 empty lists. Proton's C codec takes
