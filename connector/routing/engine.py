@@ -81,6 +81,8 @@ class Engine:
         "_outfull",
         "collector",
         "connection",
+        "disposition_limit",
+        "disposition_storm",
         "is_server",
         "reader",
         "transport",
@@ -121,6 +123,10 @@ class Engine:
         # and whether the check comes back with the peer's next bytes.
         self._idle_ms: int | None = None
         self._idle_on_input = False
+        # The most delivery-ids the dispositions of one read may name (0: no limit), and
+        # whether a read named more: its bytes, and all after it, are not pushed.
+        self.disposition_limit = 0
+        self.disposition_storm = False
 
     # -- configuration -------------------------------------------------------------------
 
@@ -179,6 +185,12 @@ class Engine:
             self._restore_idle_check()
         reader = self.reader
         reader.feed(data)
+        limit = self.disposition_limit
+        if (limit and reader.disposition_span > limit) or self.disposition_storm:
+            # Pushed, it would have proton post an event per delivery named: the caller
+            # ends the connection (``Router.process``).
+            self.disposition_storm = True
+            return 0
         buf = ffi.from_buffer(data)
         done = 0
         while done < total:

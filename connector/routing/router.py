@@ -34,6 +34,7 @@ from ..redirect import ESTABLISHMENT_FAILED, REDIRECT
 from . import credit
 from .deliveries import drop_unrouted, forget_route, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
+from .frames import DISPOSITION_SPAN_PER_READ
 from .route import AttachRequest, GuestViolation, LinkPolicy, Route
 from .terminus import copy_attach
 
@@ -105,6 +106,8 @@ class Router:
         limits: GuestLimits | None = None,
     ) -> None:
         self.guest = guest
+        guest.disposition_limit = DISPOSITION_SPAN_PER_READ
+        guest.reader.count_dispositions = True
         self.upstream: Engine | None = None
         self.state = RouterState.OPENING
         self.error: tuple[str, str] | None = None  # why the connection ended, if not cleanly
@@ -171,6 +174,9 @@ class Router:
             if self._after_violation > AFTER_VIOLATION_INPUT:
                 return True  # dropped unread: it was told, and only its close matters now
         taken = self.guest.push(data)
+        if self.guest.disposition_storm:
+            self._disposition_storm()
+            return True  # not pushed, on purpose: no header to look for in it
         stalled = taken < len(data) or self.guest.input_closed
         # After the guest's close, proton rightly takes no more: what follows belongs to
         # the guest's next connection.
@@ -180,6 +186,15 @@ class Router:
                 "amqp:connection:framing-error", "the guest's input could not be decoded"
             )
         return not stalled and self.guest.condition() is None
+
+    def _disposition_storm(self) -> None:
+        """The guest's dispositions named more deliveries in one read than any settling
+        needs (``frames.DISPOSITION_SPAN_PER_READ``); proton was not given them."""
+        if not self._violated:
+            self.violation(
+                "amqp:resource-limit-exceeded",
+                f"dispositions naming more than {DISPOSITION_SPAN_PER_READ} deliveries in one read",
+            )
 
     def process(self) -> None:
         """Handle every pending event on both sides, until neither has any.
@@ -191,6 +206,8 @@ class Router:
         one more turn of the event loop and a whole pump.
         """
         guest = self.guest
+        if guest.disposition_storm:
+            self._disposition_storm()  # in the guest's first read, pushed by the channel
         while True:
             self._drain(guest.collector, from_guest=True)
             upstream = self.upstream  # handling the guest's open makes it

@@ -34,7 +34,7 @@ from tests.reliability.amqp import DISPOSITION, FLOW, frame, handshake, performa
 from tests.reliability.harness import read_until
 from tests.reliability.procstat import rss_bytes
 from tests.reliability.test_hostile_guests import _inbox, _link, _until
-from tests.support.connector import Connector, Qemu, serving
+from tests.support.connector import Connector, Qemu, serving, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -114,11 +114,6 @@ def _storm() -> bytes:
     return one * STORM_FRAMES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a range disposition costs one proton event and one router call per delivery "
-    "held: 22 KB from a guest stall the loop for seconds and grow the daemon ~150 MB",
-)
 def test_a_disposition_storm_over_held_deliveries_stalls_no_neighbour(
     artemis: Any, tmp_path: Path
 ) -> None:
@@ -127,9 +122,11 @@ def test_a_disposition_storm_over_held_deliveries_stalls_no_neighbour(
     delivery-ids and changing nothing. Proton posts one event per delivery held for each
     frame, all from one read, before the router sees any: a million events, which the
     daemon holds (proton keeps them pooled for the connection's life) and then handles one
-    by one in Python while every other guest waits. The quiet guest's round trip during
+    by one in Python while every other guest waited. The quiet guest's round trip during
     the storm must stay within a factor of its own baseline, and the daemon must not grow
-    by more than allocator noise."""
+    by more than allocator noise. Now the reader counts the deliveries a read's
+    dispositions name, and past ``DISPOSITION_SPAN_PER_READ`` the read is not pushed and
+    the guest is cut."""
     queue, rr = _queue("held"), _queue("rr")
     with _neighbours(artemis, tmp_path) as (daemon, quiet, fd):
         assert {o.state for o in quiet.send(queue, ["h"] * HELD)} == {"accepted"}
@@ -146,8 +143,16 @@ def test_a_disposition_storm_over_held_deliveries_stalls_no_neighbour(
             during = _trips(quiet, rr, lambda t: len(t) < 3)
             status_s = _snapshot_s(daemon)
             grown = rss_bytes(pid) - before
-        # The storm was well-formed: the hoarder was not cut for it.
-        assert daemon.channel(HOSTILE)["last_error"] is None
+        # Well-formed, but naming more deliveries than any settling needs: the hoarder is
+        # cut for it, its storm never pushed into proton.
+        entry = wait_for(
+            lambda: (e := daemon.channel(HOSTILE))["detail"]["errors"] and e,
+            TIMEOUT,
+            "the hoarder's connection to end",
+        )
+        error = entry["detail"]["errors"][-1]
+        assert error["condition"] == "amqp:resource-limit-exceeded", error
+        assert "dispositions" in error["description"], error
     limit = SLOWDOWN * max(baseline) + SLACK_S
     assert grown < STORM_GROWTH and max(during) < limit, (
         f"the daemon grew by {grown / 1e6:.0f} MB; the quiet guest's round trip took "

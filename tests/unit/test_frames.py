@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from cproton_ffi import lib
-from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, symbol, ulong
+from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, symbol, uint, ulong
 
 from connector.routing.engine import IO_CHUNK, Engine
-from connector.routing.frames import FrameReader, LinkExtras
+from connector.routing.frames import DISPOSITIONS_UNREAD, FrameReader, LinkExtras
 
 DELAYED = Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY"))
 SHARED = Array(UNDESCRIBED, Data.SYMBOL, symbol("SHARED-SUBS"))
@@ -161,3 +161,39 @@ def test_the_reader_ignores_an_attach_proton_will_refuse() -> None:
         encoded = body.encode()
         frame = (8 + len(encoded)).to_bytes(4, "big") + b"\x02\x00\x00\x00" + encoded
         assert _read(frame, []) == {}
+
+
+def _disposition(first: int, last: int | None, *, role: bool = True) -> bytes:
+    """A disposition frame, encoded by proton's codec, naming ``first``..``last``."""
+    fields: list[Any] = [role, uint(first)]
+    if last is not None:
+        fields.append(uint(last))
+    data = Data()
+    data.put_object(Described(ulong(0x15), fields))
+    body = data.encode()
+    return (8 + len(body)).to_bytes(4, "big") + bytes((2, 0, 0, 0)) + body
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "named"),
+    [
+        (0, None, 1),  # no last: first alone
+        (7, 7, 1),
+        (0, 9, 10),  # uint0 and smalluint
+        (300, 70_000, 69_701),  # uint
+        (2**32 - 2, 1, 4),  # across the wrap of the sequence numbers
+    ],
+)
+def test_the_reader_counts_the_deliveries_dispositions_name(
+    first: int, last: int | None, named: int
+) -> None:
+    """What a read's dispositions name bounds the events proton posts for them (one per
+    delivery held in a range, per frame): counted from their bytes, each encoding, once a
+    read holds more than DISPOSITIONS_UNREAD of them; up to that many, one each."""
+    reader = FrameReader()
+    reader.count_dispositions = True
+    many = DISPOSITIONS_UNREAD + 1
+    reader.feed(_disposition(first, last) * many)
+    assert reader.disposition_span == many * named
+    reader.feed(_disposition(first, last) * DISPOSITIONS_UNREAD)
+    assert reader.disposition_span == DISPOSITIONS_UNREAD

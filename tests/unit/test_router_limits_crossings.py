@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 from cproton_ffi import lib
+from proton import uint
 
 from connector.limits import GuestLimits
 from connector.policy import Policy
+from connector.routing.frames import DISPOSITIONS_UNREAD
 from connector.routing.router import AFTER_VIOLATION_INPUT
 from tests.reliability.amqp import AMQP_HEADER, END, begin_frame, frame, open_frame, performative
 from tests.support.attach_peer import echo_flow, link_flows
@@ -194,3 +196,22 @@ def test_a_guest_cut_for_churning_sessions_unread_is_told_why_and_read_no_furthe
     assert h.router.error[0] == "amqp:resource-limit-exceeded" and "sessions" in h.router.error[1]
     held = _session_count(h.router.guest.connection)
     assert held < AFTER_VIOLATION_INPUT // len(pair) + 1000, held
+
+
+def test_dispositions_naming_more_than_any_settling_needs_end_the_connection() -> None:
+    """A guest holding deliveries writes, in one read, dispositions that each name every
+    delivery-id and change nothing. Pushed, each would have proton post an event for every
+    delivery held (a million for 1000 frames over 1000 deliveries: 170 MB and seconds of
+    the shared loop). Past ``DISPOSITION_SPAN_PER_READ`` the read is not pushed and the
+    guest is cut; one naming a few deliveries each goes through as before."""
+    h = Harness(guest=False)
+    h.router.guest.push(AMQP_HEADER + open_frame() + begin_frame())
+    h.pump()
+    whole_range = frame(performative(0x15, True, uint(0), uint(2**31 - 1)))
+    assert h.router.feed_guest(frame(performative(0x15, True, uint(0), uint(9))) * 100)
+    h.router.process()
+    assert h.router.error is None
+    assert h.router.feed_guest(whole_range * (DISPOSITIONS_UNREAD + 1))
+    h.router.process()
+    assert h.router.error is not None and "dispositions naming more" in h.router.error[1]
+    assert not lib.pn_collector_peek(h.router.guest.collector)  # nothing was pushed
