@@ -95,6 +95,15 @@ DISPOSITION_SPAN_PER_READ = 1 << 16
 # what a session holds: bounded by max_unsettled_per_link, a few MB of proton's events.
 DISPOSITIONS_UNREAD = 8
 _UINT0, _SMALLUINT, _UINT, _NULL, _BOOLEAN = 0x43, 0x52, 0x70, 0x40, 0x56
+# Values a frame may hold for the walker to decode it into Python objects (about 0.7 µs
+# each): an attach carries some tens. One a guest filled with 65,000 nested empty lists
+# cost 45 ms a decode, up to four per attach (its own, our copy of it, each walked on both
+# engines), and ends and detaches, which carry an error's info map, come at no rate limit:
+# a guest sending those held the loop for its neighbours. Past this many the frame is left
+# as proton wrote and read it: an attach's dropped fields are not carried, its link is not
+# noted for echo answers.
+MAX_DECODED_VALUES = 512
+_COMPOUND = frozenset({Data.DESCRIBED, Data.ARRAY, Data.LIST, Data.MAP})
 # An attach is a few hundred bytes; one with kilobytes of filters or properties still fits.
 # A bigger frame is left as proton wrote it (proton itself refuses what exceeds
 # max-frame-size).
@@ -292,13 +301,35 @@ class PlainData(Data):
     get_mappings = {**Data.get_mappings, Data.BINARY: lambda data: bytes(data.get_binary())}
 
 
+def _few_values(data: Data, limit: int) -> bool:
+    """Whether what ``data`` holds (decoded by proton's C codec, rewound) is at most
+    ``limit`` values in all: its tree walked, and the walk stopped past ``limit``."""
+    count = depth = 0
+    while True:
+        if data.next() is not None:
+            count += 1
+            if count > limit:
+                return False
+            if data.type() in _COMPOUND:
+                data.enter()
+                depth += 1
+        elif depth:
+            data.exit()
+            depth -= 1
+        else:
+            return True
+
+
 def decode(frame: Any) -> tuple[int, list[Any]] | None:
     """(performative code, fields) of a whole frame, or None if proton cannot decode it as
     one of the performatives walked here (proton's own decoding of the same frame then ends
-    the connection with the error)."""
+    the connection with the error), or it holds more than ``MAX_DECODED_VALUES`` values."""
     data = PlainData()
     try:
         data.decode(bytes(frame[4 * frame[4] :]))
+        data.rewind()
+        if not _few_values(data, MAX_DECODED_VALUES):
+            return None
         data.rewind()
         data.next()
         described = data.get_object()

@@ -13,7 +13,13 @@ from cproton_ffi import lib
 from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, symbol, uint, ulong
 
 from connector.routing.engine import IO_CHUNK, Engine
-from connector.routing.frames import DISPOSITIONS_UNREAD, FrameReader, LinkExtras
+from connector.routing.frames import (
+    DISPOSITIONS_UNREAD,
+    MAX_DECODED_VALUES,
+    FrameReader,
+    LinkExtras,
+    decode,
+)
 
 DELAYED = Array(UNDESCRIBED, Data.SYMBOL, symbol("DELAYED_DELIVERY"))
 SHARED = Array(UNDESCRIBED, Data.SYMBOL, symbol("SHARED-SUBS"))
@@ -197,3 +203,33 @@ def test_the_reader_counts_the_deliveries_dispositions_name(
     assert reader.disposition_span == many * named
     reader.feed(_disposition(first, last) * DISPOSITIONS_UNREAD)
     assert reader.disposition_span == DISPOSITIONS_UNREAD
+
+
+def _attach_with(properties: Any) -> bytes:
+    """An attach frame (a sender named "big", handle 0) whose link properties are
+    ``properties``, and which desires DELAYED_DELIVERY (a field proton drops)."""
+    source = Described(ulong(0x28), ["q"])
+    target = Described(ulong(0x29), ["q"])
+    fields: list[Any] = ["big", uint(0), False, None, None, source, target]
+    fields += [None, None, uint(0), None, None, DELAYED, properties]
+    data = Data()
+    data.put_object(Described(ulong(0x12), fields))
+    body = data.encode()
+    return (8 + len(body)).to_bytes(4, "big") + bytes((2, 0, 0, 0)) + body
+
+
+def test_a_frame_of_too_many_values_is_not_decoded_into_python_objects() -> None:
+    """Decoding into Python objects costs about 0.7 µs a value: a guest's attach, end or
+    detach (an error's info map) holding 65,000 nested empty lists cost 45 ms each time it
+    was walked, and ends come at no rate limit. Past MAX_DECODED_VALUES the walker counts
+    the values with proton's C codec, stops, and leaves the frame as proton read it; an
+    attach of ordinary size is read as before."""
+    small = _attach_with({symbol(f"k{i}"): i for i in range(20)})
+    decoded = decode(small)
+    assert decoded is not None and decoded[1][0] == "big"
+    assert _read(small, []) == {("big", False): LinkExtras(desired=DELAYED)}
+    nested = _attach_with({symbol("x"): [[]] * 65_000})
+    assert decode(nested) is None
+    assert _read(nested, []) == {}
+    wide = _attach_with({symbol(f"k{i}"): i for i in range(MAX_DECODED_VALUES)})
+    assert decode(wide) is None
