@@ -394,12 +394,7 @@ class Router:
             _copy_capabilities(g, up)
             copy_data(lib.pn_connection_properties(g), lib.pn_connection_remote_properties(up))
             lib.pn_connection_open(g)
-            for ssn, twin in list(self._sessions.items()):  # in the order the guest began them
-                if ssn not in self._sessions:
-                    continue  # the upstream twin of one refused just now: freed (_begin)
-                guest_side = lib.pn_session_connection(ssn) == g
-                if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
-                    self._begin(ssn, twin)
+            self._begin_waiting()
             self._answer_deferred_refusals()
         if self.state is RouterState.OPENING:
             self.state = RouterState.OPEN
@@ -714,10 +709,22 @@ class Router:
         """Whether we have answered the guest's open (once the broker's came)."""
         return bool(lib.pn_connection_state(self.guest.connection) & _LOCAL_ACTIVE)
 
+    def _begin_waiting(self) -> None:
+        """Begin the guest's sessions that wait (for the broker's open, or for the broker to
+        hold fewer of this guest's: ``_begin``), in the order the guest began them."""
+        g = self.guest.connection
+        for ssn, twin in list(self._sessions.items()):
+            if ssn not in self._sessions:
+                continue  # the upstream twin of one refused just now: freed (_begin)
+            guest_side = lib.pn_session_connection(ssn) == g
+            if guest_side and lib.pn_session_state(ssn) & _LOCAL_UNINIT:
+                self._begin(ssn, twin)
+
     def _begin(self, ssn: Any, up: Any) -> None:
-        """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest, or end
-        the guest's session when the broker allows no more (its channel-max), or holds
-        ``max_sessions`` of this guest's, counting those whose end it has not answered.
+        """Begin the guest's session ``ssn`` upstream as ``up`` and answer the guest; or
+        leave it waiting while the broker holds ``max_sessions`` of this guest's, counting
+        those whose end it has not answered (``_begin_waiting`` comes back once it frees
+        one); or end the guest's session when the broker allows no more (its channel-max).
 
         The guest's begin is answered without waiting for the broker's: a begin carries
         nothing end to end (windows are per hop), and proton sends nothing for a link, not
@@ -729,8 +736,8 @@ class Router:
         # Ours too: the guest's own channel-max holds only the sessions it has open, and its
         # end is answered at once, so a guest churning sessions at a broker slow to answer
         # our end made it hold ever more of them.
-        allowed = min(broker, self._limits.max_sessions)
-        if self._upstream_sessions() < allowed:
+        held = self._upstream_sessions()
+        if held < min(broker, self._limits.max_sessions):
             lib.pn_session_open(up)
             lib.pn_session_open(ssn)
             self._answer_ended_links(ssn)
@@ -740,10 +747,11 @@ class Router:
                 if lib.pn_link_session(link) == up and uninit and self._may_attach(link):
                     lib.pn_link_open(link)
             return
-        if allowed < broker:
-            why = f"the broker still holds {allowed} sessions of this guest (max_sessions)"
-        else:
-            why = f"the broker allows {allowed} sessions on a connection"
+        if held < broker:
+            # The guest did nothing wrong: its ends were answered at once, the broker's
+            # answers to ours are late. Its begin waits for them, as its attach would.
+            return
+        why = f"the broker allows {broker} sessions on a connection"
         self._log.warning("refused a session: %s", why)
         del self._sessions[ssn], self._sessions[up]
         for route in [r for r in self.routes.values() if lib.pn_link_session(r.link) == ssn]:
@@ -902,7 +910,10 @@ class Router:
                     lib.pn_session_free(ssn)
                 else:
                     sessions.append(ssn)
+            freed = len(sessions) < len(self._unwritten_sessions)
             self._unwritten_sessions = sessions
+            if freed and self.upstream is not None and self._guest_answered():
+                self._begin_waiting()  # the broker holds fewer of the guest's sessions
         if self._answers_held:  # attaches waiting for a namesake's detach to go out
             held, self._answers_held = self._answers_held, {}
             for ulink, detach_only in held.items():

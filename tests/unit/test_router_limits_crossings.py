@@ -124,8 +124,8 @@ def test_sessions_awaiting_the_brokers_end_count_against_max_sessions() -> None:
     ``_begin`` held sessions only to the broker's channel-max (65535 for Artemis), so
     every begin went up: the broker held 8 sessions of this guest. Begins have no rate
     limit either, so a guest could grow both sides as fast as it wrote. A begin past
-    ``max_sessions`` upstream sessions is now refused (its session ended), the guest not
-    cut."""
+    ``max_sessions`` upstream sessions now waits for the broker to answer an end, the
+    guest neither refused nor cut."""
     h = Harness(limits=GuestLimits(max_sessions=MAX_SESSIONS))
     h.answering(lambda _ev: None, "PN_SESSION_REMOTE_CLOSE")  # ends are never answered
     conn = h.open_guest()
