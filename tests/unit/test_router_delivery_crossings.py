@@ -48,6 +48,20 @@ def _finish(h: Harness, link: Link, payload: bytes) -> None:
 # ---- drains crossing a message that is still streaming -----------------------------------
 
 
+def _drain_mid_message(h: Harness, snd: Link, rcv: Link) -> None:
+    """``snd`` starts a message to ``rcv``, which has one credit and drains it while the
+    message is half way; the rest follows. ``rcv`` must get it whole and be drained."""
+    payload = Message(body=BODY).encode()
+    _start(snd, "big", payload)
+    h.pump()
+    assert rcv.current is not None and rcv.current.partial
+    rcv.drain(0)
+    h.pump()
+    _finish(h, snd, payload)
+    assert [body for _, body in receive_all(rcv)] == [payload]
+    assert not rcv.draining()
+
+
 def test_a_drain_asked_while_a_message_streams_to_the_guest_ends_after_it() -> None:
     """A guest with one credit drains (JMS's receive with a timeout does) while the broker's
     message is half way through. Nothing is left to drain: the credit is the message's. The
@@ -62,16 +76,8 @@ def test_a_drain_asked_while_a_message_streams_to_the_guest_ends_after_it() -> N
     _, rcv, snd = h.receiver("r", "q")
     rcv.flow(1)
     h.pump()
-    payload = Message(body=BODY).encode()
-    _start(snd, "big", payload)
-    h.pump()
-    assert rcv.current is not None and rcv.current.partial
-    rcv.drain(0)
-    h.pump()
-    _finish(h, snd, payload)
-    got = receive_all(rcv)
-    assert [body for _, body in got] == [payload]
-    assert not rcv.draining() and rcv.credit == 0
+    _drain_mid_message(h, snd, rcv)
+    assert rcv.credit == 0
     rcv.flow(1)
     send_message(snd, "next", "after the drain")
     h.pump()
@@ -88,16 +94,7 @@ def test_a_drain_from_the_broker_while_a_guest_message_streams_ends_after_it() -
     than the broker had given."""
     h = Harness()
     _, snd, rcv = h.sender("s", "q", credit=1)
-    payload = Message(body=BODY).encode()
-    _start(snd, "big", payload)
-    h.pump()
-    assert rcv.current is not None and rcv.current.partial
-    rcv.drain(0)
-    h.pump()
-    _finish(h, snd, payload)
-    got = receive_all(rcv)
-    assert [body for _, body in got] == [payload]
-    assert not rcv.draining()
+    _drain_mid_message(h, snd, rcv)
     rcv.flow(2)
     h.pump()
     for i in range(2):

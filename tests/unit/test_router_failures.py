@@ -23,34 +23,17 @@ from connector.routing.engine import OUTPUT_FULL
 from tests.support.routing import Harness, attach, receive_all, send_message
 from tests.unit.test_router_delivery_crossings import TRANSACTIONAL_STATE
 from tests.unit.test_router_transactions import (
-    DECLARE,
-    DECLARED,
     DISCHARGE,
     TXN,
     _control,
     _coordinator,
+    _declared,
     _received,
 )
 
 # A message large enough that the router's output to a guest that reads nothing fills:
 # proton then produces no frame for the guest until it reads (``engine.OUTPUT_FULL``).
 LARGE = b"x" * 2_000_000
-
-
-def _declared(h: Harness, coord: Link, far: Link) -> None:
-    """Declare transaction ``TXN`` on the guest's coordinator ``coord`` (the broker's end
-    ``far`` answers ``declared``, settled) and give the coordinator one more credit."""
-    declare = _control(coord, "declare", DECLARE, [None])
-    h.pump()
-    answer = far.current
-    far.advance()
-    answer.local.data = [TXN]
-    answer.update(DECLARED)
-    answer.settle()
-    far.flow(1)
-    h.pump()
-    assert declare.remote_state == DECLARED and declare.settled
-    declare.settle()
 
 
 def _txn_send(link: Link, tag: str, body: Any) -> Delivery:

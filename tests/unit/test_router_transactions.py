@@ -68,6 +68,22 @@ def _control(link: Link, tag: str, descriptor: Any, fields: list[Any]) -> Delive
 # ---- bugs ---------------------------------------------------------------------------------
 
 
+def _declared(h: Harness, coord: Link, far: Link) -> None:
+    """Declare transaction ``TXN`` on the guest's coordinator ``coord`` (the broker's end
+    ``far`` answers ``declared``, settled) and give the coordinator one more credit."""
+    declare = _control(coord, "declare", DECLARE, [None])
+    h.pump()
+    answer = far.current
+    far.advance()
+    answer.local.data = [TXN]
+    answer.update(DECLARED)
+    answer.settle()
+    far.flow(1)
+    h.pump()
+    assert declare.remote_state == DECLARED and declare.settled
+    declare.settle()
+
+
 @pytest.mark.parametrize("ender", ["guest", "broker"])
 def test_a_session_end_settles_nothing_on_the_far_sides_behalf(ender: str) -> None:
     """A peer ends a session while deliveries on it wait for the far side, inside a
@@ -197,17 +213,7 @@ def test_a_discharge_crossing_the_coordinators_detach_is_answered_by_nobody(
     h = Harness()
     _, ssn = h.guest_session()
     coord, far = _coordinator(h, ssn)
-    declare = _control(coord, "d", DECLARE, [None])
-    h.pump()
-    bdeclare = far.current
-    far.advance()
-    bdeclare.local.data = [TXN]
-    bdeclare.update(DECLARED)
-    bdeclare.settle()
-    far.flow(1)
-    h.pump()
-    assert declare.remote_state == DECLARED and declare.settled
-    declare.settle()
+    _declared(h, coord, far)
     guest_got = h.guest.trace()
     broker_got = h.broker.trace()
     discharge = _control(coord, "c", DISCHARGE, [TXN, False])
