@@ -101,16 +101,25 @@ def _forward(route: Route, dlv: Any, twin: Any) -> tuple[int, int]:
 def _admit(route: Route) -> None:
     """A guest's new delivery: it may only come with credit (proton does not check) and
     only so many may be unsettled (``max_unsettled_per_link``; 0: no limit)."""
-    link = route.link
-    if lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0:
-        raise GuestViolation(
-            "amqp:link:transfer-limit-exceeded", f"transfer without credit on {route.name}"
-        )
+    if _overdrawn(route.link):
+        raise no_credit(route.name)
     if route.max_unsettled and len(route.inflight) >= route.max_unsettled:
         raise GuestViolation(
             "amqp:resource-limit-exceeded",
             f"more than {route.max_unsettled} unsettled deliveries on {route.name}",
         )
+
+
+def _overdrawn(link: Any) -> bool:
+    """Whether a receiving link's current delivery came without credit (proton does not
+    check): its credit less what it has queued is below nothing."""
+    return lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0
+
+
+def no_credit(name: str) -> GuestViolation:
+    """What a guest that sent on link ``name`` without credit is told; it ends its
+    connection."""
+    return GuestViolation("amqp:link:transfer-limit-exceeded", f"transfer without credit on {name}")
 
 
 def _oversize(route: Route) -> GuestViolation:
@@ -164,7 +173,7 @@ def drop_unrouted(dlv: Any) -> bool:
         return False  # a disposition on a link we sent on, or a delivery already dropped
     while _recv(link, _copy_ptr, COPY_CHUNK) > 0:
         pass
-    overdrawn = lib.pn_link_credit(link) - lib.pn_link_queued(link) < 0
+    overdrawn = _overdrawn(link)
     if not _partial(dlv):
         _advance(link)
     return overdrawn

@@ -81,7 +81,6 @@ class Engine:
         "_outfull",
         "collector",
         "connection",
-        "disposition_limit",
         "disposition_storm",
         "is_server",
         "reader",
@@ -123,9 +122,8 @@ class Engine:
         # and whether the check comes back with the peer's next bytes.
         self._idle_ms: int | None = None
         self._idle_on_input = False
-        # The most delivery-ids the dispositions of one read may name (0: no limit), and
-        # whether a read named more: its bytes, and all after it, are not pushed.
-        self.disposition_limit = 0
+        # Whether a read's dispositions named more delivery-ids than ``reader`` allows
+        # (``FrameReader.disposition_limit``): its bytes, and all after it, are not pushed.
         self.disposition_storm = False
 
     # -- configuration -------------------------------------------------------------------
@@ -185,7 +183,7 @@ class Engine:
             self._restore_idle_check()
         reader = self.reader
         reader.feed(data)
-        limit = self.disposition_limit
+        limit = reader.disposition_limit
         if (limit and reader.disposition_span > limit) or self.disposition_storm:
             # Pushed, it would have proton post an event per delivery named: the caller
             # ends the connection (``Router.process``).

@@ -397,7 +397,7 @@ class FrameReader:
         "_budget",
         "_held",
         "_skip",
-        "count_dispositions",
+        "disposition_limit",
         "disposition_span",
         "flows",
         "flows_skipped",
@@ -417,16 +417,16 @@ class FrameReader:
         self.stop = ECHO_FLOWS
         self.flows_skipped = False  # some flows went unread (FLOW_DECODES_PER_READ)
         self._budget = FLOW_DECODES_PER_READ
-        # Whether to count the delivery-ids a read's dispositions name (a guest's reader),
-        # and how many the last read's named (DISPOSITION_SPAN_PER_READ).
-        self.count_dispositions = False
+        # The most delivery-ids the dispositions of one read may name (a guest's reader:
+        # DISPOSITION_SPAN_PER_READ; 0: not counted), and how many the last read's named.
+        self.disposition_limit = 0
         self.disposition_span = 0
 
     def feed(self, data: Any) -> None:
         """Walk bytes the peer sent (call before pushing them into proton)."""
         end = len(data)
         self._budget = FLOW_DECODES_PER_READ
-        dispositions: list[int] | None = [] if self.count_dispositions else None
+        dispositions: list[int] | None = [] if self.disposition_limit else None
         pos = self._feed_held(data) if self._held else self._skip
         while pos < end:
             pos, size = _next_frame(data, pos, end, self.stop, dispositions)

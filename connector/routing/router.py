@@ -32,7 +32,7 @@ from proton import Data, symbol
 from ..limits import GuestLimits
 from ..redirect import ESTABLISHMENT_FAILED, REDIRECT
 from . import credit
-from .deliveries import drop_unrouted, forget_route, on_delivery
+from .deliveries import drop_unrouted, forget_route, no_credit, on_delivery
 from .engine import Engine, copy_condition, copy_data, read_condition, set_condition
 from .frames import DISPOSITION_SPAN_PER_READ
 from .route import AttachRequest, GuestViolation, LinkPolicy, Route
@@ -106,8 +106,7 @@ class Router:
         limits: GuestLimits | None = None,
     ) -> None:
         self.guest = guest
-        guest.disposition_limit = DISPOSITION_SPAN_PER_READ
-        guest.reader.count_dispositions = True
+        guest.reader.disposition_limit = DISPOSITION_SPAN_PER_READ
         self.upstream: Engine | None = None
         self.state = RouterState.OPENING
         self.error: tuple[str, str] | None = None  # why the connection ended, if not cleanly
@@ -306,8 +305,8 @@ class Router:
     def _without_credit(self, link: Any) -> None:
         """The guest sent on ``link`` without credit: it never had any (refused), or sent
         past what it had. As on a routed link (``deliveries._admit``), that ends it."""
-        name = ffi.string(lib.pn_link_name(link)).decode(errors="replace")
-        self.violation("amqp:link:transfer-limit-exceeded", f"transfer without credit on {name}")
+        err = no_credit(ffi.string(lib.pn_link_name(link)).decode(errors="replace"))
+        self.violation(err.condition, err.description)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -692,10 +691,7 @@ class Router:
         and fails the connection with a framing error that says nothing of why. Cut such a
         guest first, saying why. (One that reads is not held to this: its ended sessions
         go as our output is written, however many it churns in one write.)"""
-        held, ssn = 0, lib.pn_session_head(self.guest.connection, 0)
-        while ssn != ffi.NULL:
-            held += 1
-            ssn = lib.pn_session_next(ssn, 0)
+        held = _count(lib.pn_session_head(self.guest.connection, 0), lib.pn_session_next)
         limit = self._limits.max_sessions
         if held <= limit or self._written(self.guest.connection):
             return False
@@ -741,11 +737,7 @@ class Router:
             lib.pn_session_open(up)
             lib.pn_session_open(ssn)
             self._answer_ended_links(ssn)
-            for route in self.routes.values():  # links the guest attached before the open
-                link = route.link
-                uninit = lib.pn_link_state(link) & _LOCAL_UNINIT
-                if lib.pn_link_session(link) == up and uninit and self._may_attach(link):
-                    lib.pn_link_open(link)
+            self._open_held(up)  # links the guest attached before the open
             return
         if held < broker:
             # The guest did nothing wrong: its ends were answered at once, the broker's
@@ -950,7 +942,7 @@ class Router:
         if lib.pn_link_name(glink) == ffi.NULL:
             self.violation("amqp:invalid-field", "an attach without a link name")
             return
-        if not self._attach_allowed(glink):
+        if not self._attach_allowed():
             return
         request = _attach_request(glink)
         refusal = self._policy.check_attach(request)
@@ -1016,23 +1008,34 @@ class Router:
         answer (``_open_held``), and the guest for its attach's."""
         if self._namesake_attached(ulink):
             return False
-        attached = sum(
+        return self._attached_upstream() + len(self._awaiting_detach) < self._limits.max_links
+
+    def _attached_upstream(self) -> int:
+        """Upstream links routed and attached (or attaching) at the broker."""
+        return sum(
             1
             for r in self.routes.values()
             if not r.from_guest and not lib.pn_link_state(r.link) & _LOCAL_UNINIT
         )
-        return attached + len(self._awaiting_detach) < self._limits.max_links
 
-    def _open_held(self) -> None:
-        """The broker has answered a detach of ours (or ended its session): attach the
-        upstream links held for it (``_may_attach``), in the order the guest attached them."""
+    def _open_held(self, up_ssn: Any = None) -> None:
+        """Attach the upstream links held (``_may_attach``), in the order the guest attached
+        them, of session ``up_ssn`` just begun, or of any begun session once the broker has
+        answered a detach of ours (or ended its session)."""
+        room = self._limits.max_links - self._attached_upstream() - len(self._awaiting_detach)
         for route in list(self.routes.values()):
+            if room <= 0:
+                return
             link = route.link
             if route.from_guest or not lib.pn_link_state(link) & _LOCAL_UNINIT:
                 continue
-            begun = lib.pn_session_state(lib.pn_link_session(link)) & _LOCAL_ACTIVE
-            if begun and self._may_attach(link):
+            ssn = lib.pn_link_session(link)
+            begun = (
+                ssn == up_ssn if up_ssn is not None else lib.pn_session_state(ssn) & _LOCAL_ACTIVE
+            )
+            if begun and not self._namesake_attached(link):
                 lib.pn_link_open(link)
+                room -= 1
 
     def _pair(self, groute: Route, ulink: Any) -> None:
         """Route the guest's link through ``ulink``."""
@@ -1041,7 +1044,7 @@ class Router:
         uroute.address = groute.address
         self.routes[ulink] = uroute
 
-    def _attach_allowed(self, glink: Any) -> bool:
+    def _attach_allowed(self) -> bool:
         """Count the guest's links and attach rate; end the connection over a limit.
 
         Every link the guest makes us hold counts, not only routed ones: those refused whose
@@ -1051,10 +1054,8 @@ class Router:
         connector hold as many as it attached (some 2 KB each), and the lists of them grew
         dearer to walk for every guest on the loop."""
         lim = self._limits
-        held, link = -1, lib.pn_link_head(self.guest.connection, 0)  # -1: not glink itself
-        while link != ffi.NULL:
-            held += 1
-            link = lib.pn_link_next(link, 0)
+        # Less one: the link being attached.
+        held = _count(lib.pn_link_head(self.guest.connection, 0), lib.pn_link_next) - 1
         if held >= lim.max_links:
             self.violation("amqp:resource-limit-exceeded", f"more than {lim.max_links} links")
             return False
@@ -1304,6 +1305,15 @@ def _write_map(data_ptr: Any, value: dict) -> None:
 
 def _fmt_cond(cond: tuple[str, str] | None) -> str:
     return f": {cond[0]}: {cond[1]}" if cond else ""
+
+
+def _count(first: Any, next_: Callable[[Any, int], Any]) -> int:
+    """How many sessions or links a proton list holds, from ``first`` (its head)."""
+    count, item = 0, first
+    while item != ffi.NULL:
+        count += 1
+        item = next_(item, 0)
+    return count
 
 
 # The guest's endpoint events that go unanswered once we have closed its connection.

@@ -318,8 +318,17 @@ def receive_all(link: Link) -> list[tuple[Delivery, bytes]]:
 
 def link_count(conn: Any) -> int:
     """Link objects proton still holds on a connection (a proton pointer)."""
-    count, link = 0, lib.pn_link_head(conn, 0)
-    while link:
+    return _held(lib.pn_link_head(conn, 0), lib.pn_link_next)
+
+
+def session_count(conn: Any) -> int:
+    """Session objects proton still holds on a connection (a proton pointer)."""
+    return _held(lib.pn_session_head(conn, 0), lib.pn_session_next)
+
+
+def _held(item: Any, next_: Callable[[Any, int], Any]) -> int:
+    count = 0
+    while item:
         count += 1
-        link = lib.pn_link_next(link, 0)
+        item = next_(item, 0)
     return count

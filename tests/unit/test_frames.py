@@ -14,6 +14,7 @@ from proton import UNDESCRIBED, Array, Connection, Data, Described, Transport, s
 
 from connector.routing.engine import IO_CHUNK, Engine
 from connector.routing.frames import (
+    DISPOSITION_SPAN_PER_READ,
     DISPOSITIONS_UNREAD,
     MAX_DECODED_VALUES,
     FrameReader,
@@ -197,7 +198,7 @@ def test_the_reader_counts_the_deliveries_dispositions_name(
     delivery held in a range, per frame): counted from their bytes, each encoding, once a
     read holds more than DISPOSITIONS_UNREAD of them; up to that many, one each."""
     reader = FrameReader()
-    reader.count_dispositions = True
+    reader.disposition_limit = DISPOSITION_SPAN_PER_READ
     many = DISPOSITIONS_UNREAD + 1
     reader.feed(_disposition(first, last) * many)
     assert reader.disposition_span == many * named

@@ -23,7 +23,7 @@ from connector.routing.frames import DISPOSITIONS_UNREAD
 from connector.routing.router import AFTER_VIOLATION_INPUT
 from tests.reliability.amqp import AMQP_HEADER, END, begin_frame, frame, open_frame, performative
 from tests.support.attach_peer import echo_flow, link_flows
-from tests.support.routing import Harness, attach, link_count, receive_all
+from tests.support.routing import Harness, attach, link_count, receive_all, session_count
 
 MAX_LINKS = 2
 MAX_SESSIONS = 2
@@ -35,15 +35,6 @@ NO_RATE_LIMIT = {"attach_rate": 1e9, "attach_burst": 10**9}
 CREDIT = 5
 # The start of one message of 200 data bytes, 100 of them: the rest comes later.
 HALF_A_MESSAGE = b"\x00Su\xb0" + (200).to_bytes(4, "big") + b"x" * 100
-
-
-def _session_count(conn: Any) -> int:
-    """Session objects proton still holds on a connection (a proton pointer)."""
-    count, ssn = 0, lib.pn_session_head(conn, 0)
-    while ssn:
-        count += 1
-        ssn = lib.pn_session_next(ssn, 0)
-    return count
 
 
 def _policed(**limits: Any) -> Harness:
@@ -135,7 +126,7 @@ def test_sessions_awaiting_the_brokers_end_count_against_max_sessions() -> None:
         h.pump()
         ssn.close()
         h.pump()
-        held = _session_count(h.router.upstream.connection)
+        held = session_count(h.router.upstream.connection)
         assert held <= MAX_SESSIONS, f"after {i + 1} sessions"
     assert h.guest.transport.condition is None and h.router.error is None
 
@@ -194,7 +185,7 @@ def test_a_guest_cut_for_churning_sessions_unread_is_told_why_and_read_no_furthe
         h.router.process()
     assert h.router.error is not None
     assert h.router.error[0] == "amqp:resource-limit-exceeded" and "sessions" in h.router.error[1]
-    held = _session_count(h.router.guest.connection)
+    held = session_count(h.router.guest.connection)
     assert held < AFTER_VIOLATION_INPUT // len(pair) + 1000, held
 
 
